@@ -1,0 +1,161 @@
+"""Typed configuration machinery: dataclasses built from plain dicts with errors that name the key.
+
+Every config section is a dataclass. `build(cls, data, path)` checks each value against the field's
+type hint (int, float, bool, str, Optional, Literal, list, dict, nested dataclasses) and raises a
+`ConfigError` that carries the dotted key. A section may define `validate(self, key_prefix)` for its
+own cross-field rules; `build` calls it after the fields are set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+
+class ConfigError(ValueError):
+    """A bad configuration value. `key` is the dotted path of the offending field (or a file)."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"{key}: {message}")
+
+
+def closest_key(name: str, candidates) -> str:
+    """A ' (did you mean X?)' hint for a misspelt key, or '' when nothing is close."""
+    match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, key: str):
+    """Return `value` checked (and minimally converted) against the type hint `tp`."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(key, "must not be null")
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0]
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(key, f"must be one of {list(allowed)}, got {value!r}" + closest_key(str(value), map(str, allowed)))
+        return value
+    if origin in (list, typing.List):
+        (item_tp,) = get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"must be a list, got {type(value).__name__} {value!r}")
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (dict, typing.Dict):
+        key_tp, val_tp = get_args(tp) or (Any, Any)
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"must be a mapping, got {type(value).__name__}")
+        return {_coerce(k, key_tp, key): _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"must be a mapping (section {tp.__name__}), got {value!r}")
+        return build(tp, value, key)
+    if value is None:
+        raise ConfigError(key, f"must be a {_type_name(tp)}, got null")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(key, f"must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            if isinstance(value, str):
+                try:
+                    return float(value)
+                except ValueError:
+                    pass
+            raise ConfigError(key, f"must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                return str(value)
+            raise ConfigError(key, f"must be a string, got {value!r}")
+        return value
+    if isinstance(tp, type) and not isinstance(value, tp):
+        raise ConfigError(key, f"must be a {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def build(cls, data: dict | None, prefix: str = ""):
+    """Construct dataclass `cls` from `data`, rejecting unknown keys and ill-typed values."""
+    data = dict(data or {})
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for name in data:
+        if name not in fields:
+            full = f"{prefix}.{name}" if prefix else name
+            raise ConfigError(full, "unknown key" + closest_key(name, fields))
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            full = f"{prefix}.{name}" if prefix else name
+            kwargs[name] = _coerce(data[name], hints[name], full)
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if callable(validate):
+        validate(prefix)
+    return obj
+
+
+def to_dict(obj) -> Any:
+    """Plain nested dict of a config (for YAML dumps, checkpoints and logs)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def set_dotted(data: dict, dotted: str, value: Any, root_cls) -> None:
+    """Set `a.b.c = value` in the nested dict `data`, checking each segment against `root_cls`."""
+    parts = dotted.split(".")
+    cls = root_cls
+    node = data
+    for depth, part in enumerate(parts):
+        path = ".".join(parts[: depth + 1])
+        field_names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else None
+        if field_names is not None and part not in field_names:
+            raise ConfigError(path, "unknown key" + closest_key(part, field_names))
+        if depth == len(parts) - 1:
+            node[part] = value
+            return
+        hint = get_type_hints(cls)[part]
+        nested = [a for a in (get_args(hint) or (hint,)) if dataclasses.is_dataclass(a)]
+        if not nested:
+            raise ConfigError(path, "is not a section; cannot set a sub-key of it")
+        cls = nested[0]
+        if not isinstance(node.get(part), dict):
+            node[part] = {}
+        node = node[part]

@@ -1,0 +1,364 @@
+"""The one typed configuration of umtrain: every section, its defaults and its own validation.
+
+Key names follow Megatron-LM's vocabulary (`tensor_model_parallel_size`, `micro_batch_size`, ...).
+Cross-section rules (world size, pipeline stages versus memory placements, ...) live in
+`umtrain.config.validate`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import List, Literal, Optional
+
+from umtrain.config.base import ConfigError
+
+Family = Literal["dense", "moe", "pkm", "ultramem"]
+
+
+def _require(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(key, message)
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def is_perfect_square(value: int) -> bool:
+    return value >= 0 and math.isqrt(value) ** 2 == value
+
+
+def parse_placement(text: str, key: str) -> tuple[int, int]:
+    """`"a:b"` (1-based layers, a <= b) -> (a, b)."""
+    parts = text.split(":")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ConfigError(key, f"placement {text!r} must look like 'a:b' with 1-based layer numbers")
+    a, b = int(parts[0]), int(parts[1])
+    if a < 1 or b < a:
+        raise ConfigError(key, f"placement {text!r} needs 1 <= a <= b")
+    return a, b
+
+
+@dataclass
+class MemoryConfig:
+    """A memory layer (PKM or UltraMem). Each switch is one row of the paper's Table 2.
+
+    Symbols follow ../shared/ULTRAMEM_SPEC.md: H heads (key sets), m top-m per head, N physical values,
+    E the IVE expansion, r the Tucker rank, h the MCS cores, d_k / d_v the key / value widths.
+    """
+
+    placements: List[str] = field(default_factory=lambda: ["2:3"])
+    """`a:b` (1-based): read block a's pre-MLP LayerNorm output, add the memory output after block b."""
+    num_values: int = 4096
+    """N, physical values per memory layer (a perfect square: the product-key grid is sqrt(N) x sqrt(N))."""
+    value_dim: int = 32
+    """d_v, width of one physical value (UltraMem: hidden/2; PKM: hidden)."""
+    key_dim: int = 32
+    """d_k, query/key width per side."""
+    num_heads: int = 2
+    """H, independent key sets (memory heads)."""
+    topk: int = 8
+    """m, values selected per head; K = H*m per token."""
+    softmax: bool = False
+    """PKM's softmax over the selected scores (Table 2 row 'rm softmax' turns it off)."""
+    output_projection: bool = True
+    """Output linear back to the hidden size (Table 2 'half vdim+proj'); off requires value_dim == hidden."""
+    share_query: bool = True
+    """One query for all heads (Table 2 'share query')."""
+    query_key_layernorm: bool = True
+    """LayerNorm on query halves and on the sub-keys (Table 2 'query/key LN')."""
+    ive_expansion: int = 4
+    """E, implicit value expansion (a perfect square; 1 = off). Eq. 13-15."""
+    tucker_rank: int = 2
+    """r, TDQKR core rank; 1 = PKM-style additive row+column scores (TDQKR off)."""
+    key_layout: Literal["A", "B"] = "A"
+    """TDQKR keys: A = r full key matrices scored against the d_k query (authors' code, Table 1);
+    B = query and keys reshaped to r chunks of d_k/r (paper text)."""
+    num_candidates: Optional[int] = None
+    """m_c, row/column candidates of the approximate two-stage top-m (default: topk)."""
+    sign_aware_candidates: bool = False
+    """Beyond the paper: take top and bottom candidates of each rank-1 factor (exact for rank-1 cores)."""
+    num_cores: int = 2
+    """h, multi-core scoring (MCS); values split into h slices by dimension. 1 = off."""
+    aux_loss_coeff: float = 0.001
+    """alpha of the TDQKR auxiliary loss (eq. 12)."""
+    aux_loss_tau: float = 0.15
+    """tau, margin on the non-leading singular values (eq. 12)."""
+    improved_init: bool = True
+    """Appendix A initialisation (value variance E/(2 m H L), LN weights from the Monte-Carlo E[y])."""
+    init_score_population: Literal["virtual", "physical", "keys", "grid"] = "virtual"
+    """Which n_draw the Monte-Carlo E[y] uses (the spec's open conflict 3): E*N, N, keys per side, or m_c^2."""
+    query_conv_kernel: int = 5
+    """Causal depthwise convolution before the query projection; 0 = off. Kernel size is UNKNOWN in the paper."""
+    value_lr_multiplier: float = 10.0
+    """lambda_LR: the value LR starts at this multiple of the base LR and decays linearly to 1x (1 = off)."""
+    value_weight_decay: bool = True
+    """Whether the value tables get weight decay (UNKNOWN in the paper; the authors' code applies it)."""
+    lookup_impl: Literal["reference", "fused", "triton"] = "fused"
+    """Implementation of the lookup-reduce (indices, scores, table -> pooled)."""
+    sharding_mode: Literal["auto", "number", "dimension"] = "auto"
+    """How value tables are split over the memory-parallel group (auto: the communication cost model)."""
+    overlap: bool = False
+    """Issue the lookup at block a and wait at block b (asynchronous collectives / side stream)."""
+
+    @property
+    def candidates(self) -> int:
+        return self.num_candidates if self.num_candidates is not None else self.topk
+
+    @property
+    def keys_per_side(self) -> int:
+        """n = sqrt(E * N): the virtual grid is n x n."""
+        return math.isqrt(self.ive_expansion * self.num_values)
+
+    def parsed_placements(self, prefix: str = "memory") -> list[tuple[int, int]]:
+        return [parse_placement(p, f"{prefix}.placements[{i}]") for i, p in enumerate(self.placements)]
+
+    def validate(self, prefix: str) -> None:
+        key = lambda name: _join(prefix, name)  # noqa: E731
+        for name in ("num_values", "value_dim", "key_dim", "num_heads", "topk", "ive_expansion", "tucker_rank", "num_cores"):
+            _require(getattr(self, name) >= 1, key(name), f"must be >= 1, got {getattr(self, name)}")
+        _require(is_perfect_square(self.num_values), key("num_values"),
+                 f"{self.num_values} is not a perfect square; the product-key grid needs sqrt(N) keys per side")
+        _require(is_perfect_square(self.ive_expansion), key("ive_expansion"),
+                 f"E={self.ive_expansion} is not a perfect square; the virtual grid needs sqrt(E*N) keys per side")
+        _require(self.key_dim % 2 == 0 or self.tucker_rank > 1, key("key_dim"), "must be even (split into row/column halves)")
+        _require(self.value_dim % self.num_cores == 0, key("value_dim"),
+                 f"d_v={self.value_dim} is not divisible by num_cores h={self.num_cores}")
+        if self.key_layout == "B":
+            _require(self.key_dim % self.tucker_rank == 0, key("key_dim"),
+                     f"key layout B needs key_dim divisible by tucker_rank={self.tucker_rank}")
+        _require(self.candidates >= 1, key("num_candidates"), "must be >= 1")
+        _require(self.topk <= self.candidates ** 2, key("topk"),
+                 f"top-m={self.topk} exceeds the {self.candidates}x{self.candidates} candidate grid")
+        _require(self.candidates <= self.keys_per_side, key("num_candidates"),
+                 f"{self.candidates} candidates exceed the {self.keys_per_side} keys per side")
+        _require(self.num_cores == 1 or self.tucker_rank > 1, key("num_cores"), "MCS (num_cores > 1) needs TDQKR (tucker_rank > 1)")
+        _require(self.query_conv_kernel >= 0, key("query_conv_kernel"), "must be >= 0")
+        _require(self.value_lr_multiplier >= 1.0, key("value_lr_multiplier"), "must be >= 1")
+        _require(self.aux_loss_coeff >= 0 and self.aux_loss_tau >= 0, key("aux_loss_coeff"), "must be >= 0")
+        self.parsed_placements(prefix)
+
+
+@dataclass
+class MoEConfig:
+    """Megatron-Core MoE baseline (every transformer layer's MLP becomes an MoE layer)."""
+
+    num_experts: int = 8
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: Optional[int] = None
+    moe_aux_loss_coeff: float = 0.01
+    moe_token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
+
+    def validate(self, prefix: str) -> None:
+        _require(1 <= self.moe_router_topk <= self.num_experts, _join(prefix, "moe_router_topk"),
+                 f"must be in [1, num_experts={self.num_experts}]")
+
+
+@dataclass
+class ModelConfig:
+    family: Family = "dense"
+    num_layers: int = 4
+    hidden_size: int = 64
+    ffn_hidden_size: Optional[int] = None
+    """Default 4 * hidden_size (the paper's GELU MLP)."""
+    num_attention_heads: int = 4
+    vocab_size: Optional[int] = None
+    """Default: the tokenizer's vocabulary, padded to make_vocab_size_divisible_by * TP."""
+    make_vocab_size_divisible_by: int = 128
+    untie_embeddings_and_output_weights: bool = False
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
+    layernorm_epsilon: float = 1e-5
+    add_bias_linear: bool = True
+    rotary_base: int = 10000
+    rotary_percent: float = 1.0
+    moe: Optional[MoEConfig] = None
+    memory: Optional[MemoryConfig] = None
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden_size if self.ffn_hidden_size is not None else 4 * self.hidden_size
+
+    def validate(self, prefix: str) -> None:
+        key = lambda name: _join(prefix, name)  # noqa: E731
+        for name in ("num_layers", "hidden_size", "num_attention_heads"):
+            _require(getattr(self, name) >= 1, key(name), "must be >= 1")
+        _require(self.hidden_size % self.num_attention_heads == 0, key("hidden_size"),
+                 f"{self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}")
+        if self.family == "moe":
+            _require(self.moe is not None, key("moe"), "family 'moe' needs a model.moe section")
+        if self.family in ("pkm", "ultramem"):
+            _require(self.memory is not None, key("memory"), f"family '{self.family}' needs a model.memory section")
+            self._validate_memory(_join(prefix, "memory"))
+
+    def _validate_memory(self, prefix: str) -> None:
+        memory = self.memory
+        spans = sorted(memory.parsed_placements(prefix))
+        for i, (a, b) in enumerate(spans):
+            _require(b <= self.num_layers, f"{prefix}.placements",
+                     f"placement '{a}:{b}' is out of range for num_layers={self.num_layers}")
+            if i and a <= spans[i - 1][1]:
+                prev = spans[i - 1]
+                raise ConfigError(f"{prefix}.placements",
+                                  f"placements '{prev[0]}:{prev[1]}' and '{a}:{b}' overlap")
+        if not memory.output_projection:
+            _require(memory.value_dim == self.hidden_size, f"{prefix}.value_dim",
+                     f"without output_projection the value width must equal hidden_size={self.hidden_size}")
+            _require(memory.ive_expansion == 1, f"{prefix}.ive_expansion", "IVE needs output_projection: true")
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: Optional[int] = None
+    sequence_parallel: bool = False
+    expert_model_parallel_size: int = 1
+    """Also the memory-parallel size P: value tables are sharded over Megatron's expert-parallel group."""
+    use_distributed_optimizer: bool = True
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False
+    distributed_backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """auto: nccl when CUDA is available, gloo otherwise."""
+
+    def validate(self, prefix: str) -> None:
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"):
+            _require(getattr(self, name) >= 1, _join(prefix, name), "must be >= 1")
+        if self.sequence_parallel:
+            _require(self.tensor_model_parallel_size > 1, _join(prefix, "sequence_parallel"),
+                     "needs tensor_model_parallel_size > 1")
+        if self.overlap_param_gather:
+            _require(self.use_distributed_optimizer, _join(prefix, "overlap_param_gather"),
+                     "needs use_distributed_optimizer: true")
+
+
+@dataclass
+class DataConfig:
+    data_path: List[str] = field(default_factory=list)
+    """Megatron blend: ['0.7', 'prefix_a', '0.3', 'prefix_b'] or a single prefix (without .bin/.idx)."""
+    split: str = "969,30,1"
+    valid_data_path: Optional[List[str]] = None
+    """A separate validation blend (e.g. C4 validation); overrides the split's validation part."""
+    seq_length: int = 128
+    tokenizer_type: Literal["sentencepiece", "huggingface"] = "sentencepiece"
+    tokenizer_model: Optional[str] = None
+    """A SentencePiece .model or a Hugging Face tokenizer.json."""
+    num_workers: int = 0
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+    eod_mask_loss: bool = False
+    mock: bool = False
+    """Random tokens (no files needed); for smoke tests and benchmarks."""
+    mock_vocab_size: int = 256
+    cache_path: Optional[str] = None
+
+    def validate(self, prefix: str) -> None:
+        _require(self.seq_length >= 2, _join(prefix, "seq_length"), "must be >= 2")
+        parts = self.split.replace("/", ",").split(",")
+        _require(len(parts) == 3 and all(p.strip().replace(".", "", 1).isdigit() for p in parts),
+                 _join(prefix, "split"), f"{self.split!r} must be three numbers like '969,30,1'")
+        if not self.mock:
+            _require(bool(self.data_path), _join(prefix, "data_path"), "is empty (set data.mock: true for random tokens)")
+            _require(self.tokenizer_model is not None, _join(prefix, "tokenizer_model"), "is not set")
+
+
+@dataclass
+class OptimizerConfig:
+    optimizer: Literal["adamw"] = "adamw"
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+    def validate(self, prefix: str) -> None:
+        _require(self.lr > 0, _join(prefix, "lr"), "must be > 0")
+        _require(0 <= self.min_lr <= self.lr, _join(prefix, "min_lr"), "must be in [0, lr]")
+        _require(self.clip_grad >= 0, _join(prefix, "clip_grad"), "must be >= 0 (0 disables clipping)")
+
+
+@dataclass
+class ScheduleConfig:
+    lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    lr_warmup_iters: Optional[int] = None
+    lr_warmup_fraction: float = 0.01
+    lr_decay_iters: Optional[int] = None
+    """Default: training.train_iters."""
+
+    def validate(self, prefix: str) -> None:
+        _require(0.0 <= self.lr_warmup_fraction <= 1.0, _join(prefix, "lr_warmup_fraction"), "must be in [0, 1]")
+
+
+@dataclass
+class TrainingConfig:
+    micro_batch_size: int = 4
+    global_batch_size: int = 8
+    train_iters: int = 100
+    seed: int = 1234
+    eval_interval: int = 50
+    eval_iters: int = 4
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 on GPU, fp32 on CPU."""
+    nan_policy: Literal["skip", "stop"] = "stop"
+    """On a NaN/Inf loss or grad norm: skip the step, or stop with a checkpoint of the last good state."""
+    recompute_granularity: Optional[Literal["full"]] = None
+    recompute_num_layers: int = 1
+    exit_signal: str = "SIGUSR1"
+    """Signal that triggers a checkpoint and a requeue exit (SIGTERM always does)."""
+
+    def validate(self, prefix: str) -> None:
+        for name in ("micro_batch_size", "global_batch_size", "train_iters"):
+            _require(getattr(self, name) >= 1, _join(prefix, name), "must be >= 1")
+        _require(self.eval_interval >= 1, _join(prefix, "eval_interval"), "must be >= 1")
+
+
+@dataclass
+class CheckpointConfig:
+    save: Optional[str] = None
+    """Directory of checkpoints (iter_0000100/, latest)."""
+    save_interval: int = 0
+    """Every N steps (0: only at the end)."""
+    load: Optional[str] = None
+    """Resume from this checkpoint directory (default: `save` when it holds a checkpoint)."""
+    keep_last: int = 3
+    keep_every: int = 0
+    """Also keep every M-th step's checkpoint forever (0: none)."""
+    async_save: bool = False
+    no_load_optim: bool = False
+
+    def validate(self, prefix: str) -> None:
+        _require(self.save_interval >= 0, _join(prefix, "save_interval"), "must be >= 0")
+        _require(self.keep_last >= 1, _join(prefix, "keep_last"), "must be >= 1")
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 10
+    tensorboard_dir: Optional[str] = None
+    wandb_project: Optional[str] = None
+    wandb_mode: Literal["online", "offline", "disabled"] = "offline"
+    wandb_dir: Optional[str] = None
+    progress_bar: bool = True
+    memory_stats: bool = True
+    """Memory-layer health (fraction of values hit, mean top-1 score, output std) per interval."""
+
+    def validate(self, prefix: str) -> None:
+        _require(self.log_interval >= 1, _join(prefix, "log_interval"), "must be >= 1")
+
+
+@dataclass
+class Config:
+    run_name: str = "umtrain"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)

@@ -1,0 +1,126 @@
+"""Rules that span sections: the parallel layout against the model, the batch and the files on disk.
+
+All of them run before any process group, dataset or model exists, so a bad config costs nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from umtrain.config.base import ConfigError
+from umtrain.config.schema import Config
+
+
+def data_parallel_size(config: Config, world_size: int) -> int:
+    p = config.parallel
+    return world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+
+
+def pipeline_chunk_of_layer(config: Config, layer: int) -> int:
+    """Index of the pipeline chunk (stage x virtual stage) that holds 1-based `layer`, with uniform splits."""
+    p = config.parallel
+    chunks = p.pipeline_model_parallel_size * (p.virtual_pipeline_model_parallel_size or 1)
+    return (layer - 1) // (config.model.num_layers // chunks)
+
+
+def validate_config(config: Config, world_size: Optional[int] = None, check_files: bool = True) -> None:
+    _validate_model_parallel(config)
+    _validate_memory_placements(config)
+    if world_size is not None:
+        _validate_world(config, world_size)
+    if check_files:
+        _validate_files(config)
+
+
+def _validate_model_parallel(config: Config) -> None:
+    m, p = config.model, config.parallel
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    if m.num_attention_heads % tp:
+        raise ConfigError("parallel.tensor_model_parallel_size",
+                          f"TP={tp} does not divide model.num_attention_heads={m.num_attention_heads}")
+    if m.ffn_size % tp:
+        raise ConfigError("parallel.tensor_model_parallel_size", f"TP={tp} does not divide the FFN size {m.ffn_size}")
+    chunks = pp * (p.virtual_pipeline_model_parallel_size or 1)
+    if m.num_layers % chunks:
+        raise ConfigError("parallel.pipeline_model_parallel_size",
+                          f"num_layers={m.num_layers} is not divisible into {chunks} pipeline chunks")
+    if p.virtual_pipeline_model_parallel_size and pp == 1:
+        raise ConfigError("parallel.virtual_pipeline_model_parallel_size", "needs pipeline_model_parallel_size > 1")
+    if p.sequence_parallel and config.data.seq_length % tp:
+        raise ConfigError("data.seq_length", f"sequence parallel needs seq_length divisible by TP={tp}")
+    if m.family == "moe" and m.moe.num_experts % p.expert_model_parallel_size:
+        raise ConfigError("parallel.expert_model_parallel_size",
+                          f"EP={p.expert_model_parallel_size} does not divide model.moe.num_experts={m.moe.num_experts}")
+    if m.family in ("pkm", "ultramem"):
+        mem = m.memory
+        if mem.sharding_mode == "dimension" and mem.value_dim % p.expert_model_parallel_size:
+            raise ConfigError("model.memory.sharding_mode",
+                              f"dimension-wise sharding needs value_dim={mem.value_dim} divisible by "
+                              f"P={p.expert_model_parallel_size}")
+
+
+def _validate_memory_placements(config: Config) -> None:
+    m, p, t = config.model, config.parallel, config.training
+    if m.family not in ("pkm", "ultramem"):
+        return
+    for i, (a, b) in enumerate(m.memory.parsed_placements("model.memory")):
+        key = f"model.memory.placements[{i}]"
+        if pipeline_chunk_of_layer(config, a) != pipeline_chunk_of_layer(config, b):
+            chunks = p.pipeline_model_parallel_size * (p.virtual_pipeline_model_parallel_size or 1)
+            per_chunk = m.num_layers // chunks
+            boundary = (pipeline_chunk_of_layer(config, a) + 1) * per_chunk
+            raise ConfigError(key, f"placement '{a}:{b}' crosses the pipeline-stage boundary after layer {boundary} "
+                                   f"({chunks} chunks of {per_chunk} layers); both ends must sit on one stage")
+        if t.recompute_granularity == "full":
+            n = t.recompute_num_layers
+            if n < 2 or (a - 1) // n != (b - 1) // n:
+                raise ConfigError("training.recompute_num_layers",
+                                  f"full recompute in chunks of {n} layers splits memory placement '{a}:{b}'")
+
+
+def _validate_world(config: Config, world_size: int) -> None:
+    p, t = config.parallel, config.training
+    tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    if world_size % (tp * pp):
+        raise ConfigError("parallel", f"world size {world_size} is not divisible by TP x PP = {tp} x {pp}")
+    dp = data_parallel_size(config, world_size)
+    ep = p.expert_model_parallel_size
+    if (world_size // pp) % ep:
+        raise ConfigError("parallel.expert_model_parallel_size",
+                          f"EP/memory-parallel size {ep} does not divide the {world_size // pp} ranks of a pipeline stage")
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError("training.global_batch_size",
+                          f"{t.global_batch_size} is not divisible by micro_batch_size x DP = "
+                          f"{t.micro_batch_size} x {dp}")
+
+
+def blend_prefixes(paths: list[str]) -> list[str]:
+    """The file prefixes of a Megatron blend (`w p w p` or `p p`)."""
+    if len(paths) >= 2 and len(paths) % 2 == 0 and _is_number(paths[0]):
+        return paths[1::2]
+    return list(paths)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _validate_files(config: Config) -> None:
+    d = config.data
+    if d.mock:
+        return
+    for key, paths in (("data.data_path", d.data_path), ("data.valid_data_path", d.valid_data_path or [])):
+        if len(paths) >= 2 and _is_number(paths[0]):
+            if len(paths) % 2 or not all(_is_number(w) for w in paths[0::2]):
+                raise ConfigError(key, "a blend must alternate weight and prefix: [w, prefix, w, prefix, ...]")
+        for prefix in blend_prefixes(paths):
+            for suffix in (".bin", ".idx"):
+                if not Path(prefix + suffix).is_file():
+                    raise ConfigError(key, f"{prefix}{suffix} not found (run `umtrain preprocess` first)")
+    if d.tokenizer_model and not Path(d.tokenizer_model).is_file():
+        raise ConfigError("data.tokenizer_model", f"{d.tokenizer_model} not found")

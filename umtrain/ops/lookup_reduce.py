@@ -1,0 +1,48 @@
+"""The lookup-reduce: the one interface between a memory layer and its value table.
+
+    pooled[t, p, slice_i] = sum_k [blocks[t, k] == p] * scores[i, t, k] * table[rows[t, k], slice_i]
+
+rows, blocks: [T, K] int64 (physical row of each selected value, and its IVE virtual block in [0, E));
+scores: [h, T, K] (one score per MCS core; core i weights the i-th of h equal slices of d_v);
+table: [N, d_v]; returns pooled [T, E, d_v] (eq. 15 of the paper before the projection, eq. 17 for MCS).
+
+Every implementation (the reference here, the fused CPU one, the Triton kernel, the sharded tables of
+`umtrain.parallel.memory_sharding`) has exactly this signature and these semantics, so the layer is written
+against this interface only.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict
+
+import torch
+
+LookupReduce = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
+
+
+def lookup_reduce_reference(rows: torch.Tensor, blocks: torch.Tensor, scores: torch.Tensor, table: torch.Tensor,
+                            num_blocks: int) -> torch.Tensor:
+    """Gather [T, K, d_v], weight per core slice, scatter-add into blocks. Plain autograd; O(T K d_v) memory."""
+    num_cores = scores.shape[0]
+    tokens, k = rows.shape
+    gathered = table[rows]                                              # [T, K, d_v]
+    gathered = gathered.view(tokens, k, num_cores, -1)                  # [T, K, h, d_v/h]
+    weighted = gathered * scores.permute(1, 2, 0).unsqueeze(-1)         # [T, K, h, d_v/h]
+    weighted = weighted.reshape(tokens, k, -1)
+    pooled = weighted.new_zeros(tokens, num_blocks, weighted.shape[-1])
+    index = blocks.unsqueeze(-1).expand_as(weighted)
+    return pooled.scatter_add(1, index, weighted)
+
+
+LOOKUP_REDUCE_IMPLS: Dict[str, LookupReduce] = {"reference": lookup_reduce_reference}
+
+
+def get_lookup_reduce(name: str) -> LookupReduce:
+    """The implementation registered under `name` (fused and Triton ones register on import)."""
+    if name == "fused":
+        import umtrain.ops.fused_lookup_reduce  # noqa: F401  (registers "fused")
+    if name == "triton":
+        import umtrain.ops.triton_lookup_reduce  # noqa: F401  (registers "triton")
+    if name not in LOOKUP_REDUCE_IMPLS:
+        raise KeyError(f"no lookup-reduce implementation named {name!r}; have {sorted(LOOKUP_REDUCE_IMPLS)}")
+    return LOOKUP_REDUCE_IMPLS[name]
