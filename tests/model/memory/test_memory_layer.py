@@ -1,0 +1,236 @@
+"""MemoryLayer against the naive reference, plus causality, init, buffers, sharded tables and health metrics."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from memory_reference import naive_memory_forward
+from umtrain.config.base import ConfigError
+from umtrain.config.schema import MemoryConfig
+from umtrain.model.memory import MemoryLayer
+from umtrain.ops.lookup_reduce import lookup_reduce_reference
+
+PKM = dict(num_values=64, value_dim=12, key_dim=6, num_heads=2, topk=4, softmax=True, output_projection=False,
+           share_query=False, query_key_layernorm=False, ive_expansion=1, tucker_rank=1, num_cores=1,
+           improved_init=False, query_conv_kernel=0)
+ULTRAMEM = dict(num_values=64, value_dim=8, key_dim=8, num_heads=2, topk=4, ive_expansion=4, tucker_rank=2,
+                num_cores=2, query_conv_kernel=3)
+CASES = {
+    "pkm": (PKM, 12),
+    "no-softmax-proj-shared-ln-ive": (dict(PKM, softmax=False, output_projection=True, value_dim=6, num_values=36,
+                                           share_query=True, query_key_layernorm=True, ive_expansion=4), 10),
+    "ultramem": (ULTRAMEM, 16),
+    "ultramem-layout-b-r3-h3-signaware": (dict(ULTRAMEM, num_values=16, ive_expansion=9, key_dim=12, tucker_rank=3,
+                                               num_cores=3, value_dim=9, key_layout="B", topk=5, num_candidates=6,
+                                               sign_aware_candidates=True, share_query=False), 10),
+    "ultramem-baseline-init-softmax": (dict(ULTRAMEM, improved_init=False, softmax=True, num_candidates=3), 16),
+}
+
+
+def make_layer(overrides: dict, hidden: int, seed: int = 0, layer_index: int = 0, **kwargs) -> MemoryLayer:
+    return MemoryLayer(MemoryConfig(**overrides), hidden, num_layers=4, seed=seed, layer_index=layer_index,
+                       lookup=kwargs.pop("lookup", lookup_reduce_reference), **kwargs)
+
+
+def perturbed_params(layer: MemoryLayer, generator: torch.Generator) -> None:
+    """Move every parameter off its init (identity conv, unit LN) so that no term vanishes in the comparison."""
+    with torch.no_grad():
+        for param in layer.parameters():
+            noise = torch.randn(param.shape, generator=generator, dtype=param.dtype)
+            param.add_(0.3 * noise * (param.std() if param.numel() > 1 else 1))
+    layer.refresh_tdqkr_factors()
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("seq,batch,dtype", [(5, 2, torch.float32), (3, 1, torch.float32), (5, 2, torch.float64)])
+def test_forward_and_gradients_match_naive_reference(case: str, seq: int, batch: int, dtype: torch.dtype) -> None:
+    """float64 shows the algorithms agree exactly; float32 agrees to 1e-5 of each tensor's scale."""
+    overrides, hidden = CASES[case]
+    layer = make_layer(overrides, hidden).to(dtype)
+    generator = torch.Generator().manual_seed(seq * 10 + batch)
+    perturbed_params(layer, generator)
+    x = torch.randn(seq, batch, hidden, generator=generator, dtype=dtype, requires_grad=True)
+    upstream = torch.randn(seq, batch, hidden, generator=generator, dtype=dtype)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-10
+
+    out = layer(x)
+    grads = torch.autograd.grad((out * upstream).sum(), [x, *layer.parameters()])
+    expected = naive_memory_forward(layer, x)
+    expected_grads = torch.autograd.grad((expected * upstream).sum(), [x, *layer.parameters()])
+
+    torch.testing.assert_close(out, expected, atol=tolerance, rtol=tolerance)
+    names = ["x"] + [name for name, _ in layer.named_parameters()]
+    for name, got, want in zip(names, grads, expected_grads):
+        scale = max(1.0, want.abs().max().item())
+        torch.testing.assert_close(got, want, atol=tolerance * scale, rtol=tolerance,
+                                   msg=lambda m: f"grad of {name}: {m}")
+
+
+@pytest.mark.parametrize("case", ["pkm", "ultramem"])
+def test_output_at_t_ignores_later_tokens(case: str) -> None:
+    overrides, hidden = CASES[case]
+    layer = make_layer(dict(overrides, query_conv_kernel=3), hidden)
+    perturbed_params(layer, torch.Generator().manual_seed(1))
+    x = torch.randn(8, 3, hidden)
+    changed = x.clone()
+    changed[5:] = torch.randn(3, 3, hidden)
+    before, after = layer(x), layer(changed)
+    torch.testing.assert_close(before[:5], after[:5], atol=0, rtol=0)
+    assert not torch.allclose(before[5:], after[5:])
+
+
+def test_conv_mixes_earlier_tokens_of_the_same_sequence_only() -> None:
+    overrides, hidden = CASES["ultramem"]
+    layer = make_layer(overrides, hidden)
+    perturbed_params(layer, torch.Generator().manual_seed(2))
+    x = torch.randn(6, 2, hidden)
+    changed = x.clone()
+    changed[2, 1] += 1.0
+    before, after = layer(x), layer(changed)
+    torch.testing.assert_close(before[:, 0], after[:, 0], atol=0, rtol=0)
+    assert not torch.allclose(before[3:5, 1], after[3:5, 1])
+
+
+def test_only_the_value_table_is_tagged() -> None:
+    layer = make_layer(*CASES["ultramem"])
+    tagged = [name for name, p in layer.named_parameters() if getattr(p, "is_memory_value", False)]
+    assert tagged == ["values"]
+
+
+def test_ive_permutation_comes_from_seed_and_layer_index() -> None:
+    overrides, hidden = CASES["ultramem"]
+    first, again = make_layer(overrides, hidden, seed=7, layer_index=2), make_layer(overrides, hidden, seed=7, layer_index=2)
+    other = make_layer(overrides, hidden, seed=7, layer_index=3)
+    assert torch.equal(first.ive_permutation, again.ive_permutation)
+    assert not torch.equal(first.ive_permutation, other.ive_permutation)
+    assert torch.equal(first.ive_permutation.sort().values.long(), torch.arange(4 * 64))
+    assert "ive_permutation" in first.state_dict()
+
+
+def test_refresh_recomputes_factors_from_the_summed_core_and_checkpoints_them() -> None:
+    layer = make_layer(*CASES["ultramem"])
+    with torch.no_grad():
+        layer.cores.copy_(torch.randn(layer.cores.shape))
+    layer.refresh_tdqkr_factors()
+    summed = layer.cores.detach().sum(1)
+    u, _, vh = torch.linalg.svd(summed)
+    for head in range(summed.shape[0]):
+        sign = torch.sign(u[head, :, 0] @ layer.tdqkr_row_factor[head])
+        torch.testing.assert_close(layer.tdqkr_row_factor[head], sign * u[head, :, 0])
+        torch.testing.assert_close(layer.tdqkr_col_factor[head], sign * vh[head, 0])
+    state = layer.state_dict()
+    assert torch.equal(state["tdqkr_row_factor"], layer.tdqkr_row_factor)
+    assert torch.equal(state["tdqkr_col_factor"], layer.tdqkr_col_factor)
+
+
+def test_initial_values_are_deterministic_full_shapes_and_reset_applies_them() -> None:
+    overrides, hidden = CASES["ultramem"]
+    layer = make_layer(overrides, hidden)
+    shapes = layer.full_shapes()
+    generator = torch.Generator().manual_seed(3)
+    expected = {name: layer.initial_value(name, generator) for name in shapes}
+    layer.reset_parameters(torch.Generator().manual_seed(3))
+    for name, param in layer.named_parameters():
+        assert tuple(expected[name].shape) == shapes[name]
+        torch.testing.assert_close(param.detach(), expected[name], atol=0, rtol=0)
+    default = make_layer(overrides, hidden)
+    for name, param in default.named_parameters():
+        torch.testing.assert_close(param, make_layer(overrides, hidden).get_parameter(name), atol=0, rtol=0)
+    with pytest.raises(KeyError, match="no parameter 'bogus'"):
+        layer.initial_value("bogus", generator)
+
+
+def test_sharded_table_is_stored_and_handed_to_lookup() -> None:
+    overrides, hidden = CASES["ultramem"]
+    full = make_layer(overrides, hidden)
+    seen = {}
+
+    def recording_lookup(rows, blocks, scores, table, num_blocks):
+        seen["table"] = table
+        return lookup_reduce_reference(rows, blocks, scores, full.values, num_blocks)
+
+    shard = make_layer(overrides, hidden, table_shape=(64, 4), lookup=recording_lookup)
+    assert shard.values.shape == (64, 4) and shard.values.is_memory_value
+    assert shard.initial_value("values", torch.Generator()).shape == (64, 8)
+    for name, param in full.named_parameters():
+        if name != "values":
+            torch.testing.assert_close(shard.get_parameter(name), param, atol=0, rtol=0)
+    x = torch.randn(4, 2, hidden)
+    torch.testing.assert_close(shard(x), full(x))
+    assert seen["table"] is shard.values
+    with pytest.raises(ValueError, match="table_shape"):
+        make_layer(overrides, hidden, table_shape=(65, 8))
+
+
+def test_aux_loss_is_set_by_forward_and_zero_without_tdqkr() -> None:
+    layer = make_layer(*CASES["ultramem"])
+    with torch.no_grad():
+        layer.cores.fill_(1.0)
+        layer.cores[:, :, 1, 1] = 2.0
+    layer(torch.randn(2, 1, 16))
+    assert layer.aux_loss.requires_grad and layer.aux_loss.item() > 0
+    pkm = make_layer(*CASES["pkm"])
+    pkm(torch.randn(2, 1, 12))
+    assert pkm.aux_loss.item() == 0.0
+
+
+def test_health_metrics_follow_the_selected_rows() -> None:
+    overrides, hidden = CASES["ultramem"]
+    layer = make_layer(overrides, hidden)
+    rows, stds, top1 = [], [], []
+    for _ in range(3):
+        out = layer(torch.randn(4, 2, hidden))
+        rows.append(layer.last_stats["rows"])
+        stds.append(out.std().item())
+        top1.append(layer.last_stats["top1_score"].item())
+    metrics = layer.health_metrics(reset=True)
+    assert metrics["value_hit_fraction"] == pytest.approx(torch.cat(rows).unique().numel() / 64)
+    assert metrics["output_std"] == pytest.approx(sum(stds) / 3, rel=1e-6)
+    assert metrics["top1_score"] == pytest.approx(sum(top1) / 3, rel=1e-6)
+    assert layer.health_metrics()["value_hit_fraction"] == 0.0
+
+
+def test_missing_projection_with_wrong_width_names_the_field() -> None:
+    with pytest.raises(ConfigError, match="output_projection"):
+        make_layer(CASES["pkm"][0], hidden=16)
+
+
+INIT_CASES = {
+    "ultramem-h2-r2": dict(num_values=1024, value_dim=32, key_dim=32, num_heads=2, topk=8),
+    "ultramem-h1-r2-layoutB": dict(num_values=1024, value_dim=32, key_dim=32, num_heads=2, topk=8, num_cores=1,
+                                   key_layout="B"),
+    "no-tdqkr-ive": dict(num_values=1024, value_dim=32, key_dim=32, num_heads=2, topk=8, num_cores=1, tucker_rank=1),
+    "pkm-improved": dict(PKM, num_values=1024, value_dim=64, key_dim=32, topk=8, improved_init=True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INIT_CASES))
+def test_improved_init_output_variance_matches_an_mlp(case: str) -> None:
+    """App. A: memory output ~ N(0, 1/(2L)) at init, for inputs like a LayerNorm output."""
+    overrides = INIT_CASES[case]
+    hidden, num_layers = 64, 12
+    layer = MemoryLayer(MemoryConfig(**overrides), hidden, num_layers=num_layers, seed=5, layer_index=1,
+                        lookup=lookup_reduce_reference)
+    with torch.no_grad():
+        out = layer(torch.randn(512, 2, hidden, generator=torch.Generator().manual_seed(9)))
+    target = 1.0 / (2 * num_layers)
+    paper_variance = layer.config.ive_expansion / (2 * num_layers * layer.config.num_heads * layer.config.topk)
+    uncorrected_ratio = layer.value_std ** -2 * paper_variance
+    print(f"{case}: Var(o)/target = {out.var().item() / target:.3f}, "
+          f"E[s^2] = {layer.init_mean_square_weight():.3f} (uncorrected App. A ratio {uncorrected_ratio:.3f})")
+    assert out.var().item() == pytest.approx(target, rel=0.2)
+
+
+def test_config_field_change_changes_the_layer() -> None:
+    """Each Table 2 switch is read: flipping one changes the parameters or the output."""
+    overrides, hidden = CASES["ultramem"]
+    base = make_layer(overrides, hidden)
+    x = torch.randn(4, 2, hidden)
+    for field, value in [("share_query", False), ("query_key_layernorm", False), ("softmax", True),
+                         ("query_conv_kernel", 0), ("improved_init", False), ("key_layout", "B")]:
+        other = make_layer(dataclasses.replace(MemoryConfig(**overrides), **{field: value}).__dict__, hidden)
+        changed_shapes = other.full_shapes() != base.full_shapes()
+        assert changed_shapes or not torch.allclose(other(x), base(x)), field

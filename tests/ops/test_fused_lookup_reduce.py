@@ -1,0 +1,119 @@
+"""The fused CPU lookup-reduce against the reference gather-then-sum: forward, both gradients, edge shapes."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from umtrain.ops.fused_lookup_reduce import entry_dot, fused_lookup_reduce
+from umtrain.ops.lookup_reduce import get_lookup_reduce, lookup_reduce_reference
+
+# (tokens T, top-m K, d_v, blocks E, rows N, cores h); N < K forces rows repeated within and across tokens.
+SHAPES = [
+    (6, 8, 8, 4, 5, 2),
+    (5, 3, 6, 1, 40, 1),
+    (7, 5, 12, 4, 9, 3),
+    (4, 6, 8, 2, 100, 2),
+    (3, 10, 4, 4, 2, 1),
+    (8, 4, 8, 1, 3, 2),
+]
+
+
+def make_inputs(tokens, k, d_v, num_blocks, num_rows, num_cores, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, num_rows, (tokens, k), generator=gen)
+    blocks = torch.randint(0, num_blocks, (tokens, k), generator=gen)
+    scores = torch.randn(num_cores, tokens, k, generator=gen, dtype=dtype)
+    table = torch.randn(num_rows, d_v, generator=gen, dtype=dtype)
+    return rows, blocks, scores, table
+
+
+def forward_backward(fn, rows, blocks, scores, table, num_blocks, grad_seed=1):
+    scores = scores.clone().requires_grad_()
+    table = table.clone().requires_grad_()
+    pooled = fn(rows, blocks, scores, table, num_blocks)
+    grad = torch.randn(pooled.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=pooled.dtype)
+    pooled.backward(grad)
+    return pooled.detach(), scores.grad, table.grad
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_reference_forward_and_gradients(shape):
+    inputs = make_inputs(*shape)
+    num_blocks = shape[3]
+    expected = forward_backward(lookup_reduce_reference, *inputs, num_blocks)
+    actual = forward_backward(fused_lookup_reduce, *inputs, num_blocks)
+    for name, want, got in zip(("pooled", "grad scores", "grad table"), expected, actual):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_hand_computed_example():
+    rows = torch.tensor([[1, 0, 1]])
+    blocks = torch.tensor([[0, 1, 0]])
+    scores = torch.tensor([[[2.0, 3.0, 5.0]], [[1.0, -1.0, 0.5]]])     # h=2
+    table = torch.tensor([[1.0, 10.0], [2.0, 20.0]])                     # d_v=2: core i owns column i
+    pooled = fused_lookup_reduce(rows, blocks, scores, table, 2)
+    # block 0 gets k=0 and k=2 (row 1): column 0 weighted 2+5, column 1 weighted 1+0.5.
+    expected = torch.tensor([[[7 * 2.0, 1.5 * 20.0], [3 * 1.0, -1 * 10.0]]])
+    torch.testing.assert_close(pooled, expected)
+
+
+def test_zero_tokens():
+    rows = blocks = torch.zeros(0, 4, dtype=torch.int64)
+    scores = torch.zeros(2, 0, 4, requires_grad=True)
+    table = torch.randn(5, 8, requires_grad=True)
+    pooled = fused_lookup_reduce(rows, blocks, scores, table, 3)
+    assert pooled.shape == (0, 3, 8)
+    pooled.sum().backward()
+    assert scores.grad.shape == (2, 0, 4)
+    assert torch.equal(table.grad, torch.zeros(5, 8))
+
+
+def test_only_requested_gradients():
+    rows, blocks, scores, table = make_inputs(5, 4, 8, 2, 6, 2)
+    scores.requires_grad_()
+    fused_lookup_reduce(rows, blocks, scores, table, 2).sum().backward()
+    reference_scores = scores.detach().clone().requires_grad_()
+    lookup_reduce_reference(rows, blocks, reference_scores, table, 2).sum().backward()
+    assert table.grad is None
+    torch.testing.assert_close(scores.grad, reference_scores.grad)
+
+
+def test_gradcheck_float64():
+    rows, blocks, scores, table = make_inputs(3, 5, 4, 2, 3, 2, dtype=torch.float64)
+    scores.requires_grad_()
+    table.requires_grad_()
+    assert torch.autograd.gradcheck(lambda s, v: fused_lookup_reduce(rows, blocks, s, v, 2), (scores, table))
+
+
+def test_entry_dot_in_chunks_matches_naive():
+    gen = torch.Generator().manual_seed(0)
+    table, grad = torch.randn(7, 6, generator=gen), torch.randn(5, 6, generator=gen)
+    table_rows, grad_rows = torch.randint(0, 7, (11,), generator=gen), torch.randint(0, 5, (11,), generator=gen)
+    expected = (table[table_rows] * grad[grad_rows]).view(11, 3, 2).sum(-1).t()
+    chunk_of_three_entries = 3 * 6 * table.element_size()
+    torch.testing.assert_close(entry_dot(table_rows, grad_rows, table, grad, 3, chunk_of_three_entries), expected)
+
+
+@pytest.mark.parametrize("field, change, num_blocks", [
+    ("blocks", lambda r, b, s, v: (r, b + 4, s, v), 4),
+    ("rows", lambda r, b, s, v: (r - 1, b, s, v), 4),
+    ("rows and blocks must be int64", lambda r, b, s, v: (r.int(), b, s, v), 4),
+    ("scores must be", lambda r, b, s, v: (r, b, s[:, :-1], v), 4),
+    ("d_v", lambda r, b, s, v: (r, b, s, v[:, :7]), 4),
+    ("num_blocks", lambda r, b, s, v: (r, b, s, v), 0),
+])
+def test_bad_input_names_the_field(field, change, num_blocks):
+    inputs = change(*make_inputs(4, 3, 8, 4, 5, 2))
+    with pytest.raises(ValueError, match=field):
+        fused_lookup_reduce(*inputs, num_blocks)
+
+
+def test_registered_without_importing_triton():
+    code = ("import sys; from umtrain.ops import get_lookup_reduce, LOOKUP_REDUCE_IMPLS; "
+            "from umtrain.ops.fused_lookup_reduce import fused_lookup_reduce; "
+            "assert get_lookup_reduce('fused') is fused_lookup_reduce; "
+            "assert 'triton' not in sys.modules, 'fused path imported triton'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert get_lookup_reduce("fused") is fused_lookup_reduce

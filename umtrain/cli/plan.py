@@ -1,0 +1,121 @@
+"""`umtrain plan` (per memory layer: communication volumes, predicted times, sharding mode) and
+`umtrain calibrate-comm` (measure the alpha-beta model of the collectives on this machine)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+
+from umtrain.config import load_config
+from umtrain.config.base import ConfigError
+from umtrain.parallel.comm import Communicator, run_local_group
+from umtrain.parallel.cost_model import (DEFAULT_CALIBRATION, Calibration, LayerPlan, calibrate, crossover_value_dim,
+                                         dims_from_config, plan_config)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    plan = subparsers.add_parser("plan", help="predict memory-table communication per layer and pick the sharding mode")
+    plan.add_argument("config", help="YAML config")
+    plan.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    plan.add_argument("--world", type=int, required=True, help="world size to plan for (nothing is launched)")
+    plan.add_argument("--json", action="store_true", help="print a JSON list, one object per memory layer")
+    plan.add_argument("--calibration", default=None, help="alpha/beta JSON from `umtrain calibrate-comm`")
+    plan.set_defaults(func=run_plan)
+
+    cal = subparsers.add_parser("calibrate-comm", help="measure all-to-all latency (alpha) and seconds/byte (beta)")
+    cal.add_argument("--output", default="comm_calibration.json", help="where to write the JSON")
+    cal.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto",
+                     help="auto: nccl when CUDA is available, gloo otherwise")
+    cal.add_argument("--nproc", type=int, default=2, help="local processes to spawn when not launched by torchrun")
+    cal.add_argument("--iters", type=int, default=5, help="timed repetitions per message size")
+    cal.set_defaults(func=run_calibrate)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    try:
+        if args.world < 1:
+            raise ConfigError("--world", f"must be >= 1, got {args.world}")
+        config = load_config(args.config, args.overrides, world_size=args.world, check_files=False)
+        calibration = Calibration.load(args.calibration) if args.calibration else DEFAULT_CALIBRATION
+        plans = plan_config(config, calibration)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps([asdict(p) for p in plans], indent=2))
+    else:
+        print(format_plan(plans, config, args.world, calibration))
+    return 0
+
+
+def format_plan(plans: list[LayerPlan], config, world: int, calibration: Calibration) -> str:
+    dims = dims_from_config(config)
+    p = config.parallel
+    groups = world // (p.pipeline_model_parallel_size * dims.group_size)
+    crossover = crossover_value_dim(dims.topk, dims.num_blocks, dims.group_size, float_bytes=dims.value_bytes,
+                                    cores_per_rank=dims.cores_per_rank)
+    lines = [
+        f"world {world}: {groups} memory-parallel group(s) of P={dims.group_size} per pipeline stage; "
+        f"K={dims.topk}, E={dims.num_blocks}, h={dims.num_cores}, d_v={dims.value_dim}, "
+        f"{dims.value_bytes}-byte values and scores",
+        f"calibration: alpha {calibration.alpha_s * 1e6:.1f} us, {1 / calibration.beta_s_per_byte / 1e9:.2f} GB/s "
+        f"({calibration.source})",
+        f"crossover d_v* = {crossover:.1f} (dimension-wise moves fewer bytes above it)",
+        "bytes: sent per rank per micro-batch, forward + backward",
+        "",
+        f"{'layer':>5} {'placement':>9} {'tokens':>7} {'number rows':>12} {'number pooled':>14} {'dimension':>12} "
+        f"{'t number':>10} {'t dimension':>12}  mode",
+    ]
+    for plan in plans:
+        mode = plan.mode + (" (owner-pooled)" if plan.owner_pooling else "")
+        lines.append(f"{plan.layer:>5} {plan.placement:>9} {plan.tokens_per_rank:>7} {_mb(plan.bytes_number_rows):>12} "
+                     f"{_mb(plan.bytes_number_pooled):>14} {_mb(plan.bytes_dimension_wise):>12} "
+                     f"{_ms(plan.seconds_number_wise):>10} {_ms(plan.seconds_dimension_wise):>12}  {mode}")
+    lines.append("")
+    lines += [f"layer {plan.layer}: {plan.reason}" for plan in plans]
+    return "\n".join(lines)
+
+
+def _mb(num_bytes) -> str:
+    return "-" if num_bytes is None else f"{num_bytes / 1e6:.2f} MB"
+
+
+def _ms(seconds) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.3f} ms"
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    backend = args.backend if args.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        calibration = _calibrate_worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args.iters, backend)
+        if int(os.environ["RANK"]) != 0:
+            return 0
+    else:
+        if args.nproc < 2:
+            print("error: --nproc: calibration needs at least 2 processes", file=sys.stderr)
+            return 2
+        calibration = run_local_group(_calibrate_worker, args.nproc, args.iters, None, backend=backend)[0]
+    calibration.save(args.output)
+    print(f"alpha {calibration.alpha_s * 1e6:.1f} us, beta {calibration.beta_s_per_byte * 1e9:.4f} ns/byte "
+          f"({1 / calibration.beta_s_per_byte / 1e9:.2f} GB/s), {backend}, {calibration.world_size} ranks -> {args.output}")
+    return 0
+
+
+def _calibrate_worker(rank: int, world_size: int, iters: int, backend: str | None) -> Calibration:
+    """Under torchrun, `backend` names the group to create; spawned by run_local_group, the group exists."""
+    if backend is not None:
+        dist.init_process_group(backend)
+    device = "cpu"
+    if dist.get_backend() == "nccl":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+        torch.cuda.set_device(device)
+    calibration = calibrate(Communicator(dist.group.WORLD), iters=iters, device=device)
+    if backend is not None:
+        dist.destroy_process_group()
+    return calibration

@@ -1,0 +1,52 @@
+"""`umtrain train`: validate the config, launch the processes (or join torchrun's), train."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from umtrain.config import dump_config, load_config
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="pretrain a model (dense, MoE, PKM or UltraMem)")
+    p.add_argument("--config", required=True, help="YAML config")
+    p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. training.train_iters=10")
+    p.add_argument("--nproc-per-node", type=int, default=None,
+                   help="spawn this many local processes (torchrun --standalone); omit under torchrun/SLURM")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(func=run)
+
+
+def world_size_from(args) -> int:
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    return args.nproc_per_node or 1
+
+
+def run(args) -> int:
+    config = load_config(args.config, args.overrides, world_size=world_size_from(args))
+    if args.dry_run:
+        print(dump_config(config), end="")
+        return 0
+    if args.nproc_per_node and args.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
+        return launch_local(args)
+    from umtrain.train.entry import train
+
+    return train(config)
+
+
+def launch_local(args) -> int:
+    """Re-run this command under torchrun with N local processes (rendezvous on a free local port)."""
+    from torch.distributed.run import main as torchrun
+
+    command = ["--standalone", f"--nproc-per-node={args.nproc_per_node}", "-m", "umtrain.cli.main", "train",
+               "--config", args.config, *args.overrides]
+    try:
+        torchrun(command)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    except Exception as err:  # torchrun raises ChildFailedError with the failing rank's details
+        print(f"umtrain: training failed: {err}", file=sys.stderr)
+        return getattr(err, "exit_code", 1) or 1
+    return 0

@@ -1,0 +1,109 @@
+"""Train / validation / test datasets through Megatron-Core's `BlendedMegatronDatasetBuilder` and `GPTDataset`.
+
+`data.data_path` is a Megatron blend: `[w1, prefix1, w2, prefix2, ...]` (weights need not sum to 1) or plain
+prefixes (then weighted by their sizes), split into train/valid/test by `data.split` at document granularity.
+With `data.valid_data_path`, validation reads that blend instead, training reads all of `data.data_path` and there
+is no test set.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional
+
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+
+from umtrain.config.base import ConfigError
+from umtrain.config.schema import Config
+from umtrain.data.tokenizer import MockTokenizer
+
+Blend = tuple[list[str], Optional[list[float]]]
+
+
+def parse_blend(paths: list[str], key: str) -> Blend:
+    """Megatron's `weight prefix weight prefix` list (or bare prefixes) -> (prefixes, weights or None).
+
+    Every prefix must have its `.bin` and `.idx`; errors name `key` (e.g. 'data.data_path').
+    """
+    if not paths:
+        raise ConfigError(key, "is empty")
+    weighted = any(_is_number(p) for p in paths)
+    prefixes = list(paths[1::2]) if weighted else list(paths)
+    weights = None
+    if weighted:
+        if len(paths) % 2 or not all(_is_number(w) for w in paths[0::2]) or any(_is_number(p) for p in prefixes):
+            raise ConfigError(key, f"a blend must alternate weight and prefix: [w, prefix, w, prefix, ...], got {paths}")
+        weights = [float(w) for w in paths[0::2]]
+        if any(w <= 0 for w in weights):
+            raise ConfigError(key, f"blend weights must be > 0, got {weights}")
+    for prefix in prefixes:
+        for suffix in (".bin", ".idx"):
+            if not Path(prefix + suffix).is_file():
+                raise ConfigError(key, f"{prefix}{suffix} not found (run `umtrain preprocess` first)")
+    return prefixes, weights
+
+
+def gpt_dataset_config(config: Config, tokenizer, create_attention_mask: Optional[bool] = None) -> GPTDatasetConfig:
+    """The GPTDatasetConfig of `config.data`. `tokenizer` is ignored for mock data (vocabulary `data.mock_vocab_size`).
+
+    By default the batches carry an `attention_mask` only with `reset_attention_mask`; otherwise the mask is the
+    plain causal one that the model's attention builds itself.
+    """
+    data = config.data
+    if create_attention_mask is None:
+        create_attention_mask = data.reset_attention_mask
+    sources: dict = {}
+    if data.mock:
+        tokenizer = MockTokenizer(data.mock_vocab_size)
+    elif data.valid_data_path:
+        sources["blend_per_split"] = [parse_blend(data.data_path, "data.data_path"),
+                                      parse_blend(data.valid_data_path, "data.valid_data_path"), None]
+    else:
+        sources["blend"] = parse_blend(data.data_path, "data.data_path")
+        sources["split"] = data.split
+    if tokenizer is None:
+        raise ConfigError("data.tokenizer_model", "a tokenizer is needed for real (non-mock) data")
+    return GPTDatasetConfig(
+        random_seed=config.training.seed,
+        sequence_length=data.seq_length,
+        path_to_cache=data.cache_path,
+        tokenizer=tokenizer,
+        reset_position_ids=data.reset_position_ids,
+        reset_attention_mask=data.reset_attention_mask,
+        eod_mask_loss=data.eod_mask_loss,
+        create_attention_mask=create_attention_mask,
+        mmap_bin_files=True,
+        **sources,
+    )
+
+
+def build_gpt_datasets(
+    config: Config,
+    tokenizer,
+    train_samples: int,
+    valid_samples: int,
+    test_samples: int,
+    is_built_on_rank: Optional[Callable[[], bool]] = None,
+    create_attention_mask: Optional[bool] = None,
+):
+    """(train, valid, test), each a GPTDataset, a BlendedDataset of them, or None for an empty split.
+
+    Call on every rank: Megatron's builder holds barriers (rank 0 builds the index caches first). Ranks where
+    `is_built_on_rank()` is False (default: always True) get None datasets.
+    """
+    dataset_config = gpt_dataset_config(config, tokenizer, create_attention_mask)
+    dataset_class = MockGPTDataset if config.data.mock else GPTDataset
+    builder = BlendedMegatronDatasetBuilder(
+        dataset_class, [train_samples, valid_samples, test_samples], is_built_on_rank or (lambda: True),
+        dataset_config)
+    train, valid, test = builder.build()
+    return train, valid, test
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False

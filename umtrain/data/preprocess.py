@@ -1,0 +1,165 @@
+"""JSON Lines / Parquet shards -> Megatron's indexed dataset (`prefix.bin` + `prefix.idx`), one document per record.
+
+The main process streams raw rows; worker processes parse and tokenise batches of them; the main process writes the
+results in input order, so the output does not depend on the number of workers. The files are written under a
+temporary name and renamed once complete.
+"""
+
+from __future__ import annotations
+
+import collections
+import multiprocessing
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+from tqdm import tqdm
+
+from umtrain.config.base import ConfigError
+from umtrain.data.readers import DataInputError, Format, input_format, parse_row, resolve_inputs, stream_rows
+from umtrain.data.tokenizer import Tokenizer, TokenizerType, load_tokenizer
+
+IN_FLIGHT_PER_WORKER = 4
+"""Batches queued per worker: enough to keep workers busy, bounded so a huge file never sits in memory."""
+
+
+@dataclass
+class _RowBatch:
+    path: str
+    fmt: Format
+    rows: list[tuple[int, object]]
+
+
+@dataclass
+class _EncodedBatch:
+    documents: list[np.ndarray]
+    records: int
+    """Non-blank rows; documents + empty texts."""
+
+
+@dataclass
+class _EncoderState:
+    tokenizer: Tokenizer
+    text_key: str
+    append_eod: bool
+    dtype: type
+
+
+_STATE: _EncoderState | None = None
+"""Per worker process (set by the pool initializer) or in-process when workers == 1."""
+
+
+def _init_encoder(tokenizer_type: str, tokenizer_model: str, text_key: str, append_eod: bool, dtype: type) -> None:
+    global _STATE
+    _STATE = _EncoderState(load_tokenizer(tokenizer_type, tokenizer_model), text_key, append_eod, dtype)
+
+
+def _encode_batch(batch: _RowBatch) -> _EncodedBatch:
+    state = _STATE
+    documents, records = [], 0
+    for number, raw in batch.rows:
+        text = parse_row(batch.path, batch.fmt, number, raw, state.text_key)
+        if text is None:
+            continue
+        records += 1
+        ids = state.tokenizer.tokenize(text)
+        if ids:
+            if state.append_eod:
+                ids.append(state.tokenizer.eod)
+            documents.append(np.asarray(ids, dtype=state.dtype))
+    return _EncodedBatch(documents, records)
+
+
+def preprocess(
+    inputs: list[str],
+    output_prefix: str,
+    tokenizer_type: TokenizerType,
+    tokenizer_model: str,
+    workers: int = 1,
+    text_key: str = "text",
+    append_eod: bool = True,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Tokenise every record's `text_key` of `inputs` (files or globs) into `output_prefix.bin/.idx`.
+
+    Records whose text tokenises to nothing are skipped (counted as `empty_documents`). Returns the statistics
+    `{"documents", "tokens", "empty_documents", "files", "output_prefix"}`.
+    """
+    if workers < 1:
+        raise ConfigError("workers", f"must be >= 1, got {workers}")
+    files = resolve_inputs(inputs, text_key)
+    bin_path, idx_path = _check_output(output_prefix, overwrite)
+    tokenizer = load_tokenizer(tokenizer_type, tokenizer_model)
+    dtype = DType.optimal_dtype(tokenizer.vocab_size)
+    tmp_bin, tmp_idx = (path.with_name(f"{path.name}.tmp-{os.getpid()}") for path in (bin_path, idx_path))
+    stats = {"documents": 0, "tokens": 0, "empty_documents": 0, "files": len(files), "output_prefix": output_prefix}
+    builder = IndexedDatasetBuilder(str(tmp_bin), dtype=dtype)
+    try:
+        with _encoder(workers, tokenizer_type, tokenizer_model, text_key, append_eod, dtype) as encode_all, \
+                tqdm(unit="doc", desc=f"preprocess {Path(output_prefix).name}", disable=not progress) as bar:
+            for path in files:
+                records = 0
+                for encoded in encode_all(_batches(path, text_key)):
+                    for document in encoded.documents:
+                        builder.add_document(document, [len(document)])
+                        stats["tokens"] += len(document)
+                    records += encoded.records
+                    stats["documents"] += len(encoded.documents)
+                    stats["empty_documents"] += encoded.records - len(encoded.documents)
+                    bar.update(encoded.records)
+                    bar.set_postfix(tokens=stats["tokens"], refresh=False)
+                if records == 0:
+                    raise DataInputError(str(path), "whole file", "holds no records")
+        builder.finalize(str(tmp_idx))
+        os.replace(tmp_bin, bin_path)
+        os.replace(tmp_idx, idx_path)
+    finally:
+        builder.data_file.close()
+        for path in (tmp_bin, tmp_idx):
+            path.unlink(missing_ok=True)
+    return stats
+
+
+def _check_output(output_prefix: str, overwrite: bool) -> tuple[Path, Path]:
+    bin_path, idx_path = Path(output_prefix + ".bin"), Path(output_prefix + ".idx")
+    existing = [str(p) for p in (bin_path, idx_path) if p.exists()]
+    if existing and not overwrite:
+        raise ConfigError(output_prefix, f"output exists ({', '.join(existing)}); pass overwrite=True (--overwrite)")
+    bin_path.parent.mkdir(parents=True, exist_ok=True)
+    return bin_path, idx_path
+
+
+def _batches(path: Path, text_key: str) -> Iterator[_RowBatch]:
+    fmt = input_format(path)
+    for rows in stream_rows(path, text_key):
+        yield _RowBatch(str(path), fmt, rows)
+
+
+@contextmanager
+def _encoder(workers: int, tokenizer_type: str, tokenizer_model: str, text_key: str, append_eod: bool,
+             dtype: type) -> Iterator[Callable[[Iterator[_RowBatch]], Iterator[_EncodedBatch]]]:
+    """A function mapping row batches to encoded batches in order: in-process, or over a pool of `workers`."""
+    init_args = (tokenizer_type, tokenizer_model, text_key, append_eod, dtype)
+    if workers == 1:
+        _init_encoder(*init_args)
+        yield lambda batches: map(_encode_batch, batches)
+        return
+    # fork: workers inherit the imported modules (importing megatron.core takes seconds per process)
+    with multiprocessing.get_context("fork").Pool(workers, initializer=_init_encoder, initargs=init_args) as pool:
+        yield lambda batches: _bounded_ordered_map(pool, batches, IN_FLIGHT_PER_WORKER * workers)
+
+
+def _bounded_ordered_map(pool, batches: Iterator[_RowBatch], max_in_flight: int) -> Iterator[_EncodedBatch]:
+    """`pool.imap` without its unbounded read-ahead: at most `max_in_flight` batches are queued at once."""
+    pending = collections.deque()
+    for batch in batches:
+        pending.append(pool.apply_async(_encode_batch, (batch,)))
+        if len(pending) >= max_in_flight:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()

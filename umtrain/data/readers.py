@@ -1,0 +1,129 @@
+"""Reading documents from JSON Lines and Parquet shards, streamed through the `datasets` library.
+
+JSON Lines files are streamed as raw lines (the `text` builder keeps one row per physical line), and parsed by
+`parse_row`, so every error can name its file and line. Parquet files are streamed by column; errors name the row.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import datasets
+import pyarrow.parquet
+
+from umtrain.config.base import ConfigError
+
+Format = Literal["jsonl", "parquet"]
+
+FORMATS: dict[str, Format] = {
+    ".jsonl": "jsonl", ".json": "jsonl", ".jsonl.gz": "jsonl", ".json.gz": "jsonl", ".jsonl.zst": "jsonl",
+    ".parquet": "parquet",
+}
+STREAM_BATCH_ROWS = 1024
+
+
+class DataInputError(ValueError):
+    """A bad record in an input file: `path`, `location` ('line 7' or 'row 7') and what is wrong."""
+
+    def __init__(self, path: str, location: str, message: str):
+        self.path, self.location, self.message = path, location, message
+        super().__init__(f"{path}, {location}: {message}")
+
+    def __reduce__(self):
+        return type(self), (self.path, self.location, self.message)
+
+
+def input_format(path: Path) -> Format:
+    name = path.name.lower()
+    for suffix, fmt in FORMATS.items():
+        if name.endswith(suffix):
+            return fmt
+    raise ConfigError(str(path), f"unsupported input file type; expected one of {sorted(FORMATS)}")
+
+
+def resolve_inputs(patterns: list[str], text_key: str = "text") -> list[Path]:
+    """Expand files and globs (each sorted) and check every file before any work starts: it exists, has a known
+    type, is not empty and (Parquet) has the `text_key` column."""
+    if not patterns:
+        raise ConfigError("inputs", "no input files given")
+    files: list[Path] = []
+    for pattern in patterns:
+        matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            raise ConfigError(pattern, "the pattern matches no files")
+        files.extend(Path(m) for m in matches)
+    for path in files:
+        _check_input_file(path, text_key)
+    return files
+
+
+def _check_input_file(path: Path, text_key: str) -> None:
+    if not path.is_file():
+        raise ConfigError(str(path), "input file not found")
+    fmt = input_format(path)
+    if path.stat().st_size == 0:
+        raise ConfigError(str(path), "the file is empty")
+    if fmt == "parquet":
+        schema = pyarrow.parquet.read_schema(path)
+        if text_key not in schema.names:
+            raise ConfigError(str(path), f"has no column {text_key!r} (columns: {schema.names})")
+
+
+def stream_rows(path: Path, text_key: str) -> Iterator[list[tuple[int, Any]]]:
+    """Batches of (1-based line or row number, raw row): the line's text for JSON Lines, the value for Parquet."""
+    fmt = input_format(path)
+    if fmt == "jsonl":
+        dataset = datasets.load_dataset("text", data_files=str(path), split="train", streaming=True)
+        column = "text"
+    else:
+        dataset = datasets.load_dataset("parquet", data_files=str(path), split="train", streaming=True,
+                                        columns=[text_key])
+        column = text_key
+    number = 0
+    try:
+        for batch in dataset.iter(batch_size=STREAM_BATCH_ROWS):
+            values = batch[column]
+            yield list(enumerate(values, start=number + 1))
+            number += len(values)
+    except UnicodeDecodeError as err:
+        raise DataInputError(str(path), f"after line {number}", f"not valid UTF-8 ({err.reason})") from err
+
+
+def parse_row(path: str, fmt: Format, number: int, raw: Any, text_key: str) -> str | None:
+    """The document text of one row, or None for a blank JSON Lines line. Raises `DataInputError`."""
+    if fmt == "parquet":
+        if not isinstance(raw, str):
+            raise DataInputError(path, f"row {number}", f"{text_key!r} is {type(raw).__name__}, not a string")
+        return raw
+    if not raw.strip():
+        return None
+    location = f"line {number}"
+    try:
+        record = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise DataInputError(path, location, f"not valid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(record, dict):
+        raise DataInputError(path, location, f"expected a JSON object, got {type(record).__name__}")
+    if text_key not in record:
+        raise DataInputError(path, location, f"the record has no {text_key!r} field (fields: {sorted(record)})")
+    text = record[text_key]
+    if not isinstance(text, str):
+        raise DataInputError(path, location, f"{text_key!r} is {type(text).__name__}, not a string")
+    return text
+
+
+def iter_texts(path: Path, text_key: str = "text") -> Iterator[tuple[int, str]]:
+    """(line or row number, text) of every document of one file, in order."""
+    fmt = input_format(path)
+    found = False
+    for batch in stream_rows(path, text_key):
+        for number, raw in batch:
+            text = parse_row(str(path), fmt, number, raw, text_key)
+            if text is not None:
+                found = True
+                yield number, text
+    if not found:
+        raise DataInputError(str(path), "whole file", "holds no records")

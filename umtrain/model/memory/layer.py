@@ -1,0 +1,303 @@
+"""The memory layer: PKM (Lample et al.) and UltraMem (Huang et al., ICLR 2025), one module, every change a switch.
+
+Forward (spec 2.1), for x [S, B, D] = block a's pre-MLP LayerNorm output:
+    x -> causal depthwise conv -> W_q -> LN_q -> sub-key scores against LN_k(keys)
+      -> (approximate) top-m -> per-core weights -> IVE address -> lookup-reduce -> W_out -> [S, B, D]
+
+Which family a config gives follows from its switches; PKM is softmax on, tucker_rank 1, num_cores 1,
+ive_expansion 1, no output projection, no shared query, value_dim == hidden. The value table is only ever
+touched through the lookup-reduce interface (`umtrain.ops.lookup_reduce`), so a sharding strategy can own it.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from umtrain.config.base import ConfigError
+from umtrain.config.schema import MemoryConfig
+from umtrain.model.memory.conv import causal_depthwise_conv, identity_kernel
+from umtrain.model.memory.init import derive_seed, expected_top_m_mean, improved_value_variance, score_population
+from umtrain.model.memory.retrieval import Selection, leading_singular_pair, select_top_m, tdqkr_aux_loss
+from umtrain.ops.lookup_reduce import LookupReduce, get_lookup_reduce
+
+_CALIBRATION_TOKENS = 512
+_LAYERNORM_EPS = 1e-5
+
+
+class MemoryLayer(nn.Module):
+    """One memory layer. Parameters (full shapes; `values` may be a shard of shape `table_shape`):
+
+    conv.weight [D, 1, k]            causal depthwise conv (query_conv_kernel > 0)
+    query.weight [Q*2*d_k, D]        Q = 1 with share_query, else H
+    query_norm.*, key_norm.* [w]     query/key LayerNorm (w = d_k; keys of layout B: d_k/r)
+    row_keys, col_keys [H, r, n, w]  sub-keys; n = sqrt(E*N) keys per side
+    cores [H, h, r, r]               TDQKR/MCS cores (tucker_rank > 1)
+    out_proj.weight [D, E*d_v]       output projection, IVE's W_p folded in (output_projection)
+    values [N, d_v]                  the value table, tagged `is_memory_value` (initialised last)
+    """
+
+    def __init__(self, config: MemoryConfig, hidden_size: int, num_layers: int, seed: int, layer_index: int,
+                 lookup: Optional[LookupReduce] = None, table_shape: Optional[tuple[int, int]] = None):
+        super().__init__()
+        self.config = config
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.seed = seed
+        self.layer_index = layer_index
+        self.lookup = lookup if lookup is not None else get_lookup_reduce(config.lookup_impl)
+        self.keys_per_side = config.keys_per_side
+        self.table_shape = self._checked_table_shape(table_shape)
+        self._check_output_width()
+
+        c, d_k, rank = config, config.key_dim, config.tucker_rank
+        self.key_width = d_k // rank if c.key_layout == "B" else d_k
+        self.conv = nn.Conv1d(hidden_size, hidden_size, c.query_conv_kernel, groups=hidden_size, bias=False) \
+            if c.query_conv_kernel > 0 else None
+        num_queries = 1 if c.share_query else c.num_heads
+        self.query = nn.Linear(hidden_size, num_queries * 2 * d_k, bias=False)
+        self.query_norm = nn.LayerNorm(d_k, eps=_LAYERNORM_EPS) if c.query_key_layernorm else None
+        self.key_norm = nn.LayerNorm(self.key_width, eps=_LAYERNORM_EPS) if c.query_key_layernorm else None
+        key_shape = (c.num_heads, rank, self.keys_per_side, self.key_width)
+        self.row_keys = nn.Parameter(torch.empty(key_shape))
+        self.col_keys = nn.Parameter(torch.empty(key_shape))
+        self.cores = nn.Parameter(torch.empty(c.num_heads, c.num_cores, rank, rank)) if rank > 1 else None
+        self.out_proj = nn.Linear(c.ive_expansion * c.value_dim, hidden_size, bias=False) \
+            if c.output_projection else None
+        self.values = nn.Parameter(torch.empty(self.table_shape))
+        self.values.is_memory_value = True
+
+        self._register_buffers()
+        self.query_norm_gain, self.key_norm_gain = self._layernorm_gains()
+        self.value_std = self._value_init_std()
+        self.reset_parameters()
+        self.aux_loss = torch.zeros(())
+        self.last_stats: dict[str, torch.Tensor] = {}
+
+    # ----------------------------------------------------------------------------------------- construction
+
+    def _checked_table_shape(self, table_shape: Optional[tuple[int, int]]) -> tuple[int, int]:
+        full = (self.config.num_values, self.config.value_dim)
+        if table_shape is None:
+            return full
+        shape = tuple(int(s) for s in table_shape)
+        if len(shape) != 2 or not (1 <= shape[0] <= full[0] and 1 <= shape[1] <= full[1]):
+            raise ValueError(f"table_shape {table_shape} must be a local [rows, dims] shard of the full table {full}")
+        return shape
+
+    def _check_output_width(self) -> None:
+        c = self.config
+        if not c.output_projection and (c.value_dim != self.hidden_size or c.ive_expansion != 1):
+            raise ConfigError("memory.output_projection",
+                              f"off needs value_dim == hidden_size={self.hidden_size} (got {c.value_dim}) "
+                              f"and ive_expansion == 1 (got {c.ive_expansion})")
+
+    def _register_buffers(self) -> None:
+        c = self.config
+        if c.ive_expansion > 1:
+            self.register_buffer("ive_permutation", self._ive_permutation())
+        else:
+            self.ive_permutation = None
+        if c.tucker_rank > 1:
+            self.register_buffer("tdqkr_row_factor", torch.zeros(c.num_heads, c.tucker_rank))
+            self.register_buffer("tdqkr_col_factor", torch.zeros(c.num_heads, c.tucker_rank))
+        else:
+            self.tdqkr_row_factor = self.tdqkr_col_factor = None
+        self.register_buffer("value_hits", torch.zeros(c.num_values, dtype=torch.bool), persistent=False)
+        self.stat_sums: Optional[torch.Tensor] = None
+        """(sum of top-1 scores, sum of output stds, forward count) in float64; not a buffer so that
+        casting the module to bf16 leaves it alone."""
+
+    def _ive_permutation(self) -> torch.Tensor:
+        """pi over the E*N virtual addresses (eq. 14), drawn from (seed, layer_index): identical on every rank."""
+        size = self.config.ive_expansion * self.config.num_values
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.layer_index, "ive-permutation"))
+        dtype = torch.int32 if size <= torch.iinfo(torch.int32).max else torch.int64
+        return torch.randperm(size, generator=generator).to(dtype)
+
+    def _layernorm_gains(self) -> tuple[float, float]:
+        """App. A: query-LN weight 1/E[y], key-LN weight 1/sqrt(w), so each sub-score is ~N(0, 1/E[y]^2)."""
+        if not self.config.improved_init:
+            return 1.0, 1.0
+        mean_top = expected_top_m_mean(score_population(self.config), self.config.topk)
+        return 1.0 / mean_top, self.key_width ** -0.5
+
+    def _value_init_std(self) -> float:
+        """Baseline: N(0, 1/d_v) [P]. Improved: E/(2 L K E[s^2]) with E[s^2] measured on this layer's own init."""
+        if not self.config.improved_init:
+            return self.config.value_dim ** -0.5
+        return improved_value_variance(self.config, self.num_layers, self.init_mean_square_weight()) ** 0.5
+
+    # ----------------------------------------------------------------------------------------- initialisation
+
+    def init_generator(self, device: str | torch.device = "cpu") -> torch.Generator:
+        """The generator `reset_parameters()` uses by default, seeded from (seed, layer_index)."""
+        return torch.Generator(device).manual_seed(derive_seed(self.seed, self.layer_index, "init"))
+
+    def full_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every parameter's unsharded shape, in initialisation order: the value table last."""
+        shapes = {name: tuple(p.shape) for name, p in self.named_parameters() if name != "values"}
+        shapes["values"] = (self.config.num_values, self.config.value_dim)
+        return shapes
+
+    def initial_value(self, param_name: str, generator: torch.Generator) -> torch.Tensor:
+        """The full (unsharded) initial tensor of `param_name`, drawn from `generator` (on the generator's device)."""
+        shapes = self.full_shapes()
+        if param_name not in shapes:
+            raise KeyError(f"MemoryLayer has no parameter {param_name!r}; it has {list(shapes)}")
+        shape, device, c = shapes[param_name], generator.device, self.config
+
+        def normal(std: float) -> torch.Tensor:
+            return torch.randn(shape, generator=generator, device=device) * std
+
+        if param_name == "conv.weight":
+            return identity_kernel(self.hidden_size, c.query_conv_kernel).to(device)
+        if param_name == "query.weight":
+            return normal(c.key_dim ** -0.5)
+        if param_name.endswith("norm.bias"):
+            return torch.zeros(shape, device=device)
+        if param_name.endswith("norm.weight"):
+            gain = self.query_norm_gain if param_name.startswith("query") else self.key_norm_gain
+            return torch.full(shape, gain, device=device)
+        if param_name in ("row_keys", "col_keys"):
+            return normal(self.key_width ** -0.5)
+        if param_name == "cores":
+            return torch.rand(shape, generator=generator, device=device)
+        if param_name == "out_proj.weight":
+            return normal((c.ive_expansion * c.value_dim) ** -0.5)
+        return normal(self.value_std)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
+        """Initialise every parameter from `generator` (default: `init_generator()`), then the TDQKR factors.
+
+        A sharded value table (table_shape smaller than the full table) gets a shard drawn from the same
+        distribution; a layout-independent table is the trainer's job (slice `initial_value("values", g)`).
+        The table is drawn last so that sharding does not change what the other parameters draw.
+        """
+        generator = generator if generator is not None else self.init_generator()
+        for name, shape in self.full_shapes().items():
+            param = self.get_parameter(name)
+            if tuple(param.shape) != shape:
+                value = torch.randn(param.shape, generator=generator, device=generator.device) * self.value_std
+            else:
+                value = self.initial_value(name, generator)
+            param.copy_(value)
+        self.refresh_tdqkr_factors()
+
+    @torch.no_grad()
+    def init_mean_square_weight(self) -> float:
+        """E[s^2] of the per-core weights at init, on N(0,1) tokens and the default-seed draw of the score params.
+
+        App. A's value variance assumes E[s^2] = 1; PKM's additive grid, TDQKR's bilinear grid and MCS's per-core
+        split (about 1/h of the summed score each, spec 2.6) all move it, so it is measured instead.
+        """
+        generator = self.init_generator()
+        params: dict[str, torch.Tensor] = {}
+        for name in self.full_shapes():
+            if name == "values":
+                break
+            params[name] = self.initial_value(name, generator)
+        factors = (None, None)
+        if "cores" in params:
+            zeros = torch.zeros(self.config.num_heads, self.config.tucker_rank)
+            factors = leading_singular_pair(params["cores"], zeros, zeros)
+        tokens_generator = torch.Generator().manual_seed(derive_seed(self.seed, self.layer_index, "init-calibration"))
+        x = torch.randn(_CALIBRATION_TOKENS, 1, self.hidden_size, generator=tokens_generator)
+        return float(self._weights(self._select(x, params, *factors)).pow(2).mean())
+
+    @torch.no_grad()
+    def refresh_tdqkr_factors(self) -> None:
+        """Recompute (u, t) from the SVD of the summed core; call once per optimizer step (spec 2.3)."""
+        if self.cores is None:
+            return
+        u, t = leading_singular_pair(self.cores.detach(), self.tdqkr_row_factor, self.tdqkr_col_factor)
+        self.tdqkr_row_factor.copy_(u)
+        self.tdqkr_col_factor.copy_(t)
+
+    # ----------------------------------------------------------------------------------------- forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seq, batch, hidden = x.shape
+        selection = self._select(x, dict(self.named_parameters()), self.tdqkr_row_factor, self.tdqkr_col_factor)
+        weights = self._weights(selection)
+        rows, blocks = self._physical_address(selection)
+        tokens, cores = seq * batch, weights.shape[0]
+        pooled = self.lookup(rows, blocks, weights.reshape(cores, tokens, -1), self.values, self.config.ive_expansion)
+        out = self.out_proj(pooled.flatten(1)) if self.out_proj is not None else pooled[:, 0]
+        self.aux_loss = self._aux_loss(x)
+        self._record_stats(selection, rows, out)
+        return out.view(seq, batch, hidden)
+
+    def _select(self, x: torch.Tensor, params: Mapping[str, torch.Tensor], row_factor: Optional[torch.Tensor],
+                col_factor: Optional[torch.Tensor]) -> Selection:
+        """Sub-key scores of every token and its top-m cells (spec 2.1, up to TDQKR)."""
+        c = self.config
+        if "conv.weight" in params:
+            x = causal_depthwise_conv(x, params["conv.weight"])
+        tokens = x.reshape(-1, self.hidden_size)
+        query = F.linear(tokens, params["query.weight"]).view(tokens.shape[0], -1, 2, c.key_dim)
+        row_keys, col_keys = params["row_keys"], params["col_keys"]
+        if c.query_key_layernorm:
+            query = F.layer_norm(query, (c.key_dim,), params["query_norm.weight"], params["query_norm.bias"])
+            key_norm = (self.key_width,), params["key_norm.weight"], params["key_norm.bias"]
+            row_keys, col_keys = F.layer_norm(row_keys, *key_norm), F.layer_norm(col_keys, *key_norm)
+        query = query.expand(-1, c.num_heads, -1, -1)
+        s_row = self._sub_scores(query[:, :, 0], row_keys)
+        s_col = self._sub_scores(query[:, :, 1], col_keys)
+        sign_aware = c.sign_aware_candidates and c.tucker_rank > 1
+        return select_top_m(s_row, s_col, params.get("cores"), row_factor, col_factor, c.topk, c.candidates,
+                            sign_aware)
+
+    def _sub_scores(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """query [T, H, d_k], keys [H, r, n, w] -> [T, H, r, n]. Layout B splits the query into r chunks of d_k/r."""
+        if self.key_width == self.config.key_dim:
+            return torch.einsum("tjd,jrnd->tjrn", query, keys)
+        chunks = query.unflatten(-1, (self.config.tucker_rank, self.key_width))
+        return torch.einsum("tjrd,jrnd->tjrn", chunks, keys)
+
+    def _weights(self, selection: Selection) -> torch.Tensor:
+        """[h, T, H, m]: raw scores, or PKM's softmax over each head's m selected scores (eq. 3)."""
+        return selection.scores.softmax(-1) if self.config.softmax else selection.scores
+
+    def _physical_address(self, selection: Selection) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rows, blocks) [T, K]: virtual cell a = row*n + col -> pi[a] -> (pi[a] mod N, pi[a] div N) (eq. 14)."""
+        address = (selection.row * self.keys_per_side + selection.col).flatten(1)
+        if self.ive_permutation is None:
+            return address, torch.zeros_like(address)
+        shuffled = self.ive_permutation[address].long()
+        return shuffled % self.config.num_values, shuffled // self.config.num_values
+
+    def _aux_loss(self, x: torch.Tensor) -> torch.Tensor:
+        if self.cores is None:
+            return x.new_zeros(())
+        return tdqkr_aux_loss(self.cores, self.config.aux_loss_coeff, self.config.aux_loss_tau)
+
+    # ----------------------------------------------------------------------------------------- health
+
+    @torch.no_grad()
+    def _record_stats(self, selection: Selection, rows: torch.Tensor, out: torch.Tensor) -> None:
+        top1 = selection.summed[..., 0].detach().float().mean()
+        output_std = out.detach().float().std()
+        self.last_stats = {"rows": rows.detach(), "top1_score": top1, "output_std": output_std}
+        self.value_hits[rows.flatten()] = True
+        if self.stat_sums is None or self.stat_sums.device != out.device:
+            self.stat_sums = torch.zeros(3, dtype=torch.float64, device=out.device)
+        self.stat_sums += torch.stack([top1.double(), output_std.double(), top1.new_ones((), dtype=torch.float64)])
+
+    def health_metrics(self, reset: bool = True) -> dict[str, float]:
+        """Since the last reset: fraction of physical values hit at least once, mean top-1 score, output std.
+
+        Per process: under data parallelism reduce `value_hits` (logical or) and `stat_sums` across ranks first.
+        """
+        top1_sum, std_sum, count = self.stat_sums.tolist() if self.stat_sums is not None else (0.0, 0.0, 0.0)
+        count = max(count, 1.0)
+        metrics = {"value_hit_fraction": float(self.value_hits.float().mean()),
+                   "top1_score": top1_sum / count, "output_std": std_sum / count}
+        if reset:
+            self.value_hits.zero_()
+            self.stat_sums = None
+        return metrics

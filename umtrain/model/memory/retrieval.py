@@ -1,0 +1,133 @@
+"""Product-key retrieval: PKM's additive grid and TDQKR's Tucker grid (eqs. 4-12), as pure functions.
+
+Shapes: T tokens, H heads, r Tucker rank, n keys per side, h cores (MCS), m top-m, c candidates per side.
+Sub-key scores are `s_row`, `s_col` [T, H, r, n]; rank r = 1 means PKM's additive grid s_row[a] + s_col[b]
+(no core); r > 1 means the bilinear grid S_row^T C S_col with cores [H, h, r, r].
+
+Selection (which n x n cells to read) runs without gradient; the scores of the selected cells are then
+recomputed from gathered sub-key scores so that gradients reach the query, the keys and the cores only
+through the selected entries (eqs. 8-11), and never through the [T, H, n, n] grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass
+class Selection:
+    """The top-m cells of each token and head: grid coordinates, per-core scores and their sum."""
+
+    row: torch.Tensor
+    """[T, H, m] row index in [0, n)."""
+    col: torch.Tensor
+    """[T, H, m] column index in [0, n)."""
+    scores: torch.Tensor
+    """[h, T, H, m] per-core scores (with gradient); h = 1 without MCS."""
+
+    @property
+    def summed(self) -> torch.Tensor:
+        """[T, H, m] the score the top-m ranks by (eq. 16), in descending order."""
+        return self.scores.sum(0)
+
+
+def bilinear_grid(f_row: torch.Tensor, f_col: torch.Tensor, core: torch.Tensor) -> torch.Tensor:
+    """G[t,j,a,b] = f_row[t,j,:,a]^T core[j] f_col[t,j,:,b] (eq. 5 / eq. 10): [T,H,r,a], [T,H,r,b], [H,r,r]."""
+    return torch.einsum("tjxa,jxy,tjyb->tjab", f_row, core, f_col)
+
+
+def grid_scores(f_row: torch.Tensor, f_col: torch.Tensor, cores: Optional[torch.Tensor]) -> torch.Tensor:
+    """Summed score of every (row, column) pair of the given sub-key scores: [T, H, a, b].
+
+    cores None: PKM's additive grid f_row[a] + f_col[b] (rank 1). Otherwise the sum over the MCS cores.
+    """
+    if cores is None:
+        return f_row[:, :, 0, :, None] + f_col[:, :, 0, None, :]
+    return bilinear_grid(f_row, f_col, cores.sum(1))
+
+
+def pair_scores(f_row: torch.Tensor, f_col: torch.Tensor, cores: Optional[torch.Tensor]) -> torch.Tensor:
+    """Per-core scores of aligned pairs: f_row, f_col [T, H, r, m] -> [h, T, H, m] (eq. 17's G^(i)_k)."""
+    if cores is None:
+        return (f_row[:, :, 0] + f_col[:, :, 0]).unsqueeze(0)
+    return torch.einsum("tjxm,jixy,tjym->itjm", f_row, cores, f_col)
+
+
+def rank_one_factor_scores(scores: torch.Tensor, factor: Optional[torch.Tensor]) -> torch.Tensor:
+    """a_bar = factor^T S (eq. 7): [T, H, r, n], factor [H, r] -> [T, H, n]. No factor: the rank-1 scores themselves."""
+    if factor is None:
+        return scores[:, :, 0]
+    return torch.einsum("tjrn,jr->tjn", scores, factor)
+
+
+def select_candidates(factor_scores: torch.Tensor, count: int, sign_aware: bool) -> torch.Tensor:
+    """Candidate indices per side [T, H, c] from the rank-1 factor scores [T, H, n].
+
+    Plain: the top-`count` (eq. 8-9). Sign-aware: the top-`count` and the bottom-`count` (c = 2*count, or all n
+    when that covers the side). For a rank-1 grid a[a]*b[b] a top pair with b > 0 has `a` among the top of its side
+    and with b < 0 among the bottom, so sign-aware candidates make the two-stage top-m exact for rank-1 cores.
+    """
+    n = factor_scores.shape[-1]
+    if not sign_aware:
+        return factor_scores.topk(count, dim=-1).indices
+    if 2 * count >= n:
+        return torch.arange(n, device=factor_scores.device).expand(*factor_scores.shape[:-1], n)
+    top = factor_scores.topk(count, dim=-1).indices
+    bottom = factor_scores.topk(count, dim=-1, largest=False).indices
+    return torch.cat([top, bottom], dim=-1)
+
+
+def gather_sub_scores(scores: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """scores [T, H, r, n], index [T, H, c] -> [T, H, r, c]."""
+    return scores.gather(-1, index.unsqueeze(2).expand(-1, -1, scores.shape[2], -1))
+
+
+def select_top_m(s_row: torch.Tensor, s_col: torch.Tensor, cores: Optional[torch.Tensor],
+                 row_factor: Optional[torch.Tensor], col_factor: Optional[torch.Tensor],
+                 top_m: int, num_candidates: int, sign_aware: bool) -> Selection:
+    """Two-stage top-m (PKM, eqs. 1-3) or TDQKR's approximate top-m (eqs. 6-11).
+
+    1. Candidates per side from the rank-1 factor scores u^T S_row, t^T S_col (for PKM the sub-scores themselves).
+    2. Exact summed grid over the c x c candidates, top-m of it.
+    3. Per-core scores of the chosen cells recomputed with gradient.
+    """
+    with torch.no_grad():
+        row_cand = select_candidates(rank_one_factor_scores(s_row.detach(), row_factor), num_candidates, sign_aware)
+        col_cand = select_candidates(rank_one_factor_scores(s_col.detach(), col_factor), num_candidates, sign_aware)
+        grid = grid_scores(gather_sub_scores(s_row.detach(), row_cand), gather_sub_scores(s_col.detach(), col_cand), cores)
+        num_col = col_cand.shape[-1]
+        flat = grid.flatten(2).topk(top_m, dim=-1).indices
+        row = row_cand.gather(-1, flat // num_col)
+        col = col_cand.gather(-1, flat % num_col)
+    scores = pair_scores(gather_sub_scores(s_row, row), gather_sub_scores(s_col, col), cores)
+    return Selection(row=row, col=col, scores=scores)
+
+
+@torch.no_grad()
+def leading_singular_pair(cores: torch.Tensor, previous_row: torch.Tensor,
+                          previous_col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(u, t) [H, r]: leading left/right singular vectors of the summed core C_bar = sum_i C^(i) (eq. 6).
+
+    SVD fixes (u, t) up to a shared sign, and flipping it changes the candidates. Keep the sign closer in L1 to
+    the previous (u, t), as the authors' code does; with no previous pair (all zeros) make sum(u) + sum(t) >= 0,
+    which for nonnegative cores (the U(0,1) init) gives the Perron vectors.
+    """
+    u_all, _, vh_all = torch.linalg.svd(cores.sum(1).float())
+    u, t = u_all[..., :, 0], vh_all[..., 0, :]
+    keep = (u - previous_row).abs().sum(-1) + (t - previous_col).abs().sum(-1)
+    flip = (u + previous_row).abs().sum(-1) + (t + previous_col).abs().sum(-1)
+    first_step = (previous_row.abs().sum(-1) + previous_col.abs().sum(-1)) == 0
+    sign = torch.where(first_step, torch.where(u.sum(-1) + t.sum(-1) >= 0, 1.0, -1.0),
+                       torch.where(flip < keep, -1.0, 1.0))
+    return (u * sign[:, None]).to(cores.dtype), (t * sign[:, None]).to(cores.dtype)
+
+
+def tdqkr_aux_loss(cores: torch.Tensor, coeff: float, tau: float) -> torch.Tensor:
+    """Eq. 12: alpha/(r-1) * sum_{i>=2} relu(lambda_i - tau)^2 over the singular values of C_bar, mean over heads."""
+    rank = cores.shape[-1]
+    singular = torch.linalg.svdvals(cores.sum(1))                       # [H, r], descending
+    excess = torch.relu(singular[:, 1:] - tau)
+    return coeff / (rank - 1) * excess.pow(2).sum(-1).mean()

@@ -1,0 +1,97 @@
+"""Memory layers inside Megatron-Core's TransformerBlock, through layer specs (no fork).
+
+A memory layer `a:b` reads block a's pre-MLP LayerNorm output and adds its output after block b (paper section
+"split big mem & skip"). Block a is a `MemoryReaderLayer` that hands that tensor to a `SkipBus` shared by the
+chunk's layers; block b is a `MemoryWriterLayer` that owns the memory module, takes the tensor off the bus and adds
+the memory output to its own output. `a == b` (PKM) is one layer that does both. The bus must be empty after every
+block forward: a pair split across pipeline stages or recompute chunks is rejected at config load.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional
+
+import torch
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, save_to_aux_losses_tracker
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+MEMORY_AUX_LOSS = "memory_aux_loss"
+
+
+class SkipBus:
+    """Carries block a's pre-MLP LayerNorm output to block b within one forward of one model chunk."""
+
+    def __init__(self):
+        self._pending: Dict[int, torch.Tensor] = {}
+
+    def put(self, reader_layer: int, tensor: torch.Tensor) -> None:
+        if reader_layer in self._pending:
+            raise RuntimeError(f"memory input of layer {reader_layer} was put twice without being taken")
+        self._pending[reader_layer] = tensor
+
+    def take(self, reader_layer: int) -> torch.Tensor:
+        if reader_layer not in self._pending:
+            raise RuntimeError(f"memory input of layer {reader_layer} is missing: its reader did not run "
+                               "in this forward (pipeline or recompute split a memory placement?)")
+        return self._pending.pop(reader_layer)
+
+    def assert_empty(self) -> None:
+        if self._pending:
+            raise RuntimeError(f"memory inputs of layers {sorted(self._pending)} were never consumed")
+
+
+class MemoryTransformerLayer(TransformerLayer):
+    """A TransformerLayer that is the reader (`reads_for`) and/or writer (`memory`) of memory placements.
+
+    Spec params: `reader: bool`, `writer_of: Optional[int]` (the 1-based reader layer whose input this layer's
+    memory consumes), `memory_factory(layer_number) -> nn.Module` (builds the memory module for a writer), and
+    `memory_io: Callable` pair to move activations in and out of the memory module (sequence-parallel gather /
+    scatter, or identity), supplied by umtrain.parallel.
+    """
+
+    def __init__(self, *args, reader: bool = False, writer_of: Optional[int] = None,
+                 memory_factory: Optional[Callable[[int], torch.nn.Module]] = None,
+                 memory_io: Optional[tuple[Callable, Callable]] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.is_memory_reader = reader
+        self.memory_reader_layer = writer_of
+        self.memory = memory_factory(writer_of) if writer_of is not None else None
+        self.memory_in, self.memory_out = memory_io or (lambda x: x, lambda x: x)
+        self.skip_bus: Optional[SkipBus] = None
+
+    def _forward_pre_mlp_layernorm(self, hidden_states):
+        output = super()._forward_pre_mlp_layernorm(hidden_states)
+        if self.is_memory_reader:
+            self.skip_bus.put(self.layer_number, output)
+        return output
+
+    def forward(self, *args, **kwargs):
+        output, context = super().forward(*args, **kwargs)
+        if self.memory is not None:
+            memory_input = self.memory_in(self.skip_bus.take(self.memory_reader_layer))
+            memory_output = self._attach_aux_loss(self.memory(memory_input))
+            output = output + self.memory_out(memory_output)
+        return output, context
+
+    def _attach_aux_loss(self, memory_output: torch.Tensor) -> torch.Tensor:
+        """Route the TDQKR auxiliary loss (eq. 12) into backward, scaled like the main loss, and track it."""
+        aux_loss = getattr(self.memory, "aux_loss", None)
+        if aux_loss is None or not aux_loss.requires_grad or not self.training:
+            return memory_output
+        save_to_aux_losses_tracker(MEMORY_AUX_LOSS, aux_loss, self.layer_number, self.config.num_layers)
+        return MoEAuxLossAutoScaler.apply(memory_output, aux_loss)
+
+
+def attach_skip_bus(model: torch.nn.Module) -> None:
+    """Give every memory layer of one model chunk the same bus, and check it after each block forward."""
+    bus = SkipBus()
+    layers = [m for m in model.modules() if isinstance(m, MemoryTransformerLayer)]
+    for layer in layers:
+        layer.skip_bus = bus
+    if layers:
+        decoder = model.decoder
+        decoder.register_forward_hook(lambda module, inputs, output: bus.assert_empty())
+
+
+def memory_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m.memory for m in model.modules() if isinstance(m, MemoryTransformerLayer) and m.memory is not None]

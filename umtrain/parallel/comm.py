@@ -1,0 +1,126 @@
+"""The one wrapper through which memory sharding talks to other ranks; it counts the bytes it moves.
+
+Every collective of `umtrain.parallel.memory_sharding` is an all-to-all of uneven sizes along dim 0
+(`torch.distributed.all_to_all_single`, which gloo and NCCL both implement). `Communicator` counts, per rank
+and per tag, the payload bytes that leave this rank for another rank and the bytes that arrive from another
+rank; a rank's copy to itself is not traffic. The cost model (`umtrain.parallel.cost_model`) predicts the same
+counters, tag by tag, so tests can compare them exactly. Tags of backward passes end in `.grad`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import socket
+import tempfile
+import traceback
+from collections import Counter
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+GRAD_SUFFIX = ".grad"
+
+
+class Communicator:
+    """All-to-all over a process group (None: one rank, no process group needed), with byte counters."""
+
+    def __init__(self, group: Optional[dist.ProcessGroup] = None):
+        self.group = group
+        self.rank = dist.get_rank(group) if group is not None else 0
+        self.size = dist.get_world_size(group) if group is not None else 1
+        self.bytes_sent: Counter[str] = Counter()
+        self.bytes_received: Counter[str] = Counter()
+        self.calls: Counter[str] = Counter()
+
+    def reset_counters(self) -> None:
+        self.bytes_sent.clear()
+        self.bytes_received.clear()
+        self.calls.clear()
+
+    def all_to_all(self, x: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int], tag: str) -> torch.Tensor:
+        """Rows [sum(send_splits), ...] of x go, split by destination rank; returns [sum(recv_splits), ...]."""
+        if len(send_splits) != self.size or len(recv_splits) != self.size:
+            raise ValueError(f"{tag}: split lists need {self.size} entries, got {len(send_splits)} and {len(recv_splits)}")
+        if sum(send_splits) != x.shape[0]:
+            raise ValueError(f"{tag}: send splits sum to {sum(send_splits)} but the tensor has {x.shape[0]} rows")
+        row_bytes = math.prod(x.shape[1:]) * x.element_size()
+        self._count(tag, send_splits, recv_splits, row_bytes)
+        out = x.new_empty((sum(recv_splits),) + tuple(x.shape[1:]))
+        if self.size == 1:
+            out.copy_(x)
+            return out
+        dist.all_to_all_single(out, x.contiguous(), list(recv_splits), list(send_splits), group=self.group)
+        return out
+
+    def exchange_counts(self, counts: torch.Tensor, tag: str = "meta") -> torch.Tensor:
+        """counts [P, c] int64, row j meant for rank j -> [P, c], row i from rank i. A host sync on GPU."""
+        ones = [1] * self.size
+        return self.all_to_all(counts, ones, ones, tag)
+
+    def _count(self, tag: str, send_splits: Sequence[int], recv_splits: Sequence[int], row_bytes: int) -> None:
+        self.calls[tag] += 1
+        self.bytes_sent[tag] += row_bytes * (sum(send_splits) - send_splits[self.rank])
+        self.bytes_received[tag] += row_bytes * (sum(recv_splits) - recv_splits[self.rank])
+
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, comm: Communicator, send_splits: list[int], recv_splits: list[int], tag: str):
+        ctx.comm, ctx.send_splits, ctx.recv_splits, ctx.tag = comm, send_splits, recv_splits, tag
+        return comm.all_to_all(x, send_splits, recv_splits, tag)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        back = ctx.comm.all_to_all(grad.contiguous(), ctx.recv_splits, ctx.send_splits, ctx.tag + GRAD_SUFFIX)
+        return back, None, None, None, None
+
+
+def all_to_all(comm: Communicator, x: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int],
+               tag: str) -> torch.Tensor:
+    """Differentiable all-to-all: the backward sends the gradient along the reverse path (tag + '.grad')."""
+    if not x.requires_grad:
+        return comm.all_to_all(x, send_splits, recv_splits, tag)
+    return _AllToAll.apply(x, comm, list(send_splits), list(recv_splits), tag)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _local_worker(rank: int, world_size: int, port: int, backend: str, fn: Callable, args: tuple, out_dir: str) -> None:
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=120))
+    try:
+        result = fn(rank, world_size, *args)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    except BaseException:
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as err:
+            err.write(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run_local_group(fn: Callable, world_size: int, *args: Any, backend: str = "gloo") -> list:
+    """Run fn(rank, world_size, *args) on world_size spawned processes of one local process group.
+
+    fn must be importable (a module-level function); returns each rank's result, in rank order. When a rank
+    fails, the error names every failed rank with its traceback (not only the first to exit).
+    """
+    import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessException
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        try:
+            mp.spawn(_local_worker, args=(world_size, free_port(), backend, fn, args, out_dir), nprocs=world_size,
+                     join=True)
+        except ProcessException as err:
+            reports = [f"--- rank {r} ---\n" + open(os.path.join(out_dir, f"rank{r}.err")).read()
+                       for r in range(world_size) if os.path.exists(os.path.join(out_dir, f"rank{r}.err"))]
+            raise RuntimeError(f"{fn.__name__} failed on a {world_size}-process group:\n" + "\n".join(reports)) from err
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]

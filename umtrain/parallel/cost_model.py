@@ -1,0 +1,344 @@
+"""Communication cost of sharded value tables, and the choice between number- and dimension-wise sharding.
+
+Byte counts are exact, per rank and per tag, for the collectives `umtrain.parallel.memory_sharding` issues
+(the same tags `umtrain.parallel.comm.Communicator` counts): given every rank's token count and, for the
+number-wise modes, how many requests each rank sends to each owner. For a config, requests are assumed
+balanced over owners (T*K/P per owner, what the shuffle pi of eq. 14 gives in expectation).
+
+Per rank with T tokens, K = H*m values per token, s_i = 4 (int32 ids), s_f the score / value byte size,
+h_loc the MCS cores of one rank's columns, and forward + backward (ULTRAMEM_SPEC.md section 5):
+  number, rows:       s_i*T*K*(P-1)/P  +  2 * s_f*T*K*d_v*(P-1)/P
+  number, owner-pooled: (2*s_i + 2*h*s_f)*T*K*(P-1)/P  +  2 * s_f*T*E*d_v*(P-1)
+  dimension:          (s_i + 2*h_loc*s_f)*T*K*(P-1)  +  2 * s_f*T*E*d_v*(P-1)/P
+plus the per-call count exchanges (8 bytes per peer). Time = sum over collectives of alpha + beta * bytes
+(the larger of sent and received), with alpha, beta from `calibrate` (`umtrain calibrate-comm`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal, Optional, Sequence
+
+import torch
+
+from umtrain.config.base import ConfigError
+from umtrain.config.schema import Config
+from umtrain.parallel.comm import GRAD_SUFFIX, Communicator
+
+INDEX_BYTES = 4
+"""int32 ids (memory_sharding.INDEX_DTYPE)."""
+COUNT_BYTES = 8
+"""int64 entries of the count exchanges."""
+
+Variant = Literal["number", "pooled", "dimension"]
+"""'number': rows travel; 'pooled': owner-side partial pooling (number-wise); 'dimension': d_v split."""
+
+
+@dataclass(frozen=True)
+class LookupDims:
+    """What the traffic of one memory layer depends on."""
+
+    value_dim: int
+    topk: int
+    """K = H*m values per token."""
+    num_blocks: int
+    """E (IVE); 1 without IVE."""
+    num_cores: int
+    """h (MCS); 1 without MCS."""
+    group_size: int
+    """P."""
+    value_bytes: int = 2
+    score_bytes: int = 2
+
+    @property
+    def cores_per_rank(self) -> int:
+        """h_loc: MCS cores whose scores one rank needs in dimension-wise mode."""
+        return max(1, self.num_cores // self.group_size)
+
+
+def dimension_wise_problem(value_dim: int, num_cores: int, group_size: int) -> str:
+    """Why d_v cannot be split over the group ('' if it can)."""
+    if value_dim % group_size:
+        return f"dimension-wise sharding needs value_dim={value_dim} divisible by P={group_size}"
+    if group_size % num_cores and num_cores % group_size:
+        return (f"dimension-wise sharding with MCS needs P={group_size} and num_cores={num_cores} to divide one "
+                f"another (each rank's columns within one core, or whole cores per rank)")
+    return ""
+
+
+@dataclass
+class Traffic:
+    """One rank's bytes sent and received, and collective calls, per tag (as `Communicator` counts them)."""
+
+    sent: Counter = field(default_factory=Counter)
+    received: Counter = field(default_factory=Counter)
+    calls: Counter = field(default_factory=Counter)
+
+    def add(self, tag: str, sent: float, received: float, calls: int = 1) -> None:
+        self.sent[tag] += sent
+        self.received[tag] += received
+        self.calls[tag] += calls
+
+    def add_with_backward(self, tag: str, sent: float, received: float, calls: int = 1) -> None:
+        """A differentiable exchange: its backward moves the same bytes the other way."""
+        self.add(tag, sent, received, calls)
+        self.add(tag + GRAD_SUFFIX, received, sent, calls)
+
+    def total_sent(self, phase: Optional[Literal["forward", "backward"]] = None) -> float:
+        return sum(v for tag, v in self.sent.items() if _in_phase(tag, phase))
+
+    def total_received(self, phase: Optional[Literal["forward", "backward"]] = None) -> float:
+        return sum(v for tag, v in self.received.items() if _in_phase(tag, phase))
+
+
+def _in_phase(tag: str, phase: Optional[str]) -> bool:
+    return phase is None or (phase == "backward") == tag.endswith(GRAD_SUFFIX)
+
+
+def balanced_requests(dims: LookupDims, tokens: Sequence[int]) -> list[list[float]]:
+    """requests[i][j]: ids rank i sends to owner j, when ids spread evenly over owners."""
+    per_owner = [t * dims.topk / dims.group_size for t in tokens]
+    return [[per_owner[i]] * dims.group_size for i in range(dims.group_size)]
+
+
+def _off_rank(requests: Sequence[Sequence[float]], rank: int) -> tuple[float, float]:
+    """(ids this rank sends to other owners, ids other ranks send to this owner)."""
+    out = sum(n for j, n in enumerate(requests[rank]) if j != rank)
+    inc = sum(row[rank] for i, row in enumerate(requests) if i != rank)
+    return out, inc
+
+
+def number_wise_traffic(dims: LookupDims, requests: Sequence[Sequence[float]], rank: int) -> Traffic:
+    """Ids to owners, rows back, row gradients to owners in backward."""
+    peers = dims.group_size - 1
+    out, inc = _off_rank(requests, rank)
+    row = dims.value_dim * dims.value_bytes
+    traffic = Traffic()
+    traffic.add("number.meta", COUNT_BYTES * peers, COUNT_BYTES * peers)
+    traffic.add("number.indices", INDEX_BYTES * out, INDEX_BYTES * inc)
+    traffic.add_with_backward("number.rows", row * inc, row * out)
+    return traffic
+
+
+def owner_pooled_traffic(dims: LookupDims, tokens: Sequence[int], requests: Sequence[Sequence[float]],
+                         rank: int) -> Traffic:
+    """Ids, token slots and scores to owners; per-token partial sums [T, E, d_v] back from every owner."""
+    peers = dims.group_size - 1
+    out, inc = _off_rank(requests, rank)
+    partial = dims.num_blocks * dims.value_dim * dims.value_bytes
+    others = sum(tokens) - tokens[rank]
+    traffic = Traffic()
+    traffic.add("pooled.meta", 2 * COUNT_BYTES * peers, 2 * COUNT_BYTES * peers)
+    traffic.add("pooled.indices", 2 * INDEX_BYTES * out, 2 * INDEX_BYTES * inc, calls=2)
+    score = dims.num_cores * dims.score_bytes
+    traffic.add_with_backward("pooled.scores", score * out, score * inc)
+    traffic.add_with_backward("pooled.partials", partial * others, partial * tokens[rank] * peers)
+    return traffic
+
+
+def dimension_wise_traffic(dims: LookupDims, tokens: Sequence[int], rank: int, static_tokens: bool) -> Traffic:
+    """Ids and own-core scores of every token to every rank; pooled column slices back."""
+    peers = dims.group_size - 1
+    mine, others = tokens[rank], sum(tokens) - tokens[rank]
+    ids = dims.topk * INDEX_BYTES
+    scores = dims.topk * dims.cores_per_rank * dims.score_bytes
+    slices = dims.num_blocks * (dims.value_dim // dims.group_size) * dims.value_bytes
+    traffic = Traffic()
+    if not static_tokens:
+        traffic.add("dimension.meta", COUNT_BYTES * peers, COUNT_BYTES * peers)
+    traffic.add("dimension.indices", ids * mine * peers, ids * others)
+    traffic.add_with_backward("dimension.scores", scores * mine * peers, scores * others)
+    traffic.add_with_backward("dimension.outputs", slices * others, slices * mine * peers)
+    return traffic
+
+
+def crossover_value_dim(topk: int, num_blocks: int, group_size: int, index_bytes: int = INDEX_BYTES,
+                        float_bytes: int = 2, cores_per_rank: int = 1) -> float:
+    """d_v* where number-wise (rows) and dimension-wise move equal bytes, forward + backward (count exchanges
+    left out): d_v* = K (P (s_i + 2 h_loc s_f) - s_i) / (2 s_f (K - E)); dimension-wise is cheaper above it.
+    With s_i = 4, s_f = 2, h_loc = 1: K (2P - 1) / (K - E), ULTRAMEM_SPEC.md section 5."""
+    if topk <= num_blocks:
+        return math.inf
+    numerator = topk * (group_size * (index_bytes + 2 * cores_per_rank * float_bytes) - index_bytes)
+    return numerator / (2 * float_bytes * (topk - num_blocks))
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """t(collective) = alpha + beta * bytes (the larger of a rank's sent and received bytes)."""
+
+    alpha_s: float
+    beta_s_per_byte: float
+    backend: str = "assumed"
+    world_size: int = 0
+    source: str = "default: alpha 20 us, 25 GB/s per rank (a guess for NCCL over InfiniBand; calibrate)"
+
+    def seconds(self, traffic: Traffic) -> float:
+        return sum(self.alpha_s * traffic.calls[tag]
+                   + self.beta_s_per_byte * max(traffic.sent[tag], traffic.received[tag]) for tag in traffic.calls)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Calibration":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(str(path), "calibration file not found (write one with `umtrain calibrate-comm`)")
+        try:
+            data = json.loads(path.read_text())
+            return cls(alpha_s=float(data["alpha_s"]), beta_s_per_byte=float(data["beta_s_per_byte"]),
+                       backend=data.get("backend", "?"), world_size=int(data.get("world_size", 0)),
+                       source=data.get("source", str(path)))
+        except (ValueError, KeyError, TypeError) as err:
+            raise ConfigError(str(path), f"is not a calibration JSON (alpha_s, beta_s_per_byte): {err}") from err
+
+
+DEFAULT_CALIBRATION = Calibration(alpha_s=20e-6, beta_s_per_byte=1 / 25e9)
+
+
+def calibrate(comm: Communicator, sizes: Sequence[int] = (1 << 10, 1 << 14, 1 << 17, 1 << 20, 1 << 22),
+              iters: int = 5, device: torch.device | str = "cpu") -> Calibration:
+    """Fit alpha, beta to the slowest rank's median time of equal-split all-to-alls of `sizes` bytes sent per rank."""
+    peers = comm.size - 1
+    if peers == 0:
+        raise ValueError("calibration needs a group of at least 2 ranks")
+    xs, ys = [], []
+    for size in sizes:
+        per_peer = max(1, size // (4 * peers))
+        x = torch.zeros(per_peer * comm.size, dtype=torch.float32, device=device)
+        splits = [per_peer] * comm.size
+        comm.all_to_all(x, splits, splits, "calibration")
+        times = []
+        for _ in range(iters):
+            _synchronize(device)
+            start = time.perf_counter()
+            comm.all_to_all(x, splits, splits, "calibration")
+            _synchronize(device)
+            times.append(time.perf_counter() - start)
+        xs.append(per_peer * 4 * peers)
+        ys.append(_group_max(comm, statistics.median(times), device))
+    beta, alpha = _least_squares_line(xs, ys)
+    backend = torch.distributed.get_backend(comm.group) if comm.group is not None else "none"
+    return Calibration(alpha_s=max(alpha, 0.0), beta_s_per_byte=max(beta, 1e-15), backend=str(backend),
+                       world_size=comm.size, source=f"measured: all-to-all of {list(sizes)} bytes per rank")
+
+
+def _synchronize(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _group_max(comm: Communicator, value: float, device: torch.device | str) -> float:
+    """The slowest rank's value (every rank then fits the same line)."""
+    ones = [1] * comm.size
+    mine = torch.full((comm.size,), value, dtype=torch.float64, device=device)
+    return float(comm.all_to_all(mine, ones, ones, "calibration").max())
+
+
+def _least_squares_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
+    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
+    return slope, mean_y - slope * mean_x
+
+
+@dataclass
+class LayerPlan:
+    """One memory layer's predicted per-rank traffic (forward + backward, bytes sent) and the chosen mode."""
+
+    layer: int
+    placement: str
+    group_size: int
+    tokens_per_rank: int
+    mode: Literal["local", "number", "dimension"]
+    owner_pooling: bool
+    bytes_number_wise: int
+    """The better number-wise variant (rows, or owner-pooled partial sums)."""
+    bytes_number_rows: int
+    bytes_number_pooled: int
+    bytes_dimension_wise: Optional[int]
+    """None when d_v cannot be split over P."""
+    seconds_number_wise: float
+    seconds_dimension_wise: Optional[float]
+    reason: str
+
+
+def variant_traffic(variant: Variant, dims: LookupDims, tokens_per_rank: int) -> Traffic:
+    """Rank 0's traffic when every rank has `tokens_per_rank` tokens and requests are balanced."""
+    tokens = [tokens_per_rank] * dims.group_size
+    if variant == "number":
+        return number_wise_traffic(dims, balanced_requests(dims, tokens), 0)
+    if variant == "pooled":
+        return owner_pooled_traffic(dims, tokens, balanced_requests(dims, tokens), 0)
+    return dimension_wise_traffic(dims, tokens, 0, static_tokens=True)
+
+
+def plan_layer(dims: LookupDims, tokens_per_rank: int, calibration: Calibration,
+               requested: Literal["auto", "number", "dimension"] = "auto", layer: int = 0,
+               placement: str = "") -> LayerPlan:
+    """Predict both modes for one layer and pick the faster (or apply the requested mode), saying why."""
+    seconds = {v: calibration.seconds(variant_traffic(v, dims, tokens_per_rank))
+               for v in ("number", "pooled", "dimension")}
+    sent = {v: round(variant_traffic(v, dims, tokens_per_rank).total_sent()) for v in seconds}
+    problem = dimension_wise_problem(dims.value_dim, dims.num_cores, dims.group_size)
+    pooled = seconds["pooled"] < seconds["number"]
+    number = "pooled" if pooled else "number"
+    if dims.group_size == 1:
+        mode, reason = "local", "P=1: the whole table is local, nothing to communicate"
+    elif requested == "dimension" and problem:
+        raise ConfigError("model.memory.sharding_mode", problem)
+    elif requested != "auto":
+        mode, reason = requested, f"{requested}-wise requested by model.memory.sharding_mode"
+    elif problem:
+        mode, reason = "number", f"number-wise: {problem}"
+    else:
+        mode = "dimension" if seconds["dimension"] < seconds[number] else "number"
+        other = "number" if mode == "dimension" else "dimension"
+        mine = "dimension" if mode == "dimension" else number
+        theirs = number if mode == "dimension" else "dimension"
+        reason = (f"{mode}-wise: predicted {seconds[mine] * 1e3:.3f} ms vs {seconds[theirs] * 1e3:.3f} ms {other}-wise "
+                  f"({_mb(sent[mine])} vs {_mb(sent[theirs])} sent per rank, forward + backward; "
+                  f"{calibration.source})")
+    return LayerPlan(layer=layer, placement=placement, group_size=dims.group_size, tokens_per_rank=tokens_per_rank,
+                     mode=mode, owner_pooling=mode == "number" and pooled, bytes_number_wise=sent[number],
+                     bytes_number_rows=sent["number"], bytes_number_pooled=sent["pooled"],
+                     bytes_dimension_wise=None if problem else sent["dimension"],
+                     seconds_number_wise=seconds[number], seconds_dimension_wise=None if problem else seconds["dimension"],
+                     reason=reason)
+
+
+def _mb(num_bytes: float) -> str:
+    return f"{num_bytes / 1e6:.3f} MB"
+
+
+def tokens_per_rank(config: Config) -> int:
+    """Tokens one rank of the memory group looks up per micro-batch (its sequence-parallel share under SP)."""
+    p = config.parallel
+    tokens = config.training.micro_batch_size * config.data.seq_length
+    return tokens // p.tensor_model_parallel_size if p.sequence_parallel else tokens
+
+
+def dims_from_config(config: Config) -> LookupDims:
+    memory = config.model.memory
+    if memory is None:
+        raise ConfigError("model.memory", f"family '{config.model.family}' has no memory layers to plan")
+    float_bytes = 4 if config.training.precision == "fp32" else 2
+    return LookupDims(value_dim=memory.value_dim, topk=memory.num_heads * memory.topk,
+                      num_blocks=memory.ive_expansion, num_cores=memory.num_cores,
+                      group_size=config.parallel.expert_model_parallel_size, value_bytes=float_bytes,
+                      score_bytes=float_bytes)
+
+
+def plan_config(config: Config, calibration: Calibration = DEFAULT_CALIBRATION) -> list[LayerPlan]:
+    """One plan per entry of model.memory.placements."""
+    dims = dims_from_config(config)
+    tokens = tokens_per_rank(config)
+    memory = config.model.memory
+    return [plan_layer(dims, tokens, calibration, memory.sharding_mode, layer=i, placement=placement)
+            for i, placement in enumerate(memory.placements)]

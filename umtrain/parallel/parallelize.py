@@ -1,0 +1,36 @@
+"""Apply data parallelism from outside the model: Megatron-Core DDP around every model chunk."""
+
+from __future__ import annotations
+
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.transformer import TransformerConfig
+
+from umtrain.config import Config
+
+
+def wrap_data_parallel(config: Config, tconfig: TransformerConfig, chunks: list) -> list[DistributedDataParallel]:
+    p = config.parallel
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=p.overlap_grad_reduce,
+        overlap_param_gather=p.overlap_param_gather,
+        use_distributed_optimizer=p.use_distributed_optimizer,
+        check_for_nan_in_grad=False,
+    )
+    wrapped = [
+        DistributedDataParallel(config=tconfig, ddp_config=ddp_config, module=chunk,
+                                disable_bucketing=index > 0)
+        for index, chunk in enumerate(chunks)
+    ]
+    for chunk in wrapped:
+        chunk.broadcast_params()
+    tconfig.finalize_model_grads_func = finalize_model_grads
+    if p.overlap_grad_reduce:
+        no_sync = [chunk.no_sync for chunk in wrapped]
+        tconfig.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        grad_sync = [chunk.start_grad_sync for chunk in wrapped]
+        tconfig.grad_sync_func = grad_sync[0] if len(grad_sync) == 1 else grad_sync
+    if p.overlap_param_gather:
+        param_sync = [chunk.start_param_sync for chunk in wrapped]
+        tconfig.param_sync_func = param_sync[0] if len(param_sync) == 1 else param_sync
+    return wrapped

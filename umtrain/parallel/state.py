@@ -1,0 +1,83 @@
+"""Process groups: torch.distributed and Megatron-Core's parallel_state, from the config and the environment."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from megatron.core import parallel_state, tensor_parallel
+
+from umtrain.config import Config
+from umtrain.parallel import cpu_compat
+
+
+@dataclass(frozen=True)
+class Layout:
+    world_size: int
+    rank: int
+    tp: int
+    pp: int
+    dp: int
+    ep: int
+
+    @property
+    def is_logging_rank(self) -> bool:
+        """The last pipeline stage's first rank: it sees the loss."""
+        return (parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+                and parallel_state.get_tensor_model_parallel_rank() == 0
+                and parallel_state.get_data_parallel_rank() == 0)
+
+
+def backend_for(config: Config) -> str:
+    backend = config.parallel.distributed_backend
+    if backend == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    return backend
+
+
+def initialize_distributed(config: Config) -> Layout:
+    """Init torch.distributed (env:// from torchrun, or a 1-process group) and Megatron's parallel state."""
+    cpu_compat.apply()
+    if not torch.distributed.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + random.Random(os.getpid()).randint(0, 2000)))
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group(backend=backend_for(config), timeout=datetime.timedelta(minutes=30))
+    p = config.parallel
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=p.tensor_model_parallel_size,
+            pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
+            expert_model_parallel_size=p.expert_model_parallel_size,
+        )
+    return Layout(
+        world_size=torch.distributed.get_world_size(),
+        rank=torch.distributed.get_rank(),
+        tp=p.tensor_model_parallel_size,
+        pp=p.pipeline_model_parallel_size,
+        dp=parallel_state.get_data_parallel_world_size(),
+        ep=p.expert_model_parallel_size,
+    )
+
+
+def seed_everything(seed: int) -> None:
+    """Same data/init seed on every rank; distinct dropout streams per TP rank (Megatron's RNG tracker)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

@@ -1,0 +1,44 @@
+"""Global batches split across data-parallel ranks and micro-batches, in Megatron's sample order.
+
+Global batch i holds samples [i*G, (i+1)*G). Micro-batch j of DP rank r holds samples
+[i*G + (j*DP + r)*mbs, ... + mbs), as Megatron's pretraining sampler does, so every (TP, PP, DP) layout sees the
+same micro-batches, and resuming at `consumed_samples` continues the exact sample order.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+
+def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
+    return {key: torch.stack([torch.as_tensor(s[key]) for s in samples]) for key in samples[0]}
+
+
+class MicroBatches:
+    def __init__(self, dataset, global_batch_size: int, micro_batch_size: int, dp_rank: int, dp_size: int):
+        self.dataset = dataset
+        self.global_batch_size = global_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+
+    @property
+    def num_micro_batches(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.dp_size)
+
+    def micro_batch_indices(self, consumed_samples: int, micro: int) -> range:
+        start = consumed_samples + (micro * self.dp_size + self.dp_rank) * self.micro_batch_size
+        return range(start, start + self.micro_batch_size)
+
+    def global_batch(self, consumed_samples: int) -> list[dict[str, torch.Tensor]]:
+        """This rank's micro-batches of the global batch that starts at `consumed_samples`."""
+        size = len(self.dataset)
+        return [collate([self.dataset[i % size] for i in self.micro_batch_indices(consumed_samples, m)])
+                for m in range(self.num_micro_batches)]
+
+    def iterators(self, consumed_samples: int, num_chunks: int) -> list[Iterator]:
+        """One iterator per virtual-pipeline chunk over the same micro-batches."""
+        batch = self.global_batch(consumed_samples)
+        return [iter(batch) for _ in range(num_chunks)]

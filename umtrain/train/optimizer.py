@@ -1,0 +1,83 @@
+"""Megatron-Core's (distributed) AdamW with umtrain's parameter groups, and a step that refuses NaN/Inf."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer import optimizer as mcore_optimizer
+from megatron.core.optimizer.optimizer import ChainedOptimizer
+from megatron.core.optimizer.optimizer_config import ParamKey
+
+from umtrain.config import Config
+from umtrain.model.gpt import params_dtype
+
+
+def megatron_optimizer_config(config: Config) -> OptimizerConfig:
+    o = config.optimizer
+    bf16 = params_dtype(config) == torch.bfloat16
+    return OptimizerConfig(
+        optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad, bf16=bf16, params_dtype=params_dtype(config),
+        use_distributed_optimizer=config.parallel.use_distributed_optimizer,
+        overlap_param_gather_with_optimizer_step=False,
+    )
+
+
+def param_group_overrides(config: Config, opt_config: OptimizerConfig) -> dict:
+    """Megatron's standard groups (no weight decay on biases and norms) plus the memory-value group."""
+    from megatron.core.optimizer import get_standard_config_overrides
+
+    overrides = get_standard_config_overrides(opt_config)
+    memory = config.model.memory
+    if config.model.family in ("pkm", "ultramem"):
+        overrides[ParamKey(attr="is_memory_value")] = {
+            "umtrain_value_lr": True,
+            "wd_mult": 1.0 if memory.value_weight_decay else 0.0,
+        }
+    return overrides
+
+
+def build_optimizer(config: Config, model_chunks: list) -> ChainedOptimizer:
+    """Always a ChainedOptimizer, so dense, expert and memory-table optimizers share one structure."""
+    opt_config = megatron_optimizer_config(config)
+    optimizer = get_megatron_optimizer(opt_config, model_chunks, config_overrides=param_group_overrides(config, opt_config))
+    if not isinstance(optimizer, ChainedOptimizer):
+        optimizer = ChainedOptimizer([optimizer])
+    return optimizer
+
+
+@dataclass
+class StepResult:
+    applied: bool
+    grad_norm: float
+
+
+def guarded_step(optimizer: ChainedOptimizer, clip_grad: float) -> StepResult:
+    """ChainedOptimizer.step, except that a non-finite gradient norm skips the update instead of applying it."""
+    if optimizer.prepare_grads():
+        return StepResult(False, math.nan)
+    grad_norm = optimizer.get_grad_norm()
+    if not math.isfinite(grad_norm):
+        return StepResult(False, grad_norm)
+    if clip_grad > 0:
+        for inner in optimizer.chained_optimizers:
+            parameters = inner.get_parameters()
+            if parameters:
+                mcore_optimizer.clip_grad_by_total_norm_fp32(parameters, max_norm=clip_grad, total_norm=grad_norm)
+    return StepResult(optimizer.step_with_ready_grads(), grad_norm)
+
+
+def param_groups(optimizer: ChainedOptimizer) -> list[dict]:
+    return optimizer.param_groups
+
+
+def optimizer_param_groups_for_lr(optimizer: ChainedOptimizer) -> list[dict]:
+    """The groups whose `lr` the inner torch optimizers read."""
+    groups: list[dict] = []
+    for inner in optimizer.chained_optimizers:
+        groups.extend(inner.optimizer.param_groups if inner.optimizer is not None else [])
+    return groups

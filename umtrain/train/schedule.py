@@ -1,0 +1,50 @@
+"""Learning-rate schedules: warmup then cosine / linear / constant decay, and the UltraMem value-LR multiplier."""
+
+from __future__ import annotations
+
+import math
+
+from umtrain.config import Config
+
+
+def warmup_iters(config: Config) -> int:
+    s = config.schedule
+    if s.lr_warmup_iters is not None:
+        return s.lr_warmup_iters
+    return int(round(s.lr_warmup_fraction * config.training.train_iters))
+
+
+def base_lr(config: Config, step: int) -> float:
+    """LR at optimizer step `step` (0-based): linear warmup to `lr`, then decay to `min_lr` by `lr_decay_iters`."""
+    o, s = config.optimizer, config.schedule
+    warmup = warmup_iters(config)
+    if warmup and step < warmup:
+        return o.lr * (step + 1) / warmup
+    decay_iters = s.lr_decay_iters or config.training.train_iters
+    if s.lr_decay_style == "constant" or decay_iters <= warmup:
+        return o.lr
+    progress = min(1.0, (step - warmup) / (decay_iters - warmup))
+    if s.lr_decay_style == "linear":
+        coeff = 1.0 - progress
+    else:
+        coeff = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return o.min_lr + coeff * (o.lr - o.min_lr)
+
+
+def value_lr_multiplier(config: Config, step: int) -> float:
+    """lr_V(s) / lr(s) = 1 + (lambda_LR - 1) * max(0, 1 - s / S_total)  (spec section 2.7)."""
+    memory = config.model.memory
+    if memory is None:
+        return 1.0
+    total = config.training.train_iters
+    return 1.0 + (memory.value_lr_multiplier - 1.0) * max(0.0, 1.0 - step / total)
+
+
+def apply_lr(config: Config, param_groups, step: int) -> float:
+    """Set every group's LR and weight decay for `step`; returns the base LR."""
+    lr = base_lr(config, step)
+    value_lr = lr * value_lr_multiplier(config, step)
+    for group in param_groups:
+        group["lr"] = (value_lr if group.get("umtrain_value_lr") else lr) * group.get("lr_mult", 1.0)
+        group["weight_decay"] = config.optimizer.weight_decay * group.get("wd_mult", 1.0)
+    return lr

@@ -1,0 +1,257 @@
+"""The training loop: Megatron-Core schedules over (TP, PP, DP) model chunks, AdamW, evaluation and logging."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.moe.moe_utils import (
+    MoEAuxLossAutoScaler,
+    clear_aux_losses_tracker,
+    get_moe_layer_wise_logging_tracker,
+    reduce_aux_losses_tracker_across_ranks,
+)
+from tqdm import tqdm
+
+from umtrain.config import Config
+from umtrain.model.build import build_model_chunks, unwrap
+from umtrain.model.gpt import padded_vocab_size, transformer_config
+from umtrain.model.memory_block import MEMORY_AUX_LOSS, memory_modules
+from umtrain.parallel.parallelize import wrap_data_parallel
+from umtrain.parallel.state import Layout, initialize_distributed, seed_everything
+from umtrain.train.batches import MicroBatches
+from umtrain.train.metrics import (
+    MetricsWriter,
+    format_line,
+    memory_in_use_gib,
+    peak_flops_per_device,
+    training_flops_per_token,
+)
+from umtrain.train.optimizer import build_optimizer, guarded_step
+from umtrain.train.schedule import apply_lr, value_lr_multiplier
+
+logger = logging.getLogger("umtrain")
+
+
+@dataclass
+class History:
+    """Per-step values every rank agrees on (tests compare them across layouts)."""
+
+    loss: list[float] = field(default_factory=list)
+    grad_norm: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    value_lr: list[float] = field(default_factory=list)
+    valid_loss: dict[int, float] = field(default_factory=dict)
+
+
+def masked_mean_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """Token-mean cross entropy of one micro-batch (Megatron divides it by the micro-batch count in place)."""
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.float().view(-1)
+    loss = torch.sum(losses * mask) / mask.sum().clamp(min=1.0)
+    return loss, {"lm loss": loss.detach().clone()}
+
+
+def forward_step(data_iterator, model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, functools.partial(masked_mean_loss, batch["loss_mask"])
+
+
+def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if not torch.cuda.is_available():
+        return batch
+    return {k: v.cuda(non_blocking=True) for k, v in batch.items()}
+
+
+class Trainer:
+    def __init__(self, config: Config, lookup_factory=None):
+        self.config = config
+        self.layout: Layout = initialize_distributed(config)
+        seed_everything(config.training.seed)
+        self.tokenizer, self.datasets = self._build_data()
+        self.vocab_size = padded_vocab_size(config, self.tokenizer.vocab_size)
+        self.tconfig = transformer_config(config)
+        chunks = build_model_chunks(config, self.tconfig, self.vocab_size, lookup_factory)
+        self.model = wrap_data_parallel(config, self.tconfig, chunks)
+        self.optimizer = build_optimizer(config, self.model)
+        dp_rank, dp = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
+        t = config.training
+        self.train_batches = MicroBatches(self.datasets[0], t.global_batch_size, t.micro_batch_size, dp_rank, dp)
+        self.valid_batches = MicroBatches(self.datasets[1], t.global_batch_size, t.micro_batch_size, dp_rank, dp)
+        self.iteration = 0
+        self.consumed_samples = 0
+        self.history = History()
+        self.metrics = MetricsWriter(config, enabled=self.layout.is_logging_rank)
+        self.flops_per_token = self._training_flops_per_token()
+
+    # ----------------------------------------------------------------------------------------- setup
+    def _build_data(self):
+        from umtrain.data.datasets import build_gpt_datasets
+        from umtrain.data.tokenizer import MockTokenizer, load_tokenizer
+
+        c = self.config
+        tokenizer = (MockTokenizer(c.data.mock_vocab_size) if c.data.mock
+                     else load_tokenizer(c.data.tokenizer_type, c.data.tokenizer_model))
+        t = c.training
+        evals = t.train_iters // t.eval_interval + 1
+        samples = (t.train_iters * t.global_batch_size, evals * t.eval_iters * t.global_batch_size,
+                   t.eval_iters * t.global_batch_size)
+        return tokenizer, build_gpt_datasets(c, tokenizer, *samples)
+
+    def _training_flops_per_token(self) -> float:
+        from umtrain.model.accounting import count
+
+        return training_flops_per_token(self.config, count(self.config).flops_per_token, self.vocab_size)
+
+    @property
+    def num_chunks(self) -> int:
+        return len(self.model)
+
+    @property
+    def memory_layers(self) -> list[torch.nn.Module]:
+        return [m for chunk in self.model for m in memory_modules(unwrap(chunk))]
+
+    # ----------------------------------------------------------------------------------------- steps
+    def _run_schedule(self, batches: MicroBatches, consumed: int, forward_only: bool) -> list[dict]:
+        t = self.config.training
+        iterators = [map(to_device, it) for it in batches.iterators(consumed, self.num_chunks)]
+        return get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iterators if self.num_chunks > 1 else iterators[0],
+            model=self.model if self.num_chunks > 1 else self.model[0],
+            num_microbatches=batches.num_micro_batches,
+            seq_length=self.config.data.seq_length,
+            micro_batch_size=t.micro_batch_size,
+            forward_only=forward_only,
+        )
+
+    def _mean_loss(self, loss_dicts: list[dict]) -> float:
+        """DP-mean of this global batch's micro-batch losses, known on every rank afterwards."""
+        value = torch.zeros(1, dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+        if loss_dicts and parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            value[0] = torch.stack([d["lm loss"].double() for d in loss_dicts]).mean()
+            torch.distributed.all_reduce(value, group=parallel_state.get_data_parallel_group())
+            value /= parallel_state.get_data_parallel_world_size()
+        if not self.layout.is_logging_rank:
+            value.zero_()
+        torch.distributed.all_reduce(value)
+        return float(value[0])
+
+    def train_step(self) -> tuple[float, float, bool]:
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        lr = apply_lr(self.config, self.optimizer.param_groups, self.iteration)
+        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / self.train_batches.num_micro_batches))
+        loss_dicts = self._run_schedule(self.train_batches, self.consumed_samples, forward_only=False)
+        loss = self._mean_loss(loss_dicts)
+        if not math.isfinite(loss):
+            return loss, math.nan, False
+        result = guarded_step(self.optimizer, self.config.optimizer.clip_grad)
+        if result.applied:
+            for memory in self.memory_layers:
+                memory.refresh_tdqkr_factors()
+        self.history.lr.append(lr)
+        self.history.value_lr.append(lr * value_lr_multiplier(self.config, self.iteration))
+        return loss, result.grad_norm, result.applied
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        for chunk in self.model:
+            chunk.eval()
+        losses = []
+        batch_size = self.config.training.global_batch_size
+        for i in range(self.config.training.eval_iters):
+            losses.append(self._mean_loss(self._run_schedule(self.valid_batches, i * batch_size, forward_only=True)))
+        for chunk in self.model:
+            chunk.train()
+        return sum(losses) / len(losses)
+
+    # ----------------------------------------------------------------------------------------- logging
+    def _aux_losses(self) -> dict[str, float]:
+        tracker = get_moe_layer_wise_logging_tracker()
+        if not tracker:
+            return {}
+        reduce_aux_losses_tracker_across_ranks()
+        names = {MEMORY_AUX_LOSS: "aux_loss", "load_balancing_loss": "moe_aux_loss"}
+        values = {names.get(name, name): float(entry["values"].sum()) / self.train_batches.num_micro_batches
+                  for name, entry in tracker.items()}
+        clear_aux_losses_tracker()
+        return values
+
+    def _memory_health(self) -> dict[str, float]:
+        """Per memory layer: fraction of values hit, mean top-1 score, output std (gathered from all stages)."""
+        local = {}
+        if parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0:
+            for chunk in self.model:
+                for layer in unwrap(chunk).modules():
+                    memory = getattr(layer, "memory", None)
+                    if memory is not None and hasattr(memory, "health_metrics"):
+                        for key, value in memory.health_metrics(reset=True).items():
+                            local[f"memory/layer{layer.layer_number}/{key}"] = value
+        gathered = [None] * self.layout.world_size
+        torch.distributed.all_gather_object(gathered, local)
+        return {k: v for part in gathered for k, v in part.items()}
+
+    def _log(self, values: dict[str, float], bar: tqdm) -> None:
+        self.metrics.scalars(values, self.iteration)
+        if self.layout.is_logging_rank:
+            bar.write(format_line(self.iteration, self.config.training.train_iters, values))
+
+    # ----------------------------------------------------------------------------------------- loop
+    def train(self) -> History:
+        t, log = self.config.training, self.config.logging
+        tokens_per_step = t.global_batch_size * self.config.data.seq_length
+        peak = peak_flops_per_device()
+        bar = tqdm(total=t.train_iters, initial=self.iteration, desc="train", dynamic_ncols=True,
+                   disable=not (self.layout.is_logging_rank and log.progress_bar))
+        window_start, window_steps, skipped = time.perf_counter(), 0, 0
+        while self.iteration < t.train_iters:
+            loss, grad_norm, applied = self.train_step()
+            if not applied:
+                skipped += 1
+                self._handle_bad_step(loss, grad_norm)
+            self.iteration += 1
+            self.consumed_samples += t.global_batch_size
+            window_steps += 1
+            self.history.loss.append(loss)
+            self.history.grad_norm.append(grad_norm)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if self.iteration % log.log_interval == 0 or self.iteration == t.train_iters:
+                elapsed = time.perf_counter() - window_start
+                seconds = elapsed / window_steps
+                values = {"loss": loss, "lr": self.history.lr[-1] if self.history.lr else 0.0, "grad_norm": grad_norm,
+                          "tokens_per_s": tokens_per_step / seconds, "ms_per_step": 1000 * seconds,
+                          "tflops_per_device": self.flops_per_token * tokens_per_step / seconds / self.layout.world_size / 1e12,
+                          "memory_gib": memory_in_use_gib(), "skipped": skipped, **self._aux_losses()}
+                if peak:
+                    values["mfu"] = values["tflops_per_device"] * 1e12 / peak
+                if log.memory_stats and self.config.model.family in ("pkm", "ultramem"):
+                    values.update(self._memory_health())
+                self._log(values, bar)
+                window_start, window_steps = time.perf_counter(), 0
+            if self.iteration % t.eval_interval == 0 or self.iteration == t.train_iters:
+                valid = self.evaluate()
+                self.history.valid_loss[self.iteration] = valid
+                self.metrics.scalars({"valid_loss": valid}, self.iteration)
+                if self.layout.is_logging_rank:
+                    bar.write(f"validation at step {self.iteration}: loss {valid:.4f} | ppl {math.exp(min(valid, 50)):.2f}")
+        bar.close()
+        self.metrics.close()
+        return self.history
+
+    def _handle_bad_step(self, loss: float, grad_norm: float) -> None:
+        message = f"step {self.iteration}: non-finite loss {loss} or grad norm {grad_norm}"
+        if self.config.training.nan_policy == "stop":
+            raise FloatingPointError(message + " (training.nan_policy=stop)")
+        if self.layout.is_logging_rank:
+            logger.warning(message + "; update skipped (training.nan_policy=skip)")
