@@ -76,12 +76,14 @@ def test_tiny_ultramem_hand_count():
     assert sum(c.params for c in accounting.components) == accounting.total_params
 
 
-@pytest.mark.parametrize("name", ["ultramem-151m-x12.yaml", "pkm-151m-x12.yaml", "table2/12-query-conv.yaml"])
-def test_memory_terms_equal_the_memory_layers_parameter_count(name: str):
-    """The built module is the reference: its numel must equal the summed memory components (small N)."""
+@pytest.mark.parametrize("name,value_dim", [("ultramem-151m-x12.yaml", 32), ("pkm-151m-x12.yaml", 64),
+                                            ("table2/12-query-conv.yaml", 32)])
+def test_memory_terms_equal_the_memory_layers_parameter_count(name: str, value_dim: int):
+    """The built module is the reference: its numel must equal the summed memory components (shrunk shapes)."""
     from umtrain.model.memory.layer import MemoryLayer
 
-    config = paper_config(name, "model.memory.num_values=10000")
+    config = paper_config(name, "model.hidden_size=64", "model.num_attention_heads=4", "model.memory.key_dim=12",
+                          "model.memory.num_values=400", f"model.memory.value_dim={value_dim}")
     memory, hidden = config.model.memory, config.model.hidden_size
     layer = MemoryLayer(memory, hidden, config.model.num_layers, seed=0, layer_index=0)
     assert sum(p.numel() for p in layer.parameters()) == sum(c.params for c in memory_layer_components(memory, hidden))

@@ -122,7 +122,6 @@ class MemoryConfig:
                  f"{self.num_values} is not a perfect square; the product-key grid needs sqrt(N) keys per side")
         _require(is_perfect_square(self.ive_expansion), key("ive_expansion"),
                  f"E={self.ive_expansion} is not a perfect square; the virtual grid needs sqrt(E*N) keys per side")
-        _require(self.key_dim % 2 == 0 or self.tucker_rank > 1, key("key_dim"), "must be even (split into row/column halves)")
         _require(self.value_dim % self.num_cores == 0, key("value_dim"),
                  f"d_v={self.value_dim} is not divisible by num_cores h={self.num_cores}")
         if self.key_layout == "B":

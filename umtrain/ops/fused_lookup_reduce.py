@@ -104,29 +104,28 @@ class FusedLookupReduce(torch.autograd.Function):
     def forward(ctx, rows: torch.Tensor, blocks: torch.Tensor, scores: torch.Tensor, table: torch.Tensor,
                 num_blocks: int) -> torch.Tensor:
         tokens = rows.shape[0]
-        bag_keys = _bag_keys(blocks, num_blocks)
-        ctx.save_for_backward(rows, bag_keys, scores, table)
-        ctx.num_blocks = num_blocks
-        pooled = bag_sum(bag_keys, tokens * num_blocks, rows.reshape(-1), scores.reshape(scores.shape[0], -1), table)
+        keys = bag_keys(blocks, num_blocks)
+        ctx.save_for_backward(rows, keys, scores, table)
+        pooled = bag_sum(keys, tokens * num_blocks, rows.reshape(-1), scores.reshape(scores.shape[0], -1), table)
         return pooled.view(tokens, num_blocks, table.shape[1])
 
     @staticmethod
     def backward(ctx, grad_pooled: torch.Tensor
                  ) -> Tuple[None, None, Optional[torch.Tensor], Optional[torch.Tensor], None]:
-        rows, bag_keys, scores, table = ctx.saved_tensors
+        rows, keys, scores, table = ctx.saved_tensors
         num_cores = scores.shape[0]
         flat_rows = rows.reshape(-1)
         grad_bags = grad_pooled.to(table.dtype).contiguous().view(-1, table.shape[1])   # [T*E, d_v]
         grad_scores = grad_table = None
         if ctx.needs_input_grad[2]:
-            grad_scores = entry_dot(flat_rows, bag_keys, table, grad_bags, num_cores)
+            grad_scores = entry_dot(flat_rows, keys, table, grad_bags, num_cores)
             grad_scores = grad_scores.reshape(scores.shape).to(scores.dtype)
         if ctx.needs_input_grad[3]:
-            grad_table = bag_sum(flat_rows, table.shape[0], bag_keys, scores.reshape(num_cores, -1), grad_bags)
+            grad_table = bag_sum(flat_rows, table.shape[0], keys, scores.reshape(num_cores, -1), grad_bags)
         return None, None, grad_scores, grad_table, None
 
 
-def _bag_keys(blocks: torch.Tensor, num_blocks: int) -> torch.Tensor:
+def bag_keys(blocks: torch.Tensor, num_blocks: int) -> torch.Tensor:
     """[T*K]: t*E + blocks[t, k], the output row of [T*E, d_v] that entry (t, k) pools into."""
     token = torch.arange(blocks.shape[0], device=blocks.device).unsqueeze(1)
     return (token * num_blocks + blocks).view(-1)

@@ -136,9 +136,9 @@ def test_initial_values_are_deterministic_full_shapes_and_reset_applies_them() -
     for name, param in layer.named_parameters():
         assert tuple(expected[name].shape) == shapes[name]
         torch.testing.assert_close(param.detach(), expected[name], atol=0, rtol=0)
-    default = make_layer(overrides, hidden)
+    default, again = make_layer(overrides, hidden), make_layer(overrides, hidden)
     for name, param in default.named_parameters():
-        torch.testing.assert_close(param, make_layer(overrides, hidden).get_parameter(name), atol=0, rtol=0)
+        torch.testing.assert_close(param, again.get_parameter(name), atol=0, rtol=0)
     with pytest.raises(KeyError, match="no parameter 'bogus'"):
         layer.initial_value("bogus", generator)
 

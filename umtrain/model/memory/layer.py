@@ -172,7 +172,7 @@ class MemoryLayer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, generator: Optional[torch.Generator] = None) -> None:
-        """Initialise every parameter from `generator` (default: `init_generator()`), then the TDQKR factors.
+        """Initialise every parameter from `generator` (default: `init_generator()`), then the TDQKR factors (step 0).
 
         A sharded value table (table_shape smaller than the full table) gets a shard drawn from the same
         distribution; a layout-independent table is the trainer's job (slice `initial_value("values", g)`).
@@ -186,6 +186,9 @@ class MemoryLayer(nn.Module):
             else:
                 value = self.initial_value(name, generator)
             param.copy_(value)
+        if self.cores is not None:
+            self.tdqkr_row_factor.zero_()
+            self.tdqkr_col_factor.zero_()
         self.refresh_tdqkr_factors()
 
     @torch.no_grad()

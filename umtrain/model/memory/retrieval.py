@@ -128,6 +128,6 @@ def leading_singular_pair(cores: torch.Tensor, previous_row: torch.Tensor,
 def tdqkr_aux_loss(cores: torch.Tensor, coeff: float, tau: float) -> torch.Tensor:
     """Eq. 12: alpha/(r-1) * sum_{i>=2} relu(lambda_i - tau)^2 over the singular values of C_bar, mean over heads."""
     rank = cores.shape[-1]
-    singular = torch.linalg.svdvals(cores.sum(1))                       # [H, r], descending
+    singular = torch.linalg.svdvals(cores.sum(1).float())               # [H, r], descending
     excess = torch.relu(singular[:, 1:] - tau)
     return coeff / (rank - 1) * excess.pow(2).sum(-1).mean()

@@ -1,0 +1,235 @@
+"""Lookup-reduce on CPU: fused vs naive gather-then-sum, side by side in one run.
+
+    python benchmarks/lookup_reduce.py [--out docs/benchmarks/lookup_reduce.json] [--repeats 7]
+
+Reports medians of interleaved repeats (the machine is shared): forward and forward+backward times, the
+forward's fraction of the measured copy bandwidth counting the bytes it must read (the T*K gathered rows), the
+forward+backward time over its bytes floor (rows read twice, row gradients read and written: 4*T*K*d_v
+elements), and peak memory above the inputs, each measured in a fresh process (peak RSS).
+
+PyTorch's CPU allocator backs large tensors with fresh pages; without huge pages the first touch of the
+table's [N, d_v] gradient costs more than the kernels themselves. THP_MEM_ALLOC_ENABLE=1 (PyTorch's switch
+for 2 MiB pages on allocations >= 2 MiB) is set unless --small-pages; the JSON records which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Dict, List
+
+if "--small-pages" not in sys.argv:
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")   # read by the allocator, so before torch is imported
+
+import torch                                                          # noqa: E402
+import torch.nn.functional as F                                       # noqa: E402
+
+from umtrain.ops.fused_lookup_reduce import bag_keys, bag_sum, fused_lookup_reduce   # noqa: E402
+from umtrain.ops.lookup_reduce import lookup_reduce_reference         # noqa: E402
+
+COPY_BYTES = 256 << 20
+
+
+def gather_onehot_einsum(rows, blocks, scores, table, num_blocks):
+    """The naive baseline of the issue: gather [T, K, d_v], then pool with a one-hot [T, K, E] einsum."""
+    num_cores, (tokens, k) = scores.shape[0], rows.shape
+    gathered = table[rows].view(tokens, k, num_cores, -1)
+    onehot = F.one_hot(blocks, num_blocks).to(table.dtype)
+    pooled = torch.einsum("tke,htk,tkhd->tehd", onehot, scores, gathered)
+    return pooled.reshape(tokens, num_blocks, -1)
+
+
+def embedding_bag_autograd(rows, blocks, scores, table, num_blocks):
+    """(token, block, core) bags through `embedding_bag`, differentiated by PyTorch's own embedding_bag backward."""
+    pooled = bag_sum(bag_keys(blocks, num_blocks), rows.shape[0] * num_blocks, rows.reshape(-1),
+                     scores.reshape(scores.shape[0], -1), table)
+    return pooled.view(rows.shape[0], num_blocks, table.shape[1])
+
+
+IMPLS: Dict[str, Callable] = {
+    "gather_onehot_einsum": gather_onehot_einsum,
+    "reference_scatter_add": lookup_reduce_reference,
+    "embedding_bag_autograd": embedding_bag_autograd,
+    "fused": fused_lookup_reduce,
+}
+BASELINE = "gather_onehot_einsum"
+
+
+def make_inputs(args: argparse.Namespace):
+    gen = torch.Generator().manual_seed(0)
+    dtype = getattr(torch, args.dtype)
+    k = args.top_m * args.heads
+    rows = torch.randint(0, args.rows, (args.tokens, k), generator=gen)
+    blocks = torch.randint(0, args.blocks, (args.tokens, k), generator=gen)
+    scores = torch.randn(args.cores, args.tokens, k, generator=gen, dtype=dtype).requires_grad_()
+    table = torch.randn(args.rows, args.d_v, generator=gen, dtype=dtype).requires_grad_()
+    grad = torch.randn(args.tokens, args.blocks, args.d_v, generator=gen, dtype=dtype)
+    return rows, blocks, scores, table, grad
+
+
+def run_once(fn, inputs, num_blocks: int, backward: bool) -> float:
+    rows, blocks, scores, table, grad = inputs
+    scores.grad = table.grad = None
+    start = time.perf_counter()
+    pooled = fn(rows, blocks, scores, table, num_blocks)
+    if backward:
+        pooled.backward(grad)
+    return time.perf_counter() - start
+
+
+def copy_seconds(src: torch.Tensor, dst: torch.Tensor) -> float:
+    start = time.perf_counter()
+    dst.copy_(src)
+    return time.perf_counter() - start
+
+
+def time_all(args: argparse.Namespace, impls: List[str]) -> Dict[str, Dict[str, List[float]]]:
+    """Interleaved repeats: every repeat times the copy and each implementation back to back."""
+    inputs = make_inputs(args)
+    src = torch.randn(COPY_BYTES // 4)
+    dst = torch.empty_like(src)
+    samples = {name: {"forward_s": [], "forward_backward_s": []} for name in impls}
+    samples["copy"] = {"seconds": []}
+    for repeat in range(args.repeats + 1):                               # repeat 0 warms up
+        copy_s = copy_seconds(src, dst)
+        timed = {name: (run_once(IMPLS[name], inputs, args.blocks, False),
+                        run_once(IMPLS[name], inputs, args.blocks, True)) for name in impls}
+        if repeat:
+            samples["copy"]["seconds"].append(copy_s)
+            for name, (forward_s, forward_backward_s) in timed.items():
+                samples[name]["forward_s"].append(forward_s)
+                samples[name]["forward_backward_s"].append(forward_backward_s)
+    return samples
+
+
+def peak_memory_bytes(args: argparse.Namespace, impl: str, backward: bool) -> int:
+    """Peak RSS above the inputs of one call in a fresh process (an upper bound on the live peak)."""
+    command = [sys.executable, __file__, "--measure-peak", impl, *(["--backward"] if backward else []),
+               *_shape_flags(args)]
+    result = subprocess.run(command, check=True, capture_output=True, text=True, env=os.environ.copy())
+    return int(result.stdout.split()[-1])
+
+
+def _shape_flags(args: argparse.Namespace) -> List[str]:
+    return [f"--tokens={args.tokens}", f"--top-m={args.top_m}", f"--heads={args.heads}", f"--cores={args.cores}",
+            f"--d-v={args.d_v}", f"--blocks={args.blocks}", f"--rows={args.rows}", f"--dtype={args.dtype}"]
+
+
+def measure_peak_here(args: argparse.Namespace) -> None:
+    inputs = make_inputs(args)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    run_once(IMPLS[args.measure_peak], inputs, args.blocks, args.backward)
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+
+
+def summarise(args: argparse.Namespace, samples, peaks) -> Dict:
+    element = torch.finfo(getattr(torch, args.dtype)).bits // 8
+    gathered_bytes = args.tokens * args.top_m * args.heads * args.d_v * element
+    copy_bandwidth = 2 * COPY_BYTES / statistics.median(samples["copy"]["seconds"])   # bytes read + written
+    floor_s = 4 * gathered_bytes / copy_bandwidth
+    results = {}
+    for name, peak in peaks.items():
+        forward_s = statistics.median(samples[name]["forward_s"])
+        forward_backward_s = statistics.median(samples[name]["forward_backward_s"])
+        results[name] = {
+            "forward_ms": 1e3 * forward_s,
+            "forward_backward_ms": 1e3 * forward_backward_s,
+            "forward_fraction_of_copy_bandwidth": gathered_bytes / forward_s / copy_bandwidth,
+            "forward_backward_over_bytes_floor": forward_backward_s / floor_s,
+            "peak_forward_mib": peak["forward"] / 2 ** 20,
+            "peak_forward_backward_mib": peak["forward_backward"] / 2 ** 20,
+            "samples": samples[name],
+        }
+    baseline = results.get(BASELINE)
+    if baseline:
+        for result in results.values():
+            result["vs_baseline"] = {key: baseline[key] / result[key] for key in
+                                     ("forward_ms", "forward_backward_ms", "peak_forward_mib",
+                                      "peak_forward_backward_mib")}
+    return {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpu": _cpu_model(), "cores": torch.get_num_threads(), "platform": platform.platform(),
+                    "torch": torch.__version__, "huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"},
+        "shape": {"tokens": args.tokens, "top_m": args.top_m, "heads": args.heads, "k": args.top_m * args.heads,
+                  "cores": args.cores, "d_v": args.d_v, "blocks": args.blocks, "rows": args.rows,
+                  "dtype": args.dtype, "repeats": args.repeats},
+        "copy_bandwidth_gb_s": copy_bandwidth / 1e9,
+        "gathered_bytes": gathered_bytes,
+        "forward_backward_floor_ms": 1e3 * floor_s,
+        "copy_samples_s": samples["copy"]["seconds"],
+        "results": results,
+    }
+
+
+def _cpu_model() -> str:
+    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def print_table(summary: Dict) -> None:
+    print(f"copy bandwidth {summary['copy_bandwidth_gb_s']:.1f} GB/s (read + write), "
+          f"forward+backward floor {summary['forward_backward_floor_ms']:.1f} ms, shape {summary['shape']}")
+    header = (f"{'impl':<24}{'fwd ms':>9}{'fwd+bwd ms':>12}{'fwd %copy':>11}{'f+b/floor':>11}"
+              f"{'peak fwd MiB':>14}{'peak f+b MiB':>14}{'fwd x':>8}{'f+b x':>8}{'mem x':>8}")
+    print(header)
+    for name, r in summary["results"].items():
+        ratio = r.get("vs_baseline", {})
+        print(f"{name:<24}{r['forward_ms']:>9.1f}{r['forward_backward_ms']:>12.1f}"
+              f"{100 * r['forward_fraction_of_copy_bandwidth']:>10.0f}%{r['forward_backward_over_bytes_floor']:>11.2f}"
+              f"{r['peak_forward_mib']:>14.0f}{r['peak_forward_backward_mib']:>14.0f}"
+              f"{ratio.get('forward_ms', 0):>8.1f}{ratio.get('forward_backward_ms', 0):>8.1f}"
+              f"{ratio.get('peak_forward_backward_mib', 0):>8.1f}")
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=4096)
+    parser.add_argument("--top-m", type=int, default=32, help="values per head; K = top_m * heads")
+    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--cores", type=int, default=2, help="MCS cores h: scores are [h, T, K]")
+    parser.add_argument("--d-v", type=int, default=256)
+    parser.add_argument("--blocks", type=int, default=4, help="IVE virtual blocks E")
+    parser.add_argument("--rows", type=int, default=262_144)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--impls", default=",".join(IMPLS))
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/lookup_reduce.json"))
+    parser.add_argument("--small-pages", action="store_true", help="do not set THP_MEM_ALLOC_ENABLE=1")
+    parser.add_argument("--measure-peak", choices=list(IMPLS), help=argparse.SUPPRESS)
+    parser.add_argument("--backward", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    unknown = sorted(set(args.impls.split(",")) - set(IMPLS))
+    if unknown:
+        parser.error(f"--impls: unknown {unknown}; have {sorted(IMPLS)}")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.measure_peak:
+        measure_peak_here(args)
+        return
+    impls = args.impls.split(",")
+    peaks = {name: {"forward": peak_memory_bytes(args, name, False),
+                    "forward_backward": peak_memory_bytes(args, name, True)} for name in impls}
+    summary = summarise(args, time_all(args, impls), peaks)
+    print_table(summary)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

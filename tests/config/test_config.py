@@ -1,0 +1,142 @@
+"""Every bad input is one ConfigError naming the key (or file), raised before any work starts."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from umtrain.cli import train as train_cli
+from umtrain.cli.main import main
+from umtrain.config import ConfigError, load_config
+
+MOCK = ["data.mock=true"]
+ULTRAMEM = MOCK + ["model.family=ultramem", "model.memory.placements=['1:2','3:4']"]
+
+
+def load(overrides, world_size=None):
+    return load_config(None, overrides, world_size=world_size)
+
+
+def raises_key(key: str, overrides, world_size=None, match: str | None = None):
+    with pytest.raises(ConfigError) as info:
+        load(overrides, world_size)
+    assert info.value.key == key, str(info.value)
+    if match:
+        assert match in str(info.value)
+    return info.value
+
+
+def test_defaults_and_overrides_are_typed():
+    config = load(MOCK + ["optimizer.lr=3e-4", "training.train_iters=7", "data.data_path=['1', 'a', '2', 'b']"])
+    assert config.optimizer.lr == pytest.approx(3e-4)
+    assert config.training.train_iters == 7
+    assert config.data.data_path == ["1", "a", "2", "b"]
+
+
+def test_unknown_key_suggests_the_closest():
+    error = raises_key("model.hiden_size", MOCK + ["model.hiden_size=8"])
+    assert "hidden_size" in str(error)
+
+
+def test_unknown_key_in_yaml_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"training": {"micro_batch_sise": 2}, "data": {"mock": True}}))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert info.value.key == "training.micro_batch_sise"
+    assert "micro_batch_size" in str(info.value)
+
+
+@pytest.mark.parametrize("override,key", [
+    ("training.train_iters=abc", "training.train_iters"),
+    ("optimizer.lr=fast", "optimizer.lr"),
+    ("parallel.sequence_parallel=3", "parallel.sequence_parallel"),
+    ("model.family=transformer", "model.family"),
+    ("data.data_path=5", "data.data_path"),
+])
+def test_wrong_type(override, key):
+    raises_key(key, MOCK + [override])
+
+
+def test_tp_must_divide_heads():
+    raises_key("parallel.tensor_model_parallel_size", MOCK + ["parallel.tensor_model_parallel_size=3"],
+               match="num_attention_heads")
+
+
+def test_world_not_divisible_by_tp_pp():
+    raises_key("parallel", MOCK + ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"],
+               world_size=6, match="TP x PP")
+
+
+def test_global_batch_divisible_by_micro_batch_times_dp():
+    raises_key("training.global_batch_size", MOCK + ["training.global_batch_size=6", "training.micro_batch_size=2"],
+               world_size=2)
+
+
+def test_missing_data_path_and_tokenizer(tmp_path):
+    raises_key("data.data_path", ["data.data_path=[]"])
+    raises_key("data.data_path", [f"data.data_path=['{tmp_path}/nothing']", f"data.tokenizer_model={tmp_path}/t.model"],
+               match="nothing.bin")
+    prefix = tmp_path / "corpus"
+    (tmp_path / "corpus.bin").write_bytes(b"")
+    (tmp_path / "corpus.idx").write_bytes(b"")
+    raises_key("data.tokenizer_model", [f"data.data_path=['{prefix}']", f"data.tokenizer_model={tmp_path}/t.model"])
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "missing.yaml")
+    assert "missing.yaml" in info.value.key
+
+
+def test_pipeline_layers_must_split_evenly():
+    raises_key("parallel.pipeline_model_parallel_size", MOCK + ["model.num_layers=3", "parallel.pipeline_model_parallel_size=2"])
+
+
+@pytest.mark.parametrize("override,key", [
+    ("model.memory.topk=65", "model.memory.topk"),
+    ("model.memory.num_values=1000", "model.memory.num_values"),
+    ("model.memory.ive_expansion=2", "model.memory.ive_expansion"),
+    ("model.memory.value_dim=33", "model.memory.value_dim"),
+    ("model.memory.num_candidates=2", "model.memory.topk"),
+])
+def test_bad_memory_values(override, key):
+    raises_key(key, ULTRAMEM + ["model.memory.num_candidates=8", override])
+
+
+def test_placements_out_of_range_or_overlapping():
+    raises_key("model.memory.placements", ULTRAMEM + ["model.memory.placements=['3:5']"], match="out of range")
+    raises_key("model.memory.placements", ULTRAMEM + ["model.memory.placements=['1:3','3:4']"], match="overlap")
+    raises_key("model.memory.placements[0]", ULTRAMEM + ["model.memory.placements=['3-4']"])
+
+
+def test_placement_across_pipeline_stage_is_rejected():
+    error = raises_key("model.memory.placements[1]", ULTRAMEM + [
+        "model.memory.placements=['1:1','2:3']",
+        "parallel.pipeline_model_parallel_size=2"])
+    assert "2:3" in str(error) and "after layer 2" in str(error)
+
+
+def test_recompute_must_not_split_a_placement():
+    raises_key("training.recompute_num_layers", ULTRAMEM + ["training.recompute_granularity=full",
+                                                             "training.recompute_num_layers=1"])
+
+
+def test_cli_reports_bad_config_before_spawning(monkeypatch, capsys, tmp_path):
+    def must_not_launch(args):
+        raise AssertionError("launched processes for a bad config")
+
+    monkeypatch.setattr(train_cli, "launch_local", must_not_launch)
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"data": {"mock": True}, "parallel": {"tensor_model_parallel_size": 3}}))
+    assert main(["train", "--config", str(path), "--nproc-per-node", "3"]) == 2
+    assert "parallel.tensor_model_parallel_size" in capsys.readouterr().err
+
+
+def test_dry_run_prints_resolved_config(capsys, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"data": {"mock": True}}))
+    assert main(["train", "--config", str(path), "--dry-run", "training.train_iters=3"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["training"]["train_iters"] == 3
+    assert printed["parallel"]["tensor_model_parallel_size"] == 1

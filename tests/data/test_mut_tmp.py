@@ -1,0 +1,124 @@
+"""Blends, splits and flags of `build_gpt_datasets`, on hand-made indexed datasets whose tokens say where they came
+from: each source (or each document) owns its own range of token ids."""
+
+import numpy as np
+import pytest
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+from umtrain.config.base import ConfigError
+from umtrain.config.schema import Config
+from umtrain.data.datasets import build_gpt_datasets, parse_blend
+
+pytestmark = pytest.mark.usefixtures("process_group")
+
+SOURCE_TOKENS = 300
+"""Source k of the blend uses token ids [10 + 300 k, 10 + 300 (k + 1)); below 10 only the EOD."""
+
+
+def write_indexed(prefix, documents, eod):
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.uint16)
+    for document in documents:
+        builder.add_document(np.array(list(document) + [eod]), [len(document) + 1])
+    builder.finalize(f"{prefix}.idx")
+    return str(prefix)
+
+
+def blend_source(prefix, k, eod, rng):
+    low = 10 + SOURCE_TOKENS * k
+    return write_indexed(prefix, [rng.integers(low, low + SOURCE_TOKENS, rng.integers(20, 80)) for _ in range(150)],
+                         eod)
+
+
+def one_token_per_document(prefix, first_token, count, eod):
+    """Document i is the token `first_token + i` repeated 3-9 times."""
+    return write_indexed(prefix, [[first_token + i] * (3 + i % 7) for i in range(count)], eod)
+
+
+def make_config(data_path, seq_length=16, split="1,0,0", **data):
+    config = Config()
+    config.data.data_path = data_path
+    config.data.seq_length = seq_length
+    config.data.split = split
+    for key, value in data.items():
+        setattr(config.data, key, value)
+    return config
+
+
+def tokens_of(dataset, eod):
+    return {int(t) for i in range(len(dataset)) for t in dataset[i]["tokens"] if t != eod}
+
+
+def test_blend_proportions_follow_the_weights(sp_tokenizer, tmp_path):
+    rng = np.random.default_rng(0)
+    weights = [0.5, 0.3, 0.2]
+    data_path = []
+    for k, weight in enumerate(weights):
+        data_path += [str(weights[2 - k] * 10), blend_source(tmp_path / f"src{k}", k, sp_tokenizer.eod, rng)]
+    samples = 1500
+    train, valid, test = build_gpt_datasets(make_config(data_path), sp_tokenizer, samples, 0, 0)
+    assert valid is None and test is None
+    assert len(train) >= samples
+    counts = np.zeros(len(weights))
+    for i in range(samples):
+        sample = train[i]
+        sources = {(int(t) - 10) // SOURCE_TOKENS for t in sample["tokens"] if t != sp_tokenizer.eod}
+        assert sources == {int(sample["dataset_id"])}, "a sample mixes sources or names the wrong one"
+        counts[sources.pop()] += 1
+    np.testing.assert_allclose(counts / samples, weights, atol=0.02)
+
+
+def test_split_assigns_disjoint_documents(sp_tokenizer, tmp_path):
+    """split 80,15,5 over 100 documents: documents 0-79 train, 80-94 valid, 95-99 test."""
+    prefix = one_token_per_document(tmp_path / "docs", 100, 100, sp_tokenizer.eod)
+    config = make_config([prefix], seq_length=8, split="80,15,5")
+    train, valid, test = build_gpt_datasets(config, sp_tokenizer, 300, 60, 20)
+    assert (len(train), len(valid), len(test)) >= (300, 60, 20)
+    assert tokens_of(train, sp_tokenizer.eod) == set(range(100, 180))
+    assert tokens_of(valid, sp_tokenizer.eod) == set(range(180, 196))
+    assert tokens_of(test, sp_tokenizer.eod) == set(range(195, 200))
+
+
+def test_separate_validation_blend(sp_tokenizer, tmp_path):
+    """With valid_data_path, training reads all of data_path (the split is ignored) and validation the other blend."""
+    train_prefix = one_token_per_document(tmp_path / "train", 100, 40, sp_tokenizer.eod)
+    valid_prefix = one_token_per_document(tmp_path / "valid", 500, 10, sp_tokenizer.eod)
+    config = make_config([train_prefix], seq_length=8, split="50,50,0", valid_data_path=[valid_prefix])
+    train, valid, test = build_gpt_datasets(config, sp_tokenizer, 100, 20, 0)
+    assert tokens_of(train, sp_tokenizer.eod) == set(range(100, 140))
+    assert tokens_of(valid, sp_tokenizer.eod) == set(range(500, 510))
+    assert test is None
+
+
+def test_eod_flags_reach_the_samples(sp_tokenizer, tmp_path):
+    prefix = one_token_per_document(tmp_path / "docs", 100, 20, sp_tokenizer.eod)
+    config = make_config([prefix], seq_length=8, eod_mask_loss=True, reset_position_ids=True)
+    train, _, _ = build_gpt_datasets(config, sp_tokenizer, 10, 0, 0)
+    sample = train[0]
+    tokens, positions = sample["tokens"].numpy(), sample["position_ids"].numpy()
+    assert "attention_mask" not in sample
+    np.testing.assert_array_equal(sample["loss_mask"].numpy(), (tokens != sp_tokenizer.eod).astype(np.float32))
+    expected_positions, position = [], 0
+    for token in tokens:
+        expected_positions.append(position)
+        position = 0 if token == sp_tokenizer.eod else position + 1
+    np.testing.assert_array_equal(positions, expected_positions)
+
+
+def test_mock_data_needs_no_files_or_tokenizer():
+    config = make_config([], seq_length=32, mock=True, mock_vocab_size=64)
+    train, valid, test = build_gpt_datasets(config, None, 8, 4, 4)
+    assert len(train) >= 8 and len(valid) >= 4 and len(test) >= 4
+    tokens = train[0]["tokens"]
+    assert tokens.shape == (32,) and int(tokens.max()) < 64
+
+
+def test_bad_blends_are_named(sp_tokenizer, tmp_path):
+    prefix = one_token_per_document(tmp_path / "docs", 100, 5, sp_tokenizer.eod)
+    with pytest.raises(ConfigError, match="data.data_path: a blend must alternate weight and prefix"):
+        parse_blend(["0.5", prefix, prefix], "data.data_path")
+    with pytest.raises(ConfigError, match="blend weights must be > 0"):
+        parse_blend(["0", prefix, "1", prefix], "data.data_path")
+    with pytest.raises(ConfigError, match=r"data.valid_data_path: .*missing.bin not found"):
+        parse_blend([str(tmp_path / "missing")], "data.valid_data_path")
+    assert parse_blend(["3", prefix, "1", prefix], "k") == ([prefix, prefix], [3.0, 1.0])
+    assert parse_blend([prefix], "k") == ([prefix], None)

@@ -1,0 +1,120 @@
+import json
+
+import pyarrow
+import pyarrow.parquet
+import pytest
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+from umtrain.config.base import ConfigError
+from umtrain.data.preprocess import preprocess
+from umtrain.data.readers import DataInputError
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def read_jsonl(path):
+    """JSON Lines split on newlines only (str.splitlines would also split on U+2028 inside the texts)."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+
+
+def documents_of(prefix):
+    dataset = IndexedDataset(str(prefix))
+    return [dataset[i].tolist() for i in range(len(dataset))]
+
+
+def reference_documents(paths, tokenizer):
+    """Naive reference: parse every line with json, tokenise, append EOD."""
+    documents = []
+    for path in paths:
+        for record in read_jsonl(path):
+            ids = tokenizer.tokenize(record["text"])
+            if ids:
+                documents.append(ids + [tokenizer.eod])
+    return documents
+
+
+@pytest.fixture
+def small_inputs(demo_corpus, tmp_path):
+    """Two shards: 150 records of the demo corpus (one with a line separator inside its text), and a few odd ones."""
+    records = read_jsonl(demo_corpus[1])[:150]
+    records[3]["text"] += "\u2028 and \r inside"
+    odd = [{"text": "", "id": "empty"}, {"text": "short", "meta": {"x": 1}}, {"text": "é" * 50}]
+    shard_b = write_jsonl(tmp_path / "b.jsonl", odd)
+    shard_b.write_text(shard_b.read_text(encoding="utf-8") + "\n   \n", encoding="utf-8")
+    return [write_jsonl(tmp_path / "a.jsonl", records), shard_b]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_round_trip_equals_tokenised_documents(small_inputs, sp_tokenizer, sentencepiece_model, tmp_path, workers):
+    prefix = tmp_path / f"out{workers}"
+    stats = preprocess([str(p) for p in small_inputs], str(prefix), "sentencepiece", sentencepiece_model,
+                       workers=workers, progress=False)
+    expected = reference_documents(small_inputs, sp_tokenizer)
+    assert documents_of(prefix) == expected
+    assert stats["documents"] == len(expected) == 152
+    assert stats["empty_documents"] == 1
+    assert stats["tokens"] == sum(map(len, expected))
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("out")) == [f"out{workers}.bin",
+                                                                                        f"out{workers}.idx"]
+
+
+def test_globs_parquet_and_no_eod(small_inputs, bpe_json, tmp_path):
+    """A Parquet shard gives the same documents as the JSON Lines shard it was made from; globs expand sorted."""
+    texts = [record["text"] for record in read_jsonl(small_inputs[0])]
+    pyarrow.parquet.write_table(pyarrow.table({"content": texts}), tmp_path / "a.parquet")
+    from_parquet = preprocess([str(tmp_path / "*.parquet")], str(tmp_path / "pq"), "huggingface", bpe_json,
+                              text_key="content", append_eod=False, progress=False)
+    preprocess([str(small_inputs[0])], str(tmp_path / "js"), "huggingface", bpe_json, append_eod=False,
+               progress=False)
+    assert from_parquet["documents"] == len(texts)
+    assert documents_of(tmp_path / "pq") == documents_of(tmp_path / "js")
+
+
+def test_existing_output_is_kept_unless_overwrite(small_inputs, sentencepiece_model, tmp_path):
+    prefix = str(tmp_path / "out")
+    preprocess([str(small_inputs[1])], prefix, "sentencepiece", sentencepiece_model, progress=False)
+    before = (tmp_path / "out.bin").read_bytes()
+    with pytest.raises(ConfigError, match="output exists.*overwrite"):
+        preprocess([str(small_inputs[0])], prefix, "sentencepiece", sentencepiece_model, progress=False)
+    assert (tmp_path / "out.bin").read_bytes() == before
+    preprocess([str(small_inputs[0])], prefix, "sentencepiece", sentencepiece_model, overwrite=True, progress=False)
+    assert (tmp_path / "out.bin").read_bytes() != before
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("lines, message", [
+    (['{"text": "fine"}', '{"text": "fine"}', '{"text": oops}'], r"bad\.jsonl, line 3: not valid JSON"),
+    (['{"text": "fine"}', '{"body": "no text"}'], r"bad\.jsonl, line 2: the record has no 'text' field"),
+    (['{"text": "fine"}', '', '{"text": 7}'], r"bad\.jsonl, line 3: 'text' is int, not a string"),
+    (['["a", "list"]'], r"bad\.jsonl, line 1: expected a JSON object"),
+])
+def test_bad_records_name_file_and_line(small_inputs, sentencepiece_model, tmp_path, workers, lines, message):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataInputError, match=message):
+        preprocess([str(small_inputs[0]), str(bad)], str(tmp_path / "out"), "sentencepiece", sentencepiece_model,
+                   workers=workers, progress=False)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("out")] == []
+
+
+def test_bad_files_are_named_and_leave_no_output(small_inputs, sentencepiece_model, tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "blank.jsonl").write_text("\n \n")
+    (tmp_path / "notes.txt").write_text("text")
+    pyarrow.parquet.write_table(pyarrow.table({"body": ["x"]}), tmp_path / "nocol.parquet")
+    cases = {
+        str(tmp_path / "empty.jsonl"): (ConfigError, r"empty\.jsonl: the file is empty"),
+        str(tmp_path / "blank.jsonl"): (DataInputError, r"blank\.jsonl, whole file: holds no records"),
+        str(tmp_path / "notes.txt"): (ConfigError, r"notes\.txt: unsupported input file type"),
+        str(tmp_path / "nocol.parquet"): (ConfigError, r"nocol\.parquet: has no column 'text'"),
+        str(tmp_path / "missing.jsonl"): (ConfigError, r"missing\.jsonl: input file not found"),
+        str(tmp_path / "*.nothing"): (ConfigError, r"matches no files"),
+    }
+    for path, (error, message) in cases.items():
+        with pytest.raises(error, match=message):
+            preprocess([str(small_inputs[0]), path], str(tmp_path / "out"), "sentencepiece", sentencepiece_model,
+                       progress=False)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("out")] == []

@@ -1,0 +1,194 @@
+"""The communication cost model against hand-computed volumes, the spec's crossover, and the `plan` /
+`calibrate-comm` commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+import torch.distributed as dist
+from distributed_helpers import run_on_ranks
+
+from umtrain.cli import plan as plan_cli
+from umtrain.config import ConfigError, load_config
+from umtrain.parallel.comm import Communicator
+from umtrain.parallel.cost_model import (Calibration, LookupDims, balanced_requests, calibrate, crossover_value_dim,
+                                         dimension_wise_traffic, number_wise_traffic, owner_pooled_traffic,
+                                         plan_config, plan_layer, tokens_per_rank)
+
+# UltraMem-1.6B's memory layer (ULTRAMEM_SPEC.md section 3): K = 42 x 2, E = 4, h = 2, d_v = 1024, bf16.
+BIG = dict(value_dim=1024, topk=84, num_blocks=4, num_cores=2, value_bytes=2, score_bytes=2)
+UNIT = Calibration(alpha_s=0.0, beta_s_per_byte=1.0)        # seconds == bytes
+
+
+def big(group_size: int, **changes) -> LookupDims:
+    return LookupDims(**{**BIG, "group_size": group_size, **changes})
+
+
+def test_number_wise_volume_by_hand():
+    dims = big(4)
+    t = 100
+    traffic = number_wise_traffic(dims, balanced_requests(dims, [t] * 4), rank=2)
+    remote_ids = t * 84 * 3 / 4                              # 3 of 4 owners are remote
+    assert traffic.sent["number.indices"] == 4 * remote_ids
+    assert traffic.received["number.rows"] == 2 * 1024 * remote_ids
+    assert traffic.sent["number.rows.grad"] == 2 * 1024 * remote_ids
+    assert traffic.total_sent("forward") == 8 * 3 + 4 * remote_ids + 2 * 1024 * remote_ids
+    assert traffic.total_sent("backward") == 2 * 1024 * remote_ids
+
+
+def test_dimension_wise_volume_by_hand():
+    dims = big(4)
+    traffic = dimension_wise_traffic(dims, [100, 0, 50, 10], rank=0, static_tokens=False)
+    assert traffic.sent["dimension.indices"] == 4 * 84 * 100 * 3
+    assert traffic.received["dimension.indices"] == 4 * 84 * 60
+    assert traffic.sent["dimension.scores"] == 2 * 84 * 1 * 100 * 3       # P % h == 0: one core's scores
+    assert traffic.sent["dimension.outputs"] == 2 * 4 * 256 * 60          # E x d_v/P per token of the others
+    assert traffic.received["dimension.outputs"] == 2 * 4 * 256 * 100 * 3
+    assert traffic.sent["dimension.outputs.grad"] == traffic.received["dimension.outputs"]
+    assert traffic.calls["dimension.meta"] == 1
+    assert "dimension.meta" not in dimension_wise_traffic(dims, [100] * 4, 0, static_tokens=True).calls
+
+
+def test_owner_pooled_volume_by_hand():
+    dims = big(2)
+    requests = [[30, 70], [10, 0]]
+    traffic = owner_pooled_traffic(dims, [1, 0], requests, rank=0)
+    assert traffic.sent["pooled.indices"] == 2 * 4 * 70
+    assert traffic.received["pooled.indices"] == 2 * 4 * 10
+    assert traffic.sent["pooled.scores"] == 2 * 2 * 70
+    assert traffic.sent["pooled.partials"] == 0                            # the other rank has no tokens
+    assert traffic.received["pooled.partials"] == 4 * 1024 * 2 * 1
+
+
+def test_crossover_matches_the_spec_and_equalises_the_volumes():
+    assert crossover_value_dim(84, 4, 8) == pytest.approx(84 * 15 / 80)
+    assert crossover_value_dim(84, 4, 488) <= 1024 < crossover_value_dim(84, 4, 489)   # "P <= 488" for 1.6B
+    assert crossover_value_dim(4, 4, 8) == math.inf
+    assert crossover_value_dim(8, 4, 2) == 6                               # 8 (2*2 - 1) / (8 - 4)
+    for value_dim, sign in ((4, -1), (6, 0), (8, 1)):
+        dims = LookupDims(value_dim=value_dim, topk=8, num_blocks=4, num_cores=1, group_size=2)
+        number = number_wise_traffic(dims, balanced_requests(dims, [64] * 2), 0)
+        dimension = dimension_wise_traffic(dims, [64] * 2, 0, static_tokens=True)
+        difference = number.total_sent() - number.sent["number.meta"] - dimension.total_sent()
+        assert (difference > 0) - (difference < 0) == sign, value_dim
+
+
+def test_plan_prefers_dimension_for_wide_values_and_number_for_narrow_ones():
+    assert plan_layer(big(8), 1024, UNIT).mode == "dimension"
+    narrow = plan_layer(big(8, value_dim=8), 1024, UNIT)
+    assert narrow.mode == "number" and "number-wise" in narrow.reason
+    assert plan_layer(big(8), 1024, UNIT).bytes_dimension_wise < plan_layer(big(8), 1024, UNIT).bytes_number_wise
+
+
+def test_plan_picks_owner_pooling_when_it_moves_fewer_bytes():
+    # K/P = 84/2 ids per owner per token > E = 4 partial sums: pooling at the owner moves fewer bytes.
+    pooled = plan_layer(big(2, value_dim=5), 64, UNIT)                    # d_v=5: no dimension-wise at P=2
+    assert pooled.bytes_number_pooled < pooled.bytes_number_rows
+    assert pooled.owner_pooling and pooled.bytes_number_wise == pooled.bytes_number_pooled
+    rows = plan_layer(big(64, value_dim=5), 64, UNIT)
+    assert not rows.owner_pooling and rows.bytes_number_wise == rows.bytes_number_rows
+
+
+def test_plan_handles_infeasible_forced_and_single_rank_groups():
+    infeasible = plan_layer(big(3), 1024, UNIT)
+    assert infeasible.mode == "number" and "divisible by P=3" in infeasible.reason
+    assert infeasible.bytes_dimension_wise is None
+    with pytest.raises(ConfigError, match="sharding_mode"):
+        plan_layer(big(3), 1024, UNIT, requested="dimension")
+    assert plan_layer(big(8), 1024, UNIT, requested="number").mode == "number"
+    assert plan_layer(big(1), 1024, UNIT).mode == "local"
+
+
+def test_calibration_time_and_file_round_trip(tmp_path):
+    calibration = Calibration(alpha_s=1e-3, beta_s_per_byte=1e-9)
+    traffic = number_wise_traffic(big(2), [[0, 10], [10, 0]], 0)
+    expected = 3 * 1e-3 + 1e-9 * (8 + 4 * 10 + 2 * 2 * 1024 * 10)         # 3 forward calls + 1 backward call
+    assert calibration.seconds(traffic) == pytest.approx(expected + 1e-3)
+    calibration.save(tmp_path / "c.json")
+    assert Calibration.load(tmp_path / "c.json") == calibration
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ConfigError, match="bad.json"):
+        Calibration.load(tmp_path / "bad.json")
+    with pytest.raises(ConfigError, match="not found"):
+        Calibration.load(tmp_path / "missing.json")
+
+
+PLAN_YAML = """
+model:
+  family: ultramem
+  num_layers: 32
+  hidden_size: 2048
+  num_attention_heads: 16
+  memory:
+    placements: ["3:7", "8:12", "13:17", "18:22", "23:27", "28:32"]
+    num_values: 3211264
+    value_dim: 1024
+    key_dim: 448
+    topk: 42
+parallel:
+  tensor_model_parallel_size: 2
+  sequence_parallel: true
+  expert_model_parallel_size: 8
+training:
+  micro_batch_size: 2
+  global_batch_size: 2048
+data:
+  seq_length: 2048
+  mock: true
+"""
+
+
+@pytest.fixture()
+def plan_yaml(tmp_path):
+    path = tmp_path / "big.yaml"
+    path.write_text(PLAN_YAML)
+    return path
+
+
+def _cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    plan_cli.register(parser.add_subparsers())
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_plan_command_json_for_512_gpus_without_launching(plan_yaml, capsys):
+    assert _cli(["plan", str(plan_yaml), "--world", "512", "--json"]) == 0
+    plans = json.loads(capsys.readouterr().out)
+    assert len(plans) == 6 and [p["placement"] for p in plans][-1] == "28:32"
+    for entry in plans:
+        assert entry["mode"] == "dimension" and entry["tokens_per_rank"] == 2 * 2048 // 2
+        assert entry["bytes_dimension_wise"] < entry["bytes_number_wise"]
+        assert entry["seconds_dimension_wise"] < entry["seconds_number_wise"]
+
+
+def test_plan_command_text_overrides_and_errors(plan_yaml, capsys, tmp_path):
+    assert _cli(["plan", str(plan_yaml), "parallel.expert_model_parallel_size=4", "model.memory.value_dim=6",
+                 "--world", "64"]) == 0
+    text = capsys.readouterr().out
+    assert "P=4" in text and "dimension-wise sharding needs value_dim=6" in text
+    assert _cli(["plan", str(plan_yaml), "--world", "500"]) == 2
+    assert "expert_model_parallel_size" in capsys.readouterr().err
+    assert _cli(["plan", str(plan_yaml), "--world", "512", "--calibration", str(tmp_path / "none.json")]) == 2
+
+
+def test_tokens_per_rank_counts_the_sequence_parallel_share(plan_yaml):
+    config = load_config(plan_yaml, check_files=False)
+    assert tokens_per_rank(config) == 2 * 2048 // 2
+    config = load_config(plan_yaml, ["parallel.sequence_parallel=false"], check_files=False)
+    assert tokens_per_rank(config) == 2 * 2048
+    assert [p.placement for p in plan_config(config)] == config.model.memory.placements
+
+
+def _calibration_worker(rank: int, world: int) -> Calibration:
+    return calibrate(Communicator(dist.group.WORLD), sizes=(1 << 10, 1 << 16, 1 << 18), iters=2)
+
+
+@pytest.mark.slow
+def test_calibration_fits_a_positive_line_and_ranks_agree():
+    first, second = run_on_ranks(_calibration_worker, 2)
+    assert first == second and first.world_size == 2 and first.backend == "gloo"
+    assert first.alpha_s >= 0 and 0 < first.beta_s_per_byte < 1e-6

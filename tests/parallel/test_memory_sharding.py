@@ -1,0 +1,211 @@
+"""Sharded lookups (number-wise, owner-pooled, de-duplicated, dimension-wise) against the single-rank reference
+lookup on the full table: outputs, score gradients and the gathered table gradient, on gloo groups of 2 and 4
+processes; and every counted byte against the cost model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.distributed as dist
+from distributed_helpers import run_on_ranks
+
+from umtrain.ops.lookup_reduce import lookup_reduce_reference
+from umtrain.parallel.comm import Communicator
+from umtrain.parallel.cost_model import (LookupDims, dimension_wise_traffic, number_wise_traffic,
+                                         owner_pooled_traffic)
+from umtrain.parallel.memory_sharding import (DimensionWiseLookup, NumberWiseLookup, make_sharded_lookup,
+                                              mark_table_shard, row_offsets)
+
+NUM_ROWS, VALUE_DIM, TOPK = 50, 8, 6          # 50 rows: uneven ranges at P = 4
+
+
+@dataclass(frozen=True)
+class Case:
+    mode: str
+    options: tuple = ()
+    num_blocks: int = 1
+    num_cores: int = 1
+    scenario: str = "random"
+    """random; skew: every request lands on the last rank; empty: rank 1 has no tokens; static: 3 tokens per rank."""
+
+    def tokens(self, world: int) -> list[int]:
+        if self.scenario == "static":
+            return [3] * world
+        tokens = [5, 3, 4, 2][:world]
+        if self.scenario == "empty":
+            tokens[1] = 0
+        return tokens
+
+
+def inputs(case: Case, world: int, seed: int = 0):
+    """The full problem, identical on every process: table, and every rank's tokens concatenated."""
+    g = torch.Generator().manual_seed(seed)
+    total = sum(case.tokens(world))
+    table = torch.randn(NUM_ROWS, VALUE_DIM, generator=g)
+    low = row_offsets(NUM_ROWS, world)[-2] if case.scenario == "skew" else 0
+    rows = torch.randint(low, NUM_ROWS, (total, TOPK), generator=g)
+    rows[:, 1] = rows[:, 0]                      # repeated indices (what de-duplication removes)
+    blocks = torch.randint(0, case.num_blocks, (total, TOPK), generator=g)
+    scores = torch.randn(case.num_cores, total, TOPK, generator=g)
+    weight = torch.randn(total, case.num_blocks, VALUE_DIM, generator=g)
+    return table, rows, blocks, scores, weight
+
+
+def _sharded_worker(rank: int, world: int, cases: list[Case]) -> list[dict]:
+    return [_run_case(rank, world, case) for case in cases]
+
+
+def _run_case(rank: int, world: int, case: Case) -> dict:
+    table, rows, blocks, scores, weight = inputs(case, world)
+    tokens = case.tokens(world)
+    mine = slice(sum(tokens[:rank]), sum(tokens[:rank + 1]))
+    comm = Communicator(dist.group.WORLD)
+    options = dict(case.options)
+    if case.mode == "dimension":
+        options["num_cores"] = case.num_cores
+    lookup = make_sharded_lookup(case.mode, dist.group.WORLD, NUM_ROWS, VALUE_DIM, lookup_reduce_reference, comm=comm,
+                                 **options)
+    shard = mark_table_shard(torch.nn.Parameter(lookup.shard_of(table).clone()))
+    my_scores = scores[:, mine].clone().requires_grad_()
+    pooled = lookup(rows[mine], blocks[mine], my_scores, shard, case.num_blocks)
+    (pooled * weight[mine]).sum().backward()
+    return {"pooled": pooled.detach(), "grad_scores": my_scores.grad, "grad_shard": shard.grad,
+            "offset": lookup.shard_offset(), "shape": lookup.local_table_shape(), "allreduce": shard.allreduce,
+            "sent": dict(comm.bytes_sent), "received": dict(comm.bytes_received), "calls": dict(comm.calls)}
+
+
+def reference(case: Case, world: int):
+    table, rows, blocks, scores, weight = inputs(case, world)
+    table.requires_grad_()
+    scores.requires_grad_()
+    pooled = lookup_reduce_reference(rows, blocks, scores, table, case.num_blocks)
+    (pooled * weight).sum().backward()
+    return pooled.detach(), scores.grad, table.grad
+
+
+def requests_matrix(case: Case, world: int) -> list[list[int]]:
+    """requests[i][j]: ids rank i sends to owner j (distinct ids per rank when de-duplicating), counted here."""
+    _, rows, _, _, _ = inputs(case, world)
+    tokens = case.tokens(world)
+    offsets = row_offsets(NUM_ROWS, world)
+    matrix = []
+    for i in range(world):
+        mine = rows[sum(tokens[:i]):sum(tokens[:i + 1])].flatten().tolist()
+        if dict(case.options).get("dedup"):
+            mine = sorted(set(mine))
+        matrix.append([sum(offsets[j] <= r < offsets[j + 1] for r in mine) for j in range(world)])
+    return matrix
+
+
+def predicted_traffic(case: Case, world: int, rank: int):
+    dims = LookupDims(value_dim=VALUE_DIM, topk=TOPK, num_blocks=case.num_blocks, num_cores=case.num_cores,
+                      group_size=world, value_bytes=4, score_bytes=4)
+    tokens = case.tokens(world)
+    options = dict(case.options)
+    if case.mode == "dimension":
+        return dimension_wise_traffic(dims, tokens, rank, static_tokens="tokens_per_rank" in options)
+    if options.get("owner_pooling"):
+        return owner_pooled_traffic(dims, tokens, requests_matrix(case, world), rank)
+    return number_wise_traffic(dims, requests_matrix(case, world), rank)
+
+
+def cases_for(world: int) -> list[Case]:
+    modes = [("number", ()), ("number", (("dedup", True),)), ("number", (("owner_pooling", True),)), ("dimension", ())]
+    cases = [Case(mode, options, num_blocks, num_cores, scenario)
+             for mode, options in modes for num_blocks in (1, 4) for num_cores in (1, 2)
+             for scenario in ("random", "skew", "empty")]
+    cases.append(Case("dimension", (("tokens_per_rank", 3),), 4, 2, "static"))
+    cases.append(Case("dimension", (), 4, 4 if world == 2 else 8, "random"))   # several whole cores per rank
+    return cases
+
+
+@pytest.fixture(scope="module", params=[2, 4])
+def sharded_runs(request):
+    world = request.param
+    cases = cases_for(world)
+    return world, cases, run_on_ranks(_sharded_worker, world, cases)
+
+
+def _gathered_table_grad(results: list[dict]) -> torch.Tensor:
+    grad = torch.zeros(NUM_ROWS, VALUE_DIM)
+    for result in results:
+        (row, col), (rows, cols) = result["offset"], result["shape"]
+        assert grad[row:row + rows, col:col + cols].abs().sum() == 0, "two ranks claim the same table entries"
+        grad[row:row + rows, col:col + cols] = result["grad_shard"]
+    return grad
+
+
+@pytest.mark.slow
+def test_sharded_equals_single_rank_reference(sharded_runs):
+    world, cases, runs = sharded_runs
+    for index, case in enumerate(cases):
+        per_rank = [runs[rank][index] for rank in range(world)]
+        pooled, grad_scores, grad_table = reference(case, world)
+        label = f"P={world} {case}"
+        torch.testing.assert_close(torch.cat([r["pooled"] for r in per_rank]), pooled, rtol=1e-6, atol=1e-6, msg=label)
+        torch.testing.assert_close(torch.cat([r["grad_scores"] for r in per_rank], dim=1), grad_scores, rtol=1e-6,
+                                   atol=1e-6, msg=label)
+        torch.testing.assert_close(_gathered_table_grad(per_rank), grad_table, rtol=1e-6, atol=1e-6, msg=label)
+
+
+@pytest.mark.slow
+def test_counted_bytes_equal_cost_model(sharded_runs):
+    world, cases, runs = sharded_runs
+    for index, case in enumerate(cases):
+        for rank in range(world):
+            counted = runs[rank][index]
+            predicted = predicted_traffic(case, world, rank)
+            label = f"P={world} rank {rank} {case}"
+            assert counted["sent"] == {k: v for k, v in predicted.sent.items()}, label
+            assert counted["received"] == {k: v for k, v in predicted.received.items()}, label
+            assert counted["calls"] == dict(predicted.calls), label
+
+
+@pytest.mark.slow
+def test_each_rank_holds_one_pth_of_every_table(sharded_runs):
+    world, cases, runs = sharded_runs
+    total_bytes = NUM_ROWS * VALUE_DIM * 4
+    for index, case in enumerate(cases):
+        shard_bytes = [runs[rank][index]["grad_shard"].numel() * 4 for rank in range(world)]
+        assert sum(shard_bytes) == total_bytes
+        largest = (NUM_ROWS + world - 1) // world * VALUE_DIM * 4 if case.mode == "number" else total_bytes // world
+        assert max(shard_bytes) == largest, case
+        assert all(not runs[rank][index]["allreduce"] for rank in range(world))
+
+
+def test_row_offsets_cover_the_table_evenly():
+    assert row_offsets(50, 4) == [0, 13, 26, 38, 50]
+    assert row_offsets(8, 2) == [0, 4, 8]
+
+
+def test_shard_shapes_without_a_process_group():
+    number = NumberWiseLookup(None, NUM_ROWS, VALUE_DIM, lookup_reduce_reference)
+    assert number.local_table_shape() == (NUM_ROWS, VALUE_DIM) and number.shard_offset() == (0, 0)
+    dimension = DimensionWiseLookup(None, NUM_ROWS, VALUE_DIM, lookup_reduce_reference, num_cores=2)
+    assert dimension.local_table_shape() == (NUM_ROWS, VALUE_DIM)
+
+
+def test_single_rank_lookups_equal_the_reference():
+    case = Case("number", num_blocks=4, num_cores=2)
+    table, rows, blocks, scores, _ = inputs(case, 1)
+    expected = lookup_reduce_reference(rows, blocks, scores, table, 4)
+    for mode, options in (("number", {}), ("number", {"dedup": True}), ("number", {"owner_pooling": True}),
+                          ("dimension", {"num_cores": 2}), ("local", {})):
+        lookup = make_sharded_lookup(mode, None, NUM_ROWS, VALUE_DIM, lookup_reduce_reference, **options)
+        torch.testing.assert_close(lookup(rows, blocks, scores, table, 4), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_bad_shapes_and_modes_are_named():
+    lookup = NumberWiseLookup(None, NUM_ROWS, VALUE_DIM, lookup_reduce_reference)
+    rows = torch.zeros(3, TOPK, dtype=torch.long)
+    with pytest.raises(ValueError, match="table shard"):
+        lookup(rows, rows, torch.zeros(1, 3, TOPK), torch.zeros(NUM_ROWS + 1, VALUE_DIM), 1)
+    with pytest.raises(ValueError, match="scores"):
+        lookup(rows, rows, torch.zeros(1, 4, TOPK), torch.zeros(NUM_ROWS, VALUE_DIM), 1)
+    with pytest.raises(ValueError, match="'auto'"):
+        make_sharded_lookup("auto", None, NUM_ROWS, VALUE_DIM, lookup_reduce_reference)
+    with pytest.raises(ValueError, match="tokens_per_rank=4"):
+        DimensionWiseLookup(None, NUM_ROWS, VALUE_DIM, lookup_reduce_reference, tokens_per_rank=4)(
+            rows, rows, torch.zeros(1, 3, TOPK), torch.zeros(NUM_ROWS, VALUE_DIM), 1)
