@@ -29,11 +29,12 @@ def make_inputs(tokens, k, d_v, num_blocks, num_rows, num_cores, dtype=torch.flo
     return rows, blocks, scores, table
 
 
-def forward_backward(fn, rows, blocks, scores, table, num_blocks, grad_seed=1):
+def forward_backward(fn, rows, blocks, scores, table, num_blocks):
     scores = scores.clone().requires_grad_()
     table = table.clone().requires_grad_()
     pooled = fn(rows, blocks, scores, table, num_blocks)
-    grad = torch.randn(pooled.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=pooled.dtype)
+    # bf16-representable, so every dtype sees the same gradient.
+    grad = torch.rand(pooled.shape, generator=torch.Generator().manual_seed(1)).bfloat16().to(pooled)
     pooled.backward(grad)
     return pooled.detach(), scores.grad, table.grad
 
@@ -85,6 +86,16 @@ def test_gradcheck_float64():
     scores.requires_grad_()
     table.requires_grad_()
     assert torch.autograd.gradcheck(lambda s, v: fused_lookup_reduce(rows, blocks, s, v, 2), (scores, table))
+
+
+def test_bf16_table_within_one_ulp_of_exact():
+    rows, blocks, scores, table = make_inputs(4, 64, 8, 2, 3, 2)          # ~32 terms per sum
+    scores, table = scores.abs().bfloat16(), table.abs().bfloat16()     # positive terms: no cancellation
+    exact = forward_backward(lookup_reduce_reference, rows, blocks, scores.double(), table.double(), 2)
+    actual = forward_backward(fused_lookup_reduce, rows, blocks, scores, table, 2)
+    for name, want, got in zip(("pooled", "grad scores", "grad table"), exact, actual):
+        assert got.dtype == torch.bfloat16, name
+        torch.testing.assert_close(got.double(), want, rtol=2 ** -7, atol=0, msg=lambda m: f"{name}: {m}")
 
 
 def test_entry_dot_in_chunks_matches_naive():

@@ -53,7 +53,8 @@ def forward_backward(fn, rows, blocks, scores, table, num_blocks):
     scores = scores.detach().clone().requires_grad_()
     table = table.detach().clone().requires_grad_()
     pooled = fn(rows, blocks, scores, table, num_blocks)
-    grad = torch.randn(pooled.shape, generator=torch.Generator().manual_seed(1)).bfloat16().to(pooled)  # same in any dtype
+    # bf16-representable, so every dtype sees the same gradient.
+    grad = torch.randn(pooled.shape, generator=torch.Generator().manual_seed(1)).bfloat16().to(pooled)
     pooled.backward(grad)
     return pooled.detach(), scores.grad, table.grad
 

@@ -65,6 +65,7 @@ def test_owner_pooled_volume_by_hand():
 
 def test_crossover_matches_the_spec_and_equalises_the_volumes():
     assert crossover_value_dim(84, 4, 8) == pytest.approx(84 * 15 / 80)
+    assert crossover_value_dim(84, 4, 8, backward=False) == pytest.approx(84 * 22 / 80)      # K (3P - 2) / (K - E)
     assert crossover_value_dim(84, 4, 488) <= 1024 < crossover_value_dim(84, 4, 489)   # "P <= 488" for 1.6B
     assert crossover_value_dim(4, 4, 8) == math.inf
     assert crossover_value_dim(8, 4, 2) == 6                               # 8 (2*2 - 1) / (8 - 4)

@@ -20,7 +20,9 @@ from typing import Iterator
 from pydoc_data.topics import topics
 
 SOURCES = ("pydoc_topics", "module_docs", "api_docs")
-SKIPPED_PACKAGES = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "site-packages", "dist-packages", "ensurepip"}
+SKIPPED_PACKAGES = {"test", "tests", "idlelib", "lib2to3", "turtledemo", "site-packages", "dist-packages", "ensurepip",
+                    "encodings", "pydoc_data", "distutils"}
+"""Tests, tools, installed packages, codec tables, the topics (their own source) and distutils (gone in 3.12)."""
 
 
 def build_demo_corpus(out_dir: str) -> list[Path]:

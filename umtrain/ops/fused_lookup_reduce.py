@@ -69,7 +69,8 @@ def bag_sum(keys: torch.Tensor, num_keys: int, source_rows: torch.Tensor, weight
     bag_start, bag_count = starts[sorted_keys], counts[sorted_keys]
     position = (torch.arange(num_entries, device=keys.device) + (num_cores - 1) * bag_start
                 + core[:, None] * bag_count).view(-1)
-    indices = torch.empty_like(position).scatter_(0, position, (source_rows[order] * num_cores + core[:, None]).view(-1))
+    slice_rows = (source_rows[order] * num_cores + core[:, None]).view(-1)
+    indices = torch.empty_like(position).scatter_(0, position, slice_rows)
     bag_weights = torch.empty(position.shape, dtype=source.dtype, device=source.device)
     bag_weights.scatter_(0, position, weights[:, order].to(source.dtype).reshape(-1))
     offsets = (num_cores * starts[:, None] + core * counts[:, None]).view(-1)

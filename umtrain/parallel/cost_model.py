@@ -114,13 +114,19 @@ def _off_rank(requests: Sequence[Sequence[float]], rank: int) -> tuple[float, fl
     return out, inc
 
 
-def number_wise_traffic(dims: LookupDims, requests: Sequence[Sequence[float]], rank: int) -> Traffic:
-    """Ids to owners, rows back, row gradients to owners in backward."""
+def number_wise_traffic(dims: LookupDims, requests: Sequence[Sequence[float]], rank: int,
+                        capacity: Optional[int] = None) -> Traffic:
+    """Ids to owners, rows back, row gradients to owners in backward. With a fixed `capacity` per owner, every
+    peer gets exactly `capacity` ids (padded) and no counts are exchanged."""
     peers = dims.group_size - 1
-    out, inc = _off_rank(requests, rank)
+    if capacity is None:
+        out, inc = _off_rank(requests, rank)
+    else:
+        out = inc = capacity * peers
     row = dims.value_dim * dims.value_bytes
     traffic = Traffic()
-    traffic.add("number.meta", COUNT_BYTES * peers, COUNT_BYTES * peers)
+    if capacity is None:
+        traffic.add("number.meta", COUNT_BYTES * peers, COUNT_BYTES * peers)
     traffic.add("number.indices", INDEX_BYTES * out, INDEX_BYTES * inc)
     traffic.add_with_backward("number.rows", row * inc, row * out)
     return traffic
@@ -159,14 +165,16 @@ def dimension_wise_traffic(dims: LookupDims, tokens: Sequence[int], rank: int, s
 
 
 def crossover_value_dim(topk: int, num_blocks: int, group_size: int, index_bytes: int = INDEX_BYTES,
-                        float_bytes: int = 2, cores_per_rank: int = 1) -> float:
-    """d_v* where number-wise (rows) and dimension-wise move equal bytes, forward + backward (count exchanges
-    left out): d_v* = K (P (s_i + 2 h_loc s_f) - s_i) / (2 s_f (K - E)); dimension-wise is cheaper above it.
-    With s_i = 4, s_f = 2, h_loc = 1: K (2P - 1) / (K - E), ULTRAMEM_SPEC.md section 5."""
+                        float_bytes: int = 2, cores_per_rank: int = 1, backward: bool = True) -> float:
+    """d_v* where number-wise (rows) and dimension-wise move equal bytes (count exchanges left out); dimension-wise
+    is cheaper above it (the paper's Figure 9 curve). With c = 2 passes (forward + backward) or 1 (forward only):
+    d_v* = K (P (s_i + c h_loc s_f) - s_i) / (c s_f (K - E)); with s_i = 4, s_f = 2, h_loc = 1 this is
+    K (2P - 1) / (K - E) forward + backward and K (3P - 2) / (K - E) forward only (ULTRAMEM_SPEC.md section 5)."""
     if topk <= num_blocks:
         return math.inf
-    numerator = topk * (group_size * (index_bytes + 2 * cores_per_rank * float_bytes) - index_bytes)
-    return numerator / (2 * float_bytes * (topk - num_blocks))
+    passes = 2 if backward else 1
+    numerator = topk * (group_size * (index_bytes + passes * cores_per_rank * float_bytes) - index_bytes)
+    return numerator / (passes * float_bytes * (topk - num_blocks))
 
 
 @dataclass(frozen=True)
@@ -205,7 +213,8 @@ DEFAULT_CALIBRATION = Calibration(alpha_s=20e-6, beta_s_per_byte=1 / 25e9)
 
 def calibrate(comm: Communicator, sizes: Sequence[int] = (1 << 10, 1 << 14, 1 << 17, 1 << 20, 1 << 22),
               iters: int = 5, device: torch.device | str = "cpu") -> Calibration:
-    """Fit alpha, beta to the slowest rank's median time of equal-split all-to-alls of `sizes` bytes sent per rank."""
+    """Fit alpha, beta to the slowest rank's best time of equal-split all-to-alls of `sizes` bytes sent per rank
+    (the best of `iters`: on a shared machine the median measures other processes)."""
     peers = comm.size - 1
     if peers == 0:
         raise ValueError("calibration needs a group of at least 2 ranks")
@@ -223,11 +232,24 @@ def calibrate(comm: Communicator, sizes: Sequence[int] = (1 << 10, 1 << 14, 1 <<
             _synchronize(device)
             times.append(time.perf_counter() - start)
         xs.append(per_peer * 4 * peers)
-        ys.append(_group_max(comm, statistics.median(times), device))
+        ys.append(_group_max(comm, min(times), device))
     beta, alpha = _least_squares_line(xs, ys)
     backend = torch.distributed.get_backend(comm.group) if comm.group is not None else "none"
     return Calibration(alpha_s=max(alpha, 0.0), beta_s_per_byte=max(beta, 1e-15), backend=str(backend),
                        world_size=comm.size, source=f"measured: all-to-all of {list(sizes)} bytes per rank")
+
+
+def fit_calibration(observations: Sequence[tuple[Traffic, float]], source: str) -> Calibration:
+    """Recalibrate from the workload itself: least-squares alpha, beta (>= 0) to measured (traffic, seconds)."""
+    calls = torch.tensor([float(sum(t.calls.values())) for t, _ in observations], dtype=torch.float64)
+    volume = torch.tensor([float(sum(max(t.sent[k], t.received[k]) for k in t.calls)) for t, _ in observations],
+                          dtype=torch.float64)
+    seconds = torch.tensor([s for _, s in observations], dtype=torch.float64)
+    scale = volume.max().clamp(min=1.0)                      # keep the normal equations well conditioned
+    design = torch.stack([calls, volume / scale], dim=1)
+    alpha, beta = torch.linalg.lstsq(design, seconds.unsqueeze(1)).solution.view(-1).tolist()
+    return Calibration(alpha_s=max(alpha, 0.0), beta_s_per_byte=max(beta / float(scale), 1e-15), backend="fit",
+                       source=source)
 
 
 def _synchronize(device: torch.device | str) -> None:

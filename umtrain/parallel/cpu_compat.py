@@ -47,7 +47,7 @@ def _redirect_device(fn):
 
 
 class _NullStream:
-    """Stands in for `torch.cuda.Stream`: every method is a no-op, usable as a context manager."""
+    """Stands in for `torch.cuda.Stream` and `Event`: every method is a no-op returning a null stream/event."""
 
     def __init__(self, *args, **kwargs):
         pass
@@ -59,7 +59,7 @@ class _NullStream:
         return False
 
     def __getattr__(self, name):
-        return lambda *args, **kwargs: None
+        return lambda *args, **kwargs: _NullStream()
 
 
 def _cuda_shim() -> types.SimpleNamespace:

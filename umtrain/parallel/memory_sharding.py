@@ -16,10 +16,13 @@ lookup on the full table would. `rows` are global physical row ids in [0, N). Th
 Backward needs no code of its own: every exchange is the differentiable all-to-all of `umtrain.parallel.comm`,
 whose backward sends the gradient along the reverse path, so a shard's gradient is accumulated on its owner only.
 
-Host syncs (GPU): the number-wise modes exchange per-rank request counts and read them on the host (one
-`.tolist()` per memory layer and micro-batch; the split sizes of an uneven all-to-all must be known on the host).
-The dimension-wise mode needs none when `tokens_per_rank` is given (all ranks then hold that many tokens);
-otherwise it exchanges token counts, which costs one such sync.
+Host syncs (GPU): an all-to-all of uneven sizes needs its split sizes on the host.
+- Dimension-wise with `tokens_per_rank` (every rank holds that many tokens, known from the config): none.
+  Without it, token counts are exchanged and read: one sync per call.
+- Number-wise with `capacity` (ids per owner, e.g. ceil(c * T*K/P) for a factor c > 1): none; padded
+  fixed-size exchanges, and an overflow flag on the device that `check_overflow()` reads where the host syncs
+  anyway. Without it (and always with `dedup` or `owner_pooling`), per-owner request counts are exchanged and
+  read: one sync per call, which stalls the host until the GPU has computed the indices.
 """
 
 from __future__ import annotations
@@ -58,9 +61,10 @@ def row_offsets(num_rows: int, parts: int) -> list[int]:
     return offsets
 
 
-def _to_index(values: torch.Tensor, what: str) -> torch.Tensor:
-    if values.numel() and int(values.max()) > torch.iinfo(INDEX_DTYPE).max:
-        raise ValueError(f"{what} exceed {INDEX_DTYPE}; the table is too large for the index dtype")
+def _to_index(values: torch.Tensor, bound: int, what: str) -> torch.Tensor:
+    """values (all < bound, known from shapes: no look at the data, so no host sync) as INDEX_DTYPE."""
+    if bound > torch.iinfo(INDEX_DTYPE).max:
+        raise ValueError(f"{what} reach {bound}, beyond {INDEX_DTYPE}")
     return values.to(INDEX_DTYPE)
 
 
@@ -132,12 +136,17 @@ class NumberWiseLookup(ShardedLookup):
     shard_axis = 0
 
     def __init__(self, group: Optional[dist.ProcessGroup], num_rows: int, value_dim: int, local_impl: LookupReduce,
-                 dedup: bool = False, owner_pooling: bool = False, comm: Optional[Communicator] = None):
+                 dedup: bool = False, owner_pooling: bool = False, capacity: Optional[int] = None,
+                 comm: Optional[Communicator] = None):
         super().__init__(group, num_rows, value_dim, local_impl, comm)
         if num_rows < self.size:
             raise ValueError(f"number-wise sharding needs at least one row per rank: N={num_rows} < P={self.size}")
-        self.dedup, self.owner_pooling = dedup, owner_pooling
+        if capacity is not None and (dedup or owner_pooling or capacity < 1):
+            raise ValueError("capacity (>= 1) applies to plain number-wise sharding, without dedup or owner_pooling")
+        self.dedup, self.owner_pooling, self.capacity = dedup, owner_pooling, capacity
         self.offsets = row_offsets(num_rows, self.size)
+        self.overflow: Optional[torch.Tensor] = None
+        """With a capacity: a device flag, set when a rank sent more than `capacity` ids to one owner."""
 
     def local_table_shape(self) -> tuple[int, int]:
         return self.offsets[self.rank + 1] - self.offsets[self.rank], self.value_dim
@@ -151,14 +160,24 @@ class NumberWiseLookup(ShardedLookup):
 
     def local_rows(self, rows: torch.Tensor, owners: torch.Tensor) -> torch.Tensor:
         starts = torch.tensor(self.offsets[:-1], dtype=rows.dtype, device=rows.device)
-        return _to_index(rows - starts[owners], "local row ids")
+        return _to_index(rows - starts[owners], self.local_table_shape()[0], "local row ids")
 
     def __call__(self, rows: torch.Tensor, blocks: torch.Tensor, scores: torch.Tensor, table_shard: torch.Tensor,
                  num_blocks: int) -> torch.Tensor:
         _check_inputs(rows, blocks, scores, table_shard, self.local_table_shape())
         if self.owner_pooling:
             return self._pool_at_owners(rows, blocks, scores, table_shard, num_blocks)
+        if self.capacity is not None:
+            return self._fetch_rows_fixed(rows, blocks, scores, table_shard, num_blocks)
         return self._fetch_rows(rows, blocks, scores, table_shard, num_blocks)
+
+    def check_overflow(self) -> None:
+        """Raise if a capacity overflowed since the last check (reads a device flag: call it where the host
+        syncs anyway, e.g. when the loss is logged; the step's outputs are wrong when it raises)."""
+        if self.overflow is not None and bool(self.overflow):
+            self.overflow = None
+            raise RuntimeError(f"number-wise sharding: a rank sent more than capacity={self.capacity} ids to one "
+                               f"owner; raise the capacity")
 
     def _requested_rows(self, flat_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(ascending rows to fetch, position of each request among them); ascending = grouped by owner."""
@@ -180,35 +199,56 @@ class NumberWiseLookup(ShardedLookup):
         fetched = all_to_all(self.comm, gathered, recv_splits, send_splits, "number.rows")
         return _pool(self.local_impl, inverse.view_as(rows), blocks, scores, fetched, num_blocks)
 
+    def _fetch_rows_fixed(self, rows, blocks, scores, table_shard, num_blocks):
+        """As _fetch_rows with `capacity` ids per owner (padded with local row 0): sizes known on the host, no count
+        exchange and no host sync; more ids than that to one owner set `overflow` (see check_overflow)."""
+        requested, inverse = self._requested_rows(rows.reshape(-1))
+        owners = self.owners(requested)
+        counts = torch.zeros(self.size, dtype=torch.int64, device=rows.device).scatter_add_(
+            0, owners, torch.ones_like(owners))
+        first = torch.cumsum(counts, 0) - counts
+        position = torch.arange(owners.numel(), device=rows.device) - first[owners]
+        exceeded = (counts > self.capacity).any()
+        self.overflow = exceeded if self.overflow is None else self.overflow | exceeded
+        slot = owners * self.capacity + position.clamp(max=self.capacity - 1)
+        send = torch.zeros(self.size * self.capacity, dtype=INDEX_DTYPE, device=rows.device)
+        send.scatter_(0, slot, self.local_rows(requested, owners))
+        fixed = [self.capacity] * self.size
+        incoming = self.comm.all_to_all(send, fixed, fixed, "number.indices")
+        fetched = all_to_all(self.comm, table_shard[incoming.long()], fixed, fixed, "number.rows")
+        return _pool(self.local_impl, slot[inverse].view_as(rows), blocks, scores, fetched, num_blocks)
+
     def _pool_at_owners(self, rows, blocks, scores, table_shard, num_blocks):
         tokens, k = rows.shape
         flat_rows = rows.reshape(-1)
         owners = self.owners(flat_rows)
         order = torch.argsort(owners, stable=True)
         send = torch.bincount(owners, minlength=self.size)
-        meta = torch.stack([send, torch.full_like(send, tokens)], dim=1)
-        recv = self.comm.exchange_counts(meta, "pooled.meta")
-        send_splits, recv_splits = send.tolist(), recv[:, 0].tolist()      # host sync on GPU
-        source_tokens = recv[:, 1].tolist()
+        meta = self.comm.exchange_counts(torch.stack([send, torch.full_like(send, tokens)], dim=1), "pooled.meta")
+        send_splits, recv_splits = send.tolist(), meta[:, 0].tolist()      # host sync on GPU
+        source_tokens = meta[:, 1].tolist()
 
         token_of_request = torch.arange(tokens, device=rows.device).repeat_interleave(k)
-        slots = token_of_request * num_blocks + blocks.reshape(-1)
+        slots = _to_index(token_of_request * num_blocks + blocks.reshape(-1), tokens * num_blocks, "token slots")
         in_rows = self.comm.all_to_all(self.local_rows(flat_rows, owners)[order], send_splits, recv_splits,
                                        "pooled.indices")
-        in_slots = self.comm.all_to_all(_to_index(slots[order], "token slots"), send_splits, recv_splits,
-                                        "pooled.indices")
+        in_slots = self.comm.all_to_all(slots[order], send_splits, recv_splits, "pooled.indices")
         in_scores = all_to_all(self.comm, scores.reshape(scores.shape[0], -1).t()[order], send_splits, recv_splits,
                                "pooled.scores")                              # [R_in, h]
-
-        first_token = torch.tensor([0] + source_tokens[:-1], device=rows.device).cumsum(0)
-        in_slots = in_slots.long() + torch.repeat_interleave(first_token * num_blocks,
-                                                             torch.tensor(recv_splits, device=rows.device))
-        all_tokens = sum(source_tokens)
-        partial = _pool(self.local_impl, in_rows.long().view(1, -1), in_slots.view(1, -1), in_scores.t().unsqueeze(1),
-                                  table_shard, all_tokens * num_blocks)      # [1, sum_s T_s * E, d_v]
-        partial = partial.view(all_tokens, num_blocks, self.value_dim)
+        partial = self._partial_sums(in_rows, in_slots, in_scores, recv_splits, source_tokens, table_shard, num_blocks)
         returned = all_to_all(self.comm, partial, source_tokens, [tokens] * self.size, "pooled.partials")
         return returned.view(self.size, tokens, num_blocks, self.value_dim).sum(0)
+
+    def _partial_sums(self, in_rows, in_slots, in_scores, recv_splits, source_tokens, table_shard, num_blocks):
+        """Owner side: [sum_s T_s, E, d_v], every source token's sum over the requests it sent here. One lookup-
+        reduce call with a single 'token' whose virtual blocks are (source token, IVE block) pairs."""
+        device = in_rows.device
+        first_token = torch.tensor([0] + source_tokens[:-1], device=device).cumsum(0)
+        slots = in_slots.long() + torch.repeat_interleave(first_token * num_blocks, torch.tensor(recv_splits, device=device))
+        all_tokens = sum(source_tokens)
+        partial = _pool(self.local_impl, in_rows.long().view(1, -1), slots.view(1, -1), in_scores.t().unsqueeze(1),
+                        table_shard, all_tokens * num_blocks)
+        return partial.view(all_tokens, num_blocks, self.value_dim)
 
 
 class DimensionWiseLookup(ShardedLookup):
@@ -236,14 +276,14 @@ class DimensionWiseLookup(ShardedLookup):
         first = rank * self.num_cores // self.size
         return slice(first, max(first + 1, (rank + 1) * self.num_cores // self.size))
 
-    def token_counts(self, tokens: int) -> list[int]:
+    def token_counts(self, tokens: int, device: torch.device) -> list[int]:
         if self.tokens_per_rank is not None:
             if tokens != self.tokens_per_rank:
                 raise ValueError(f"this rank has {tokens} tokens; the lookup was built for tokens_per_rank="
                                  f"{self.tokens_per_rank}")
             return [tokens] * self.size
-        counts = torch.full((self.size, 1), tokens, dtype=torch.int64)
-        return self.comm.exchange_counts(counts, "dimension.meta").view(-1).tolist()
+        counts = torch.full((self.size, 1), tokens, dtype=torch.int64, device=device)
+        return self.comm.exchange_counts(counts, "dimension.meta").view(-1).tolist()      # host sync on GPU
 
     def __call__(self, rows: torch.Tensor, blocks: torch.Tensor, scores: torch.Tensor, table_shard: torch.Tensor,
                  num_blocks: int) -> torch.Tensor:
@@ -251,15 +291,15 @@ class DimensionWiseLookup(ShardedLookup):
         if scores.shape[0] != self.num_cores:
             raise ValueError(f"scores carry {scores.shape[0]} MCS cores; the lookup was built for {self.num_cores}")
         tokens = rows.shape[0]
-        counts = self.token_counts(tokens)
+        counts = self.token_counts(tokens, rows.device)
         mine = [tokens] * self.size
 
-        ids = _to_index(rows * num_blocks + blocks, "virtual ids").repeat(self.size, 1)
+        ids = _to_index(rows * num_blocks + blocks, self.num_rows * num_blocks, "virtual ids").repeat(self.size, 1)
         all_ids = self.comm.all_to_all(ids, mine, counts, "dimension.indices").long()
         per_rank_scores = torch.cat([scores[self.cores_of(r)].transpose(0, 1) for r in range(self.size)])
         all_scores = all_to_all(self.comm, per_rank_scores, mine, counts, "dimension.scores")   # [sum T, h_loc, K]
-        pooled = _pool(self.local_impl, all_ids // num_blocks, all_ids % num_blocks, all_scores.transpose(0, 1), table_shard,
-                                 num_blocks)                                                     # [sum T, E, d_v/P]
+        pooled = _pool(self.local_impl, all_ids // num_blocks, all_ids % num_blocks, all_scores.transpose(0, 1),
+                       table_shard, num_blocks)                                                  # [sum T, E, d_v/P]
         slices = all_to_all(self.comm, pooled, counts, mine, "dimension.outputs")               # [P*T, E, d_v/P]
         return slices.view(self.size, tokens, num_blocks, self.cols).permute(1, 2, 0, 3).reshape(
             tokens, num_blocks, self.value_dim)
@@ -267,7 +307,7 @@ class DimensionWiseLookup(ShardedLookup):
 
 def make_sharded_lookup(mode: ShardingMode, group: Optional[dist.ProcessGroup], num_rows: int, value_dim: int,
                         local_impl: LookupReduce, num_cores: int = 1, tokens_per_rank: Optional[int] = None,
-                        dedup: bool = False, owner_pooling: bool = False,
+                        dedup: bool = False, owner_pooling: bool = False, capacity: Optional[int] = None,
                         comm: Optional[Communicator] = None) -> ShardedLookup:
     """The lookup for a concrete mode ('auto' is resolved per layer by `umtrain.parallel.cost_model.plan_layer`)."""
     if mode == "local":
@@ -277,7 +317,7 @@ def make_sharded_lookup(mode: ShardingMode, group: Optional[dist.ProcessGroup], 
         return LocalLookup(group, num_rows, value_dim, local_impl, comm)
     if mode == "number":
         return NumberWiseLookup(group, num_rows, value_dim, local_impl, dedup=dedup, owner_pooling=owner_pooling,
-                                comm=comm)
+                                capacity=capacity, comm=comm)
     if mode == "dimension":
         return DimensionWiseLookup(group, num_rows, value_dim, local_impl, num_cores=num_cores,
                                    tokens_per_rank=tokens_per_rank, comm=comm)

@@ -87,3 +87,15 @@ def format_line(step: int, total: int, values: dict[str, float]) -> str:
         if key in values:
             parts.append(fmt.format(values[key]))
     return " | ".join(parts)
+
+
+def format_memory_health(values: dict[str, float]) -> str:
+    """'memory L2: hit 43% top1 0.81 std 0.120 | L4: ...' from the memory/layer{b}/... entries."""
+    layers: dict[str, dict[str, float]] = {}
+    for key, value in values.items():
+        if key.startswith("memory/"):
+            _, layer, name = key.split("/", 2)
+            layers.setdefault(layer, {})[name] = value
+    parts = [f"L{layer[len('layer'):]}: hit {m.get('value_hit_fraction', 0):.0%} top1 {m.get('top1_score', 0):.3f} "
+             f"std {m.get('output_std', 0):.3f}" for layer, m in sorted(layers.items())]
+    return ("memory " + " | ".join(parts)) if parts else ""

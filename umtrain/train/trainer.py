@@ -20,6 +20,7 @@ from megatron.core.transformer.moe.moe_utils import (
 )
 from tqdm import tqdm
 
+from umtrain.checkpoint import Checkpointer, PreemptionHandler, Preempted
 from umtrain.config import Config
 from umtrain.model.build import build_model_chunks, unwrap
 from umtrain.model.gpt import padded_vocab_size, transformer_config
@@ -30,6 +31,7 @@ from umtrain.train.batches import MicroBatches
 from umtrain.train.metrics import (
     MetricsWriter,
     format_line,
+    format_memory_health,
     memory_in_use_gib,
     peak_flops_per_device,
     training_flops_per_token,
@@ -91,6 +93,9 @@ class Trainer:
         self.history = History()
         self.metrics = MetricsWriter(config, enabled=self.layout.is_logging_rank)
         self.flops_per_token = self._training_flops_per_token()
+        self.checkpointer = Checkpointer(config)
+        self.preemption = PreemptionHandler(config.training.exit_signal)
+        self.checkpointer.resume(self)
 
     # ----------------------------------------------------------------------------------------- setup
     def _build_data(self):
@@ -150,7 +155,8 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         lr = apply_lr(self.config, self.optimizer.param_groups, self.iteration)
-        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0 / self.train_batches.num_micro_batches))
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor([1.0 / self.train_batches.num_micro_batches], device=device))
         loss_dicts = self._run_schedule(self.train_batches, self.consumed_samples, forward_only=False)
         loss = self._mean_loss(loss_dicts)
         if not math.isfinite(loss):
@@ -205,6 +211,9 @@ class Trainer:
         self.metrics.scalars(values, self.iteration)
         if self.layout.is_logging_rank:
             bar.write(format_line(self.iteration, self.config.training.train_iters, values))
+            health = format_memory_health(values)
+            if health:
+                bar.write("    " + health)
 
     # ----------------------------------------------------------------------------------------- loop
     def train(self) -> History:
@@ -239,6 +248,12 @@ class Trainer:
                     values.update(self._memory_health())
                 self._log(values, bar)
                 window_start, window_steps = time.perf_counter(), 0
+            if self.checkpointer.should_save(self.iteration):
+                self.checkpointer.save(self)
+            if self.preemption.requested():
+                self.checkpointer.save(self)
+                self.checkpointer.finalize()
+                raise Preempted(f"preempted at step {self.iteration}; checkpoint saved")
             if self.iteration % t.eval_interval == 0 or self.iteration == t.train_iters:
                 valid = self.evaluate()
                 self.history.valid_loss[self.iteration] = valid
@@ -246,12 +261,18 @@ class Trainer:
                 if self.layout.is_logging_rank:
                     bar.write(f"validation at step {self.iteration}: loss {valid:.4f} | ppl {math.exp(min(valid, 50)):.2f}")
         bar.close()
+        if self.checkpointer.enabled and self.checkpointer.last_saved_iteration != self.iteration:
+            self.checkpointer.save(self)
+        self.checkpointer.finalize()
         self.metrics.close()
         return self.history
 
     def _handle_bad_step(self, loss: float, grad_norm: float) -> None:
         message = f"step {self.iteration}: non-finite loss {loss} or grad norm {grad_norm}"
         if self.config.training.nan_policy == "stop":
+            if self.checkpointer.enabled:
+                self.checkpointer.save(self)  # the update was not applied: this is the last good state
+                self.checkpointer.finalize()
             raise FloatingPointError(message + " (training.nan_policy=stop)")
         if self.layout.is_logging_rank:
             logger.warning(message + "; update skipped (training.nan_policy=skip)")

@@ -102,7 +102,8 @@ def test_only_the_value_table_is_tagged() -> None:
 
 def test_ive_permutation_comes_from_seed_and_layer_index() -> None:
     overrides, hidden = CASES["ultramem"]
-    first, again = make_layer(overrides, hidden, seed=7, layer_index=2), make_layer(overrides, hidden, seed=7, layer_index=2)
+    first = make_layer(overrides, hidden, seed=7, layer_index=2)
+    again = make_layer(overrides, hidden, seed=7, layer_index=2)
     other = make_layer(overrides, hidden, seed=7, layer_index=3)
     assert torch.equal(first.ive_permutation, again.ive_permutation)
     assert not torch.equal(first.ive_permutation, other.ive_permutation)
@@ -121,6 +122,13 @@ def test_refresh_recomputes_factors_from_the_summed_core_and_checkpoints_them() 
         sign = torch.sign(u[head, :, 0] @ layer.tdqkr_row_factor[head])
         torch.testing.assert_close(layer.tdqkr_row_factor[head], sign * u[head, :, 0])
         torch.testing.assert_close(layer.tdqkr_col_factor[head], sign * vh[head, 0])
+    layer.tdqkr_row_factor.neg_()
+    layer.tdqkr_col_factor.neg_()
+    flipped = layer.tdqkr_row_factor.clone()
+    layer.refresh_tdqkr_factors()
+    torch.testing.assert_close(layer.tdqkr_row_factor, flipped)
+    layer.refresh_tdqkr_factors(restart=True)
+    assert torch.all(layer.tdqkr_row_factor.sum(-1) + layer.tdqkr_col_factor.sum(-1) >= 0)
     state = layer.state_dict()
     assert torch.equal(state["tdqkr_row_factor"], layer.tdqkr_row_factor)
     assert torch.equal(state["tdqkr_col_factor"], layer.tdqkr_col_factor)
@@ -209,19 +217,24 @@ INIT_CASES = {
 
 @pytest.mark.parametrize("case", sorted(INIT_CASES))
 def test_improved_init_output_variance_matches_an_mlp(case: str) -> None:
-    """App. A: memory output ~ N(0, 1/(2L)) at init, for inputs like a LayerNorm output."""
+    """App. A: memory output ~ N(0, 1/(2L)) at init, for inputs like a LayerNorm output, on average over init draws."""
     overrides = INIT_CASES[case]
-    hidden, num_layers = 64, 12
+    hidden, num_layers, draws = 64, 12, 16
     layer = MemoryLayer(MemoryConfig(**overrides), hidden, num_layers=num_layers, seed=5, layer_index=1,
                         lookup=lookup_reduce_reference)
-    with torch.no_grad():
-        out = layer(torch.randn(512, 2, hidden, generator=torch.Generator().manual_seed(9)))
-    target = 1.0 / (2 * num_layers)
+    ratios = []
+    for draw in range(draws):
+        generator = torch.Generator().manual_seed(1000 + draw)
+        layer.reset_parameters(generator)
+        with torch.no_grad():
+            out = layer(torch.randn(128, 2, hidden, generator=generator))
+        ratios.append(out.var().item() * 2 * num_layers)
     paper_variance = layer.config.ive_expansion / (2 * num_layers * layer.config.num_heads * layer.config.topk)
-    uncorrected_ratio = layer.value_std ** -2 * paper_variance
-    print(f"{case}: Var(o)/target = {out.var().item() / target:.3f}, "
-          f"E[s^2] = {layer.init_mean_square_weight():.3f} (uncorrected App. A ratio {uncorrected_ratio:.3f})")
-    assert out.var().item() == pytest.approx(target, rel=0.2)
+    uncorrected = layer.value_std ** -2 * paper_variance
+    mean_ratio = sum(ratios) / draws
+    print(f"{case}: Var(o)/target = {mean_ratio:.3f} over {draws} draws (per draw {min(ratios):.2f}-{max(ratios):.2f}); "
+          f"without the E[s^2] calibration {mean_ratio * uncorrected:.3f}")
+    assert mean_ratio == pytest.approx(1.0, rel=0.2)
 
 
 def test_config_field_change_changes_the_layer() -> None:
@@ -234,3 +247,50 @@ def test_config_field_change_changes_the_layer() -> None:
         other = make_layer(dataclasses.replace(MemoryConfig(**overrides), **{field: value}).__dict__, hidden)
         changed_shapes = other.full_shapes() != base.full_shapes()
         assert changed_shapes or not torch.allclose(other(x), base(x)), field
+
+
+TABLE2_BASE = dict(num_values=64, value_dim=32, key_dim=8, num_heads=2, topk=4, softmax=True,
+                   output_projection=False, share_query=False, query_key_layernorm=False, ive_expansion=1,
+                   tucker_rank=1, num_cores=1, improved_init=False, query_conv_kernel=0, value_lr_multiplier=1.0)
+TABLE2_CHAIN = [
+    ("PKM", {}),
+    ("+rm softmax", dict(softmax=False)),
+    ("+half vdim+proj", dict(value_dim=16, num_values=121, topk=8, output_projection=True)),
+    ("+share query", dict(share_query=True)),
+    ("+query/key LN", dict(query_key_layernorm=True)),
+    ("+IVE", dict(ive_expansion=4)),
+    ("+TDQKR", dict(tucker_rank=2)),
+    ("+MCS", dict(num_cores=2)),
+    ("+improved init", dict(improved_init=True)),
+    ("+value lr decay", dict(value_lr_multiplier=10.0)),
+    ("+query conv", dict(query_conv_kernel=5)),
+]
+
+
+def spec_parameter_count(c: MemoryConfig, hidden: int) -> int:
+    """Spec section 4's per-layer terms: values, query, keys (layout A/B), W_out, conv, LN, cores."""
+    n = c.keys_per_side
+    key_width = c.key_dim // c.tucker_rank if c.key_layout == "B" else c.key_dim
+    count = c.num_values * c.value_dim + 2 * hidden * c.key_dim * (1 if c.share_query else c.num_heads)
+    count += 2 * c.num_heads * c.tucker_rank * n * key_width
+    count += c.ive_expansion * c.value_dim * hidden if c.output_projection else 0
+    count += c.query_conv_kernel * hidden
+    count += 2 * (c.key_dim + key_width) if c.query_key_layernorm else 0
+    count += c.num_cores * c.num_heads * c.tucker_rank ** 2 if c.tucker_rank > 1 else 0
+    return count
+
+
+def test_each_table2_row_is_one_config_with_the_spec_parameter_count() -> None:
+    """The incremental chain of Table 2 (split big mem & skip is the placements, outside the layer)."""
+    overrides, hidden = dict(TABLE2_BASE), 32
+    x = torch.randn(3, 2, hidden)
+    for row, change in TABLE2_CHAIN:
+        overrides.update(change)
+        config = MemoryConfig(**overrides)
+        config.validate("memory")
+        layer = make_layer(overrides, hidden)
+        assert sum(p.numel() for p in layer.parameters()) == spec_parameter_count(config, hidden), row
+        assert layer(x).shape == x.shape
+    layout_b = MemoryConfig(**dict(overrides, key_layout="B"))
+    assert sum(p.numel() for p in make_layer(layout_b.__dict__, hidden).parameters()) == \
+        spec_parameter_count(layout_b, hidden)

@@ -87,13 +87,14 @@ def test_tdqkr_recall_with_signed_scores_and_the_sign_aware_fix() -> None:
     tokens, heads, n, top_m, rank = 64, 2, 32, 8, 2
     cores = rank_one_cores(heads, rank, generator)
     s_row, s_col = (torch.randn(tokens, heads, rank, n, generator=generator) for _ in range(2))
-    exact = exact_top_m(s_row, s_col, cores, top_m)
-    plain = recall(select_top_m(s_row, s_col, cores, *factors_of(cores), top_m, top_m, False), exact, n)
-    aware = recall(select_top_m(s_row, s_col, cores, *factors_of(cores), top_m, top_m, True), exact, n)
+
+    def recall_with(cores_: torch.Tensor, sign_aware: bool) -> float:
+        selection = select_top_m(s_row, s_col, cores_, *factors_of(cores_), top_m, top_m, sign_aware)
+        return recall(selection, exact_top_m(s_row, s_col, cores_, top_m), n)
+
     full_rank = torch.rand(heads, 2, rank, rank, generator=generator)
-    exact_full = exact_top_m(s_row, s_col, full_rank, top_m)
-    plain_full = recall(select_top_m(s_row, s_col, full_rank, *factors_of(full_rank), top_m, top_m, False), exact_full, n)
-    aware_full = recall(select_top_m(s_row, s_col, full_rank, *factors_of(full_rank), top_m, top_m, True), exact_full, n)
+    plain, aware = recall_with(cores, False), recall_with(cores, True)
+    plain_full, aware_full = recall_with(full_rank, False), recall_with(full_rank, True)
     print(f"\nTDQKR recall (n={n}, m=m_c={top_m}, signed N(0,1) sub-scores): rank-1 core plain {plain:.3f}, "
           f"sign-aware {aware:.3f}; U(0,1) cores h=2 plain {plain_full:.3f}, sign-aware {aware_full:.3f}; "
           f"grid cells scored {top_m ** 2} vs {(2 * top_m) ** 2}")

@@ -24,7 +24,9 @@ from umtrain.model.memory.init import derive_seed, expected_top_m_mean, improved
 from umtrain.model.memory.retrieval import Selection, leading_singular_pair, select_top_m, tdqkr_aux_loss
 from umtrain.ops.lookup_reduce import LookupReduce, get_lookup_reduce
 
-_CALIBRATION_TOKENS = 512
+_CALIBRATION_DRAWS = 32
+_CALIBRATION_TOKENS = 64
+_MEAN_SQUARE_WEIGHT_CACHE: dict[tuple[str, int], float] = {}
 _LAYERNORM_EPS = 1e-5
 
 
@@ -107,9 +109,8 @@ class MemoryLayer(nn.Module):
         else:
             self.tdqkr_row_factor = self.tdqkr_col_factor = None
         self.register_buffer("value_hits", torch.zeros(c.num_values, dtype=torch.bool), persistent=False)
+        # (sum of top-1 scores, sum of output stds, forwards) in float64; not a buffer, so a bf16 cast leaves it alone.
         self.stat_sums: Optional[torch.Tensor] = None
-        """(sum of top-1 scores, sum of output stds, forward count) in float64; not a buffer so that
-        casting the module to bf16 leaves it alone."""
 
     def _ive_permutation(self) -> torch.Tensor:
         """pi over the E*N virtual addresses (eq. 14), drawn from (seed, layer_index): identical on every rank."""
@@ -186,37 +187,48 @@ class MemoryLayer(nn.Module):
             else:
                 value = self.initial_value(name, generator)
             param.copy_(value)
-        if self.cores is not None:
-            self.tdqkr_row_factor.zero_()
-            self.tdqkr_col_factor.zero_()
-        self.refresh_tdqkr_factors()
+        self.refresh_tdqkr_factors(restart=True)
 
     @torch.no_grad()
     def init_mean_square_weight(self) -> float:
-        """E[s^2] of the per-core weights at init, on N(0,1) tokens and the default-seed draw of the score params.
+        """E[s^2] of the per-core weights at init: N(0,1) tokens, averaged over independent draws of the score params.
 
         App. A's value variance assumes E[s^2] = 1; PKM's additive grid, TDQKR's bilinear grid and MCS's per-core
-        split (about 1/h of the summed score each, spec 2.6) all move it, so it is measured instead.
+        split (about 1/h of the summed score each, spec 2.6) all move it, so it is measured instead. It is an
+        expectation over init draws (the U(0,1) cores alone move one draw's E[s^2] by tens of percent), so it does
+        not depend on which generator later initialises the layer: a property of (config, hidden size), cached.
         """
-        generator = self.init_generator()
-        params: dict[str, torch.Tensor] = {}
-        for name in self.full_shapes():
-            if name == "values":
-                break
-            params[name] = self.initial_value(name, generator)
-        factors = (None, None)
-        if "cores" in params:
-            zeros = torch.zeros(self.config.num_heads, self.config.tucker_rank)
-            factors = leading_singular_pair(params["cores"], zeros, zeros)
-        tokens_generator = torch.Generator().manual_seed(derive_seed(self.seed, self.layer_index, "init-calibration"))
-        x = torch.randn(_CALIBRATION_TOKENS, 1, self.hidden_size, generator=tokens_generator)
-        return float(self._weights(self._select(x, params, *factors)).pow(2).mean())
+        key = (repr(self.config), self.hidden_size)
+        if key not in _MEAN_SQUARE_WEIGHT_CACHE:
+            _MEAN_SQUARE_WEIGHT_CACHE[key] = self._measure_mean_square_weight()
+        return _MEAN_SQUARE_WEIGHT_CACHE[key]
+
+    def _measure_mean_square_weight(self) -> float:
+        score_params = [name for name in self.full_shapes() if name not in ("values", "out_proj.weight")]
+        total = 0.0
+        for draw in range(_CALIBRATION_DRAWS):
+            generator = torch.Generator().manual_seed(derive_seed(0, 0, f"init-calibration-{draw}"))
+            params = {name: self.initial_value(name, generator) for name in score_params}
+            factors = (None, None)
+            if "cores" in params:
+                zeros = torch.zeros(self.config.num_heads, self.config.tucker_rank)
+                factors = leading_singular_pair(params["cores"], zeros, zeros)
+            x = torch.randn(_CALIBRATION_TOKENS, 1, self.hidden_size, generator=generator)
+            total += self._weights(self._select(x, params, *factors)).pow(2).mean().item()
+        return total / _CALIBRATION_DRAWS
 
     @torch.no_grad()
-    def refresh_tdqkr_factors(self) -> None:
-        """Recompute (u, t) from the SVD of the summed core; call once per optimizer step (spec 2.3)."""
+    def refresh_tdqkr_factors(self, restart: bool = False) -> None:
+        """Recompute (u, t) from the SVD of the summed core; call once per optimizer step (spec 2.3).
+
+        restart: forget the previous sign and apply the step-0 rule; call it so after overwriting the parameters
+        from outside (a layout-independent init), so that the factors match the new cores from the first step.
+        """
         if self.cores is None:
             return
+        if restart:
+            self.tdqkr_row_factor.zero_()
+            self.tdqkr_col_factor.zero_()
         u, t = leading_singular_pair(self.cores.detach(), self.tdqkr_row_factor, self.tdqkr_col_factor)
         self.tdqkr_row_factor.copy_(u)
         self.tdqkr_col_factor.copy_(t)
@@ -245,8 +257,9 @@ class MemoryLayer(nn.Module):
         query = F.linear(tokens, params["query.weight"]).view(tokens.shape[0], -1, 2, c.key_dim)
         row_keys, col_keys = params["row_keys"], params["col_keys"]
         if c.query_key_layernorm:
-            query = F.layer_norm(query, (c.key_dim,), params["query_norm.weight"], params["query_norm.bias"])
-            key_norm = (self.key_width,), params["key_norm.weight"], params["key_norm.bias"]
+            query = F.layer_norm(query, (c.key_dim,), params["query_norm.weight"], params["query_norm.bias"],
+                                 _LAYERNORM_EPS)
+            key_norm = (self.key_width,), params["key_norm.weight"], params["key_norm.bias"], _LAYERNORM_EPS
             row_keys, col_keys = F.layer_norm(row_keys, *key_norm), F.layer_norm(col_keys, *key_norm)
         query = query.expand(-1, c.num_heads, -1, -1)
         s_row = self._sub_scores(query[:, :, 0], row_keys)

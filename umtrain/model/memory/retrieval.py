@@ -97,7 +97,8 @@ def select_top_m(s_row: torch.Tensor, s_col: torch.Tensor, cores: Optional[torch
     with torch.no_grad():
         row_cand = select_candidates(rank_one_factor_scores(s_row.detach(), row_factor), num_candidates, sign_aware)
         col_cand = select_candidates(rank_one_factor_scores(s_col.detach(), col_factor), num_candidates, sign_aware)
-        grid = grid_scores(gather_sub_scores(s_row.detach(), row_cand), gather_sub_scores(s_col.detach(), col_cand), cores)
+        grid = grid_scores(gather_sub_scores(s_row.detach(), row_cand), gather_sub_scores(s_col.detach(), col_cand),
+                           cores)
         num_col = col_cand.shape[-1]
         flat = grid.flatten(2).topk(top_m, dim=-1).indices
         row = row_cand.gather(-1, flat // num_col)

@@ -1,0 +1,154 @@
+"""`Checkpointer`: the training loop's save / resume, collective over all ranks, files handled by rank 0."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+from umtrain.checkpoint import manager
+from umtrain.checkpoint.compat import check_model_shape
+from umtrain.checkpoint.state import load_state_dict_template, restore_trainer, same_layout, save_state_dict, \
+    sync_params_before_save
+from umtrain.config import Config, dump_config
+from umtrain.config.base import ConfigError
+
+logger = logging.getLogger("umtrain")
+
+
+def _is_rank0() -> bool:
+    return torch.distributed.get_rank() == 0
+
+
+def _on_rank0(fn, *args):
+    """Run fn on global rank 0 and hand its result (or its exception) to every rank."""
+    box: list = [None]
+    if _is_rank0():
+        try:
+            box[0] = ("ok", fn(*args))
+        except Exception as err:  # re-raised on every rank below, so no rank hangs in the next collective
+            box[0] = ("error", err)
+    torch.distributed.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "error":
+        raise value
+    return value
+
+
+class Checkpointer:
+    """Saves every `checkpoint.save_interval` steps into `checkpoint.save`; resumes from `checkpoint.load` or
+    from `latest` there. See umtrain/checkpoint/manager.py for the directory layout and its guarantees."""
+
+    def __init__(self, config: Config):
+        c = config.checkpoint
+        self.config = config
+        self.root: Optional[Path] = Path(c.save) if c.save else None
+        self.enabled = self.root is not None
+        self.last_saved_iteration: Optional[int] = None
+        self.loaded_from: Optional[Path] = None
+        self.written: set[int] = set()
+        self.async_queue = AsyncCallsQueue() if c.async_save and self.enabled else None
+        self.last_save_seconds: float = 0.0
+
+    # ----------------------------------------------------------------------------------------- save
+    def should_save(self, iteration: int) -> bool:
+        """Whether to save after `iteration`. Also publishes a finished asynchronous save (collective)."""
+        if self.async_queue is not None:
+            self.async_queue.maybe_finalize_async_calls(blocking=False)
+        interval = self.config.checkpoint.save_interval
+        return self.enabled and interval > 0 and iteration % interval == 0
+
+    def save(self, trainer) -> None:
+        """Write `iteration`'s checkpoint (collective); synchronous unless checkpoint.async_save."""
+        if not self.enabled or self.last_saved_iteration == trainer.iteration:
+            return
+        self.finalize()
+        start = time.perf_counter()
+        iteration = trainer.iteration
+        tmp = _on_rank0(manager.prepare_temporary, self.root, iteration)
+        sync_params_before_save(trainer)
+        request = dist_checkpointing.save(save_state_dict(trainer), str(tmp),
+                                          async_sharded_save=self.async_queue is not None)
+        commit = functools.partial(self._commit, tmp, iteration)
+        if request is None:
+            commit()
+        else:
+            request.finalize_fns.append(commit)
+            self.async_queue.schedule_async_request(request)
+        self.last_saved_iteration = iteration
+        self.last_save_seconds = time.perf_counter() - start
+
+    def _commit(self, tmp: Path, iteration: int) -> None:
+        """After every rank's files are written: verify, publish atomically, update `latest`, apply retention."""
+        torch.distributed.barrier()
+        final = _on_rank0(self._publish, tmp, iteration)
+        self.written.add(iteration)
+        if _is_rank0():
+            logger.info("saved checkpoint %s", final)
+
+    def _publish(self, tmp: Path, iteration: int) -> Path:
+        manager.write_file_atomically(tmp / manager.CONFIG_FILE, dump_config(self.config))
+        final = self.root / manager.checkpoint_name(iteration)
+        if final.exists() and iteration not in self.written:
+            manager.set_aside(final)
+        final = manager.publish(tmp, iteration)
+        c = self.config.checkpoint
+        for removed in manager.apply_retention(self.root, c.keep_last, c.keep_every, iteration):
+            logger.info("retention removed %s", removed)
+        return final
+
+    def finalize(self) -> None:
+        """Wait for an asynchronous save to be written and published (collective)."""
+        if self.async_queue is not None:
+            self.async_queue.maybe_finalize_async_calls(blocking=True)
+
+    # ----------------------------------------------------------------------------------------- resume
+    def resume_path(self) -> tuple[Optional[Path], bool]:
+        """(where to look, whether the user asked for it explicitly)."""
+        c = self.config.checkpoint
+        if c.load:
+            return Path(c.load), True
+        if self.root is not None and self.root.exists():
+            return self.root, False
+        return None, False
+
+    def resume(self, trainer) -> bool:
+        """Load model, optimizer, RNG, iteration and data position; False when there is nothing to resume."""
+        path, explicit = self.resume_path()
+        if path is None:
+            return False
+        if explicit and not path.exists():
+            raise ConfigError("checkpoint.load", f"{path} does not exist")
+        checkpoint, warnings = _on_rank0(manager.resolve_resume, path)
+        if _is_rank0():
+            for warning in warnings:
+                logger.warning(warning)
+        if checkpoint is None:
+            if explicit:
+                raise ConfigError("checkpoint.load", f"no valid checkpoint in {path}")
+            return False
+        self._load(trainer, checkpoint.path)
+        return True
+
+    def _load(self, trainer, path: Path) -> None:
+        common = dist_checkpointing.load_common_state_dict(str(path))
+        check_model_shape(common["config"], common["padded_vocab_size"], trainer.config, trainer.vocab_size, str(path))
+        load_optimizer = not self.config.checkpoint.no_load_optim
+        load_rng = same_layout(common["layout"], trainer)
+        if not load_rng and _is_rank0():
+            logger.warning("checkpoint layout %s differs from this run's: RNG states are not restored",
+                           common["layout"])
+        template = load_state_dict_template(trainer, load_optimizer, load_rng)
+        loaded = dist_checkpointing.load(template, str(path))
+        restore_trainer(trainer, loaded, load_optimizer, load_rng)
+        self.loaded_from = path
+        self.last_saved_iteration = trainer.iteration
+        if _is_rank0():
+            logger.info("resumed from %s at iteration %d (%d samples consumed)", path, trainer.iteration,
+                        trainer.consumed_samples)

@@ -1,0 +1,68 @@
+"""Preemption: SIGTERM or the configured pre-timeout signal (SLURM's `--signal=USR1@<seconds>`) asks the run to
+checkpoint at the next step boundary and exit with REQUEUE_EXIT_CODE, which the launch scripts requeue."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from types import FrameType
+from typing import Optional
+
+import torch
+
+from umtrain.config.base import ConfigError
+
+logger = logging.getLogger("umtrain")
+
+REQUEUE_EXIT_CODE = 42
+"""Exit code of a run that saved a checkpoint because it was asked to stop; `launch/slurm.sbatch` requeues it."""
+
+
+class Preempted(Exception):
+    """Raised by the training loop after the preemption checkpoint is written."""
+
+
+def parse_signal(name: str, key: str = "training.exit_signal") -> signal.Signals:
+    """'SIGUSR1', 'USR1' or '10' -> signal.SIGUSR1."""
+    text = name.strip().upper()
+    try:
+        return signal.Signals(int(text)) if text.isdigit() else signal.Signals[text if text.startswith("SIG") else "SIG" + text]
+    except (KeyError, ValueError):
+        raise ConfigError(key, f"{name!r} is not a signal name (e.g. SIGUSR1, SIGTERM)") from None
+
+
+class PreemptionHandler:
+    """Records SIGTERM and `exit_signal` on this process; `requested()` makes every rank agree.
+
+    Only the main thread can install handlers; elsewhere (e.g. a test harness thread) the handler is inactive
+    and says so in the log.
+    """
+
+    def __init__(self, exit_signal: str):
+        self.signals = sorted({signal.SIGTERM, parse_signal(exit_signal)})
+        self.received: Optional[signal.Signals] = None
+        self._previous = {}
+        try:
+            for sig in self.signals:
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+        except ValueError:
+            logger.warning("not in the main thread: preemption signals %s are not handled", self.signals)
+
+    def _on_signal(self, signum: int, frame: Optional[FrameType]) -> None:
+        self.received = signal.Signals(signum)
+
+    def requested(self) -> bool:
+        """Collective (every rank calls it at the same step): True on all ranks if any rank got a signal."""
+        flag = torch.tensor([1.0 if self.received is not None else 0.0],
+                            device="cuda" if torch.cuda.is_available() else "cpu")
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() and self.received is not None:
+            logger.warning("received %s: saving a checkpoint and exiting for a requeue", self.received.name)
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        """Put back the handlers that were installed before this one."""
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous.clear()

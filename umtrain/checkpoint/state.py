@@ -1,0 +1,185 @@
+"""What a checkpoint holds: the trainer's sharded state dict (Megatron-Core `dist_checkpointing`) and its restore.
+
+Sharded: every model chunk (per-layer keys, so memory layers and their TDQKR/IVE buffers have their own), the
+distributed optimizer in the `fully_reshardable` format (loads under any (TP, PP, DP)), and each rank's RNG
+states. Common (written once by rank 0): iteration, consumed samples, the resolved config, the layout, the padded
+vocabulary and the per-step history. The LR schedule is a pure function of the iteration and is not stored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import random
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+from umtrain.config.base import to_dict
+
+FORMAT_VERSION = 1
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+
+
+# --------------------------------------------------------------------------------------------- model
+
+
+def model_keys(num_chunks: int) -> list[str]:
+    return ["model"] if num_chunks == 1 else [f"model{i}" for i in range(num_chunks)]
+
+
+def model_sharded_state_dict(trainer) -> dict[str, Any]:
+    from umtrain.model.build import unwrap
+
+    return {key: unwrap(chunk).sharded_state_dict()
+            for key, chunk in zip(model_keys(len(trainer.model)), trainer.model)}
+
+
+def load_model_state(trainer, loaded: dict[str, Any]) -> None:
+    from umtrain.model.build import unwrap
+
+    for key, chunk in zip(model_keys(len(trainer.model)), trainer.model):
+        unwrap(chunk).load_state_dict(loaded[key], strict=True)
+
+
+# --------------------------------------------------------------------------------------------- optimizer
+
+
+def distributed_optimizers(optimizer) -> list[DistributedOptimizer]:
+    return [inner for inner in optimizer.chained_optimizers if isinstance(inner, DistributedOptimizer)]
+
+
+def prepare_optimizer_for_load(optimizer) -> None:
+    """A fresh distributed optimizer has no Adam states to load into (its `state_dict()` asserts): create them."""
+    for inner in distributed_optimizers(optimizer):
+        if not inner.optimizer.state:
+            inner._init_optimizer_states_with_dummy_values()
+
+
+def _set_states_except_step(inner: DistributedOptimizer, model_param, tensors: dict[str, torch.Tensor]) -> None:
+    """Megatron's `_set_main_param_and_optimizer_states` without TE/apex: copy under no_grad, leave `step` alone."""
+    group_index, group_order = inner.model_param_group_index_map[model_param]
+    main_param = inner.optimizer.param_groups[group_index]["params"][group_order]
+    targets = {"param": main_param, **inner.optimizer.state[main_param]}
+    with torch.no_grad():
+        for key, target in targets.items():
+            if key != "step":
+                target.copy_(tensors[key])
+
+
+def load_optimizer_state(optimizer, loaded: Any) -> None:
+    """`ChainedOptimizer.load_state_dict`, with the three fixes a TE/apex-less Megatron-Core 0.16.1 needs
+    (shared/MEGATRON_CPU_NOTES.md): states copied under no_grad, `step` skipped there, and afterwards every
+    parameter given its OWN `step` tensor (Megatron hands all of them one shared tensor, which torch's AdamW then
+    increments once per parameter per step, silently breaking bias correction)."""
+    inners = distributed_optimizers(optimizer)
+    for inner in inners:
+        inner._set_main_param_and_optimizer_states = functools.partial(_set_states_except_step, inner)
+    try:
+        optimizer.load_state_dict(loaded)
+    finally:
+        for inner in inners:
+            del inner._set_main_param_and_optimizer_states
+    for inner in optimizer.chained_optimizers:
+        for state in inner.optimizer.state.values():
+            if "step" in state:
+                state["step"] = state["step"].detach().clone()
+
+
+def optimizer_sharded_state_dict(trainer, model_state: dict[str, Any], is_loading: bool) -> Any:
+    return trainer.optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=dict(OPTIMIZER_METADATA))
+
+
+# --------------------------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict[str, Any]:
+    """This rank's generators: Python, NumPy, torch (CPU and CUDA) and Megatron's tensor-parallel tracker."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def rng_sharded_object(state: Optional[dict[str, Any]]) -> ShardedObject:
+    """One object per global rank (restored only under the same layout: other layouts have other streams)."""
+    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return ShardedObject("rng_state", state, (world,), (rank,), replica_id=0)
+
+
+# --------------------------------------------------------------------------------------------- common
+
+
+def layout_of(trainer) -> dict[str, int]:
+    layout = trainer.layout
+    return {"world_size": layout.world_size, "tp": layout.tp, "pp": layout.pp, "dp": layout.dp, "ep": layout.ep,
+            "vpp": trainer.config.parallel.virtual_pipeline_model_parallel_size or 1}
+
+
+def common_state(trainer) -> dict[str, Any]:
+    return {"format_version": FORMAT_VERSION, "iteration": trainer.iteration,
+            "consumed_samples": trainer.consumed_samples, "config": to_dict(trainer.config),
+            "layout": layout_of(trainer), "padded_vocab_size": trainer.vocab_size,
+            "history": dataclasses.asdict(trainer.history)}
+
+
+def save_state_dict(trainer) -> dict[str, Any]:
+    model_state = model_sharded_state_dict(trainer)
+    return {**model_state, **common_state(trainer),
+            "optimizer": optimizer_sharded_state_dict(trainer, model_state, is_loading=False),
+            "rng_state": rng_sharded_object(rng_state())}
+
+
+def load_state_dict_template(trainer, load_optimizer: bool, load_rng: bool) -> dict[str, Any]:
+    """What to ask `dist_checkpointing.load` for: this layout's shards of the saved tensors."""
+    model_state = model_sharded_state_dict(trainer)
+    template: dict[str, Any] = dict(model_state)
+    if load_optimizer:
+        prepare_optimizer_for_load(trainer.optimizer)
+        template["optimizer"] = optimizer_sharded_state_dict(trainer, model_state, is_loading=True)
+    if load_rng:
+        template["rng_state"] = rng_sharded_object(None)
+    return template
+
+
+def restore_trainer(trainer, loaded: dict[str, Any], load_optimizer: bool, load_rng: bool) -> None:
+    from umtrain.train.trainer import History
+
+    load_model_state(trainer, loaded)
+    if load_optimizer:
+        load_optimizer_state(trainer.optimizer, loaded["optimizer"])
+    if load_rng:
+        set_rng_state(loaded["rng_state"])
+    trainer.iteration = int(loaded["iteration"])
+    trainer.consumed_samples = int(loaded["consumed_samples"])
+    history = loaded.get("history") or {}
+    trainer.history = History(**{k: (dict(v) if isinstance(v, dict) else list(v)) for k, v in history.items()})
+
+
+def sync_params_before_save(trainer) -> None:
+    """With overlap_param_gather the parameters are stale until the next forward (CPU notes gotcha 6)."""
+    if trainer.config.parallel.overlap_param_gather:
+        for chunk in trainer.model:
+            chunk.start_param_sync(force_sync=True)
+
+
+def same_layout(saved: dict[str, int], trainer) -> bool:
+    return saved == layout_of(trainer)
+
+
+def data_parallel_rank() -> int:
+    return parallel_state.get_data_parallel_rank()
