@@ -4,6 +4,7 @@ processes; and every counted byte against the cost model."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import pytest
@@ -13,10 +14,10 @@ from distributed_helpers import run_on_ranks
 
 from umtrain.ops.lookup_reduce import lookup_reduce_reference
 from umtrain.parallel.comm import Communicator
-from umtrain.parallel.cost_model import (LookupDims, dimension_wise_traffic, number_wise_traffic,
-                                         owner_pooled_traffic)
-from umtrain.parallel.memory_sharding import (DimensionWiseLookup, NumberWiseLookup, make_sharded_lookup,
-                                              mark_table_shard, row_offsets)
+from umtrain.parallel.cost_model import (DEFAULT_CALIBRATION, LookupDims, dimension_wise_traffic,
+                                         number_wise_traffic, owner_pooled_traffic, plan_layer)
+from umtrain.parallel.memory_sharding import (DimensionWiseLookup, LocalLookup, NumberWiseLookup, lookup_from_plan,
+                                              make_sharded_lookup, mark_table_shard, row_offsets)
 
 NUM_ROWS, VALUE_DIM, TOPK = 50, 8, 6          # 50 rows: uneven ranges at P = 4
 
@@ -53,8 +54,20 @@ def inputs(case: Case, world: int, seed: int = 0):
     return table, rows, blocks, scores, weight
 
 
-def _sharded_worker(rank: int, world: int, cases: list[Case]) -> list[dict]:
-    return [_run_case(rank, world, case) for case in cases]
+def _sharded_worker(rank: int, world: int, cases: list[Case]) -> dict:
+    return {"cases": [_run_case(rank, world, case) for case in cases], "overflow": _overflow_raises(world)}
+
+
+def _overflow_raises(world: int) -> bool:
+    case = Case("number", (("capacity", 2),))
+    _, rows, blocks, scores, _ = inputs(case, world)
+    lookup = make_sharded_lookup("number", dist.group.WORLD, NUM_ROWS, VALUE_DIM, lookup_reduce_reference, capacity=2)
+    lookup(rows[:3], blocks[:3], scores[:, :3], torch.zeros(lookup.local_table_shape()), 1)
+    try:
+        lookup.check_overflow()
+    except RuntimeError:
+        return True
+    return False
 
 
 def _run_case(rank: int, world: int, case: Case) -> dict:
@@ -108,11 +121,13 @@ def predicted_traffic(case: Case, world: int, rank: int):
         return dimension_wise_traffic(dims, tokens, rank, static_tokens="tokens_per_rank" in options)
     if options.get("owner_pooling"):
         return owner_pooled_traffic(dims, tokens, requests_matrix(case, world), rank)
-    return number_wise_traffic(dims, requests_matrix(case, world), rank)
+    return number_wise_traffic(dims, requests_matrix(case, world), rank, capacity=options.get("capacity"))
 
 
 def cases_for(world: int) -> list[Case]:
-    modes = [("number", ()), ("number", (("dedup", True),)), ("number", (("owner_pooling", True),)), ("dimension", ())]
+    most_ids_to_one_owner = 5 * TOPK
+    modes = [("number", ()), ("number", (("dedup", True),)), ("number", (("owner_pooling", True),)),
+             ("number", (("capacity", most_ids_to_one_owner),)), ("dimension", ())]
     cases = [Case(mode, options, num_blocks, num_cores, scenario)
              for mode, options in modes for num_blocks in (1, 4) for num_cores in (1, 2)
              for scenario in ("random", "skew", "empty")]
@@ -125,7 +140,8 @@ def cases_for(world: int) -> list[Case]:
 def sharded_runs(request):
     world = request.param
     cases = cases_for(world)
-    return world, cases, run_on_ranks(_sharded_worker, world, cases)
+    results = run_on_ranks(_sharded_worker, world, cases)
+    return world, cases, [r["cases"] for r in results], [r["overflow"] for r in results]
 
 
 def _gathered_table_grad(results: list[dict]) -> torch.Tensor:
@@ -139,7 +155,7 @@ def _gathered_table_grad(results: list[dict]) -> torch.Tensor:
 
 @pytest.mark.slow
 def test_sharded_equals_single_rank_reference(sharded_runs):
-    world, cases, runs = sharded_runs
+    world, cases, runs, _ = sharded_runs
     for index, case in enumerate(cases):
         per_rank = [runs[rank][index] for rank in range(world)]
         pooled, grad_scores, grad_table = reference(case, world)
@@ -152,7 +168,7 @@ def test_sharded_equals_single_rank_reference(sharded_runs):
 
 @pytest.mark.slow
 def test_counted_bytes_equal_cost_model(sharded_runs):
-    world, cases, runs = sharded_runs
+    world, cases, runs, _ = sharded_runs
     for index, case in enumerate(cases):
         for rank in range(world):
             counted = runs[rank][index]
@@ -165,7 +181,7 @@ def test_counted_bytes_equal_cost_model(sharded_runs):
 
 @pytest.mark.slow
 def test_each_rank_holds_one_pth_of_every_table(sharded_runs):
-    world, cases, runs = sharded_runs
+    world, cases, runs, _ = sharded_runs
     total_bytes = NUM_ROWS * VALUE_DIM * 4
     for index, case in enumerate(cases):
         shard_bytes = [runs[rank][index]["grad_shard"].numel() * 4 for rank in range(world)]
@@ -173,6 +189,12 @@ def test_each_rank_holds_one_pth_of_every_table(sharded_runs):
         largest = (NUM_ROWS + world - 1) // world * VALUE_DIM * 4 if case.mode == "number" else total_bytes // world
         assert max(shard_bytes) == largest, case
         assert all(not runs[rank][index]["allreduce"] for rank in range(world))
+
+
+@pytest.mark.slow
+def test_capacity_overflow_is_reported(sharded_runs):
+    _, _, _, overflow = sharded_runs
+    assert all(overflow)
 
 
 def test_row_offsets_cover_the_table_evenly():
@@ -192,9 +214,19 @@ def test_single_rank_lookups_equal_the_reference():
     table, rows, blocks, scores, _ = inputs(case, 1)
     expected = lookup_reduce_reference(rows, blocks, scores, table, 4)
     for mode, options in (("number", {}), ("number", {"dedup": True}), ("number", {"owner_pooling": True}),
-                          ("dimension", {"num_cores": 2}), ("local", {})):
+                          ("number", {"capacity": 5 * TOPK}), ("dimension", {"num_cores": 2}), ("local", {})):
         lookup = make_sharded_lookup(mode, None, NUM_ROWS, VALUE_DIM, lookup_reduce_reference, **options)
         torch.testing.assert_close(lookup(rows, blocks, scores, table, 4), expected, rtol=1e-6, atol=1e-6)
+        if options.get("capacity"):
+            lookup.check_overflow()
+
+
+def test_lookup_from_plan_builds_the_chosen_mode_and_logs_why(caplog):
+    dims = LookupDims(value_dim=VALUE_DIM, topk=TOPK, num_blocks=4, num_cores=2, group_size=1)
+    with caplog.at_level(logging.INFO, logger="umtrain.parallel.memory_sharding"):
+        lookup = lookup_from_plan(plan_layer(dims, 16, DEFAULT_CALIBRATION, placement="2:3"), None, NUM_ROWS,
+                                  VALUE_DIM, lookup_reduce_reference, num_cores=2)
+    assert isinstance(lookup, LocalLookup) and "(2:3), P=1: P=1" in caplog.text
 
 
 def test_bad_shapes_and_modes_are_named():
@@ -206,6 +238,8 @@ def test_bad_shapes_and_modes_are_named():
         lookup(rows, rows, torch.zeros(1, 4, TOPK), torch.zeros(NUM_ROWS, VALUE_DIM), 1)
     with pytest.raises(ValueError, match="'auto'"):
         make_sharded_lookup("auto", None, NUM_ROWS, VALUE_DIM, lookup_reduce_reference)
+    with pytest.raises(ValueError, match="capacity"):
+        NumberWiseLookup(None, NUM_ROWS, VALUE_DIM, lookup_reduce_reference, dedup=True, capacity=4)
     with pytest.raises(ValueError, match="tokens_per_rank=4"):
         DimensionWiseLookup(None, NUM_ROWS, VALUE_DIM, lookup_reduce_reference, tokens_per_rank=4)(
             rows, rows, torch.zeros(1, 3, TOPK), torch.zeros(NUM_ROWS, VALUE_DIM), 1)

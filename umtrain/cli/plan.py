@@ -78,7 +78,11 @@ def format_plan(plans: list[LayerPlan], config, world: int, calibration: Calibra
                      f"{_mb(plan.bytes_number_pooled):>14} {_mb(plan.bytes_dimension_wise):>12} "
                      f"{_ms(plan.seconds_number_wise):>10} {_ms(plan.seconds_dimension_wise):>12}  {mode}")
     lines.append("")
-    lines += [f"layer {plan.layer}: {plan.reason}" for plan in plans]
+    reasons = {plan.reason for plan in plans}
+    if len(reasons) == 1:
+        lines.append(f"every layer: {reasons.pop()}")
+    else:
+        lines += [f"layer {plan.layer}: {plan.reason}" for plan in plans]
     return "\n".join(lines)
 
 

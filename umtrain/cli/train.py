@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 
 from umtrain.config import dump_config, load_config
 
@@ -14,6 +13,8 @@ def register(subparsers) -> None:
     p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. training.train_iters=10")
     p.add_argument("--nproc-per-node", type=int, default=None,
                    help="spawn this many local processes (torchrun --standalone); omit under torchrun/SLURM")
+    p.add_argument("--resume", metavar="PATH", help="resume from this checkpoint or checkpoint directory "
+                   "(sets checkpoint.load; default: `latest` of checkpoint.save)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=run)
 
@@ -25,6 +26,8 @@ def world_size_from(args) -> int:
 
 
 def run(args) -> int:
+    if args.resume:
+        args.overrides = [*args.overrides, f"checkpoint.load={args.resume}"]
     config = load_config(args.config, args.overrides, world_size=world_size_from(args))
     if args.dry_run:
         print(dump_config(config), end="")
@@ -38,15 +41,8 @@ def run(args) -> int:
 
 def launch_local(args) -> int:
     """Re-run this command under torchrun with N local processes (rendezvous on a free local port)."""
-    from torch.distributed.run import main as torchrun
+    from umtrain.checkpoint.launch import run_torchrun
 
     command = ["--standalone", f"--nproc-per-node={args.nproc_per_node}", "-m", "umtrain.cli.main", "train",
                "--config", args.config, *args.overrides]
-    try:
-        torchrun(command)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
-    except Exception as err:  # torchrun raises ChildFailedError with the failing rank's details
-        print(f"umtrain: training failed: {err}", file=sys.stderr)
-        return getattr(err, "exit_code", 1) or 1
-    return 0
+    return run_torchrun(command)

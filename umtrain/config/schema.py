@@ -134,6 +134,15 @@ class MemoryConfig:
                  f"{self.candidates} candidates exceed the {self.keys_per_side} keys per side")
         _require(self.num_cores == 1 or self.tucker_rank > 1, key("num_cores"), "MCS (num_cores > 1) needs TDQKR (tucker_rank > 1)")
         _require(self.query_conv_kernel >= 0, key("query_conv_kernel"), "must be >= 0")
+        side_width = self.key_dim // self.tucker_rank if self.key_layout == "B" else self.key_dim
+        _require(not self.query_key_layernorm or side_width >= 2, key("key_dim"),
+                 f"query/key LayerNorm over a key width of {side_width} makes every key constant")
+        _require(not (self.softmax and self.num_cores > 1), key("softmax"),
+                 "softmax with MCS (num_cores > 1) is ambiguous; the paper removes softmax before MCS")
+        _require(not (self.sign_aware_candidates and self.tucker_rank == 1), key("sign_aware_candidates"),
+                 "has no effect without TDQKR (tucker_rank > 1)")
+        _require(not (self.improved_init and not self.query_key_layernorm), key("improved_init"),
+                 "the appendix-A score scale is set through the query/key LayerNorm gains: enable query_key_layernorm")
         _require(self.value_lr_multiplier >= 1.0, key("value_lr_multiplier"), "must be >= 1")
         _require(self.aux_loss_coeff >= 0 and self.aux_loss_tau >= 0, key("aux_loss_coeff"), "must be >= 0")
         self.parsed_placements(prefix)

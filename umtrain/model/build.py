@@ -57,6 +57,8 @@ def build_model_chunks(config: Config, tconfig: TransformerConfig, vocab_size: i
             chunk.cuda(torch.cuda.current_device())
         initialize_model(chunk, config.training.seed, config.model.init_method_std, config.model.num_layers,
                          memory_initial_values(chunk))
+        for memory in memory_modules(chunk):
+            memory.refresh_tdqkr_factors(restart=True)  # u, t of the cores just initialised (step-0 sign rule)
         chunks.append(chunk)
     return chunks
 

@@ -5,6 +5,9 @@ Every collective of `umtrain.parallel.memory_sharding` is an all-to-all of uneve
 and per tag, the payload bytes that leave this rank for another rank and the bytes that arrive from another
 rank; a rank's copy to itself is not traffic. The cost model (`umtrain.parallel.cost_model`) predicts the same
 counters, tag by tag, so tests can compare them exactly. Tags of backward passes end in `.grad`.
+
+`run_local_group` starts a local process group (spawned processes, 127.0.0.1) for tests, benchmarks and
+`umtrain calibrate-comm`.
 """
 
 from __future__ import annotations

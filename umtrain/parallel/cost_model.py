@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -265,9 +264,11 @@ def _group_max(comm: Communicator, value: float, device: torch.device | str) -> 
 
 
 def _least_squares_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
-    mean_x, mean_y = statistics.fmean(xs), statistics.fmean(ys)
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys)) / sum((x - mean_x) ** 2 for x in xs)
-    return slope, mean_y - slope * mean_x
+    """(slope, intercept) minimising relative errors, so the small messages that fix alpha count as much as the
+    large ones that fix beta."""
+    design = torch.tensor([[1.0 / y, x / y] for x, y in zip(xs, ys)], dtype=torch.float64)
+    intercept, slope = torch.linalg.lstsq(design, torch.ones(len(ys), 1, dtype=torch.float64)).solution.view(-1).tolist()
+    return slope, intercept
 
 
 @dataclass
@@ -325,8 +326,8 @@ def plan_layer(dims: LookupDims, tokens_per_rank: int, calibration: Calibration,
         mine = "dimension" if mode == "dimension" else number
         theirs = number if mode == "dimension" else "dimension"
         reason = (f"{mode}-wise: predicted {seconds[mine] * 1e3:.3f} ms vs {seconds[theirs] * 1e3:.3f} ms {other}-wise "
-                  f"({_mb(sent[mine])} vs {_mb(sent[theirs])} sent per rank, forward + backward; "
-                  f"{calibration.source})")
+                  f"({_mb(sent[mine])} vs {_mb(sent[theirs])} sent per rank, forward + backward; calibration: "
+                  f"{calibration.backend})")
     return LayerPlan(layer=layer, placement=placement, group_size=dims.group_size, tokens_per_rank=tokens_per_rank,
                      mode=mode, owner_pooling=mode == "number" and pooled, bytes_number_wise=sent[number],
                      bytes_number_rows=sent["number"], bytes_number_pooled=sent["pooled"],

@@ -1,0 +1,88 @@
+"""UltraMem inside the Megatron trainer: TP and PP give the single-process losses and memory gradients, and the
+value tables follow their own LR schedule (spec section 2.7)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from megatron.core import parallel_state
+
+from tests.distributed import tiny_config, train_on_ranks
+from umtrain.config import config_from_dict
+from umtrain.model.build import unwrap
+from umtrain.parallel.comm import run_local_group
+
+MEMORY = {"placements": ["1:2", "3:4"], "num_values": 1024, "value_dim": 32, "key_dim": 16, "topk": 4,
+          "value_lr_multiplier": 10.0, "lookup_impl": "reference"}
+
+
+def ultramem_config(tp: int = 1, pp: int = 1, **extra) -> dict:
+    config = tiny_config(parallel={"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp}, **extra)
+    config["model"].update(family="ultramem", memory=dict(MEMORY))
+    return config
+
+
+def memory_grads(trainer) -> dict:
+    """Gradients of the last step's memory parameters, keyed by (writer layer, parameter name)."""
+    grads = {}
+    for chunk in trainer.model:
+        for layer in unwrap(chunk).decoder.layers:
+            if getattr(layer, "memory", None) is not None:
+                for name, param in layer.memory.named_parameters():
+                    grads[(layer.layer_number, name)] = param.main_grad.detach().clone()
+    return {"loss": trainer.history.loss, "grad_norm": trainer.history.grad_norm, "grads": grads}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return train_on_ranks(ultramem_config(), 1, collect=memory_grads)[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
+def test_memory_model_matches_single_process(reference, tp, pp):
+    results = train_on_ranks(ultramem_config(tp, pp), tp * pp, collect=memory_grads)
+    seen = {}
+    for result in results:
+        assert result["loss"] == pytest.approx(reference["loss"], rel=1e-5)
+        assert result["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-5)
+        seen.update(result["grads"])
+    assert seen.keys() == reference["grads"].keys()
+    for key, grad in reference["grads"].items():
+        torch.testing.assert_close(seen[key], grad, rtol=1e-5, atol=1e-7, msg=f"gradient of {key}")
+
+
+def _value_lrs_per_step(rank, world_size, config_dict):
+    from umtrain.train.trainer import Trainer
+
+    trainer = Trainer(config_from_dict(config_dict, world_size=world_size))
+    observed = []
+    try:
+        for _ in range(config_dict["training"]["train_iters"]):
+            trainer.train_step()
+            groups = trainer.optimizer.param_groups
+            observed.append(([g["lr"] for g in groups if g.get("umtrain_value_lr")],
+                             [g["lr"] for g in groups if not g.get("umtrain_value_lr")]))
+            trainer.iteration += 1
+            trainer.consumed_samples += config_dict["training"]["global_batch_size"]
+        return observed
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+@pytest.mark.slow
+def test_value_lr_follows_the_formula_at_every_step():
+    config = ultramem_config(schedule={"lr_warmup_iters": 2, "lr_decay_style": "cosine"},
+                             training={"train_iters": 6})
+    observed = run_local_group(_value_lrs_per_step, 1, config)[0]
+    lr0, min_lr, total, lam, warmup = 1e-3, 1e-4, 6, 10.0, 2
+    for step, (value_lrs, other_lrs) in enumerate(observed):
+        if step < warmup:
+            base = lr0 * (step + 1) / warmup
+        else:
+            base = min_lr + 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total - warmup))) * (lr0 - min_lr)
+        assert value_lrs and other_lrs
+        assert other_lrs == pytest.approx([base] * len(other_lrs))
+        assert value_lrs == pytest.approx([base * (1 + (lam - 1) * max(0.0, 1 - step / total))] * len(value_lrs))

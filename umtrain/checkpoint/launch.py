@@ -1,0 +1,41 @@
+"""torchrun whose exit code says "requeue me": `python -m umtrain.checkpoint.launch <torchrun arguments>`.
+
+torchrun itself exits 1 whenever a worker fails, so a preempted run (every worker exits REQUEUE_EXIT_CODE after
+saving) would look like a crash to SLURM. This wrapper returns REQUEUE_EXIT_CODE when the first failing worker
+exited with it, and the worker's own code (or 1) otherwise.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from umtrain.checkpoint.signals import REQUEUE_EXIT_CODE
+
+
+def exit_code_of(error: BaseException) -> int:
+    """The exit code to report for torchrun's ChildFailedError (the first failing worker's)."""
+    first = getattr(error, "get_first_failure", None)
+    if first is None:
+        return 1
+    _, failure = first()
+    code = failure.exitcode
+    return code if code == REQUEUE_EXIT_CODE or 0 < code < 256 else 1
+
+
+def run_torchrun(argv: list[str]) -> int:
+    from torch.distributed.run import main as torchrun
+
+    try:
+        torchrun(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    except Exception as err:  # ChildFailedError carries every failed worker's exit code
+        code = exit_code_of(err)
+        if code != REQUEUE_EXIT_CODE:
+            print(f"umtrain: training failed: {err}", file=sys.stderr)
+        return code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_torchrun(sys.argv[1:]))
