@@ -133,19 +133,22 @@ def summarize(rows: list[dict], refit: Calibration) -> list[dict]:
         variant, choice = _choice({v: row[f"predicted_{v}"] for v in VARIANTS})
         faster = "dimension" if measured["dimension"] < measured[variant] else variant
         other = measured["dimension"] if choice != "dimension" else measured[variant]
-        refit_times = {v: refit.seconds(variant_traffic(v, Point(row["tokens"], row["topk"], row["E"], row["d_v"])
-                                                        .dims(row["P"]), row["tokens"])) for v in VARIANTS}
-        refit_variant, refit_choice = _choice(refit_times)
+        refit_variant, refit_choice = _choice({v: refit.seconds(_traffic(row, v)) for v in VARIANTS})
         refit_faster = "dimension" if measured["dimension"] < measured[refit_variant] else refit_variant
+        near_tie = abs(measured[choice] - other) < 0.1 * min(measured[choice], other)
         out.append({**row, "number_variant": variant, "choice": choice, "faster": faster,
-                    "correct": choice == faster, "near_tie": abs(measured[choice] - other) < 0.1 * min(measured[choice], other),
+                    "correct": choice == faster, "near_tie": near_tie,
                     "refit_choice": refit_choice, "refit_correct": refit_choice == refit_faster})
     return out
 
 
+def _traffic(row: dict, variant: str):
+    point = Point(row["tokens"], row["topk"], row["E"], row["d_v"])
+    return variant_traffic(variant, point.dims(row["P"]), point.tokens)
+
+
 def refit_calibration(rows: list[dict]) -> Calibration:
-    observations = [(variant_traffic(v, Point(r["tokens"], r["topk"], r["E"], r["d_v"]).dims(r["P"]), r["tokens"]),
-                     r[f"measured_{v}"]) for r in rows for v in VARIANTS]
+    observations = [(_traffic(r, v), r[f"measured_{v}"]) for r in rows for v in VARIANTS]
     return fit_calibration(observations, source=f"least squares on {len(observations)} timings of this sweep")
 
 

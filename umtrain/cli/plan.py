@@ -107,7 +107,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
         calibration = run_local_group(_calibrate_worker, args.nproc, args.iters, None, backend=backend)[0]
     calibration.save(args.output)
     print(f"alpha {calibration.alpha_s * 1e6:.1f} us, beta {calibration.beta_s_per_byte * 1e9:.4f} ns/byte "
-          f"({1 / calibration.beta_s_per_byte / 1e9:.2f} GB/s), {backend}, {calibration.world_size} ranks -> {args.output}")
+          f"({1 / calibration.beta_s_per_byte / 1e9:.2f} GB/s), {backend}, {calibration.world_size} ranks "
+          f"-> {args.output}")
     return 0
 
 

@@ -43,10 +43,12 @@ class Communicator:
         self.bytes_received.clear()
         self.calls.clear()
 
-    def all_to_all(self, x: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int], tag: str) -> torch.Tensor:
+    def all_to_all(self, x: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int],
+                   tag: str) -> torch.Tensor:
         """Rows [sum(send_splits), ...] of x go, split by destination rank; returns [sum(recv_splits), ...]."""
         if len(send_splits) != self.size or len(recv_splits) != self.size:
-            raise ValueError(f"{tag}: split lists need {self.size} entries, got {len(send_splits)} and {len(recv_splits)}")
+            raise ValueError(f"{tag}: split lists need {self.size} entries, got {len(send_splits)} and "
+                             f"{len(recv_splits)}")
         if sum(send_splits) != x.shape[0]:
             raise ValueError(f"{tag}: send splits sum to {sum(send_splits)} but the tensor has {x.shape[0]} rows")
         row_bytes = math.prod(x.shape[1:]) * x.element_size()
@@ -59,7 +61,8 @@ class Communicator:
         return out
 
     def exchange_counts(self, counts: torch.Tensor, tag: str = "meta") -> torch.Tensor:
-        """counts [P, c] int64, row j meant for rank j -> [P, c], row i from rank i. A host sync on GPU."""
+        """counts [P, c] int64, row j meant for rank j -> [P, c], row i from rank i (reading it on the host is the
+        sync an uneven all-to-all needs on GPU)."""
         ones = [1] * self.size
         return self.all_to_all(counts, ones, ones, tag)
 

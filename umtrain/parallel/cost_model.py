@@ -267,7 +267,8 @@ def _least_squares_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float
     """(slope, intercept) minimising relative errors, so the small messages that fix alpha count as much as the
     large ones that fix beta."""
     design = torch.tensor([[1.0 / y, x / y] for x, y in zip(xs, ys)], dtype=torch.float64)
-    intercept, slope = torch.linalg.lstsq(design, torch.ones(len(ys), 1, dtype=torch.float64)).solution.view(-1).tolist()
+    ones = torch.ones(len(ys), 1, dtype=torch.float64)
+    intercept, slope = torch.linalg.lstsq(design, ones).solution.view(-1).tolist()
     return slope, intercept
 
 
@@ -306,12 +307,11 @@ def plan_layer(dims: LookupDims, tokens_per_rank: int, calibration: Calibration,
                requested: Literal["auto", "number", "dimension"] = "auto", layer: int = 0,
                placement: str = "") -> LayerPlan:
     """Predict both modes for one layer and pick the faster (or apply the requested mode), saying why."""
-    seconds = {v: calibration.seconds(variant_traffic(v, dims, tokens_per_rank))
-               for v in ("number", "pooled", "dimension")}
-    sent = {v: round(variant_traffic(v, dims, tokens_per_rank).total_sent()) for v in seconds}
+    traffic = {v: variant_traffic(v, dims, tokens_per_rank) for v in ("number", "pooled", "dimension")}
+    seconds = {v: calibration.seconds(t) for v, t in traffic.items()}
+    sent = {v: round(t.total_sent()) for v, t in traffic.items()}
     problem = dimension_wise_problem(dims.value_dim, dims.num_cores, dims.group_size)
-    pooled = seconds["pooled"] < seconds["number"]
-    number = "pooled" if pooled else "number"
+    number = "pooled" if seconds["pooled"] < seconds["number"] else "number"
     if dims.group_size == 1:
         mode, reason = "local", "P=1: the whole table is local, nothing to communicate"
     elif requested == "dimension" and problem:
@@ -321,19 +321,21 @@ def plan_layer(dims: LookupDims, tokens_per_rank: int, calibration: Calibration,
     elif problem:
         mode, reason = "number", f"number-wise: {problem}"
     else:
-        mode = "dimension" if seconds["dimension"] < seconds[number] else "number"
-        other = "number" if mode == "dimension" else "dimension"
-        mine = "dimension" if mode == "dimension" else number
-        theirs = number if mode == "dimension" else "dimension"
-        reason = (f"{mode}-wise: predicted {seconds[mine] * 1e3:.3f} ms vs {seconds[theirs] * 1e3:.3f} ms {other}-wise "
-                  f"({_mb(sent[mine])} vs {_mb(sent[theirs])} sent per rank, forward + backward; calibration: "
-                  f"{calibration.backend})")
+        chosen, rejected = ("dimension", number) if seconds["dimension"] < seconds[number] else (number, "dimension")
+        mode = "dimension" if chosen == "dimension" else "number"
+        reason = (f"{_describe(chosen)}: predicted {seconds[chosen] * 1e3:.3f} ms vs {seconds[rejected] * 1e3:.3f} ms "
+                  f"{_describe(rejected)} ({_mb(sent[chosen])} vs {_mb(sent[rejected])} sent per rank, forward + "
+                  f"backward; calibration: {calibration.backend})")
     return LayerPlan(layer=layer, placement=placement, group_size=dims.group_size, tokens_per_rank=tokens_per_rank,
-                     mode=mode, owner_pooling=mode == "number" and pooled, bytes_number_wise=sent[number],
-                     bytes_number_rows=sent["number"], bytes_number_pooled=sent["pooled"],
-                     bytes_dimension_wise=None if problem else sent["dimension"],
-                     seconds_number_wise=seconds[number], seconds_dimension_wise=None if problem else seconds["dimension"],
-                     reason=reason)
+                     mode=mode, owner_pooling=mode == "number" and number == "pooled",
+                     bytes_number_wise=sent[number], bytes_number_rows=sent["number"],
+                     bytes_number_pooled=sent["pooled"], bytes_dimension_wise=None if problem else sent["dimension"],
+                     seconds_number_wise=seconds[number],
+                     seconds_dimension_wise=None if problem else seconds["dimension"], reason=reason)
+
+
+def _describe(variant: Variant) -> str:
+    return {"number": "number-wise", "pooled": "number-wise (owner-pooled)", "dimension": "dimension-wise"}[variant]
 
 
 def _mb(num_bytes: float) -> str:

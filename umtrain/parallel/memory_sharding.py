@@ -244,7 +244,8 @@ class NumberWiseLookup(ShardedLookup):
         reduce call with a single 'token' whose virtual blocks are (source token, IVE block) pairs."""
         device = in_rows.device
         first_token = torch.tensor([0] + source_tokens[:-1], device=device).cumsum(0)
-        slots = in_slots.long() + torch.repeat_interleave(first_token * num_blocks, torch.tensor(recv_splits, device=device))
+        per_request = torch.repeat_interleave(first_token * num_blocks, torch.tensor(recv_splits, device=device))
+        slots = in_slots.long() + per_request
         all_tokens = sum(source_tokens)
         partial = _pool(self.local_impl, in_rows.long().view(1, -1), slots.view(1, -1), in_scores.t().unsqueeze(1),
                         table_shard, all_tokens * num_blocks)

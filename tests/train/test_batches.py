@@ -1,0 +1,40 @@
+"""Micro-batches: every (DP, micro-batch) split of a global batch holds the same micro-batches, in Megatron's order."""
+
+from __future__ import annotations
+
+import torch
+
+from umtrain.train.batches import MicroBatches
+
+
+class Numbers:
+    def __len__(self):
+        return 1000
+
+    def __getitem__(self, index):
+        return {"tokens": torch.tensor([index])}
+
+
+def micro_batches_of(dp: int, global_batch: int = 8, micro: int = 2, consumed: int = 16) -> set[tuple[int, ...]]:
+    batches = set()
+    for rank in range(dp):
+        for mb in MicroBatches(Numbers(), global_batch, micro, rank, dp).global_batch(consumed):
+            batches.add(tuple(mb["tokens"].view(-1).tolist()))
+    return batches
+
+
+def test_dp_layouts_share_micro_batches():
+    expected = {(16, 17), (18, 19), (20, 21), (22, 23)}
+    assert micro_batches_of(1) == expected
+    assert micro_batches_of(2) == expected
+    assert micro_batches_of(4) == expected
+
+
+def test_rank_interleaving_matches_megatron_sampler():
+    rank1 = MicroBatches(Numbers(), 8, 2, dp_rank=1, dp_size=2).global_batch(0)
+    assert [mb["tokens"].view(-1).tolist() for mb in rank1] == [[2, 3], [6, 7]]
+
+
+def test_one_iterator_per_virtual_chunk():
+    iterators = MicroBatches(Numbers(), 4, 2, 0, 1).iterators(0, num_chunks=2)
+    assert [next(it)["tokens"].view(-1).tolist() for it in iterators] == [[0, 1], [0, 1]]

@@ -1,0 +1,62 @@
+"""LR schedules against hand-computed values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from umtrain.config import load_config
+from umtrain.train.schedule import apply_lr, base_lr, value_lr_multiplier, warmup_iters
+
+
+def config(**overrides):
+    items = ["data.mock=true", "optimizer.lr=1.0", "optimizer.min_lr=0.1", "training.train_iters=100",
+             "schedule.lr_warmup_iters=10"] + [f"{k}={v}" for k, v in overrides.items()]
+    return load_config(None, items)
+
+
+def test_warmup_is_linear_from_lr_over_warmup():
+    c = config()
+    assert [base_lr(c, s) for s in range(3)] == pytest.approx([0.1, 0.2, 0.3])
+    assert base_lr(c, 9) == pytest.approx(1.0)
+
+
+def test_cosine_decays_to_min_lr():
+    c = config()
+    assert base_lr(c, 10) == pytest.approx(1.0)
+    assert base_lr(c, 55) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert base_lr(c, 100) == pytest.approx(0.1)
+    assert base_lr(c, 500) == pytest.approx(0.1)
+
+
+def test_linear_and_constant():
+    linear = config(**{"schedule.lr_decay_style": "linear"})
+    assert base_lr(linear, 55) == pytest.approx(0.1 + 0.9 * 0.5)
+    constant = config(**{"schedule.lr_decay_style": "constant"})
+    assert base_lr(constant, 80) == pytest.approx(1.0)
+
+
+def test_warmup_fraction():
+    c = load_config(None, ["data.mock=true", "training.train_iters=1000", "schedule.lr_warmup_fraction=0.01"])
+    assert warmup_iters(c) == 10
+
+
+def test_value_lr_multiplier_decays_linearly_to_one():
+    c = load_config(None, ["data.mock=true", "model.family=ultramem", "model.memory.value_lr_multiplier=10",
+                           "training.train_iters=100"])
+    assert value_lr_multiplier(c, 0) == pytest.approx(10.0)
+    assert value_lr_multiplier(c, 50) == pytest.approx(5.5)
+    assert value_lr_multiplier(c, 100) == pytest.approx(1.0)
+    assert value_lr_multiplier(config(), 0) == 1.0
+
+
+def test_apply_lr_sets_groups_by_kind():
+    c = load_config(None, ["data.mock=true", "model.family=ultramem", "model.memory.topk=4", "optimizer.lr=1.0",
+                           "optimizer.min_lr=0.1",
+                           "optimizer.weight_decay=0.1", "schedule.lr_warmup_iters=0", "training.train_iters=10",
+                           "schedule.lr_decay_style=constant"])
+    groups = [{"wd_mult": 0.0}, {"umtrain_value_lr": True, "wd_mult": 1.0}, {"lr_mult": 0.5, "wd_mult": 1.0}]
+    apply_lr(c, groups, step=0)
+    assert [g["lr"] for g in groups] == pytest.approx([1.0, 10.0, 0.5])
+    assert [g["weight_decay"] for g in groups] == pytest.approx([0.0, 0.1, 0.1])
