@@ -14,7 +14,7 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQu
 
 from umtrain.checkpoint import manager
 from umtrain.checkpoint.compat import check_model_shape
-from umtrain.checkpoint.state import load_state_dict_template, restore_trainer, same_layout, save_state_dict, \
+from umtrain.checkpoint.state import FULL_CONTENTS, load_state_dict_template, restore_trainer, same_layout, save_state_dict, \
     sync_params_before_save
 from umtrain.config import Config, dump_config
 from umtrain.config.base import ConfigError
@@ -139,11 +139,15 @@ class Checkpointer:
     def _load(self, trainer, path: Path) -> None:
         common = dist_checkpointing.load_common_state_dict(str(path))
         check_model_shape(common["config"], common["padded_vocab_size"], trainer.config, trainer.vocab_size, str(path))
-        load_optimizer = not self.config.checkpoint.no_load_optim
-        load_rng = same_layout(common["layout"], trainer)
-        if not load_rng and _is_rank0():
-            logger.warning("checkpoint layout %s differs from this run's: RNG states are not restored",
-                           common["layout"])
+        contents = common.get("contents", FULL_CONTENTS)
+        load_optimizer = not self.config.checkpoint.no_load_optim and "optimizer" in contents
+        load_rng = "rng" in contents and same_layout(common["layout"], trainer)
+        if _is_rank0():
+            if not self.config.checkpoint.no_load_optim and not load_optimizer:
+                logger.warning("%s holds no optimizer state (a converted checkpoint?): the optimizer starts fresh", path)
+            if not load_rng:
+                logger.warning("checkpoint layout %s differs from this run's: RNG states are not restored",
+                               common["layout"])
         template = load_state_dict_template(trainer, load_optimizer, load_rng)
         loaded = dist_checkpointing.load(template, str(path))
         restore_trainer(trainer, loaded, load_optimizer, load_rng)

@@ -15,13 +15,15 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from umtrain.config.base import to_dict
 
 FORMAT_VERSION = 1
+FULL_CONTENTS = ("model", "optimizer", "rng")
+"""What a training checkpoint holds; a converted one holds only the model."""
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 
 
@@ -131,7 +133,7 @@ def layout_of(trainer) -> dict[str, int]:
 
 
 def common_state(trainer) -> dict[str, Any]:
-    return {"format_version": FORMAT_VERSION, "iteration": trainer.iteration,
+    return {"format_version": FORMAT_VERSION, "contents": list(FULL_CONTENTS), "iteration": trainer.iteration,
             "consumed_samples": trainer.consumed_samples, "config": to_dict(trainer.config),
             "layout": layout_of(trainer), "padded_vocab_size": trainer.vocab_size,
             "history": dataclasses.asdict(trainer.history)}
@@ -180,6 +182,3 @@ def sync_params_before_save(trainer) -> None:
 def same_layout(saved: dict[str, int], trainer) -> bool:
     return saved == layout_of(trainer)
 
-
-def data_parallel_rank() -> int:
-    return parallel_state.get_data_parallel_rank()

@@ -72,7 +72,7 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_heads: int) 
 
 
 def _map(tensors: Tensors, num_heads: int, fused_name: Callable[[str, str], str], rename: Callable[[str], str]) -> Tensors:
-    """Rename every tensor; split each fused QKV tensor (matched by `fused_pattern`) into portable q, k, v."""
+    """Rename every tensor; split each fused QKV tensor (named like `fused_name`) into portable q, k, v."""
     out: Tensors = {}
     for key, tensor in tensors.items():
         match = _regex(fused_name("{layer}", "{p}")).fullmatch(key)

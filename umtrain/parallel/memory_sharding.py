@@ -145,6 +145,7 @@ class NumberWiseLookup(ShardedLookup):
             raise ValueError("capacity (>= 1) applies to plain number-wise sharding, without dedup or owner_pooling")
         self.dedup, self.owner_pooling, self.capacity = dedup, owner_pooling, capacity
         self.offsets = row_offsets(num_rows, self.size)
+        self._device_offsets: dict[torch.device, torch.Tensor] = {}
         self.overflow: Optional[torch.Tensor] = None
         """With a capacity: a device flag, set when a rank sent more than `capacity` ids to one owner."""
 
@@ -154,12 +155,17 @@ class NumberWiseLookup(ShardedLookup):
     def shard_offset(self) -> tuple[int, int]:
         return self.offsets[self.rank], 0
 
+    def offsets_on(self, device: torch.device) -> torch.Tensor:
+        """The row offsets on `device`, copied once (a blocking host-to-device copy waits for the GPU)."""
+        if device not in self._device_offsets:
+            self._device_offsets[device] = torch.tensor(self.offsets, dtype=torch.int64, device=device)
+        return self._device_offsets[device]
+
     def owners(self, rows: torch.Tensor) -> torch.Tensor:
-        boundaries = torch.tensor(self.offsets[1:-1], dtype=rows.dtype, device=rows.device)
-        return torch.bucketize(rows, boundaries, right=True)
+        return torch.bucketize(rows, self.offsets_on(rows.device)[1:-1].to(rows.dtype), right=True)
 
     def local_rows(self, rows: torch.Tensor, owners: torch.Tensor) -> torch.Tensor:
-        starts = torch.tensor(self.offsets[:-1], dtype=rows.dtype, device=rows.device)
+        starts = self.offsets_on(rows.device)[:-1]
         return _to_index(rows - starts[owners], self.local_table_shape()[0], "local row ids")
 
     def __call__(self, rows: torch.Tensor, blocks: torch.Tensor, scores: torch.Tensor, table_shard: torch.Tensor,

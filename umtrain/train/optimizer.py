@@ -69,15 +69,3 @@ def guarded_step(optimizer: ChainedOptimizer, clip_grad: float) -> StepResult:
             if parameters:
                 mcore_optimizer.clip_grad_by_total_norm_fp32(parameters, max_norm=clip_grad, total_norm=grad_norm)
     return StepResult(optimizer.step_with_ready_grads(), grad_norm)
-
-
-def param_groups(optimizer: ChainedOptimizer) -> list[dict]:
-    return optimizer.param_groups
-
-
-def optimizer_param_groups_for_lr(optimizer: ChainedOptimizer) -> list[dict]:
-    """The groups whose `lr` the inner torch optimizers read."""
-    groups: list[dict] = []
-    for inner in optimizer.chained_optimizers:
-        groups.extend(inner.optimizer.param_groups if inner.optimizer is not None else [])
-    return groups

@@ -1,0 +1,374 @@
+"""One UltraMem layer vs the dense MLP of the same activated FLOPs on CPU: forward+backward time and memory.
+
+    python benchmarks/memory_layer.py [--points 2048x65536x16,...] [--repeats 5] [--out docs/benchmarks/memory_layer.json]
+
+A point is TOKENSxNxTOP_M (tokens per step, physical values N, top-m per head). Each point benchmarks three
+cases side by side: the UltraMem layer with the reference lookup-reduce, with the fused one, and the dense MLP
+(D -> F -> D, GELU, no biases) whose F gives it the layer's activated FLOPs per token under the paper's
+counting (`umtrain.model.accounting.memory_layer_components`: 2 x activated parameters + value pooling +
+TDQKR re-scoring), i.e. F = FLOPs / (4 D).
+
+Time: medians of interleaved repeats (every repeat runs each case back to back) after warm-up, forward and
+forward+backward (backward of the layer output against a fixed random gradient; parameter gradients are
+freed between repeats, as `zero_grad(set_to_none=True)` does).
+
+Memory, two measures per case:
+- saved activations: the distinct storages autograd keeps for backward (torch.autograd.graph.saved_tensors_hooks),
+  minus parameters and the input. Exact and load-independent; it is the quantity that grows with
+  top-m x d_v per token when the [T, K, d_v] gathered values are saved.
+- peak RSS of one forward+backward in a fresh process: VmHWM after resetting it (/proc/self/clear_refs) minus
+  VmRSS before the step, after a few-token warm-up that sets the libraries up. It includes the transient
+  buffers and the parameter gradients (the value table's dense gradient dominates for large N).
+
+THP_MEM_ALLOC_ENABLE=1 (PyTorch's 2 MiB pages for allocations >= 2 MiB, as in benchmarks/lookup_reduce.py) is
+set unless --small-pages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+if "--small-pages" not in sys.argv:
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")   # read by the allocator, so before torch is imported
+
+import torch                                                          # noqa: E402
+import torch.nn as nn                                                 # noqa: E402
+
+from umtrain.config.base import ConfigError                           # noqa: E402
+from umtrain.config.schema import MemoryConfig                        # noqa: E402
+from umtrain.model.accounting import memory_layer_components          # noqa: E402
+from umtrain.model.memory import MemoryLayer                          # noqa: E402
+from umtrain.ops.lookup_reduce import get_lookup_reduce               # noqa: E402
+
+CASES = ("ultramem_reference", "ultramem_fused", "dense_mlp")
+LOOKUP_OF_CASE = {"ultramem_reference": "reference", "ultramem_fused": "fused"}
+DEFAULT_POINTS = "2048x65536x16,2048x65536x64,2048x262144x16,8192x65536x16"
+WARMUP_TOKENS = 8
+MIB = 2 ** 20
+
+
+@dataclass(frozen=True)
+class Point:
+    tokens: int
+    num_values: int
+    top_m: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Point":
+        parts = text.lower().split("x")
+        if len(parts) != 3 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            raise ValueError(f"--points: {text!r} is not TOKENSxNxTOP_M with positive integers (e.g. 2048x65536x16)")
+        return cls(*(int(p) for p in parts))
+
+    def __str__(self) -> str:
+        return f"{self.tokens}x{self.num_values}x{self.top_m}"
+
+
+def memory_config(args: argparse.Namespace, point: Point) -> MemoryConfig:
+    """The UltraMem layer of a point (Table 1's switches at benchmark scale); improved init off: it only sets scales."""
+    config = MemoryConfig(num_values=point.num_values, value_dim=args.value_dim, key_dim=args.key_dim,
+                          num_heads=args.heads, topk=point.top_m, ive_expansion=args.ive_expansion,
+                          tucker_rank=args.tucker_rank, num_cores=args.cores, query_conv_kernel=args.conv_kernel,
+                          improved_init=False, lookup_impl="reference")
+    config.validate("memory")
+    return config
+
+
+def memory_flops_per_token(config: MemoryConfig, hidden_size: int) -> int:
+    return sum(c.flops_per_token for c in memory_layer_components(config, hidden_size))
+
+
+def dense_ffn_size(flops_per_token: int, hidden_size: int) -> int:
+    """F such that the D -> F -> D MLP's 2 x 2DF FLOPs per token match `flops_per_token` (nearest integer)."""
+    return max(1, round(flops_per_token / (4 * hidden_size)))
+
+
+def build_module(case: str, args: argparse.Namespace, point: Point) -> nn.Module:
+    config = memory_config(args, point)
+    if case == "dense_mlp":
+        ffn = dense_ffn_size(memory_flops_per_token(config, args.hidden), args.hidden)
+        module = nn.Sequential(nn.Linear(args.hidden, ffn, bias=False), nn.GELU(),
+                               nn.Linear(ffn, args.hidden, bias=False))
+    else:
+        module = MemoryLayer(config, args.hidden, num_layers=12, seed=0, layer_index=0,
+                             lookup=get_lookup_reduce(LOOKUP_OF_CASE[case]))
+    return module.to(getattr(torch, args.dtype))
+
+
+def make_batch(args: argparse.Namespace, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input x [tokens, 1, D] (requires grad: the previous block needs it) and the output gradient."""
+    gen = torch.Generator().manual_seed(0)
+    dtype = getattr(torch, args.dtype)
+    x = torch.randn(tokens, 1, args.hidden, generator=gen, dtype=dtype).requires_grad_()
+    grad = torch.randn(tokens, 1, args.hidden, generator=gen, dtype=dtype)
+    return x, grad
+
+
+def forward_backward(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> tuple[float, float]:
+    """Seconds of the forward and of forward+backward, parameter and input gradients freed first."""
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    start = time.perf_counter()
+    out = module(x)
+    forward_s = time.perf_counter() - start
+    out.backward(grad)
+    return forward_s, time.perf_counter() - start
+
+
+def time_cases(modules: Dict[str, nn.Module], x: torch.Tensor, grad: torch.Tensor, warmup: int,
+               repeats: int) -> Dict[str, Dict[str, List[float]]]:
+    """Interleaved repeats: every repeat runs each case back to back, so machine load hits all cases alike."""
+    samples = {case: {"forward_ms": [], "forward_backward_ms": []} for case in modules}
+    for repeat in range(warmup + repeats):
+        for case, module in modules.items():
+            forward_s, forward_backward_s = forward_backward(module, x, grad)
+            if repeat >= warmup:
+                samples[case]["forward_ms"].append(1e3 * forward_s)
+                samples[case]["forward_backward_ms"].append(1e3 * forward_backward_s)
+    return samples
+
+
+def saved_activation_bytes(module: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the distinct storages autograd saves for backward in one forward, parameters and input excluded."""
+    excluded = {p.untyped_storage().data_ptr() for p in module.parameters()} | {x.untyped_storage().data_ptr()}
+    saved: Dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in excluded:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        module(x)
+    return sum(saved.values())
+
+
+def peak_rss_bytes(args: argparse.Namespace, case: str, point: Point) -> int:
+    """Peak RSS of one forward+backward above the state before it, measured in a fresh process."""
+    command = [sys.executable, __file__, "--measure-peak", case, f"--points={point}", *_layer_flags(args)]
+    env = os.environ.copy()
+    if args.small_pages:
+        env.pop("THP_MEM_ALLOC_ENABLE", None)
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode:
+        raise RuntimeError(f"peak-memory process for {case} at {point} failed:\n{result.stderr[-2000:]}")
+    return int(result.stdout.split()[-1])
+
+
+def _layer_flags(args: argparse.Namespace) -> List[str]:
+    return [f"--hidden={args.hidden}", f"--value-dim={args.value_dim}", f"--key-dim={args.key_dim}",
+            f"--heads={args.heads}", f"--ive-expansion={args.ive_expansion}", f"--tucker-rank={args.tucker_rank}",
+            f"--cores={args.cores}", f"--conv-kernel={args.conv_kernel}", f"--dtype={args.dtype}",
+            *(["--small-pages"] if args.small_pages else [])]
+
+
+def _proc_status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}: peak RSS needs Linux")
+
+
+def measure_peak_here(args: argparse.Namespace) -> None:
+    """Child process: warm up on a few tokens, reset the RSS high-water mark, run one full step, print the peak."""
+    point = args.points[0]
+    module = build_module(args.measure_peak, args, point)
+    forward_backward(module, *make_batch(args, WARMUP_TOKENS))
+    x, grad = make_batch(args, point.tokens)
+    module.zero_grad(set_to_none=True)
+    gc.collect()
+    before = _proc_status_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")                    # resets VmHWM to the current RSS
+    forward_backward(module, x, grad)
+    print((_proc_status_kib("VmHWM") - before) * 1024)
+
+
+def benchmark_point(args: argparse.Namespace, point: Point, cases: Sequence[str]) -> Dict:
+    config = memory_config(args, point)
+    flops = memory_flops_per_token(config, args.hidden)
+    ffn = dense_ffn_size(flops, args.hidden)
+    peaks = {case: peak_rss_bytes(args, case, point) for case in cases}
+    modules = {case: build_module(case, args, point) for case in cases}
+    x, grad = make_batch(args, point.tokens)
+    saved = {case: saved_activation_bytes(module, x) for case, module in modules.items()}
+    samples = time_cases(modules, x, grad, args.warmup, args.repeats)
+    results = {}
+    for case in cases:
+        results[case] = {
+            "forward_ms": statistics.median(samples[case]["forward_ms"]),
+            "forward_backward_ms": statistics.median(samples[case]["forward_backward_ms"]),
+            "saved_activation_mib": saved[case] / MIB,
+            "saved_activation_bytes_per_token": saved[case] / point.tokens,
+            "peak_rss_mib": peaks[case] / MIB,
+            "samples": samples[case],
+        }
+    k = args.heads * point.top_m
+    return {
+        "tokens": point.tokens, "num_values": point.num_values, "top_m": point.top_m, "k": k,
+        "k_times_d_v": k * args.value_dim,
+        "memory_flops_per_token": flops, "dense_ffn_size": ffn, "dense_flops_per_token": 4 * args.hidden * ffn,
+        "value_table_mib": point.num_values * args.value_dim * torch.finfo(getattr(torch, args.dtype)).bits / 8 / MIB,
+        "results": results,
+        "ratios": _ratios(results),
+    }
+
+
+def _ratios(results: Dict[str, Dict]) -> Dict[str, float]:
+    """Side-by-side ratios from the same run: each UltraMem case over the dense MLP, and reference over fused."""
+    ratios = {}
+    pairs = [(case, "dense_mlp") for case in LOOKUP_OF_CASE] + [("ultramem_reference", "ultramem_fused")]
+    for numerator, denominator in pairs:
+        if numerator in results and denominator in results:
+            for key in ("forward_backward_ms", "peak_rss_mib", "saved_activation_mib"):
+                ratios[f"{numerator}/{denominator}.{key}"] = results[numerator][key] / results[denominator][key]
+    return ratios
+
+
+def top_m_growth(points: List[Dict]) -> List[Dict]:
+    """Memory per token added per added top-m x d_v element, between points that differ only in top-m.
+
+    This is the baseline a fused lookup-reduce must beat: the reference saves the [T, K, d_v] gathered values
+    (>= 4 bytes per element in float32); a kernel whose memory does not grow with top-m x d_v gives ~0.
+    """
+    growth = []
+    for low in points:
+        for high in points:
+            if (low["tokens"], low["num_values"]) != (high["tokens"], high["num_values"]) or \
+                    high["top_m"] <= low["top_m"]:
+                continue
+            added = high["k_times_d_v"] - low["k_times_d_v"]
+            for case in high["results"]:
+                if case == "dense_mlp":
+                    continue
+                lo, hi = low["results"][case], high["results"][case]
+                growth.append({
+                    "case": case, "tokens": low["tokens"], "num_values": low["num_values"],
+                    "top_m": [low["top_m"], high["top_m"]],
+                    "saved_bytes_per_token_per_k_d_v": (hi["saved_activation_bytes_per_token"]
+                                                        - lo["saved_activation_bytes_per_token"]) / added,
+                    "peak_rss_bytes_per_token_per_k_d_v": (hi["peak_rss_mib"] - lo["peak_rss_mib"]) * MIB
+                                                          / low["tokens"] / added,
+                })
+    return growth
+
+
+def fused_status() -> Optional[str]:
+    """None when the fused lookup-reduce imports, else the error (the benchmark then skips that case)."""
+    try:
+        get_lookup_reduce("fused")
+    except Exception as error:                                        # noqa: BLE001  (any import failure)
+        return f"{type(error).__name__}: {error}"
+    return None
+
+
+def _cpu_model() -> str:
+    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+        if line.startswith("Model name:"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def print_table(summary: Dict) -> None:
+    machine = summary["machine"]
+    print(f"{machine['cpu']}, {machine['threads']} threads, load average {machine['load_average_1m_before_after']}"
+          f" (other work on the machine inflates every time below)")
+    if summary["fused_error"]:
+        print(f"fused lookup-reduce unavailable: {summary['fused_error']}")
+    print(f"{'point TxNxm':<18}{'case':<20}{'fwd ms':>9}{'f+b ms':>9}{'saved MiB':>11}{'B/token':>9}"
+          f"{'peak MiB':>10}{'f+b x dense':>12}{'peak x dense':>13}")
+    for p in summary["points"]:
+        for case, r in p["results"].items():
+            label = f"{p['tokens']}x{p['num_values']}x{p['top_m']}" if case == next(iter(p["results"])) else ""
+            time_x = p["ratios"].get(f"{case}/dense_mlp.forward_backward_ms", 1.0 if case == "dense_mlp" else 0)
+            peak_x = p["ratios"].get(f"{case}/dense_mlp.peak_rss_mib", 1.0 if case == "dense_mlp" else 0)
+            print(f"{label:<18}{case:<20}{r['forward_ms']:>9.1f}{r['forward_backward_ms']:>9.1f}"
+                  f"{r['saved_activation_mib']:>11.1f}{r['saved_activation_bytes_per_token']:>9.0f}"
+                  f"{r['peak_rss_mib']:>10.1f}{time_x:>12.2f}{peak_x:>13.2f}")
+        print(f"{'':<18}dense F={p['dense_ffn_size']} for {p['memory_flops_per_token'] / 1e6:.2f} MFLOPs/token; "
+              f"value table {p['value_table_mib']:.0f} MiB")
+    for g in summary["top_m_growth"]:
+        print(f"top-m {g['top_m'][0]}->{g['top_m'][1]} at T={g['tokens']} N={g['num_values']} {g['case']}: "
+              f"saved {g['saved_bytes_per_token_per_k_d_v']:.2f} B, "
+              f"peak {g['peak_rss_bytes_per_token_per_k_d_v']:.2f} B per token per added top-m x d_v element")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--points", default=DEFAULT_POINTS, help="comma-separated TOKENSxNxTOP_M")
+    parser.add_argument("--hidden", type=int, default=512, help="D")
+    parser.add_argument("--value-dim", type=int, default=256, help="d_v (UltraMem: D/2)")
+    parser.add_argument("--key-dim", type=int, default=128, help="d_k")
+    parser.add_argument("--heads", type=int, default=2, help="H; K = H * top-m")
+    parser.add_argument("--ive-expansion", type=int, default=4, help="E")
+    parser.add_argument("--tucker-rank", type=int, default=2, help="r")
+    parser.add_argument("--cores", type=int, default=2, help="MCS cores h")
+    parser.add_argument("--conv-kernel", type=int, default=5)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/memory_layer.json"))
+    parser.add_argument("--small-pages", action="store_true", help="do not set THP_MEM_ALLOC_ENABLE=1")
+    parser.add_argument("--measure-peak", choices=CASES, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    try:
+        args.points = [Point.parse(text) for text in args.points.split(",")]
+        for point in args.points:
+            memory_config(args, point)
+    except (ValueError, ConfigError) as error:
+        parser.error(str(error))
+    if args.repeats < 1 or args.warmup < 0:
+        parser.error(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict]:
+    """Run the benchmark, print the table, write the JSON; returns the summary (None in a peak-memory child)."""
+    args = parse_args(argv)
+    if args.measure_peak:
+        measure_peak_here(args)
+        return None
+    fused_error = fused_status()
+    cases = [case for case in CASES if not (case == "ultramem_fused" and fused_error)]
+    load_before = os.getloadavg()[0]
+    points = [benchmark_point(args, point, cases) for point in args.points]
+    summary = {
+        "command": " ".join(["python", "benchmarks/memory_layer.py", *(sys.argv[1:] if argv is None else argv)]),
+        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpu": _cpu_model(), "threads": torch.get_num_threads(), "platform": platform.platform(),
+                    "torch": torch.__version__, "huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
+                    "load_average_1m_before_after": [load_before, os.getloadavg()[0]]},
+        "layer": {"hidden": args.hidden, "value_dim": args.value_dim, "key_dim": args.key_dim, "heads": args.heads,
+                  "ive_expansion": args.ive_expansion, "tucker_rank": args.tucker_rank, "cores": args.cores,
+                  "conv_kernel": args.conv_kernel, "dtype": args.dtype},
+        "timing": {"warmup": args.warmup, "repeats": args.repeats, "statistic": "median of interleaved repeats"},
+        "memory_methods": {
+            "saved_activation": "torch.autograd.graph.saved_tensors_hooks: distinct storages saved for backward, "
+                                "parameters and input excluded",
+            "peak_rss": "fresh process per case: VmHWM after /proc/self/clear_refs reset minus VmRSS before one "
+                        "forward+backward (includes parameter gradients and transients)"},
+        "fused_error": fused_error,
+        "points": points,
+        "top_m_growth": top_m_growth(points),
+    }
+    print_table(summary)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Exact resume (float32, CPU, gloo): N steps, stop, resume, N steps gives bit-identical losses to 2N steps in one
+run; a corrupted latest is skipped; a changed model shape is a clear error; a kill mid-write keeps the previous
+checkpoint."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from tests.checkpoint.helpers import ULTRAMEM, run_config, train, tree_digest
+from umtrain.checkpoint import manager
+from umtrain.config import ConfigError
+
+N = 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,tp,world", [(None, 2, 2), (ULTRAMEM, 1, 2)], ids=["dense-tp2", "ultramem-dp2"])
+def test_stop_and_resume_is_bit_exact(tmp_path, model, tp, world):
+    reference = train(run_config(2 * N, tp=tp, model=model), world)["loss"]
+    save = str(tmp_path / "ckpt")
+    first = train(run_config(2 * N, stop_at=N, tp=tp, model=model, save=save), world)
+    second = train(run_config(2 * N, tp=tp, model=model, save=save), world)
+    assert first["loss"] == reference[:N]
+    assert second["start"] == N
+    assert second["loss"] == reference          # restored history + N fresh steps, bit for bit
+    assert manager.read_latest(tmp_path / "ckpt").name == manager.checkpoint_name(2 * N)
+
+
+def _kill_during_manifest(directory, iteration):
+    if iteration == 4:
+        os.kill(os.getpid(), signal.SIGKILL)    # data files written, not yet verified nor renamed
+    return _original_write_manifest(directory, iteration)
+
+
+_original_write_manifest = manager.write_manifest
+
+
+def killed_mid_write_worker(rank, world_size, config_dict):
+    from tests.checkpoint.helpers import trainer_worker
+
+    manager.write_manifest = _kill_during_manifest
+    return trainer_worker(rank, world_size, config_dict, False, False)
+
+
+@pytest.mark.slow
+def test_kill_mid_write_keeps_previous_checkpoint_and_latest(tmp_path):
+    from umtrain.parallel.comm import run_local_group
+
+    root = tmp_path / "ckpt"
+    config = run_config(6, stop_at=4, save=str(root), save_interval=2)
+    with pytest.raises(RuntimeError):
+        run_local_group(killed_mid_write_worker, 1, config)
+    assert manager.read_latest(root).name == manager.checkpoint_name(2)
+    assert (root / (manager.checkpoint_name(4) + ".tmp")).is_dir()
+    assert not (root / manager.checkpoint_name(4)).exists()
+    resumed = train(run_config(6, stop_at=4, save=str(root), save_interval=2), 1)
+    assert resumed["start"] == 2
+    assert resumed["loss"] == train(run_config(6, stop_at=4), 1)["loss"]
+
+
+@pytest.mark.slow
+def test_corrupt_latest_falls_back_and_shape_change_is_refused(tmp_path, caplog):
+    root = tmp_path / "ckpt"
+    train(run_config(4, save=str(root), save_interval=2), 1)
+    newest = root / manager.checkpoint_name(4)
+    victim = max((p for p in newest.iterdir() if p.suffix == ".distcp"), key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    checkpoint, warnings = manager.resolve_resume(root)
+    assert checkpoint.iteration == 2 and "CRC-32" in warnings[0]
+
+    before = tree_digest(root)
+    changed = run_config(4, save=str(root), save_interval=2, model={"hidden_size": 96})
+    with pytest.raises(RuntimeError, match=r"model\.hidden_size.*64.*96"):
+        train(changed, 1)
+    assert tree_digest(root) == before
+
+
+def test_shape_error_names_the_field():
+    from umtrain.checkpoint.compat import check_model_shape
+    from umtrain.config import config_from_dict
+    from umtrain.config.base import to_dict
+
+    saved = config_from_dict(run_config(4, model=dict(ULTRAMEM)))
+    memory = dict(ULTRAMEM["memory"], num_values=256)
+    current = config_from_dict(run_config(4, model=dict(ULTRAMEM, memory=memory)))
+    with pytest.raises(ConfigError, match=r"model\.memory\.num_values"):
+        check_model_shape(to_dict(saved), 256, current, 256, "ckpt")
+    check_model_shape(to_dict(saved), 256, saved, 256, "ckpt")
+    with pytest.raises(ConfigError, match=r"model\.vocab_size"):
+        check_model_shape(to_dict(saved), 256, saved, 384, "ckpt")

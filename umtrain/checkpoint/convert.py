@@ -1,0 +1,199 @@
+"""Conversion between Megatron checkpoints and the portable form (safetensors + resolved YAML config).
+
+Portable directory: `model.safetensors` (the `ReferenceGPT` state dict, full tensors), `config.yaml` (the resolved
+umtrain config) and `umtrain_portable.json` (iteration, consumed samples). It loads on one process with no
+process group and no Megatron (`load_portable`). Reading or writing a Megatron checkpoint uses a one-process gloo
+group: `dist_checkpointing` needs one even to read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import yaml
+
+from umtrain.checkpoint import manager
+from umtrain.config import Config, config_from_dict
+from umtrain.model.reference import ModelArgs, ReferenceGPT
+from umtrain.model.state_dict_adapter import Tensors, megatron_to_portable, portable_to_megatron
+
+logger = logging.getLogger("umtrain")
+
+WEIGHTS = "model.safetensors"
+PORTABLE_META = "umtrain_portable.json"
+
+
+# --------------------------------------------------------------------------------------------- forms
+
+
+def is_portable(path: Path) -> bool:
+    return (path / WEIGHTS).is_file() and (path / PORTABLE_META).is_file()
+
+
+def is_hf(path: Path) -> bool:
+    return (path / "config.json").is_file() and not is_portable(path)
+
+
+def resolve_megatron(path: Path) -> Path:
+    """A checkpoint directory as is; a checkpoint root -> the checkpoint `resume` would choose."""
+    checkpoint, warnings = manager.resolve_resume(path)
+    for warning in warnings:
+        logger.warning(warning)
+    if checkpoint is None:
+        raise FileNotFoundError(f"{path} holds no valid umtrain checkpoint")
+    return checkpoint.path
+
+
+def config_of(data: dict[str, Any]) -> Config:
+    """The saved resolved config, validated without the world size or data files of the saving run."""
+    return config_from_dict(data, check_files=False)
+
+
+# --------------------------------------------------------------------------------------------- megatron
+
+
+def single_process_group() -> None:
+    """dist_checkpointing reads and writes through torch.distributed: a gloo group of one, if none exists."""
+    from umtrain.parallel import cpu_compat
+    from umtrain.parallel.comm import free_port
+
+    cpu_compat.apply()
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                                             world_size=1)
+
+
+def read_megatron(path: Path) -> tuple[Tensors, dict[str, Any]]:
+    """(full model tensors by canonical Megatron key, the common state) of a checkpoint directory."""
+    from megatron.core import dist_checkpointing
+
+    single_process_group()
+    metadata = dist_checkpointing.load_tensors_metadata(str(path))
+    model_keys = {k: v for k, v in metadata.items() if not k.startswith("optimizer.")}
+    loaded = dist_checkpointing.load(model_keys, str(path), validate_access_integrity=False)
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    return {k: loaded[k] for k in model_keys}, common
+
+
+def write_megatron(out: Path, tensors: Tensors, config: dict[str, Any], meta: dict[str, Any]) -> Path:
+    """A model-only checkpoint directory (no optimizer, no RNG) that `--resume` loads under any layout."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    from umtrain.checkpoint.state import FORMAT_VERSION
+
+    single_process_group()
+    if out.exists():
+        raise FileExistsError(f"{out} exists; conversion never overwrites")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    state: dict[str, Any] = {k: ShardedTensor.from_rank_offsets(k, v.contiguous(), replica_id=0) for k, v in tensors.items()}
+    state.update(format_version=FORMAT_VERSION, iteration=meta["iteration"], consumed_samples=meta["consumed_samples"],
+                 config=config, layout=None, contents=["model"], padded_vocab_size=meta["padded_vocab_size"],
+                 history={})
+    dist_checkpointing.save(state, str(tmp))
+    manager.write_file_atomically(tmp / manager.CONFIG_FILE, yaml.safe_dump(config, sort_keys=False))
+    manager.write_manifest(tmp, meta["iteration"])
+    os.rename(tmp, out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- portable
+
+
+def write_portable(out: Path, tensors: Tensors, config: dict[str, Any], meta: dict[str, Any]) -> Path:
+    from safetensors.torch import save_file
+
+    if out.exists():
+        raise FileExistsError(f"{out} exists; conversion never overwrites")
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS))
+    (tmp / manager.CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+    (tmp / PORTABLE_META).write_text(json.dumps(meta, indent=1))
+    os.rename(tmp, out)
+    return out
+
+
+def read_portable(path: Path) -> tuple[Tensors, dict[str, Any], dict[str, Any]]:
+    from safetensors.torch import load_file
+
+    if not is_portable(path):
+        raise FileNotFoundError(f"{path} is not a portable checkpoint (needs {WEIGHTS} and {PORTABLE_META})")
+    config = yaml.safe_load((path / manager.CONFIG_FILE).read_text())
+    return load_file(str(path / WEIGHTS)), config, json.loads((path / PORTABLE_META).read_text())
+
+
+def reference_model(tensors: Tensors, config: Config) -> ReferenceGPT:
+    """A ReferenceGPT holding `tensors` (portable keys); vocabulary and final norm follow the tensors."""
+    args = ModelArgs.from_config(config, vocab_size=tensors["tok_embeddings.weight"].shape[0],
+                                 final_norm="norm.weight" in tensors)
+    model = ReferenceGPT(args).to(tensors["tok_embeddings.weight"].dtype)
+    model.load_state_dict(tensors, strict=True)
+    return model.eval()
+
+
+def load_portable(path: str | Path) -> tuple[ReferenceGPT, Config]:
+    """One process, no Megatron: the model (eval mode) and its config."""
+    tensors, config_dict, _ = read_portable(Path(path))
+    config = config_of(config_dict)
+    return reference_model(tensors, config), config
+
+
+# --------------------------------------------------------------------------------------------- conversions
+
+
+def megatron_to_portable_dir(source: Path, out: Path) -> Path:
+    tensors, common = read_megatron(resolve_megatron(source))
+    config = config_of(common["config"])
+    meta = {"iteration": common["iteration"], "consumed_samples": common["consumed_samples"],
+            "padded_vocab_size": common["padded_vocab_size"], "source": str(source)}
+    return write_portable(out, megatron_to_portable(tensors, config.model.num_attention_heads), common["config"], meta)
+
+
+def portable_to_megatron_dir(source: Path, out: Path) -> Path:
+    tensors, config_dict, meta = read_portable(source)
+    heads = config_of(config_dict).model.num_attention_heads
+    meta = {"padded_vocab_size": tensors["tok_embeddings.weight"].shape[0], "iteration": 0, "consumed_samples": 0,
+            **meta}
+    return write_megatron(out, portable_to_megatron(tensors, heads), config_dict, meta)
+
+
+def convert(source: str | Path, out: str | Path, to: str, config_path: Optional[str] = None) -> Path:
+    """`umtrain convert`: any form -> `to` ('portable', 'megatron' or 'hf'); through the portable form."""
+    from umtrain.checkpoint import hf
+
+    source, out = Path(source), Path(out)
+    if not source.exists():
+        raise FileNotFoundError(f"{source} does not exist")
+    if to == "portable":
+        if is_hf(source):
+            return hf.hf_to_portable_dir(source, out, config_path)
+        return megatron_to_portable_dir(source, out)
+    if to == "hf":
+        if is_portable(source):
+            return hf.portable_to_hf_dir(source, out)
+        staged = out.with_name(out.name + ".portable")
+        megatron_to_portable_dir(source, staged)
+        try:
+            return hf.portable_to_hf_dir(staged, out)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+    if to == "megatron":
+        if is_portable(source):
+            return portable_to_megatron_dir(source, out)
+        staged = out.with_name(out.name + ".portable")
+        hf.hf_to_portable_dir(source, staged, config_path)
+        try:
+            return portable_to_megatron_dir(staged, out)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+    raise ValueError(f"unknown target form {to!r} (portable, hf or megatron)")

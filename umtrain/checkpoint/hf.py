@@ -1,0 +1,117 @@
+"""Dense umtrain models <-> Hugging Face `GPTNeoXForCausalLM` (sequential residual, GELU, RoPE on
+`rotary_percent` of each head, LayerNorm everywhere): the same architecture, so the logits match."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from umtrain.checkpoint.convert import config_of, read_portable, write_portable
+from umtrain.config import Config, config_from_dict, load_config
+from umtrain.config.base import to_dict
+from umtrain.model.state_dict_adapter import Tensors, hf_to_portable, portable_to_hf
+
+
+def check_exportable(config: Config, tensors: Tensors) -> None:
+    m = config.model
+    if m.family != "dense":
+        raise ValueError(f"model.family {m.family!r}: only dense models export to Hugging Face GPTNeoX")
+    if m.normalization != "LayerNorm":
+        raise ValueError(f"model.normalization {m.normalization!r}: GPTNeoX uses LayerNorm")
+    if "norm.weight" not in tensors:
+        raise ValueError("the model has no final LayerNorm, which GPTNeoX always applies")
+
+
+def gpt_neox_config(config: Config, vocab_size: int):
+    from transformers import GPTNeoXConfig
+
+    m = config.model
+    return GPTNeoXConfig(
+        vocab_size=vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_attention_heads, intermediate_size=m.ffn_size, hidden_act="gelu",
+        rope_parameters={"rope_type": "default", "rope_theta": float(m.rotary_base),
+                         "partial_rotary_factor": m.rotary_percent},
+        max_position_embeddings=config.data.seq_length, layer_norm_eps=m.layernorm_epsilon,
+        use_parallel_residual=False, attention_bias=True, tie_word_embeddings=False,
+        hidden_dropout=0.0, attention_dropout=0.0, torch_dtype="float32")
+
+
+def with_explicit_biases_and_head(tensors: Tensors, config: Config) -> Tensors:
+    """GPTNeoX always has biases and its own output matrix: zeros where umtrain has none, the tied embedding."""
+    out = dict(tensors)
+    if "output.weight" not in out:
+        out["output.weight"] = out["tok_embeddings.weight"]
+    for key, tensor in tensors.items():
+        if key.endswith(".weight") and tensor.dim() == 2 and ("attention.w" in key or "feed_forward.w" in key):
+            out.setdefault(key[: -len("weight")] + "bias", torch.zeros(tensor.shape[0], dtype=tensor.dtype))
+    return out
+
+
+def portable_to_hf_dir(source: Path, out: Path) -> Path:
+    from transformers import GPTNeoXForCausalLM
+
+    tensors, config_dict, _ = read_portable(source)
+    config = config_of(config_dict)
+    check_exportable(config, tensors)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; conversion never overwrites")
+    tensors = with_explicit_biases_and_head(tensors, config)
+    hf_config = gpt_neox_config(config, tensors["tok_embeddings.weight"].shape[0])
+    model = GPTNeoXForCausalLM(hf_config)
+    hf_tensors = {k: v.clone() for k, v in portable_to_hf(tensors, config.model.num_attention_heads).items()}
+    model.load_state_dict(hf_tensors, strict=True)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    (tmp / "umtrain_config.json").write_text(json.dumps(config_dict))
+    tmp.rename(out)
+    return out
+
+
+def umtrain_config_for(hf_config: dict[str, Any], config_path: Optional[str], hf_dir: Path) -> Config:
+    """The umtrain config of an HF GPTNeoX model: the one exported with it, or `--config`, checked against it."""
+    if hf_config.get("model_type") != "gpt_neox" or hf_config.get("use_parallel_residual", True):
+        raise ValueError(f"{hf_dir}: only GPTNeoX with use_parallel_residual=false converts to umtrain")
+    if config_path is not None:
+        config = load_config(config_path, check_files=False)
+    elif (hf_dir / "umtrain_config.json").is_file():
+        config = config_of(json.loads((hf_dir / "umtrain_config.json").read_text()))
+    else:
+        rope = hf_config.get("rope_parameters") or {}
+        config = config_from_dict({
+            "model": {"family": "dense", "num_layers": hf_config["num_hidden_layers"],
+                      "hidden_size": hf_config["hidden_size"], "num_attention_heads": hf_config["num_attention_heads"],
+                      "ffn_hidden_size": hf_config["intermediate_size"], "vocab_size": hf_config["vocab_size"],
+                      "layernorm_epsilon": hf_config["layer_norm_eps"], "untie_embeddings_and_output_weights": True,
+                      "rotary_base": int(rope.get("rope_theta", 10000)),
+                      "rotary_percent": float(rope.get("partial_rotary_factor", 1.0))},
+            "data": {"mock": True, "seq_length": hf_config["max_position_embeddings"]}}, check_files=False)
+    expected = {"num_hidden_layers": config.model.num_layers, "hidden_size": config.model.hidden_size,
+                "num_attention_heads": config.model.num_attention_heads, "intermediate_size": config.model.ffn_size}
+    for name, value in expected.items():
+        if hf_config[name] != value:
+            raise ValueError(f"{hf_dir}/config.json has {name}={hf_config[name]}, the umtrain config {value}")
+    return config
+
+
+def hf_to_portable_dir(source: Path, out: Path, config_path: Optional[str] = None) -> Path:
+    from safetensors.torch import load_file
+
+    hf_config = json.loads((source / "config.json").read_text())
+    config = umtrain_config_for(hf_config, config_path, source)
+    files = sorted(source.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{source} has no .safetensors weights")
+    tensors = hf_to_portable({k: v for f in files for k, v in load_file(str(f)).items()},
+                             config.model.num_attention_heads)
+    if not config.model.untie_embeddings_and_output_weights:
+        tensors.pop("output.weight", None)
+    if not config.model.add_bias_linear:
+        tensors = {k: v for k, v in tensors.items() if not (k.endswith(".bias") and ("attention.w" in k or "feed_forward.w" in k))}
+    meta = {"iteration": 0, "consumed_samples": 0, "padded_vocab_size": tensors["tok_embeddings.weight"].shape[0],
+            "source": str(source)}
+    return write_portable(out, tensors, to_dict(config), meta)
