@@ -33,7 +33,7 @@ if "--small-pages" not in sys.argv:
 import torch                                                          # noqa: E402
 import torch.nn.functional as F                                       # noqa: E402
 
-from umtrain.ops.fused_lookup_reduce import bag_keys, bag_sum, fused_lookup_reduce   # noqa: E402
+from umtrain.ops.fused_lookup_reduce import bag_keys, bag_sum, fused_lookup_reduce, rank_by_block   # noqa: E402
 from umtrain.ops.lookup_reduce import lookup_reduce_reference         # noqa: E402
 
 COPY_BYTES = 256 << 20
@@ -50,8 +50,8 @@ def gather_onehot_einsum(rows, blocks, scores, table, num_blocks):
 
 def embedding_bag_autograd(rows, blocks, scores, table, num_blocks):
     """(token, block, core) bags through `embedding_bag`, differentiated by PyTorch's own embedding_bag backward."""
-    pooled = bag_sum(bag_keys(blocks, num_blocks), rows.shape[0] * num_blocks, rows.reshape(-1),
-                     scores.reshape(scores.shape[0], -1), table)
+    pooled = bag_sum(bag_keys(blocks, num_blocks), rows.shape[0] * num_blocks, rank_by_block(blocks, num_blocks),
+                     rows.reshape(-1), scores.reshape(scores.shape[0], -1), table)
     return pooled.view(rows.shape[0], num_blocks, table.shape[1])
 
 

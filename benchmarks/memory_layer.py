@@ -1,6 +1,6 @@
 """One UltraMem layer vs the dense MLP of the same activated FLOPs on CPU: forward+backward time and memory.
 
-    python benchmarks/memory_layer.py [--points 2048x65536x16,...] [--repeats 5] [--out docs/benchmarks/memory_layer.json]
+    python benchmarks/memory_layer.py [--points 1024x16384x16,...] [--repeats 3] [--out docs/benchmarks/memory_layer.json]
 
 A point is TOKENSxNxTOP_M (tokens per step, physical values N, top-m per head). Each point benchmarks three
 cases side by side: the UltraMem layer with the reference lookup-reduce, with the fused one, and the dense MLP
@@ -54,7 +54,7 @@ from umtrain.ops.lookup_reduce import get_lookup_reduce               # noqa: E4
 
 CASES = ("ultramem_reference", "ultramem_fused", "dense_mlp")
 LOOKUP_OF_CASE = {"ultramem_reference": "reference", "ultramem_fused": "fused"}
-DEFAULT_POINTS = "2048x65536x16,2048x65536x64,2048x262144x16,8192x65536x16"
+DEFAULT_POINTS = "1024x16384x16,1024x16384x64,1024x262144x16,4096x16384x16"
 WARMUP_TOKENS = 8
 MIB = 2 ** 20
 
@@ -156,16 +156,22 @@ def saved_activation_bytes(module: nn.Module, x: torch.Tensor) -> int:
     return sum(saved.values())
 
 
-def peak_rss_bytes(args: argparse.Namespace, case: str, point: Point) -> int:
-    """Peak RSS of one forward+backward above the state before it, measured in a fresh process."""
-    command = [sys.executable, __file__, "--measure-peak", case, f"--points={point}", *_layer_flags(args)]
+def peak_rss_bytes(args: argparse.Namespace, point: Point, cases: Sequence[str]) -> Dict[str, int]:
+    """Peak RSS of one forward+backward above the state before it, one fresh process per case (run concurrently:
+    each process measures only its own memory, and timing is not measured there)."""
     env = os.environ.copy()
     if args.small_pages:
         env.pop("THP_MEM_ALLOC_ENABLE", None)
-    result = subprocess.run(command, capture_output=True, text=True, env=env)
-    if result.returncode:
-        raise RuntimeError(f"peak-memory process for {case} at {point} failed:\n{result.stderr[-2000:]}")
-    return int(result.stdout.split()[-1])
+    children = {case: subprocess.Popen([sys.executable, __file__, "--measure-peak", case, f"--points={point}",
+                                        *_layer_flags(args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       text=True, env=env) for case in cases}
+    peaks = {}
+    for case, child in children.items():
+        stdout, stderr = child.communicate()
+        if child.returncode:
+            raise RuntimeError(f"peak-memory process for {case} at {point} failed:\n{stderr[-2000:]}")
+        peaks[case] = int(stdout.split()[-1])
+    return peaks
 
 
 def _layer_flags(args: argparse.Namespace) -> List[str]:
@@ -200,7 +206,7 @@ def benchmark_point(args: argparse.Namespace, point: Point, cases: Sequence[str]
     config = memory_config(args, point)
     flops = memory_flops_per_token(config, args.hidden)
     ffn = dense_ffn_size(flops, args.hidden)
-    peaks = {case: peak_rss_bytes(args, case, point) for case in cases}
+    peaks = peak_rss_bytes(args, point, cases)
     modules = {case: build_module(case, args, point) for case in cases}
     x, grad = make_batch(args, point.tokens)
     saved = {case: saved_activation_bytes(module, x) for case, module in modules.items()}
@@ -308,9 +314,9 @@ def print_table(summary: Dict) -> None:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points", default=DEFAULT_POINTS, help="comma-separated TOKENSxNxTOP_M")
-    parser.add_argument("--hidden", type=int, default=512, help="D")
-    parser.add_argument("--value-dim", type=int, default=256, help="d_v (UltraMem: D/2)")
-    parser.add_argument("--key-dim", type=int, default=128, help="d_k")
+    parser.add_argument("--hidden", type=int, default=256, help="D")
+    parser.add_argument("--value-dim", type=int, default=128, help="d_v (UltraMem: D/2)")
+    parser.add_argument("--key-dim", type=int, default=64, help="d_k")
     parser.add_argument("--heads", type=int, default=2, help="H; K = H * top-m")
     parser.add_argument("--ive-expansion", type=int, default=4, help="E")
     parser.add_argument("--tucker-rank", type=int, default=2, help="r")
@@ -318,7 +324,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--conv-kernel", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/memory_layer.json"))
     parser.add_argument("--small-pages", action="store_true", help="do not set THP_MEM_ALLOC_ENABLE=1")
     parser.add_argument("--measure-peak", choices=CASES, help=argparse.SUPPRESS)

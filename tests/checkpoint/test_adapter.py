@@ -53,7 +53,7 @@ def test_key_maps_round_trip_through_megatron_and_hf():
     back = megatron_to_portable(megatron, HEADS)
     assert back.keys() == tensors.keys() and all(torch.equal(back[k], tensors[k]) for k in tensors)
     hf = portable_to_hf(tensors, HEADS)
-    assert "gpt_neox.layers.1.attention.query_key_value.bias" in hf and "embed_out.weight" in hf
+    assert "gpt_neox.layers.1.attention.query_key_value.bias" in hf and "lm_head.weight" in hf
     again = hf_to_portable(hf, HEADS)
     assert again.keys() == tensors.keys() and all(torch.equal(again[k], tensors[k]) for k in tensors)
 

@@ -112,6 +112,16 @@ def test_mock_data_needs_no_files_or_tokenizer():
     assert tokens.shape == (32,) and int(tokens.max()) < 64
 
 
+@pytest.mark.timeout(60)
+def test_split_part_without_documents_is_refused(sp_tokenizer, tmp_path):
+    """Megatron-Core would loop forever building the test part: 0.001 of 300 documents rounds to none."""
+    prefix = one_token_per_document(tmp_path / "docs", 100, 300, sp_tokenizer.eod)
+    with pytest.raises(ConfigError, match=r"data.split: '969,30,1' leaves the test part of .*docs \(300 documents\)"):
+        build_gpt_datasets(make_config([prefix], split="969,30,1"), sp_tokenizer, 10, 2, 0)
+    train, valid, test = build_gpt_datasets(make_config([prefix], split="969,30,0"), sp_tokenizer, 10, 2, 0)
+    assert test is None and len(valid) >= 2
+
+
 def test_bad_blends_are_named(sp_tokenizer, tmp_path):
     prefix = one_token_per_document(tmp_path / "docs", 100, 5, sp_tokenizer.eod)
     with pytest.raises(ConfigError, match="data.data_path: a blend must alternate weight and prefix"):

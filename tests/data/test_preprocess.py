@@ -103,6 +103,7 @@ def test_bad_records_name_file_and_line(small_inputs, sentencepiece_model, tmp_p
 def test_bad_files_are_named_and_leave_no_output(small_inputs, sentencepiece_model, tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "blank.jsonl").write_text("\n \n")
+    write_jsonl(tmp_path / "no_text.jsonl", [{"text": ""}])
     (tmp_path / "notes.txt").write_text("text")
     pyarrow.parquet.write_table(pyarrow.table({"body": ["x"]}), tmp_path / "nocol.parquet")
     cases = {
@@ -117,4 +118,7 @@ def test_bad_files_are_named_and_leave_no_output(small_inputs, sentencepiece_mod
         with pytest.raises(error, match=message):
             preprocess([str(small_inputs[0]), path], str(tmp_path / "out"), "sentencepiece", sentencepiece_model,
                        progress=False)
+    with pytest.raises(ConfigError, match=r"inputs: no record of .*no_text\.jsonl.* has text"):
+        preprocess([str(tmp_path / "no_text.jsonl")], str(tmp_path / "out"), "sentencepiece", sentencepiece_model,
+                   progress=False)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("out")] == []

@@ -229,6 +229,8 @@ class ParallelConfig:
     use_distributed_optimizer: bool = True
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False
+    comm_calibration: Optional[str] = None
+    """JSON of measured alpha/beta (`umtrain calibrate-comm`) for the memory-sharding cost model (default: a guess)."""
     distributed_backend: Literal["auto", "nccl", "gloo"] = "auto"
     """auto: nccl when CUDA is available, gloo otherwise."""
 

@@ -53,11 +53,21 @@ def _validate_model_parallel(config: Config) -> None:
         raise ConfigError("parallel.expert_model_parallel_size",
                           f"EP={p.expert_model_parallel_size} does not divide model.moe.num_experts={m.moe.num_experts}")
     if m.family in ("pkm", "ultramem"):
-        mem = m.memory
-        if mem.sharding_mode == "dimension" and mem.value_dim % p.expert_model_parallel_size:
-            raise ConfigError("model.memory.sharding_mode",
-                              f"dimension-wise sharding needs value_dim={mem.value_dim} divisible by "
-                              f"P={p.expert_model_parallel_size}")
+        _validate_memory_sharding(config)
+
+
+def _validate_memory_sharding(config: Config) -> None:
+    from umtrain.parallel.cost_model import dimension_wise_problem
+
+    memory, size = config.model.memory, config.parallel.expert_model_parallel_size
+    if memory.sharding_mode == "dimension":
+        problem = dimension_wise_problem(memory.value_dim, memory.num_cores, size)
+        if problem:
+            raise ConfigError("model.memory.sharding_mode", problem)
+    if memory.sharding_mode != "dimension" and memory.num_values % size:
+        raise ConfigError("model.memory.num_values",
+                          f"N={memory.num_values} is not divisible by the memory-parallel size P={size}: "
+                          "number-wise shards must be equal for checkpoint resharding")
 
 
 def _validate_memory_placements(config: Config) -> None:

@@ -13,6 +13,8 @@ from typing import Callable, Optional
 
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+from megatron.core.datasets.utils import Split
 
 from umtrain.config.base import ConfigError
 from umtrain.config.schema import Config
@@ -93,12 +95,27 @@ def build_gpt_datasets(
     `is_built_on_rank()` is False (default: always True) get None datasets.
     """
     dataset_config = gpt_dataset_config(config, tokenizer, create_attention_mask)
+    _check_every_split_has_documents(dataset_config)
     dataset_class = MockGPTDataset if config.data.mock else GPTDataset
     builder = BlendedMegatronDatasetBuilder(
         dataset_class, [train_samples, valid_samples, test_samples], is_built_on_rank or (lambda: True),
         dataset_config)
     train, valid, test = builder.build()
     return train, valid, test
+
+
+def _check_every_split_has_documents(dataset_config: GPTDatasetConfig) -> None:
+    """Megatron-Core 0.16 loops forever on a split part that rounds to zero documents of a source (its epoch has no
+    tokens), even when no sample of that part is requested; refuse such a split up front."""
+    if dataset_config.blend is None:
+        return
+    for prefix in dataset_config.blend[0]:
+        documents = len(IndexedDataset(prefix))
+        for part, bookends in zip(Split, dataset_config.split_matrix):
+            if bookends is not None and round(bookends[1] * documents) == round(bookends[0] * documents):
+                raise ConfigError("data.split", f"{dataset_config.split!r} leaves the {part.name} part of {prefix} "
+                                                f"({documents} documents) without a document; give that part a "
+                                                f"larger share, or 0")
 
 
 def _is_number(text: str) -> bool:

@@ -97,24 +97,13 @@ def preprocess(
     tokenizer = load_tokenizer(tokenizer_type, tokenizer_model)
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
     tmp_bin, tmp_idx = (path.with_name(f"{path.name}.tmp-{os.getpid()}") for path in (bin_path, idx_path))
-    stats = {"documents": 0, "tokens": 0, "empty_documents": 0, "files": len(files), "output_prefix": output_prefix}
     builder = IndexedDatasetBuilder(str(tmp_bin), dtype=dtype)
     try:
-        with _encoder(workers, tokenizer_type, tokenizer_model, text_key, append_eod, dtype) as encode_all, \
-                tqdm(unit="doc", desc=f"preprocess {Path(output_prefix).name}", disable=not progress) as bar:
-            for path in files:
-                records = 0
-                for encoded in encode_all(_batches(path, text_key)):
-                    for document in encoded.documents:
-                        builder.add_document(document, [len(document)])
-                        stats["tokens"] += len(document)
-                    records += encoded.records
-                    stats["documents"] += len(encoded.documents)
-                    stats["empty_documents"] += encoded.records - len(encoded.documents)
-                    bar.update(encoded.records)
-                    bar.set_postfix(tokens=stats["tokens"], refresh=False)
-                if records == 0:
-                    raise DataInputError(str(path), "whole file", "holds no records")
+        with _encoder(workers, tokenizer_type, tokenizer_model, text_key, append_eod, dtype) as encode_all:
+            stats = _write_documents(builder, files, text_key, encode_all, f"preprocess {Path(output_prefix).name}",
+                                     progress)
+        if stats["documents"] == 0:
+            raise ConfigError("inputs", f"no record of {[str(p) for p in files]} has text that tokenises to anything")
         builder.finalize(str(tmp_idx))
         os.replace(tmp_bin, bin_path)
         os.replace(tmp_idx, idx_path)
@@ -122,6 +111,27 @@ def preprocess(
         builder.data_file.close()
         for path in (tmp_bin, tmp_idx):
             path.unlink(missing_ok=True)
+    return {**stats, "files": len(files), "output_prefix": output_prefix}
+
+
+def _write_documents(builder: IndexedDatasetBuilder, files: list[Path], text_key: str,
+                     encode_all: Callable[[Iterator[_RowBatch]], Iterator[_EncodedBatch]], description: str,
+                     progress: bool) -> dict:
+    stats = {"documents": 0, "tokens": 0, "empty_documents": 0}
+    with tqdm(unit="doc", desc=description, disable=not progress) as bar:
+        for path in files:
+            records = 0
+            for encoded in encode_all(_batches(path, text_key)):
+                for document in encoded.documents:
+                    builder.add_document(document, [len(document)])
+                    stats["tokens"] += len(document)
+                records += encoded.records
+                stats["documents"] += len(encoded.documents)
+                stats["empty_documents"] += encoded.records - len(encoded.documents)
+                bar.update(encoded.records)
+                bar.set_postfix(tokens=stats["tokens"], refresh=False)
+            if records == 0:
+                raise DataInputError(str(path), "whole file", "holds no records")
     return stats
 
 

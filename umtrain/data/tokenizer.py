@@ -134,7 +134,8 @@ def load_tokenizer(tokenizer_type: TokenizerType, path: str | os.PathLike) -> To
 def train_tokenizer(inputs: list[str], output: str, kind: TrainKind, vocab_size: int, text_key: str = "text") -> str:
     """Train on the documents of JSONL/Parquet `inputs`; returns the written `.model` / `tokenizer.json` path.
 
-    `output` is a file path; its suffix is replaced by `.model` (sentencepiece) or kept as given (bpe).
+    `output` is a file path: `NAME.model` (sentencepiece; `.model` is appended when missing, with `NAME.vocab`
+    beside it) or a tokenizer.json path (bpe).
     """
     if vocab_size < 300:
         raise ConfigError("vocab_size", f"must be >= 300 (256 byte pieces plus merges), got {vocab_size}")
@@ -151,7 +152,7 @@ def train_tokenizer(inputs: list[str], output: str, kind: TrainKind, vocab_size:
 def _train_sentencepiece(documents: Iterator[str], output: Path, vocab_size: int) -> str:
     """A BPE SentencePiece model that round-trips any text: identity normalisation, whitespace kept as is,
     unknown characters as byte pieces."""
-    prefix = output.with_suffix("")
+    prefix = output.with_name(output.name.removesuffix(".model"))
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=_lines_for_sentencepiece(documents),
         model_prefix=str(prefix),

@@ -13,6 +13,7 @@ from umtrain.config import Config
 from umtrain.model.gpt import build_model_chunk
 from umtrain.model.init import initialize_model
 from umtrain.model.memory_block import memory_modules
+from umtrain.parallel.overlap import memory_runner
 from umtrain.parallel.sequence import memory_io
 
 MemoryLookupFactory = Callable[[int], tuple[Callable, Optional[tuple[int, int]]]]
@@ -20,9 +21,8 @@ MemoryLookupFactory = Callable[[int], tuple[Callable, Optional[tuple[int, int]]]
 
 
 def placement_index_of_reader(config: Config) -> dict[int, int]:
-    """1-based reader layer -> index of its placement in the (sorted) placement list."""
-    spans = sorted(config.model.memory.parsed_placements("model.memory"))
-    return {a: index for index, (a, _) in enumerate(spans)}
+    """1-based reader layer -> index of its placement in model.memory.placements."""
+    return {a: index for index, (a, _) in enumerate(config.model.memory.parsed_placements("model.memory"))}
 
 
 def make_memory_factory(config: Config, lookup_factory: Optional[MemoryLookupFactory]):
@@ -48,11 +48,12 @@ def build_model_chunks(config: Config, tconfig: TransformerConfig, vocab_size: i
     has_memory = config.model.family in ("pkm", "ultramem")
     factory = make_memory_factory(config, lookup_factory) if has_memory else None
     io = memory_io(config.parallel.sequence_parallel) if has_memory else None
+    runner = memory_runner(has_memory and config.model.memory.overlap)
     vpp = config.parallel.virtual_pipeline_model_parallel_size
     stages = range(vpp) if vpp else [None]
     chunks = []
     for vp_stage in stages:
-        chunk = build_model_chunk(config, tconfig, vocab_size, vp_stage, factory, io)
+        chunk = build_model_chunk(config, tconfig, vocab_size, vp_stage, factory, io, runner)
         if torch.cuda.is_available():
             chunk.cuda(torch.cuda.current_device())
         initialize_model(chunk, config.training.seed, config.model.init_method_std, config.model.num_layers,

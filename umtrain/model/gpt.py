@@ -60,7 +60,8 @@ def transformer_config(config: Config) -> TransformerConfig:
         pipeline_model_parallel_size=p.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
         sequence_parallel=p.sequence_parallel,
-        expert_model_parallel_size=p.expert_model_parallel_size,
+        # Memory tables use the expert-parallel group through parallel_state only; MCore's config reserves EP for MoE.
+        expert_model_parallel_size=p.expert_model_parallel_size if m.family == "moe" else 1,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -80,7 +81,7 @@ def transformer_config(config: Config) -> TransformerConfig:
 
 
 def build_model_chunk(config: Config, tconfig: TransformerConfig, vocab_size: int, vp_stage: Optional[int],
-                      memory_factory=None, memory_io=None) -> GPTModel:
+                      memory_factory=None, memory_io=None, memory_runner=None) -> GPTModel:
     pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     model = GPTModel(
@@ -96,5 +97,5 @@ def build_model_chunk(config: Config, tconfig: TransformerConfig, vocab_size: in
         rotary_base=config.model.rotary_base,
         vp_stage=vp_stage,
     )
-    attach_skip_bus(model)
+    attach_skip_bus(model, memory_runner)
     return model

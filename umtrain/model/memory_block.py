@@ -1,9 +1,10 @@
 """Memory layers inside Megatron-Core's TransformerBlock, through layer specs (no fork).
 
 A memory layer `a:b` reads block a's pre-MLP LayerNorm output and adds its output after block b (paper section
-"split big mem & skip"). Block a is a `MemoryReaderLayer` that hands that tensor to a `SkipBus` shared by the
-chunk's layers; block b is a `MemoryWriterLayer` that owns the memory module, takes the tensor off the bus and adds
-the memory output to its own output. `a == b` (PKM) is one layer that does both. The bus must be empty after every
+"split big mem & skip"). Block a is a reader `MemoryTransformerLayer` that hands that tensor to a `SkipBus` shared by the
+chunk's layers; block b is a writer that owns the memory module and adds the memory output to its own
+output. The bus starts the memory computation at block a (synchronously at b, or overlapped with blocks a..b: see
+umtrain.parallel.overlap). `a == b` (PKM) is one layer that does both. The bus must be empty after every
 block forward: a pair split across pipeline stages or recompute chunks is rejected at config load.
 """
 
@@ -19,21 +20,30 @@ MEMORY_AUX_LOSS = "memory_aux_loss"
 
 
 class SkipBus:
-    """Carries block a's pre-MLP LayerNorm output to block b within one forward of one model chunk."""
+    """Carries block a's memory input to block b within one forward of one model chunk.
 
-    def __init__(self):
-        self._pending: Dict[int, torch.Tensor] = {}
+    `put` at block a starts the memory computation registered for a (through the runner: now, on a side stream or
+    thread, or lazily); `take` at block b returns its output.
+    """
+
+    def __init__(self, runner):
+        self.runner = runner
+        self._computations: Dict[int, Callable[[torch.Tensor], torch.Tensor]] = {}
+        self._pending: Dict[int, object] = {}
+
+    def register(self, reader_layer: int, compute: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self._computations[reader_layer] = compute
 
     def put(self, reader_layer: int, tensor: torch.Tensor) -> None:
         if reader_layer in self._pending:
             raise RuntimeError(f"memory input of layer {reader_layer} was put twice without being taken")
-        self._pending[reader_layer] = tensor
+        self._pending[reader_layer] = self.runner.start(self._computations[reader_layer], tensor)
 
     def take(self, reader_layer: int) -> torch.Tensor:
         if reader_layer not in self._pending:
             raise RuntimeError(f"memory input of layer {reader_layer} is missing: its reader did not run "
                                "in this forward (pipeline or recompute split a memory placement?)")
-        return self._pending.pop(reader_layer)
+        return self.runner.finish(self._pending.pop(reader_layer))
 
     def assert_empty(self) -> None:
         if self._pending:
@@ -59,17 +69,26 @@ class MemoryTransformerLayer(TransformerLayer):
         self.memory_in, self.memory_out = memory_io or (lambda x: x, lambda x: x)
         self.skip_bus: Optional[SkipBus] = None
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """Megatron's view, except the value table: a shard of the full table over the memory-parallel group."""
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if self.memory is not None:
+            from umtrain.parallel.memory_tables import TABLE_PARAM, table_sharded_tensor
+
+            key = f"{prefix}memory.{TABLE_PARAM}"
+            state[key] = table_sharded_tensor(key, getattr(self.memory, TABLE_PARAM), self.memory.lookup)
+        return state
+
     def _forward_pre_mlp_layernorm(self, hidden_states):
         output = super()._forward_pre_mlp_layernorm(hidden_states)
         if self.is_memory_reader:
-            self.skip_bus.put(self.layer_number, output)
+            self.skip_bus.put(self.layer_number, self.memory_in(output))
         return output
 
     def forward(self, *args, **kwargs):
         output, context = super().forward(*args, **kwargs)
         if self.memory is not None:
-            memory_input = self.memory_in(self.skip_bus.take(self.memory_reader_layer))
-            memory_output = self._attach_aux_loss(self.memory(memory_input))
+            memory_output = self._attach_aux_loss(self.skip_bus.take(self.memory_reader_layer))
             output = output + self.memory_out(memory_output)
         return output, context
 
@@ -82,12 +101,14 @@ class MemoryTransformerLayer(TransformerLayer):
         return MoEAuxLossAutoScaler.apply(memory_output, aux_loss)
 
 
-def attach_skip_bus(model: torch.nn.Module) -> None:
+def attach_skip_bus(model: torch.nn.Module, runner) -> None:
     """Give every memory layer of one model chunk the same bus, and check it after each block forward."""
-    bus = SkipBus()
+    bus = SkipBus(runner)
     layers = [m for m in model.modules() if isinstance(m, MemoryTransformerLayer)]
     for layer in layers:
         layer.skip_bus = bus
+        if layer.memory is not None:
+            bus.register(layer.memory_reader_layer, layer.memory)
     if layers:
         decoder = model.decoder
         decoder.register_forward_hook(lambda module, inputs, output: bus.assert_empty())

@@ -40,7 +40,7 @@ HF_PORTABLE: list[Rule] = [
     ("gpt_neox.layers.{layer}.mlp.dense_h_to_4h.{p}", "layers.{layer}.feed_forward.w1.{p}"),
     ("gpt_neox.layers.{layer}.mlp.dense_4h_to_h.{p}", "layers.{layer}.feed_forward.w2.{p}"),
     ("gpt_neox.final_layer_norm.{p}", "norm.{p}"),
-    ("embed_out.weight", "output.weight"),
+    ("lm_head.weight", "output.weight"),
 ]
 _PORTABLE_QKV = re.compile(r"layers\.(\d+)\.attention\.w([qkv])\.(weight|bias)")
 
@@ -123,5 +123,7 @@ def portable_to_hf(tensors: Tensors, num_heads: int) -> Tensors:
 
 
 def hf_to_portable(tensors: Tensors, num_heads: int) -> Tensors:
-    tensors = {k: v for k, v in tensors.items() if not k.endswith(("attention.bias", "attention.masked_bias"))}
+    """Also reads checkpoints of transformers < 5, whose output matrix was `embed_out`."""
+    tensors = {("lm_head.weight" if k == "embed_out.weight" else k): v for k, v in tensors.items()
+               if not k.endswith(("attention.bias", "attention.masked_bias"))}
     return _map(tensors, num_heads, _hf_qkv, lambda k: _rename(k, HF_PORTABLE, forward=True))

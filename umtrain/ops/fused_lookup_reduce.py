@@ -53,30 +53,45 @@ def _check_range(name: str, index: torch.Tensor, size: int) -> None:
         raise ValueError(f"{name} must lie in [0, {size}), got values in [{int(low)}, {int(high)}]")
 
 
-def bag_sum(keys: torch.Tensor, num_keys: int, source_rows: torch.Tensor, weights: torch.Tensor,
-            source: torch.Tensor) -> torch.Tensor:
+def bag_sum(keys: torch.Tensor, num_keys: int, rank: torch.Tensor, source_rows: torch.Tensor,
+            weights: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     """out[key, slice_i] = sum_{m: keys[m]=key} weights[i, m] * source[source_rows[m], slice_i]; out is [num_keys, d].
 
-    keys, source_rows: [M] int64; weights: [h, M]; source: [R, d] with d divisible by h. Bags are ordered
-    (key, slice) so that `out` is written in place by embedding_bag with no permute; empty bags give zeros.
+    keys, source_rows: [M] int64; rank: [M], entry m's distinct place in [0, count of its key) (see `rank_by_sort`,
+    `rank_by_block`); weights: [h, M]; source: [R, d] with d divisible by h. One bag per (key, slice), in that order,
+    so embedding_bag writes `out` in place with no permute; empty bags give zeros.
     """
-    num_cores, num_entries = weights.shape
+    num_cores = weights.shape[0]
+    core = torch.arange(num_cores, device=keys.device)
+    counts = torch.bincount(keys, minlength=num_keys)
+    starts = counts.cumsum(0) - counts
+    offsets = num_cores * starts[:, None] + core * counts[:, None]          # [num_keys, h]: where bag (key, i) begins
+    position = (offsets[keys] + rank[:, None]).view(-1)                     # [M * h]: entry m, slice i goes here
+    slice_rows = (source_rows[:, None] * num_cores + core).view(-1)         # row of `source` viewed [R * h, d / h]
+    indices = torch.empty_like(position).scatter_(0, position, slice_rows)
+    bag_weights = torch.empty(position.shape, dtype=source.dtype, device=source.device)
+    bag_weights.scatter_(0, position, weights.t().to(source.dtype).reshape(-1))
+    slices = source.contiguous().view(-1, source.shape[1] // num_cores)
+    pooled = F.embedding_bag(indices, slices, offsets.view(-1), mode="sum", per_sample_weights=bag_weights)
+    return pooled.view(num_keys, source.shape[1])
+
+
+def rank_by_sort(keys: torch.Tensor, num_keys: int) -> torch.Tensor:
+    """[M]: how many entries with the same key come before entry m, by a stable sort (any number of keys)."""
     sorted_keys, order = torch.sort(keys, stable=True)
     counts = torch.bincount(keys, minlength=num_keys)
     starts = counts.cumsum(0) - counts
-    core = torch.arange(num_cores, device=keys.device)
-    # Sorted entry s of a bag starting at S with c entries: its slice-i term goes to h*S + i*c + (s - S).
-    bag_start, bag_count = starts[sorted_keys], counts[sorted_keys]
-    position = (torch.arange(num_entries, device=keys.device) + (num_cores - 1) * bag_start
-                + core[:, None] * bag_count).view(-1)
-    slice_rows = (source_rows[order] * num_cores + core[:, None]).view(-1)
-    indices = torch.empty_like(position).scatter_(0, position, slice_rows)
-    bag_weights = torch.empty(position.shape, dtype=source.dtype, device=source.device)
-    bag_weights.scatter_(0, position, weights[:, order].to(source.dtype).reshape(-1))
-    offsets = (num_cores * starts[:, None] + core * counts[:, None]).view(-1)
-    slices = source.contiguous().view(-1, source.shape[1] // num_cores)
-    pooled = F.embedding_bag(indices, slices, offsets, mode="sum", per_sample_weights=bag_weights)
-    return pooled.view(num_keys, source.shape[1])
+    sorted_rank = torch.arange(keys.numel(), device=keys.device) - starts[sorted_keys]
+    return torch.empty_like(keys).scatter_(0, order, sorted_rank)
+
+
+def rank_by_block(blocks: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """[T*K]: how many earlier k of the same token share block[t, k]; E running counts, cheaper than a sort."""
+    rank = torch.zeros_like(blocks)
+    for block in range(num_blocks):
+        in_block = blocks == block
+        rank += in_block * (in_block.cumsum(1) - 1)
+    return rank.view(-1)
 
 
 def entry_dot(table_rows: torch.Tensor, grad_rows: torch.Tensor, table: torch.Tensor, grad: torch.Tensor,
@@ -107,7 +122,8 @@ class FusedLookupReduce(torch.autograd.Function):
         tokens = rows.shape[0]
         keys = bag_keys(blocks, num_blocks)
         ctx.save_for_backward(rows, keys, scores, table)
-        pooled = bag_sum(keys, tokens * num_blocks, rows.reshape(-1), scores.reshape(scores.shape[0], -1), table)
+        pooled = bag_sum(keys, tokens * num_blocks, rank_by_block(blocks, num_blocks), rows.reshape(-1),
+                         scores.reshape(scores.shape[0], -1), table)
         return pooled.view(tokens, num_blocks, table.shape[1])
 
     @staticmethod
@@ -122,7 +138,9 @@ class FusedLookupReduce(torch.autograd.Function):
             grad_scores = entry_dot(flat_rows, keys, table, grad_bags, num_cores)
             grad_scores = grad_scores.reshape(scores.shape).to(scores.dtype)
         if ctx.needs_input_grad[3]:
-            grad_table = bag_sum(flat_rows, table.shape[0], keys, scores.reshape(num_cores, -1), grad_bags)
+            num_rows = table.shape[0]
+            grad_table = bag_sum(flat_rows, num_rows, rank_by_sort(flat_rows, num_rows), keys,
+                                 scores.reshape(num_cores, -1), grad_bags)
         return None, None, grad_scores, grad_table, None
 
 

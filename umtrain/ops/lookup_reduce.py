@@ -26,7 +26,7 @@ def lookup_reduce_reference(rows: torch.Tensor, blocks: torch.Tensor, scores: to
     num_cores = scores.shape[0]
     tokens, k = rows.shape
     gathered = table[rows]                                              # [T, K, d_v]
-    gathered = gathered.view(tokens, k, num_cores, -1)                  # [T, K, h, d_v/h]
+    gathered = gathered.view(tokens, k, num_cores, table.shape[1] // num_cores)  # [T, K, h, d_v/h]
     weighted = gathered * scores.permute(1, 2, 0).unsqueeze(-1)         # [T, K, h, d_v/h]
     weighted = weighted.reshape(tokens, k, -1)
     pooled = weighted.new_zeros(tokens, num_blocks, weighted.shape[-1])

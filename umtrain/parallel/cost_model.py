@@ -343,10 +343,9 @@ def _mb(num_bytes: float) -> str:
 
 
 def tokens_per_rank(config: Config) -> int:
-    """Tokens one rank of the memory group looks up per micro-batch (its sequence-parallel share under SP)."""
-    p = config.parallel
-    tokens = config.training.micro_batch_size * config.data.seq_length
-    return tokens // p.tensor_model_parallel_size if p.sequence_parallel else tokens
+    """Tokens one rank of the memory group looks up per micro-batch. Memory layers are replicated across TP ranks
+    and gather the sequence under sequence parallelism (umtrain.parallel.sequence), so it is the whole micro-batch."""
+    return config.training.micro_batch_size * config.data.seq_length
 
 
 def dims_from_config(config: Config) -> LookupDims:

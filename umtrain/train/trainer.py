@@ -25,6 +25,7 @@ from umtrain.config import Config
 from umtrain.model.build import build_model_chunks, unwrap
 from umtrain.model.gpt import padded_vocab_size, transformer_config
 from umtrain.model.memory_block import MEMORY_AUX_LOSS, memory_modules
+from umtrain.parallel.memory_tables import mark_memory_tables, memory_lookup_factory
 from umtrain.parallel.parallelize import wrap_data_parallel
 from umtrain.parallel.state import Layout, initialize_distributed, seed_everything
 from umtrain.train.batches import MicroBatches
@@ -74,14 +75,18 @@ def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 class Trainer:
-    def __init__(self, config: Config, lookup_factory=None):
+    def __init__(self, config: Config):
         self.config = config
         self.layout: Layout = initialize_distributed(config)
         seed_everything(config.training.seed)
         self.tokenizer, self.datasets = self._build_data()
         self.vocab_size = padded_vocab_size(config, self.tokenizer.vocab_size)
         self.tconfig = transformer_config(config)
-        chunks = build_model_chunks(config, self.tconfig, self.vocab_size, lookup_factory)
+        has_memory = config.model.family in ("pkm", "ultramem")
+        chunks = build_model_chunks(config, self.tconfig, self.vocab_size,
+                                    memory_lookup_factory(config) if has_memory else None)
+        for chunk in chunks:
+            mark_memory_tables(memory_modules(chunk))
         self.model = wrap_data_parallel(config, self.tconfig, chunks)
         self.optimizer = build_optimizer(config, self.model)
         dp_rank, dp = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One torchrun per node (srun starts this once per node): `launch/torchrun.sh --config CONFIG [key=value ...]`.
+#
+# Rendezvous on the first node of the allocation. SIGUSR1 (SLURM's pre-timeout signal) and SIGTERM are forwarded
+# to the training workers, which checkpoint at the next step boundary and exit with umtrain's requeue code; this
+# script exits with that code (plain torchrun would turn it into 1). Needs training.exit_signal: SIGUSR1 (default).
+set -uo pipefail
+
+nproc=${NPROC_PER_NODE:-$(nvidia-smi -L 2>/dev/null | wc -l)}
+nproc=$(( nproc > 0 ? nproc : 1 ))
+nnodes=${SLURM_NNODES:-1}
+node_rank=${SLURM_NODEID:-0}
+master_addr=${MASTER_ADDR:-$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" 2>/dev/null | head -n 1)}
+master_addr=${master_addr:-127.0.0.1}
+master_port=${MASTER_PORT:-29500}
+
+python -m umtrain.checkpoint.launch \
+    --nnodes "$nnodes" --node-rank "$node_rank" --nproc-per-node "$nproc" \
+    --master-addr "$master_addr" --master-port "$master_port" \
+    -m umtrain.cli.main train "$@" &
+launcher=$!
+
+forward() { pkill "-$1" -P "$launcher" -f umtrain.cli.main || true; }
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+
+# `wait` returns early whenever a trapped signal arrives: wait again until the launcher itself has exited.
+while true; do
+    wait "$launcher"
+    rc=$?
+    kill -0 "$launcher" 2>/dev/null || break
+done
+exit "$rc"

@@ -1,0 +1,101 @@
+"""Preemption and crashes of subprocess-launched training: SIGTERM saves and exits with the requeue code; SIGKILL
+between checkpoints resumes from the last one; either way the resumed run reproduces the uninterrupted losses."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import psutil
+import pytest
+
+from tests.checkpoint.helpers import launch_cli, run_config, saved_losses, train
+from umtrain.checkpoint import REQUEUE_EXIT_CODE, PreemptionHandler, manager
+from umtrain.checkpoint.launch import exit_code_of
+from umtrain.checkpoint.signals import parse_signal
+from umtrain.config import ConfigError
+
+ITERS, INTERVAL = 40, 5
+
+
+def wait_for_checkpoint(proc, root: Path, timeout: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout
+    while manager.read_latest(root) is None:
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited with {proc.returncode} before its first checkpoint:\n"
+                                 + proc.stdout.read())
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.02)
+
+
+def finish(proc, timeout: float = 300.0) -> tuple[int, str]:
+    output, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, output
+
+
+def training_workers(proc) -> list[psutil.Process]:
+    return [p for p in psutil.Process(proc.pid).children() if "umtrain.cli.main" in " ".join(p.cmdline())]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_exits_with_requeue_code_and_resumes_exactly(tmp_path):
+    root = tmp_path / "ckpt"
+    config = run_config(ITERS, save=str(root), save_interval=INTERVAL)
+    reference = train(run_config(ITERS), 2)["loss"]
+
+    proc = launch_cli(tmp_path, config, 2)
+    wait_for_checkpoint(proc, root)
+    training_workers(proc)[-1].send_signal(signal.SIGTERM)   # one rank only: the flag is all-reduced
+    code, output = finish(proc)
+    assert code == REQUEUE_EXIT_CODE, output
+    stopped = manager.iteration_of(manager.read_latest(root))
+    assert INTERVAL < stopped < ITERS, "the signal should stop the run between two interval checkpoints"
+
+    code, output = finish(launch_cli(tmp_path, config, 2))
+    assert code == 0, output
+    assert saved_losses(manager.read_latest(root)) == reference
+
+
+@pytest.mark.slow
+def test_sigkill_between_checkpoints_resumes_from_the_last_one(tmp_path):
+    root = tmp_path / "ckpt"
+    config = run_config(ITERS, save=str(root), save_interval=INTERVAL, keep_last=2)
+    proc = launch_cli(tmp_path, config, 1)
+    wait_for_checkpoint(proc, root)
+    os.killpg(proc.pid, signal.SIGKILL)
+    finish(proc)
+    killed_at = manager.iteration_of(manager.read_latest(root))
+    assert killed_at < ITERS
+
+    code, output = finish(launch_cli(tmp_path, config, 1))
+    assert code == 0, output
+    assert f"resumed from {root / manager.checkpoint_name(killed_at)}" in output
+    assert saved_losses(manager.read_latest(root)) == train(run_config(ITERS), 1)["loss"]
+    assert [c.iteration for c in manager.list_checkpoints(root)] == [ITERS - INTERVAL, ITERS]
+
+
+def test_signal_names_and_local_flag():
+    assert parse_signal("USR1") == signal.SIGUSR1 == parse_signal("SIGUSR1") == parse_signal(str(int(signal.SIGUSR1)))
+    with pytest.raises(ConfigError, match="training.exit_signal"):
+        parse_signal("SIGNOPE")
+    handler = PreemptionHandler("SIGUSR2")
+    try:
+        assert not handler.requested()
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert handler.requested()
+    finally:
+        handler.restore()
+
+
+def test_torchrun_failures_map_to_the_requeue_code():
+    def failed(*codes):
+        failures = [SimpleNamespace(exitcode=c) for c in codes]
+        return SimpleNamespace(get_first_failure=lambda: (0, failures[0]))
+
+    assert exit_code_of(failed(REQUEUE_EXIT_CODE, -15)) == REQUEUE_EXIT_CODE
+    assert exit_code_of(failed(3)) == 3
+    assert exit_code_of(failed(-9)) == 1
+    assert exit_code_of(RuntimeError("no failures")) == 1

@@ -1,0 +1,57 @@
+"""`umtrain generate`: greedy or top-k sampling from a portable checkpoint on one process (no Megatron)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+import torch
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("generate", help="sample text from a portable checkpoint (umtrain convert --to portable)")
+    p.add_argument("checkpoint", help="portable checkpoint directory")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--tokenizer", default=None, help="tokenizer model (default: the checkpoint config's data.tokenizer_model)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--top-k", type=int, default=0, help="0: greedy")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=run)
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, tokens: list[int], max_new_tokens: int, context: int, top_k: int = 0,
+             temperature: float = 1.0, generator: Optional[torch.Generator] = None, vocab_size: Optional[int] = None,
+             eod: Optional[int] = None) -> list[int]:
+    """Recompute the (last `context` tokens') logits for every new token; greedy when top_k is 0."""
+    out = list(tokens)
+    for _ in range(max_new_tokens):
+        logits = model(torch.tensor([out[-context:]]))[0, -1, :vocab_size].float()
+        if top_k:
+            values, indices = torch.topk(logits / temperature, min(top_k, logits.numel()))
+            choice = int(indices[torch.multinomial(values.softmax(-1), 1, generator=generator)])
+        else:
+            choice = int(logits.argmax())
+        out.append(choice)
+        if choice == eod:
+            break
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from umtrain.checkpoint.convert import load_portable
+    from umtrain.data.tokenizer import load_tokenizer
+
+    model, config = load_portable(args.checkpoint)
+    path = args.tokenizer or config.data.tokenizer_model
+    if path is None:
+        print("umtrain generate: the checkpoint's config names no tokenizer; pass --tokenizer", file=sys.stderr)
+        return 2
+    tokenizer = load_tokenizer(config.data.tokenizer_type, path)
+    prompt = tokenizer.tokenize(args.prompt)
+    ids = generate(model, prompt, args.max_new_tokens, config.data.seq_length, args.top_k, args.temperature,
+                   torch.Generator().manual_seed(args.seed), tokenizer.vocab_size, tokenizer.eod)
+    print(tokenizer.detokenize(ids))
+    return 0
