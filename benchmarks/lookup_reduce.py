@@ -145,6 +145,7 @@ def summarise(args: argparse.Namespace, samples, peaks) -> Dict:
     gathered_bytes = args.tokens * args.top_m * args.heads * args.d_v * element
     copy_bandwidth = 2 * COPY_BYTES / statistics.median(samples["copy"]["seconds"])   # bytes read + written
     floor_s = 4 * gathered_bytes / copy_bandwidth
+    table_grad_bytes = args.rows * args.d_v * element      # the dense [N, d_v] result every implementation returns
     results = {}
     for name, peak in peaks.items():
         forward_s = statistics.median(samples[name]["forward_s"])
@@ -152,10 +153,13 @@ def summarise(args: argparse.Namespace, samples, peaks) -> Dict:
         results[name] = {
             "forward_ms": 1e3 * forward_s,
             "forward_backward_ms": 1e3 * forward_backward_s,
+            "forward_ms_min": 1e3 * min(samples[name]["forward_s"]),
+            "forward_backward_ms_min": 1e3 * min(samples[name]["forward_backward_s"]),
             "forward_fraction_of_copy_bandwidth": gathered_bytes / forward_s / copy_bandwidth,
             "forward_backward_over_bytes_floor": forward_backward_s / floor_s,
             "peak_forward_mib": peak["forward"] / 2 ** 20,
             "peak_forward_backward_mib": peak["forward_backward"] / 2 ** 20,
+            "peak_forward_backward_beyond_table_grad_mib": (peak["forward_backward"] - table_grad_bytes) / 2 ** 20,
             "samples": samples[name],
         }
     baseline = results.get(BASELINE)
@@ -163,16 +167,18 @@ def summarise(args: argparse.Namespace, samples, peaks) -> Dict:
         for result in results.values():
             result["vs_baseline"] = {key: baseline[key] / result[key] for key in
                                      ("forward_ms", "forward_backward_ms", "peak_forward_mib",
-                                      "peak_forward_backward_mib")}
+                                      "peak_forward_backward_mib", "peak_forward_backward_beyond_table_grad_mib")}
     return {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": _cpu_model(), "cores": torch.get_num_threads(), "platform": platform.platform(),
-                    "torch": torch.__version__, "huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"},
+        "machine": {"cpu": _cpu_model(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+                    "platform": platform.platform(), "torch": torch.__version__,
+                    "huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"},
         "shape": {"tokens": args.tokens, "top_m": args.top_m, "heads": args.heads, "k": args.top_m * args.heads,
                   "cores": args.cores, "d_v": args.d_v, "blocks": args.blocks, "rows": args.rows,
                   "dtype": args.dtype, "repeats": args.repeats},
         "copy_bandwidth_gb_s": copy_bandwidth / 1e9,
+        "copy_bandwidth_gb_s_best": 2 * COPY_BYTES / min(samples["copy"]["seconds"]) / 1e9,
         "gathered_bytes": gathered_bytes,
         "forward_backward_floor_ms": 1e3 * floor_s,
         "copy_samples_s": samples["copy"]["seconds"],
@@ -189,19 +195,24 @@ def _cpu_model() -> str:
 
 def print_table(summary: Dict) -> None:
     print(f"load average {summary['machine']['load_average_1m_before_after']} on "
-          f"{summary['machine']['cores']} cores: other work on the machine inflates every time below")
+          f"{summary['machine']['cpus']} cpus: other work on the machine inflates every time below")
     print(f"copy bandwidth {summary['copy_bandwidth_gb_s']:.1f} GB/s (read + write), "
           f"forward+backward floor {summary['forward_backward_floor_ms']:.1f} ms, shape {summary['shape']}")
-    header = (f"{'impl':<24}{'fwd ms':>9}{'fwd+bwd ms':>12}{'fwd %copy':>11}{'f+b/floor':>11}"
-              f"{'peak fwd MiB':>14}{'peak f+b MiB':>14}{'fwd x':>8}{'f+b x':>8}{'mem x':>8}")
+    print(f"peak memory: MiB above the inputs; 'f+b net' also leaves out the [N, d_v] table gradient; "
+          f"'x' columns: {BASELINE} / impl")
+    header = (f"{'impl':<24}{'fwd ms':>8}{'f+b ms':>8}{'fwd %copy':>10}{'f+b/floor':>10}{'peak fwd':>9}"
+              f"{'peak f+b':>9}{'f+b net':>8}{'fwd x':>7}{'f+b x':>7}{'fwd mem x':>10}{'f+b mem x':>10}"
+              f"{'net mem x':>10}")
     print(header)
     for name, r in summary["results"].items():
         ratio = r.get("vs_baseline", {})
-        print(f"{name:<24}{r['forward_ms']:>9.1f}{r['forward_backward_ms']:>12.1f}"
-              f"{100 * r['forward_fraction_of_copy_bandwidth']:>10.0f}%{r['forward_backward_over_bytes_floor']:>11.2f}"
-              f"{r['peak_forward_mib']:>14.0f}{r['peak_forward_backward_mib']:>14.0f}"
-              f"{ratio.get('forward_ms', 0):>8.1f}{ratio.get('forward_backward_ms', 0):>8.1f}"
-              f"{ratio.get('peak_forward_backward_mib', 0):>8.1f}")
+        print(f"{name:<24}{r['forward_ms']:>8.1f}{r['forward_backward_ms']:>8.1f}"
+              f"{100 * r['forward_fraction_of_copy_bandwidth']:>9.0f}%{r['forward_backward_over_bytes_floor']:>10.2f}"
+              f"{r['peak_forward_mib']:>9.0f}{r['peak_forward_backward_mib']:>9.0f}"
+              f"{r['peak_forward_backward_beyond_table_grad_mib']:>8.0f}"
+              + "".join(f"{ratio.get(key, 0):>{width}.1f}" for key, width in (
+                  ("forward_ms", 7), ("forward_backward_ms", 7), ("peak_forward_mib", 10),
+                  ("peak_forward_backward_mib", 10), ("peak_forward_backward_beyond_table_grad_mib", 10))))
 
 
 def parse_args() -> argparse.Namespace:
@@ -215,6 +226,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--rows", type=int, default=262_144)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--impls", default=",".join(IMPLS))
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/lookup_reduce.json"))
     parser.add_argument("--small-pages", action="store_true", help="do not set THP_MEM_ALLOC_ENABLE=1")
@@ -229,6 +241,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    torch.set_num_threads(args.threads)
     if args.measure_peak:
         measure_peak_here(args)
         return

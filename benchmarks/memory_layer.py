@@ -1,6 +1,6 @@
 """One UltraMem layer vs the dense MLP of the same activated FLOPs on CPU: forward+backward time and memory.
 
-    python benchmarks/memory_layer.py [--points 1024x16384x16,...] [--repeats 3] [--out docs/benchmarks/memory_layer.json]
+    python benchmarks/memory_layer.py [--points 2048x16384x16,...] [--threads 1] [--out PATH.json]
 
 A point is TOKENSxNxTOP_M (tokens per step, physical values N, top-m per head). Each point benchmarks three
 cases side by side: the UltraMem layer with the reference lookup-reduce, with the fused one, and the dense MLP
@@ -16,8 +16,9 @@ Memory, two measures per case:
 - saved activations: the distinct storages autograd keeps for backward (torch.autograd.graph.saved_tensors_hooks),
   minus parameters and the input. Exact and load-independent; it is the quantity that grows with
   top-m x d_v per token when the [T, K, d_v] gathered values are saved.
-- peak RSS of one forward+backward in a fresh process: VmHWM after resetting it (/proc/self/clear_refs) minus
-  VmRSS before the step, after a few-token warm-up that sets the libraries up. It includes the transient
+- peak RSS of one forward+backward in a process of its own, forked from a fresh interpreter that has only
+  imported the libraries: VmHWM after resetting it (/proc/self/clear_refs) minus VmRSS before the step, after
+  a few-token warm-up that sets the libraries up. Linux only. It includes the transient
   buffers and the parameter gradients (the value table's dense gradient dominates for large N).
 
 THP_MEM_ALLOC_ENABLE=1 (PyTorch's 2 MiB pages for allocations >= 2 MiB, as in benchmarks/lookup_reduce.py) is
@@ -35,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -54,7 +56,7 @@ from umtrain.ops.lookup_reduce import get_lookup_reduce               # noqa: E4
 
 CASES = ("ultramem_reference", "ultramem_fused", "dense_mlp")
 LOOKUP_OF_CASE = {"ultramem_reference": "reference", "ultramem_fused": "fused"}
-DEFAULT_POINTS = "1024x16384x16,1024x16384x64,1024x262144x16,4096x16384x16"
+DEFAULT_POINTS = "2048x16384x16,2048x16384x32,2048x16384x64,2048x262144x16,8192x16384x16"
 WARMUP_TOKENS = 8
 MIB = 2 ** 20
 
@@ -107,6 +109,10 @@ def build_module(case: str, args: argparse.Namespace, point: Point) -> nn.Module
     return module.to(getattr(torch, args.dtype))
 
 
+def value_row_bytes(args: argparse.Namespace) -> int:
+    return args.value_dim * torch.finfo(getattr(torch, args.dtype)).bits // 8
+
+
 def make_batch(args: argparse.Namespace, tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Input x [tokens, 1, D] (requires grad: the previous block needs it) and the output gradient."""
     gen = torch.Generator().manual_seed(0)
@@ -156,28 +162,28 @@ def saved_activation_bytes(module: nn.Module, x: torch.Tensor) -> int:
     return sum(saved.values())
 
 
-def peak_rss_bytes(args: argparse.Namespace, point: Point, cases: Sequence[str]) -> Dict[str, int]:
-    """Peak RSS of one forward+backward above the state before it, one fresh process per case (run concurrently:
-    each process measures only its own memory, and timing is not measured there)."""
+def peak_rss_bytes(args: argparse.Namespace, cases: Sequence[str]) -> Dict[str, Dict[str, int]]:
+    """{point: {case: peak RSS bytes of one forward+backward above the state before it}}.
+
+    Each (point, case) runs in its own process, forked from a fresh interpreter that has only imported the
+    libraries (no tensor work, no thread pool): clean allocator state, and torch is imported once, not per case.
+    """
     env = os.environ.copy()
     if args.small_pages:
         env.pop("THP_MEM_ALLOC_ENABLE", None)
-    children = {case: subprocess.Popen([sys.executable, __file__, "--measure-peak", case, f"--points={point}",
-                                        *_layer_flags(args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                       text=True, env=env) for case in cases}
-    peaks = {}
-    for case, child in children.items():
-        stdout, stderr = child.communicate()
-        if child.returncode:
-            raise RuntimeError(f"peak-memory process for {case} at {point} failed:\n{stderr[-2000:]}")
-        peaks[case] = int(stdout.split()[-1])
-    return peaks
+    command = [sys.executable, __file__, f"--measure-peaks={','.join(cases)}",
+               f"--points={','.join(map(str, args.points))}", *_layer_flags(args)]
+    result = subprocess.run(command, capture_output=True, text=True, env=env)
+    if result.returncode:
+        raise RuntimeError(f"peak-memory process failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.splitlines()[-1])
 
 
 def _layer_flags(args: argparse.Namespace) -> List[str]:
     return [f"--hidden={args.hidden}", f"--value-dim={args.value_dim}", f"--key-dim={args.key_dim}",
             f"--heads={args.heads}", f"--ive-expansion={args.ive_expansion}", f"--tucker-rank={args.tucker_rank}",
             f"--cores={args.cores}", f"--conv-kernel={args.conv_kernel}", f"--dtype={args.dtype}",
+            f"--threads={args.threads}",
             *(["--small-pages"] if args.small_pages else [])]
 
 
@@ -188,25 +194,52 @@ def _proc_status_kib(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}: peak RSS needs Linux")
 
 
-def measure_peak_here(args: argparse.Namespace) -> None:
-    """Child process: warm up on a few tokens, reset the RSS high-water mark, run one full step, print the peak."""
-    point = args.points[0]
-    module = build_module(args.measure_peak, args, point)
-    forward_backward(module, *make_batch(args, WARMUP_TOKENS))
-    x, grad = make_batch(args, point.tokens)
-    module.zero_grad(set_to_none=True)
-    gc.collect()
-    before = _proc_status_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")                    # resets VmHWM to the current RSS
-    forward_backward(module, x, grad)
-    print((_proc_status_kib("VmHWM") - before) * 1024)
+def measure_peaks_here(args: argparse.Namespace) -> None:
+    """Zygote: fork one child per (point, case), collect each child's peak, print them as one JSON line."""
+    peaks: Dict[str, Dict[str, int]] = {}
+    for point in args.points:
+        for case in args.measure_peaks.split(","):
+            read_end, write_end = os.pipe()
+            pid = os.fork()
+            if pid == 0:
+                os.close(read_end)
+                _measure_peak_child(args, point, case, write_end)
+            os.close(write_end)
+            with os.fdopen(read_end) as reader:
+                reported = reader.read()
+            _, status = os.waitpid(pid, 0)
+            if os.waitstatus_to_exitcode(status) or not reported:
+                raise RuntimeError(f"peak-memory child for {case} at {point} failed (exit status {status})")
+            peaks.setdefault(str(point), {})[case] = int(reported)
+    print(json.dumps(peaks))
 
 
-def benchmark_point(args: argparse.Namespace, point: Point, cases: Sequence[str]) -> Dict:
+def _measure_peak_child(args: argparse.Namespace, point: Point, case: str, write_end: int) -> None:
+    """Warm up on a few tokens, reset the RSS high-water mark, run one full step, report the peak; never returns."""
+    code = 1
+    try:
+        torch.set_num_threads(args.threads)
+        module = build_module(case, args, point)
+        forward_backward(module, *make_batch(args, WARMUP_TOKENS))
+        x, grad = make_batch(args, point.tokens)
+        module.zero_grad(set_to_none=True)
+        gc.collect()
+        before = _proc_status_kib("VmRSS")
+        Path("/proc/self/clear_refs").write_text("5")                # resets VmHWM to the current RSS
+        forward_backward(module, x, grad)
+        os.write(write_end, str((_proc_status_kib("VmHWM") - before) * 1024).encode())
+        code = 0
+    except BaseException:                                             # noqa: BLE001  (report, then leave the fork)
+        traceback.print_exc()
+    finally:
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def benchmark_point(args: argparse.Namespace, point: Point, cases: Sequence[str], peaks: Dict[str, int]) -> Dict:
     config = memory_config(args, point)
     flops = memory_flops_per_token(config, args.hidden)
     ffn = dense_ffn_size(flops, args.hidden)
-    peaks = peak_rss_bytes(args, point, cases)
     modules = {case: build_module(case, args, point) for case in cases}
     x, grad = make_batch(args, point.tokens)
     saved = {case: saved_activation_bytes(module, x) for case, module in modules.items()}
@@ -216,17 +249,16 @@ def benchmark_point(args: argparse.Namespace, point: Point, cases: Sequence[str]
         results[case] = {
             "forward_ms": statistics.median(samples[case]["forward_ms"]),
             "forward_backward_ms": statistics.median(samples[case]["forward_backward_ms"]),
+            "forward_backward_min_ms": min(samples[case]["forward_backward_ms"]),
             "saved_activation_mib": saved[case] / MIB,
             "saved_activation_bytes_per_token": saved[case] / point.tokens,
             "peak_rss_mib": peaks[case] / MIB,
             "samples": samples[case],
         }
-    k = args.heads * point.top_m
     return {
-        "tokens": point.tokens, "num_values": point.num_values, "top_m": point.top_m, "k": k,
-        "k_times_d_v": k * args.value_dim,
+        "tokens": point.tokens, "num_values": point.num_values, "top_m": point.top_m, "k": args.heads * point.top_m,
         "memory_flops_per_token": flops, "dense_ffn_size": ffn, "dense_flops_per_token": 4 * args.hidden * ffn,
-        "value_table_mib": point.num_values * args.value_dim * torch.finfo(getattr(torch, args.dtype)).bits / 8 / MIB,
+        "value_table_mib": point.num_values * value_row_bytes(args) / MIB,
         "results": results,
         "ratios": _ratios(results),
     }
@@ -243,11 +275,12 @@ def _ratios(results: Dict[str, Dict]) -> Dict[str, float]:
     return ratios
 
 
-def top_m_growth(points: List[Dict]) -> List[Dict]:
-    """Memory per token added per added top-m x d_v element, between points that differ only in top-m.
+def top_m_growth(points: List[Dict], value_row_bytes: int) -> List[Dict]:
+    """Memory per token added per added selected value (K = H * top-m), between points differing only in top-m.
 
-    This is the baseline a fused lookup-reduce must beat: the reference saves the [T, K, d_v] gathered values
-    (>= 4 bytes per element in float32); a kernel whose memory does not grow with top-m x d_v gives ~0.
+    This is the baseline a lookup-reduce must beat: one saved gathered value row costs d_v x element bytes
+    (`value_row_bytes`), so memory that grows with top-m x d_v shows as a growth of the order of a row or more;
+    memory that grows only with top-m (indices, per-entry scores) shows as a d_v-independent few tens of bytes.
     """
     growth = []
     for low in points:
@@ -255,18 +288,18 @@ def top_m_growth(points: List[Dict]) -> List[Dict]:
             if (low["tokens"], low["num_values"]) != (high["tokens"], high["num_values"]) or \
                     high["top_m"] <= low["top_m"]:
                 continue
-            added = high["k_times_d_v"] - low["k_times_d_v"]
+            added = low["tokens"] * (high["k"] - low["k"])
             for case in high["results"]:
                 if case == "dense_mlp":
                     continue
                 lo, hi = low["results"][case], high["results"][case]
+                saved = (hi["saved_activation_mib"] - lo["saved_activation_mib"]) * MIB / added
+                peak = (hi["peak_rss_mib"] - lo["peak_rss_mib"]) * MIB / added
                 growth.append({
                     "case": case, "tokens": low["tokens"], "num_values": low["num_values"],
-                    "top_m": [low["top_m"], high["top_m"]],
-                    "saved_bytes_per_token_per_k_d_v": (hi["saved_activation_bytes_per_token"]
-                                                        - lo["saved_activation_bytes_per_token"]) / added,
-                    "peak_rss_bytes_per_token_per_k_d_v": (hi["peak_rss_mib"] - lo["peak_rss_mib"]) * MIB
-                                                          / low["tokens"] / added,
+                    "top_m": [low["top_m"], high["top_m"]], "value_row_bytes": value_row_bytes,
+                    "saved_bytes_per_added_value": saved, "peak_rss_bytes_per_added_value": peak,
+                    "saved_in_value_rows": saved / value_row_bytes, "peak_rss_in_value_rows": peak / value_row_bytes,
                 })
     return growth
 
@@ -289,11 +322,11 @@ def _cpu_model() -> str:
 
 def print_table(summary: Dict) -> None:
     machine = summary["machine"]
-    print(f"{machine['cpu']}, {machine['threads']} threads, load average {machine['load_average_1m_before_after']}"
-          f" (other work on the machine inflates every time below)")
+    print(f"{machine['cpu']}, {machine['threads']} of {machine['cpus']} CPUs, load average "
+          f"{machine['load_average_1m_before_after']} (other work on the machine inflates every time below)")
     if summary["fused_error"]:
         print(f"fused lookup-reduce unavailable: {summary['fused_error']}")
-    print(f"{'point TxNxm':<18}{'case':<20}{'fwd ms':>9}{'f+b ms':>9}{'saved MiB':>11}{'B/token':>9}"
+    print(f"{'point TxNxm':<18}{'case':<20}{'fwd ms':>9}{'f+b ms':>9}{'f+b min':>9}{'saved MiB':>11}{'B/token':>9}"
           f"{'peak MiB':>10}{'f+b x dense':>12}{'peak x dense':>13}")
     for p in summary["points"]:
         for case, r in p["results"].items():
@@ -301,14 +334,16 @@ def print_table(summary: Dict) -> None:
             time_x = p["ratios"].get(f"{case}/dense_mlp.forward_backward_ms", 1.0 if case == "dense_mlp" else 0)
             peak_x = p["ratios"].get(f"{case}/dense_mlp.peak_rss_mib", 1.0 if case == "dense_mlp" else 0)
             print(f"{label:<18}{case:<20}{r['forward_ms']:>9.1f}{r['forward_backward_ms']:>9.1f}"
+                  f"{r['forward_backward_min_ms']:>9.1f}"
                   f"{r['saved_activation_mib']:>11.1f}{r['saved_activation_bytes_per_token']:>9.0f}"
                   f"{r['peak_rss_mib']:>10.1f}{time_x:>12.2f}{peak_x:>13.2f}")
         print(f"{'':<18}dense F={p['dense_ffn_size']} for {p['memory_flops_per_token'] / 1e6:.2f} MFLOPs/token; "
               f"value table {p['value_table_mib']:.0f} MiB")
     for g in summary["top_m_growth"]:
-        print(f"top-m {g['top_m'][0]}->{g['top_m'][1]} at T={g['tokens']} N={g['num_values']} {g['case']}: "
-              f"saved {g['saved_bytes_per_token_per_k_d_v']:.2f} B, "
-              f"peak {g['peak_rss_bytes_per_token_per_k_d_v']:.2f} B per token per added top-m x d_v element")
+        print(f"top-m {g['top_m'][0]}->{g['top_m'][1]} at T={g['tokens']} N={g['num_values']} {g['case']:<20}"
+              f" per added selected value: saved {g['saved_bytes_per_added_value']:.0f} B "
+              f"({g['saved_in_value_rows']:.2f} rows), peak {g['peak_rss_bytes_per_added_value']:.0f} B "
+              f"({g['peak_rss_in_value_rows']:.2f} rows of {g['value_row_bytes']} B)")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -323,11 +358,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--cores", type=int, default=2, help="MCS cores h")
     parser.add_argument("--conv-kernel", type=int, default=5)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
+    parser.add_argument("--threads", type=int, default=1,
+                        help="intra-op threads; 1 by default: on a shared machine OpenMP barriers wait on descheduled "
+                             "threads and inflate times many-fold")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/memory_layer.json"))
     parser.add_argument("--small-pages", action="store_true", help="do not set THP_MEM_ALLOC_ENABLE=1")
-    parser.add_argument("--measure-peak", choices=CASES, help=argparse.SUPPRESS)
+    parser.add_argument("--measure-peaks", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
         args.points = [Point.parse(text) for text in args.points.split(",")]
@@ -335,26 +373,25 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             memory_config(args, point)
     except (ValueError, ConfigError) as error:
         parser.error(str(error))
-    if args.repeats < 1 or args.warmup < 0:
-        parser.error(f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}")
+    if args.repeats < 1 or args.warmup < 0 or args.threads < 1:
+        parser.error(f"--repeats and --threads must be >= 1 and --warmup >= 0, got {args.repeats}, {args.threads} "
+                     f"and {args.warmup}")
     return args
 
 
-def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict]:
-    """Run the benchmark, print the table, write the JSON; returns the summary (None in a peak-memory child)."""
-    args = parse_args(argv)
-    if args.measure_peak:
-        measure_peak_here(args)
-        return None
+def run(args: argparse.Namespace, command: Sequence[str]) -> Dict:
+    """Every point's measurements and the top-m growth, as the JSON summary."""
     fused_error = fused_status()
     cases = [case for case in CASES if not (case == "ultramem_fused" and fused_error)]
     load_before = os.getloadavg()[0]
-    points = [benchmark_point(args, point, cases) for point in args.points]
-    summary = {
-        "command": " ".join(["python", "benchmarks/memory_layer.py", *(sys.argv[1:] if argv is None else argv)]),
+    peaks = peak_rss_bytes(args, cases)
+    points = [benchmark_point(args, point, cases, peaks[str(point)]) for point in args.points]
+    return {
+        "command": " ".join(["python", "benchmarks/memory_layer.py", *command]),
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": _cpu_model(), "threads": torch.get_num_threads(), "platform": platform.platform(),
-                    "torch": torch.__version__, "huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
+        "machine": {"cpu": _cpu_model(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+                    "platform": platform.platform(), "torch": torch.__version__,
+                    "huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
                     "load_average_1m_before_after": [load_before, os.getloadavg()[0]]},
         "layer": {"hidden": args.hidden, "value_dim": args.value_dim, "key_dim": args.key_dim, "heads": args.heads,
                   "ive_expansion": args.ive_expansion, "tucker_rank": args.tucker_rank, "cores": args.cores,
@@ -363,12 +400,27 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict]:
         "memory_methods": {
             "saved_activation": "torch.autograd.graph.saved_tensors_hooks: distinct storages saved for backward, "
                                 "parameters and input excluded",
-            "peak_rss": "fresh process per case: VmHWM after /proc/self/clear_refs reset minus VmRSS before one "
+            "peak_rss": "one process per (point, case), forked from a fresh interpreter that only imported the "
+                        "libraries: VmHWM after a /proc/self/clear_refs reset minus VmRSS before one "
                         "forward+backward (includes parameter gradients and transients)"},
         "fused_error": fused_error,
         "points": points,
-        "top_m_growth": top_m_growth(points),
+        "top_m_growth": top_m_growth(points, value_row_bytes(args)),
     }
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict]:
+    """Run the benchmark, print the table, write the JSON; returns the summary (None in a peak-memory zygote)."""
+    args = parse_args(argv)
+    if args.measure_peaks:
+        measure_peaks_here(args)
+        return None
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        summary = run(args, sys.argv[1:] if argv is None else argv)
+    finally:
+        torch.set_num_threads(previous_threads)
     print_table(summary)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2) + "\n")

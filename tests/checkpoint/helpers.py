@@ -25,12 +25,11 @@ ULTRAMEM = {"family": "ultramem", "num_layers": 4, "hidden_size": 64, "num_atten
                        "lookup_impl": "reference"}}
 
 
-def run_config(total_iters: int, stop_at: int | None = None, tp: int = 1, pp: int = 1, save: str | None = None,
-               model: dict | None = None, **checkpoint) -> dict:
-    """A tiny run whose LR schedule spans `total_iters`, trained up to `stop_at` (default: all)."""
+def run_config(iters: int, tp: int = 1, pp: int = 1, save: str | None = None, model: dict | None = None,
+               **checkpoint) -> dict:
+    """A tiny run of `iters` steps (checkpoint section: save=..., save_interval=..., load=...)."""
     sections = dict(parallel={"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp},
-                    training={"train_iters": stop_at or total_iters, "eval_interval": 1000},
-                    schedule={"lr_warmup_iters": 1, "lr_decay_iters": total_iters},
+                    training={"train_iters": iters, "eval_interval": 1000},
                     checkpoint={"save": save, **checkpoint})
     if model is not None:
         sections["model"] = model
@@ -71,25 +70,46 @@ def fixed_batch_logits(trainer) -> torch.Tensor:
     return logits[..., : trainer.tokenizer.vocab_size].clone()
 
 
-def trainer_worker(rank: int, world_size: int, config_dict: dict, logits: bool, final_norm: bool) -> dict:
+class StopAt:
+    """Stands in for the PreemptionHandler: 'preempts' the run once it reaches `iteration` (same config, same
+    save-and-exit path as a real signal)."""
+
+    def __init__(self, trainer, iteration: int):
+        self.trainer, self.iteration = trainer, iteration
+
+    def requested(self) -> bool:
+        return self.trainer.iteration >= self.iteration
+
+
+def trainer_worker(rank: int, world_size: int, config_dict: dict, logits: bool = False, final_norm: bool = False,
+                   preempt_at: int | None = None) -> dict:
     """Build a Trainer (which resumes), train, report; with `logits`, fixed-batch logits before and after."""
+    from umtrain.checkpoint import Preempted
     from umtrain.train.trainer import Trainer
 
     if final_norm:
         with_final_norm()
     trainer = Trainer(config_from_dict(config_dict, world_size=world_size))
+    if preempt_at is not None:
+        trainer.preemption = StopAt(trainer, preempt_at)
     try:
-        result = {"start": trainer.iteration, "logits": fixed_batch_logits(trainer) if logits else None}
-        result["loss"] = trainer.train().loss
+        result = {"start": trainer.iteration, "logits": fixed_batch_logits(trainer) if logits else None,
+                  "preempted": False}
+        try:
+            trainer.train()
+        except Preempted:
+            result["preempted"] = True
+        result["loss"] = trainer.history.loss
         result["final_logits"] = fixed_batch_logits(trainer) if logits else None
         return result
     finally:
         parallel_state.destroy_model_parallel()
 
 
-def train(config_dict: dict, world_size: int, logits: bool = False, final_norm: bool = False) -> dict:
+def train(config_dict: dict, world_size: int, logits: bool = False, final_norm: bool = False,
+          preempt_at: int | None = None) -> dict:
     """Rank 0's report (every rank agrees on the losses)."""
-    return run_local_group(trainer_worker, world_size, config_dict, logits, final_norm)[0]
+    return run_local_group(trainer_worker, world_size, config_dict, logits, final_norm, preempt_at)[0]
 
 
 def launch_cli(tmp_path: Path, config_dict: dict, nproc: int, *extra: str) -> subprocess.Popen:

@@ -20,10 +20,10 @@ N = 3
 @pytest.mark.parametrize("model,tp,world", [(None, 2, 2), (ULTRAMEM, 1, 2)], ids=["dense-tp2", "ultramem-dp2"])
 def test_stop_and_resume_is_bit_exact(tmp_path, model, tp, world):
     reference = train(run_config(2 * N, tp=tp, model=model), world)["loss"]
-    save = str(tmp_path / "ckpt")
-    first = train(run_config(2 * N, stop_at=N, tp=tp, model=model, save=save), world)
-    second = train(run_config(2 * N, tp=tp, model=model, save=save), world)
-    assert first["loss"] == reference[:N]
+    config = run_config(2 * N, tp=tp, model=model, save=str(tmp_path / "ckpt"))
+    first = train(config, world, preempt_at=N)
+    second = train(config, world)
+    assert first["preempted"] and first["loss"] == reference[:N]
     assert second["start"] == N
     assert second["loss"] == reference          # restored history + N fresh steps, bit for bit
     assert manager.read_latest(tmp_path / "ckpt").name == manager.checkpoint_name(2 * N)
@@ -42,7 +42,7 @@ def killed_mid_write_worker(rank, world_size, config_dict):
     from tests.checkpoint.helpers import trainer_worker
 
     manager.write_manifest = _kill_during_manifest
-    return trainer_worker(rank, world_size, config_dict, False, False)
+    return trainer_worker(rank, world_size, config_dict)
 
 
 @pytest.mark.slow
@@ -50,15 +50,15 @@ def test_kill_mid_write_keeps_previous_checkpoint_and_latest(tmp_path):
     from umtrain.parallel.comm import run_local_group
 
     root = tmp_path / "ckpt"
-    config = run_config(6, stop_at=4, save=str(root), save_interval=2)
+    config = run_config(4, save=str(root), save_interval=2)
     with pytest.raises(RuntimeError):
         run_local_group(killed_mid_write_worker, 1, config)
     assert manager.read_latest(root).name == manager.checkpoint_name(2)
     assert (root / (manager.checkpoint_name(4) + ".tmp")).is_dir()
     assert not (root / manager.checkpoint_name(4)).exists()
-    resumed = train(run_config(6, stop_at=4, save=str(root), save_interval=2), 1)
+    resumed = train(config, 1)
     assert resumed["start"] == 2
-    assert resumed["loss"] == train(run_config(6, stop_at=4), 1)["loss"]
+    assert resumed["loss"] == train(run_config(4), 1)["loss"]
 
 
 @pytest.mark.slow

@@ -74,6 +74,9 @@ def test_bad_paths_and_types_are_named(sentencepiece_model, tmp_path):
         load_tokenizer("sentencepiece", str(tmp_path / "missing.model"))
     with pytest.raises(ConfigError, match="tokenizer_type"):
         load_tokenizer("tiktoken", sentencepiece_model)
+    (tmp_path / "text.model").write_text("not a model")
+    with pytest.raises(ConfigError, match="text.model: cannot load as a SentencePiece model"):
+        load_tokenizer("sentencepiece", str(tmp_path / "text.model"))
 
 
 def test_mock_tokenizer_uses_the_last_id_as_eod():

@@ -1,4 +1,5 @@
-"""The same global batch and seed give the same losses with every (TP, PP, DP) layout (float32, gloo)."""
+"""The same global batch and seed give the same losses with every (TP, PP, DP) layout, virtual pipeline stages
+included (float32, gloo)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,13 @@ import pytest
 
 from tests.distributed import tiny_config, train_on_ranks
 
-LAYOUTS = [(2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1)]
+LAYOUTS = [(2, 1, 1, None), (1, 2, 1, None), (1, 1, 2, None), (2, 2, 1, None), (1, 2, 1, 2)]
 
 
-def layout_config(tp: int, pp: int, **extra) -> dict:
+def layout_config(tp: int, pp: int, vpp: int | None = None, **extra) -> dict:
     return tiny_config(parallel={"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
-                                 "use_distributed_optimizer": True}, **extra)
+                                 "virtual_pipeline_model_parallel_size": vpp, "use_distributed_optimizer": True},
+                       **extra)
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +24,8 @@ def reference_losses():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp,pp,dp", LAYOUTS)
-def test_losses_match_single_process(reference_losses, tp, pp, dp):
-    histories = train_on_ranks(layout_config(tp, pp), tp * pp * dp)
+@pytest.mark.parametrize("tp,pp,dp,vpp", LAYOUTS)
+def test_losses_match_single_process(reference_losses, tp, pp, dp, vpp):
+    histories = train_on_ranks(layout_config(tp, pp, vpp), tp * pp * dp)
     for history in histories:
         assert history.loss == pytest.approx(reference_losses, rel=1e-5)

@@ -148,7 +148,7 @@ class Checkpointer:
             if not load_rng:
                 logger.warning("checkpoint layout %s differs from this run's: RNG states are not restored",
                                common["layout"])
-        template = load_state_dict_template(trainer, load_optimizer, load_rng)
+        template = load_state_dict_template(trainer, contents, load_optimizer, load_rng)
         loaded = dist_checkpointing.load(template, str(path))
         restore_trainer(trainer, loaded, load_optimizer, load_rng)
         self.loaded_from = path

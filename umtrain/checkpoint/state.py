@@ -17,13 +17,14 @@ import numpy as np
 import torch
 from megatron.core import tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_factories
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from umtrain.config.base import to_dict
 
 FORMAT_VERSION = 1
-FULL_CONTENTS = ("model", "optimizer", "rng")
-"""What a training checkpoint holds; a converted one holds only the model."""
+FULL_CONTENTS = ("model", "model_extra_state", "optimizer", "rng")
+"""What a training checkpoint holds; a converted one holds only the model's tensors ("model")."""
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 
 
@@ -34,18 +35,23 @@ def model_keys(num_chunks: int) -> list[str]:
     return ["model"] if num_chunks == 1 else [f"model{i}" for i in range(num_chunks)]
 
 
-def model_sharded_state_dict(trainer) -> dict[str, Any]:
+def model_sharded_state_dict(trainer, tensors_only: bool = False) -> dict[str, Any]:
+    """Every chunk's sharded state dict; `tensors_only` drops the `_extra_state` objects (absent from converted
+    checkpoints; None for umtrain's local-spec modules)."""
     from umtrain.model.build import unwrap
 
-    return {key: unwrap(chunk).sharded_state_dict()
-            for key, chunk in zip(model_keys(len(trainer.model)), trainer.model)}
+    state = {key: unwrap(chunk).sharded_state_dict() for key, chunk in zip(model_keys(len(trainer.model)), trainer.model)}
+    return extract_sharded_tensors_and_factories(state)[0] if tensors_only else state
 
 
 def load_model_state(trainer, loaded: dict[str, Any]) -> None:
     from umtrain.model.build import unwrap
 
     for key, chunk in zip(model_keys(len(trainer.model)), trainer.model):
-        unwrap(chunk).load_state_dict(loaded[key], strict=True)
+        missing, unexpected = unwrap(chunk).load_state_dict(loaded[key], strict=False)
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise RuntimeError(f"checkpoint does not fit the model: missing {missing}, unexpected {unexpected}")
 
 
 # --------------------------------------------------------------------------------------------- optimizer
@@ -146,9 +152,9 @@ def save_state_dict(trainer) -> dict[str, Any]:
             "rng_state": rng_sharded_object(rng_state())}
 
 
-def load_state_dict_template(trainer, load_optimizer: bool, load_rng: bool) -> dict[str, Any]:
+def load_state_dict_template(trainer, contents, load_optimizer: bool, load_rng: bool) -> dict[str, Any]:
     """What to ask `dist_checkpointing.load` for: this layout's shards of the saved tensors."""
-    model_state = model_sharded_state_dict(trainer)
+    model_state = model_sharded_state_dict(trainer, tensors_only="model_extra_state" not in contents)
     template: dict[str, Any] = dict(model_state)
     if load_optimizer:
         prepare_optimizer_for_load(trainer.optimizer)
@@ -164,6 +170,8 @@ def restore_trainer(trainer, loaded: dict[str, Any], load_optimizer: bool, load_
     load_model_state(trainer, loaded)
     if load_optimizer:
         load_optimizer_state(trainer.optimizer, loaded["optimizer"])
+    else:
+        trainer.optimizer.reload_model_params()  # fresh optimizer: its main (fp32) params follow the loaded model
     if load_rng:
         set_rng_state(loaded["rng_state"])
     trainer.iteration = int(loaded["iteration"])

@@ -84,7 +84,7 @@ def demo_data(args: argparse.Namespace) -> int:
     from umtrain.data.preprocess import preprocess
     from umtrain.data.tokenizer import train_tokenizer
 
-    out = Path(args.out)
+    out = Path(args.out).resolve()
     _refuse_existing_demo(out, SOURCES, args.overwrite)
     jsonl_files = build_demo_corpus(str(out / "jsonl"))
     tokenizer = train_tokenizer([str(p) for p in jsonl_files], str(out / DEMO_TOKENIZER), "sentencepiece",
@@ -108,7 +108,7 @@ def demo_blend(out: Path, tokens: dict[str, int]) -> list[str]:
     total = sum(tokens.values())
     blend = []
     for source, count in tokens.items():
-        blend += [f"{count / total:.4f}", str(_demo_prefix(out, source).resolve())]
+        blend += [f"{count / total:.4f}", str(_demo_prefix(out, source))]
     return blend
 
 

@@ -35,7 +35,8 @@ def parse_blend(paths: list[str], key: str) -> Blend:
     weights = None
     if weighted:
         if len(paths) % 2 or not all(_is_number(w) for w in paths[0::2]) or any(_is_number(p) for p in prefixes):
-            raise ConfigError(key, f"a blend must alternate weight and prefix: [w, prefix, w, prefix, ...], got {paths}")
+            raise ConfigError(key, f"a blend must alternate weight and prefix: [w, prefix, w, prefix, ...], "
+                                   f"got {paths}")
         weights = [float(w) for w in paths[0::2]]
         if any(w <= 0 for w in weights):
             raise ConfigError(key, f"blend weights must be > 0, got {weights}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import multiprocessing
+import multiprocessing.pool
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -164,7 +165,7 @@ def _encoder(workers: int, tokenizer_type: str, tokenizer_model: str, text_key: 
         yield lambda batches: _bounded_ordered_map(pool, batches, IN_FLIGHT_PER_WORKER * workers)
 
 
-def _bounded_ordered_map(pool, batches: Iterator[_RowBatch], max_in_flight: int) -> Iterator[_EncodedBatch]:
+def _bounded_ordered_map(pool: multiprocessing.pool.Pool, batches: Iterator[_RowBatch], max_in_flight: int) -> Iterator[_EncodedBatch]:
     """`pool.imap` without its unbounded read-ahead: at most `max_in_flight` batches are queued at once."""
     pending = collections.deque()
     for batch in batches:

@@ -51,7 +51,7 @@ def resolve_inputs(patterns: list[str], text_key: str = "text") -> list[Path]:
         raise ConfigError("inputs", "no input files given")
     files: list[Path] = []
     for pattern in patterns:
-        matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
+        matches = sorted(glob.glob(pattern, recursive=True)) if set("*?[") & set(pattern) else [pattern]
         if not matches:
             raise ConfigError(pattern, "the pattern matches no files")
         files.extend(Path(m) for m in matches)

@@ -52,7 +52,10 @@ class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece model; its `</s>` (eos) piece is the end-of-document token."""
 
     def __init__(self, path: str | os.PathLike):
-        self._model = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        try:
+            self._model = sentencepiece.SentencePieceProcessor(model_file=str(path))
+        except (OSError, RuntimeError) as err:
+            raise ConfigError(str(path), f"cannot load as a SentencePiece model: {err}") from err
         if self._model.eos_id() < 0:
             raise ConfigError(str(path), "the SentencePiece model has no eos piece to serve as end-of-document token")
         super().__init__(path, "sentencepiece")
@@ -111,7 +114,7 @@ class HuggingFaceTokenizer(Tokenizer):
 
 
 class MockTokenizer:
-    """What Megatron's MockGPTDataset reads of a tokenizer: random-token data over `vocab_size` ids, the last one EOD."""
+    """What Megatron's MockGPTDataset reads of a tokenizer: `vocab_size` ids, the last one the EOD."""
 
     def __init__(self, vocab_size: int):
         if vocab_size < 2:

@@ -13,6 +13,7 @@ from megatron.core.transformer import TransformerConfig
 from umtrain.config import Config
 from umtrain.model.memory_block import attach_skip_bus
 from umtrain.model.specs import layer_specs
+from umtrain.parallel.state import backend_for
 
 
 def params_dtype(config: Config) -> torch.dtype:
@@ -74,6 +75,8 @@ def transformer_config(config: Config) -> TransformerConfig:
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         deallocate_pipeline_outputs=True,
+        # gloo's batched isend/irecv corrupts the interleaved (virtual) pipeline's gradients: plain p2p there.
+        batch_p2p_comm=backend_for(config) == "nccl",
         hetereogenous_dist_checkpoint=True,  # per-layer checkpoint keys: memory layers live in some layers only
         **moe,
         **recompute,

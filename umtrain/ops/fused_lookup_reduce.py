@@ -5,11 +5,11 @@ Forward and the table's gradient are the same operation with roles swapped, a we
     forward     pooled[t, p, slice_i] = sum_{k: blocks[t,k]=p}   scores[i,t,k] * table[rows[t,k], slice_i]
     grad table  d_table[r, slice_i]   = sum_{(t,k): rows[t,k]=r} scores[i,t,k] * d_pooled[t, blocks[t,k], slice_i]
 
-Both sort the (token, k) entries by their bag key (t*E + p forward, the row backward), lay out one bag per
-(key, core slice) and run `torch.nn.functional.embedding_bag` with per-sample weights, which reads each source
-row slice once and writes each output once (the sort + segment-sum of the spec). The scores' gradient is a dot
-product per entry, grad_s[i,t,k] = <d_pooled[t, p_k, slice_i], table[rows[t,k], slice_i]>, computed in
-cache-sized chunks of entries.
+Both group the (token, k) entries by their bag key (t*E + p forward, by E running counts; the row backward, by a
+sort), lay out one bag per (key, core slice) and run `torch.nn.functional.embedding_bag` with per-sample weights,
+which reads each source row slice once and writes each output row once (the spec's sort + segment-sum, no
+atomics, deterministic). The scores' gradient is a dot product per entry,
+grad_s[i,t,k] = <d_pooled[t, p_k, slice_i], table[rows[t,k], slice_i]>, computed in cache-sized chunks of entries.
 """
 
 from __future__ import annotations
@@ -122,8 +122,9 @@ class FusedLookupReduce(torch.autograd.Function):
         tokens = rows.shape[0]
         keys = bag_keys(blocks, num_blocks)
         ctx.save_for_backward(rows, keys, scores, table)
+        # Detached, or embedding_bag takes its slower path that also records what its own backward needs.
         pooled = bag_sum(keys, tokens * num_blocks, rank_by_block(blocks, num_blocks), rows.reshape(-1),
-                         scores.reshape(scores.shape[0], -1), table)
+                         scores.detach().reshape(scores.shape[0], -1), table.detach())
         return pooled.view(tokens, num_blocks, table.shape[1])
 
     @staticmethod

@@ -1,0 +1,319 @@
+"""How much of a memory layer's time the overlap runner hides: forward+backward of one training step on a local
+gloo group (DP=2, memory-parallel P=2), with and without `model.memory.overlap`.
+
+    python benchmarks/memory_overlap.py [--placement 1:4] [--steps 30] [--quick] [--out docs/benchmarks/memory_overlap.json]
+
+Three models are built side by side in each process, from the same seed and layout: `dense` (the same blocks, no
+memory layer), `sync` (UltraMem, one memory layer `a:b`, overlap off) and `async` (overlap on). Each step runs
+forward+backward of one micro-batch (no optimizer step, so the weights and losses stay fixed); variants take
+turns within each round, in rotating order, so that load from other processes hits them alike. A step is
+timed between two barriers, i.e. it is the slower rank's time.
+
+    synchronous time = median(sync) - median(dense)      the memory layer's cost without overlap
+    exposed time     = median(async) - median(dense)     what is left of it with overlap
+    ratio            = exposed / synchronous              (the issue's target: <= 0.30)
+
+Communication vs compute: every all-to-all of the memory layer goes through its lookup's `Communicator`; the
+benchmark swaps in a `TimedCommunicator` (same group, same calls) that sums the wall time spent inside them,
+forward and backward (tags ending in `.grad`) apart. That time includes waiting for the other rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from umtrain.config import config_from_dict
+from umtrain.parallel.comm import GRAD_SUFFIX, Communicator, run_local_group
+
+VARIANTS = ("dense", "sync", "async")
+WORLD_SIZE = 2
+DEFAULT_OUT = "docs/benchmarks/memory_overlap.json"
+
+
+@dataclass(frozen=True)
+class Setting:
+    num_layers: int = 4
+    placement: str = "1:4"
+    hidden_size: int = 256
+    num_heads: int = 4
+    seq_length: int = 256
+    micro_batch_size: int = 2
+    num_values: int = 65536
+    value_dim: int = 128
+    key_dim: int = 64
+    topk: int = 16
+    lookup_impl: str = "fused"
+    sharding_mode: str = "auto"
+    warmup: int = 3
+    steps: int = 60
+    added_latency_ms: float = 0.0
+
+
+QUICK = Setting(hidden_size=64, seq_length=32, num_values=1024, value_dim=32, key_dim=16, topk=4, warmup=1, steps=2)
+
+
+def variant_config(setting: Setting, variant: str) -> dict:
+    """Config of one variant: DP=2 and P=2 for all three, so they share one Megatron parallel state."""
+    s = setting
+    model = {"family": "dense", "num_layers": s.num_layers, "hidden_size": s.hidden_size,
+             "num_attention_heads": s.num_heads}
+    if variant != "dense":
+        model.update(family="ultramem", memory={
+            "placements": [s.placement], "num_values": s.num_values, "value_dim": s.value_dim,
+            "key_dim": s.key_dim, "topk": s.topk, "lookup_impl": s.lookup_impl, "sharding_mode": s.sharding_mode,
+            "overlap": variant == "async"})
+    batch = s.micro_batch_size * WORLD_SIZE
+    return {
+        "model": model,
+        "parallel": {"expert_model_parallel_size": WORLD_SIZE},
+        "data": {"mock": True, "seq_length": s.seq_length, "mock_vocab_size": 256},
+        "training": {"micro_batch_size": s.micro_batch_size, "global_batch_size": batch, "train_iters": 1,
+                     "eval_interval": 100, "eval_iters": 1},
+        "logging": {"log_interval": 100, "progress_bar": False, "memory_stats": False},
+    }
+
+
+class TimedCommunicator(Communicator):
+    """A Communicator that also sums the wall time spent inside its all-to-alls, forward and backward apart.
+
+    `added_latency_s` > 0 emulates a slower network: each all-to-all then also sleeps that long (waiting
+    without using the CPU, as a rank waiting on its NIC does).
+    """
+
+    def __init__(self, group: Optional[dist.ProcessGroup], added_latency_s: float = 0.0):
+        super().__init__(group)
+        self.added_latency_s = added_latency_s
+        self.seconds = {"forward": 0.0, "backward": 0.0}
+
+    def reset_counters(self) -> None:
+        super().reset_counters()
+        self.seconds = {"forward": 0.0, "backward": 0.0}
+
+    def all_to_all(self, x: torch.Tensor, send_splits: Sequence[int], recv_splits: Sequence[int],
+                   tag: str) -> torch.Tensor:
+        start = time.perf_counter()
+        out = super().all_to_all(x, send_splits, recv_splits, tag)
+        if self.added_latency_s:
+            time.sleep(self.added_latency_s)
+        self.seconds["backward" if tag.endswith(GRAD_SUFFIX) else "forward"] += time.perf_counter() - start
+        return out
+
+
+def time_communication(trainer, added_latency_s: float) -> TimedCommunicator:
+    """Route the memory layer's collectives through one TimedCommunicator (same group, same calls)."""
+    (memory,) = trainer.memory_layers
+    timed = TimedCommunicator(memory.lookup.comm.group, added_latency_s)
+    memory.lookup.comm = timed
+    return timed
+
+
+def forward_backward(model, batch: dict[str, torch.Tensor]) -> float:
+    """One micro-batch through Megatron's DDP-wrapped chunk and back (gradients land in its grad buffer)."""
+    from umtrain.train.trainer import forward_step
+
+    model.zero_grad_buffer()
+    output, loss_fn = forward_step(iter([batch]), model)
+    loss, _ = loss_fn(output)
+    loss.backward()
+    return float(loss.detach())
+
+
+def timed_step(model, batch: dict[str, torch.Tensor]) -> tuple[float, float, float]:
+    """(wall seconds of the slower rank, CPU seconds of this process in all its threads, loss)."""
+    dist.barrier()
+    start, cpu_start = time.perf_counter(), time.process_time()
+    loss = forward_backward(model, batch)
+    cpu = time.process_time() - cpu_start
+    dist.barrier()
+    return time.perf_counter() - start, cpu, loss
+
+
+def _worker(rank: int, world: int, setting: Setting) -> dict:
+    from megatron.core import parallel_state
+    from umtrain.train.trainer import Trainer
+
+    torch.set_num_threads(1)  # the ranks share the machine's cores
+    try:
+        trainers = {v: Trainer(config_from_dict(variant_config(setting, v), world_size=world)) for v in VARIANTS}
+        comms = {v: time_communication(trainers[v], setting.added_latency_ms / 1000) for v in ("sync", "async")}
+        batch = next(trainers["dense"].train_batches.iterators(0, 1)[0])
+        times = {v: [] for v in VARIANTS}
+        cpu_times = {v: [] for v in VARIANTS}
+        losses = {v: [] for v in VARIANTS}
+        comm = {v: {"forward": [], "backward": []} for v in comms}
+        for step in range(setting.warmup + setting.steps):
+            for i in range(len(VARIANTS)):
+                variant = VARIANTS[(step + i) % len(VARIANTS)]
+                if variant in comms:
+                    comms[variant].reset_counters()
+                seconds, cpu, loss = timed_step(trainers[variant].model[0], batch)
+                if step < setting.warmup:
+                    continue
+                times[variant].append(seconds)
+                cpu_times[variant].append(cpu)
+                losses[variant].append(loss)
+                if variant in comms:
+                    for phase, value in comms[variant].seconds.items():
+                        comm[variant][phase].append(value)
+        lookup = type(trainers["sync"].memory_layers[0].lookup).__name__
+        return {"times": times, "cpu_times": cpu_times, "losses": losses, "comm": comm, "lookup": lookup}
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+SEGMENTS = 3
+"""The timed rounds are also split into this many consecutive segments, each giving its own ratio (its spread
+shows how much the machine's load moved the result during the run)."""
+
+
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=4)
+    return q[0], q[2]
+
+
+def _costs(times: dict[str, list[float]], statistic=statistics.median) -> tuple[float, float]:
+    """(synchronous, exposed) seconds of the memory layer: the statistic of each variant minus the dense one."""
+    dense = statistic(times["dense"])
+    return statistic(times["sync"]) - dense, statistic(times["async"]) - dense
+
+
+def _ratio(exposed: float, synchronous: float) -> float:
+    return exposed / synchronous if synchronous > 0 else float("nan")
+
+
+def _segments(times: dict[str, list[float]]) -> list[float]:
+    rounds = len(times["dense"])
+    if rounds < 2 * SEGMENTS:
+        return []
+    bounds = [rounds * i // SEGMENTS for i in range(SEGMENTS + 1)]
+    ratios = []
+    for lo, hi in zip(bounds, bounds[1:]):
+        synchronous, exposed = _costs({v: times[v][lo:hi] for v in VARIANTS})
+        ratios.append(_ratio(exposed, synchronous))
+    return ratios
+
+
+def _mean_over_ranks(ranks: list[dict], select) -> float:
+    return statistics.fmean(statistics.median(select(rank)) for rank in ranks)
+
+
+def summarize(ranks: list[dict], setting: Setting) -> dict:
+    """Medians over timed rounds. Step times are the group's (rank 0 holds them); CPU and communication times are
+    per rank, averaged over the ranks."""
+    times = ranks[0]["times"]
+    synchronous, exposed = _costs(times)
+    cpu = {v: _mean_over_ranks(ranks, lambda r: r["cpu_times"][v]) for v in VARIANTS}
+    comm = {v: {phase: _mean_over_ranks(ranks, lambda r: r["comm"][v][phase]) for phase in ("forward", "backward")}
+            for v in ("sync", "async")}
+    sync_comm = comm["sync"]["forward"] + comm["sync"]["backward"]
+    return {
+        "setting": asdict(setting),
+        "world_size": WORLD_SIZE,
+        "lookup": ranks[0]["lookup"],
+        "rounds": len(times["dense"]),
+        "step_s": {v: statistics.median(times[v]) for v in VARIANTS},
+        "step_quartiles_s": {v: _quartiles(times[v]) for v in VARIANTS},
+        "synchronous_s": synchronous,
+        "exposed_s": exposed,
+        "exposed_ratio": _ratio(exposed, synchronous),
+        "exposed_ratio_by_segment": _segments(times),
+        "exposed_ratio_best": _ratio(*reversed(_costs(times, min))),
+        "comm_s": comm,
+        "memory_comm_s": sync_comm,
+        "memory_compute_s": synchronous - sync_comm,
+        "comm_fraction": _ratio(sync_comm, synchronous),
+        "cpu_s": cpu,
+        "memory_cpu_s": {v: cpu[v] - cpu["dense"] for v in ("sync", "async")},
+        "losses_identical": all(r["losses"]["sync"] == r["losses"]["async"] for r in ranks),
+    }
+
+
+def machine() -> dict:
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        lscpu = ""
+    fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
+    return {"cpu": fields.get("Model name", platform.processor()).strip(), "cpus": fields.get("CPU(s)", "").strip(),
+            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
+
+
+def format_table(result: dict) -> str:
+    ms = lambda seconds: f"{1000 * seconds:.1f}"  # noqa: E731
+    header = ("variant", "median ms", "p25 ms", "p75 ms", "CPU ms/rank", "comm fwd ms", "comm bwd ms")
+    rows = []
+    for v in VARIANTS:
+        low, high = result["step_quartiles_s"][v]
+        comm = result["comm_s"].get(v)
+        rows.append((v, ms(result["step_s"][v]), ms(low), ms(high), ms(result["cpu_s"][v]),
+                     ms(comm["forward"]) if comm else "-", ms(comm["backward"]) if comm else "-"))
+    lines = ["  ".join(f"{cell:>11}" for cell in row) for row in (header, *rows)]
+    segments = ", ".join(f"{r:.2f}" for r in result["exposed_ratio_by_segment"])
+    lines += [
+        f"synchronous (sync - dense): {ms(result['synchronous_s'])} ms = communication "
+        f"{ms(result['memory_comm_s'])} ms ({100 * result['comm_fraction']:.0f}%) + compute "
+        f"{ms(result['memory_compute_s'])} ms; CPU per rank {ms(result['memory_cpu_s']['sync'])} ms",
+        f"exposed (async - dense):    {ms(result['exposed_s'])} ms; CPU per rank "
+        f"{ms(result['memory_cpu_s']['async'])} ms",
+        f"exposed / synchronous:      {result['exposed_ratio']:.2f} (thirds of the run: {segments or '-'}; "
+        f"from the fastest rounds: {result['exposed_ratio_best']:.2f}; target <= 0.30)",
+        f"losses identical (sync vs async): {result['losses_identical']}; lookup: {result['lookup']}; "
+        f"{result['rounds']} rounds",
+    ]
+    return "\n".join(lines)
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny model, 2 steps (smoke test)")
+    parser.add_argument("--placement", help=f"memory placement a:b (default {Setting.placement})")
+    parser.add_argument("--steps", type=int, help=f"timed steps per variant (default {Setting.steps})")
+    parser.add_argument("--lookup-impl", choices=("reference", "fused", "triton"))
+    parser.add_argument("--sharding-mode", choices=("auto", "number", "dimension"))
+    parser.add_argument("--added-latency-ms", type=float,
+                        help="emulated network latency added to each all-to-all of the memory layer (default 0)")
+    parser.add_argument("--out", default=DEFAULT_OUT, help="JSON file for the results")
+    return parser.parse_args(argv)
+
+
+def setting_from_args(args: argparse.Namespace) -> Setting:
+    setting = QUICK if args.quick else Setting()
+    overrides = {"placement": args.placement, "steps": args.steps, "lookup_impl": args.lookup_impl,
+                 "sharding_mode": args.sharding_mode, "added_latency_ms": args.added_latency_ms}
+    return replace(setting, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = parse_args(argv)
+    setting = setting_from_args(args)
+    for variant in VARIANTS:  # bad settings fail here, before any process starts
+        config_from_dict(variant_config(setting, variant), world_size=WORLD_SIZE)
+    started = time.perf_counter()
+    result = summarize(run_local_group(_worker, WORLD_SIZE, setting), setting)
+    result.update(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), machine=machine(),
+                  command="python " + " ".join(["benchmarks/memory_overlap.py", *(sys.argv[1:] if argv is None else argv)]),
+                  wall_s=time.perf_counter() - started)
+    print(format_table(result))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

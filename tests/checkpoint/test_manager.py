@@ -1,0 +1,67 @@
+"""The checkpoint directory: atomic publish, `latest`, verification, fallback, retention (no training needed)."""
+
+from __future__ import annotations
+
+import pytest
+
+from umtrain.checkpoint import manager
+
+
+def fake_save(root, iteration: int, payload: bytes = b"weights") -> None:
+    """What a save leaves: files in the temporary directory, then publish."""
+    tmp = manager.prepare_temporary(root, iteration)
+    (tmp / "__0_0.distcp").write_bytes(payload * iteration)
+    (tmp / "common.pt").write_bytes(b"common")
+    manager.publish(tmp, iteration)
+
+
+def test_publish_renames_atomically_and_points_latest(tmp_path):
+    fake_save(tmp_path, 10)
+    assert (tmp_path / "iter_0000010").is_dir() and not (tmp_path / "iter_0000010.tmp").exists()
+    assert manager.read_latest(tmp_path) == tmp_path / "iter_0000010"
+    assert manager.verification_error(tmp_path / "iter_0000010") is None
+    assert manager.bytes_of(tmp_path / "iter_0000010") == 7 * 10 + 6
+
+
+def test_unpublished_and_corrupt_checkpoints_are_skipped(tmp_path):
+    for iteration in (10, 20, 30):
+        fake_save(tmp_path, iteration)
+    (tmp_path / "iter_0000030" / "__0_0.distcp").write_bytes(b"x" * 210)        # same size, other bytes
+    truncated = tmp_path / "iter_0000020" / "__0_0.distcp"
+    truncated.write_bytes(truncated.read_bytes()[:5])
+    half_written = manager.prepare_temporary(tmp_path, 40)
+    (half_written / "__0_0.distcp").write_bytes(b"partial")
+
+    checkpoint, warnings = manager.resolve_resume(tmp_path)
+    assert checkpoint.iteration == 10
+    assert "CRC-32" in warnings[0] and "iter_0000030" in warnings[0]
+    assert "5 bytes" in warnings[1]
+    with pytest.raises(RuntimeError, match="CRC-32"):
+        manager.resolve_resume(tmp_path / "iter_0000030")
+
+
+def test_latest_is_authoritative_and_missing_latest_falls_back_to_newest(tmp_path):
+    for iteration in (10, 20):
+        fake_save(tmp_path, iteration)
+    manager.write_file_atomically(tmp_path / manager.LATEST, "iter_0000010\n")     # a user's rollback
+    assert manager.resolve_resume(tmp_path)[0].iteration == 10
+    (tmp_path / manager.LATEST).unlink()
+    assert manager.resolve_resume(tmp_path)[0].iteration == 20
+    assert manager.resolve_resume(tmp_path / "empty")[0] is None
+
+
+def test_retention_keeps_last_k_every_mth_and_the_newest(tmp_path):
+    assert manager.retained([100, 200, 300, 400, 500], keep_last=2, keep_every=200, newest=500) == {200, 400, 500}
+    for iteration in (1, 2, 3, 4, 5, 6):
+        fake_save(tmp_path, iteration)
+    removed = manager.apply_retention(tmp_path, keep_last=2, keep_every=3, newest=6)
+    assert sorted(p.name for p in removed) == ["iter_0000001", "iter_0000002", "iter_0000004"]
+    assert [c.iteration for c in manager.list_checkpoints(tmp_path)] == [3, 5, 6]
+
+
+def test_existing_checkpoint_is_set_aside_not_overwritten(tmp_path):
+    fake_save(tmp_path, 10, b"old")
+    kept = manager.set_aside(tmp_path / "iter_0000010")
+    fake_save(tmp_path, 10, b"new")
+    assert (kept / "__0_0.distcp").read_bytes() == b"old" * 10
+    assert manager.list_checkpoints(tmp_path) == [manager.Checkpoint(10, tmp_path / "iter_0000010")]

@@ -1,0 +1,57 @@
+"""UltraMem trained with value tables sharded over the memory-parallel group (P=2) inside TP=2 x DP=2: the same
+losses and clipping grad norm as the unsharded single-process model; 1/P of the table and its Adam state per rank;
+overlapping the memory layer with the blocks it skips changes nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.distributed import tiny_config, train_on_ranks
+from umtrain.model.build import unwrap
+
+MEMORY = {"placements": ["1:2", "3:4"], "num_values": 1024, "value_dim": 32, "key_dim": 16, "topk": 4,
+          "lookup_impl": "reference"}
+
+
+def sharded_config(tp: int, ep: int, **memory) -> dict:
+    config = tiny_config(parallel={"tensor_model_parallel_size": tp, "expert_model_parallel_size": ep},
+                         training={"global_batch_size": 8, "micro_batch_size": 2})
+    config["model"].update(family="ultramem", memory={**MEMORY, **memory})
+    return config
+
+
+def table_footprint(trainer) -> dict:
+    """Elements of value-table shards and of the optimizer state (main params, Adam moments) over them."""
+    tables = sum(layer.memory.values.numel() for chunk in trainer.model
+                 for layer in unwrap(chunk).decoder.layers if getattr(layer, "memory", None) is not None)
+    state = sum(param.numel() for group in trainer.optimizer.param_groups if group["is_expert_parallel"]
+                for param in group["params"])
+    moments = 0
+    for inner in trainer.optimizer.chained_optimizers:
+        for group in inner.optimizer.param_groups:
+            if group["is_expert_parallel"]:
+                for param in group["params"]:
+                    moments += sum(v.numel() for k, v in inner.optimizer.state.get(param, {}).items()
+                                   if k in ("exp_avg", "exp_avg_sq"))
+    return {"loss": trainer.history.loss, "grad_norm": trainer.history.grad_norm, "tables": tables,
+            "main_params": state, "moments": moments}
+
+
+@pytest.fixture(scope="module")
+def unsharded():
+    return train_on_ranks(sharded_config(tp=1, ep=1), 1, collect=table_footprint)[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode,overlap", [("number", False), ("dimension", True)])
+def test_sharded_tables_train_like_unsharded(unsharded, mode, overlap):
+    results = train_on_ranks(sharded_config(tp=2, ep=2, sharding_mode=mode, overlap=overlap), 4,
+                             collect=table_footprint)
+    full_elements = 2 * MEMORY["num_values"] * MEMORY["value_dim"]
+    assert unsharded["tables"] == full_elements
+    for result in results:
+        assert result["loss"] == pytest.approx(unsharded["loss"], rel=1e-5)
+        assert result["grad_norm"] == pytest.approx(unsharded["grad_norm"], rel=1e-5)
+        assert result["tables"] == full_elements // 2
+        assert result["main_params"] == full_elements // 2
+        assert result["moments"] == 2 * full_elements // 2
