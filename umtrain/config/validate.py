@@ -105,32 +105,14 @@ def _validate_world(config: Config, world_size: int) -> None:
                           f"{t.micro_batch_size} x {dp}")
 
 
-def blend_prefixes(paths: list[str]) -> list[str]:
-    """The file prefixes of a Megatron blend (`w p w p` or `p p`)."""
-    if len(paths) >= 2 and len(paths) % 2 == 0 and _is_number(paths[0]):
-        return paths[1::2]
-    return list(paths)
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
-
-
 def _validate_files(config: Config) -> None:
+    from umtrain.data.datasets import parse_blend
+
     d = config.data
     if d.mock:
         return
-    for key, paths in (("data.data_path", d.data_path), ("data.valid_data_path", d.valid_data_path or [])):
-        if len(paths) >= 2 and _is_number(paths[0]):
-            if len(paths) % 2 or not all(_is_number(w) for w in paths[0::2]):
-                raise ConfigError(key, "a blend must alternate weight and prefix: [w, prefix, w, prefix, ...]")
-        for prefix in blend_prefixes(paths):
-            for suffix in (".bin", ".idx"):
-                if not Path(prefix + suffix).is_file():
-                    raise ConfigError(key, f"{prefix}{suffix} not found (run `umtrain preprocess` first)")
+    parse_blend(d.data_path, "data.data_path")
+    if d.valid_data_path:
+        parse_blend(d.valid_data_path, "data.valid_data_path")
     if d.tokenizer_model and not Path(d.tokenizer_model).is_file():
         raise ConfigError("data.tokenizer_model", f"{d.tokenizer_model} not found")
