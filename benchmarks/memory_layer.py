@@ -10,7 +10,8 @@ TDQKR re-scoring), i.e. F = FLOPs / (4 D).
 
 Time: medians of interleaved repeats (every repeat runs each case back to back) after warm-up, forward and
 forward+backward (backward of the layer output against a fixed random gradient; parameter gradients are
-freed between repeats, as `zero_grad(set_to_none=True)` does).
+freed between repeats, as `zero_grad(set_to_none=True)` does). One intra-op thread unless --threads: on a shared
+machine OpenMP barriers waiting on descheduled threads inflate multi-thread times many-fold.
 
 Memory, two measures per case:
 - saved activations: the distinct storages autograd keeps for backward (torch.autograd.graph.saved_tensors_hooks),

@@ -1,13 +1,14 @@
 """How much of a memory layer's time the overlap runner hides: forward+backward of one training step on a local
-gloo group (DP=2, memory-parallel P=2), with and without `model.memory.overlap`.
+gloo group (DP=2, memory-parallel P=2), with and without `model.memory.overlap`. Results: docs/benchmarks/memory_overlap.md.
 
-    python benchmarks/memory_overlap.py [--placement 1:4] [--steps 30] [--quick] [--out docs/benchmarks/memory_overlap.json]
+    python benchmarks/memory_overlap.py [--placement 1:4] [--steps 60] [--sharding-mode auto|number|dimension]
+                                        [--added-latency-ms 0] [--quick] [--out docs/benchmarks/memory_overlap.json]
 
 Three models are built side by side in each process, from the same seed and layout: `dense` (the same blocks, no
 memory layer), `sync` (UltraMem, one memory layer `a:b`, overlap off) and `async` (overlap on). Each step runs
-forward+backward of one micro-batch (no optimizer step, so the weights and losses stay fixed); variants take
-turns within each round, in rotating order, so that load from other processes hits them alike. A step is
-timed between two barriers, i.e. it is the slower rank's time.
+forward+backward of one micro-batch (no optimizer step, so weights and losses stay fixed, and sync and async
+must give bit-identical losses); variants take turns within each round, in rotating order, so that load from
+other processes hits them alike. A step is timed between two barriers, i.e. it is the slower rank's time.
 
     synchronous time = median(sync) - median(dense)      the memory layer's cost without overlap
     exposed time     = median(async) - median(dense)     what is left of it with overlap
@@ -15,7 +16,9 @@ timed between two barriers, i.e. it is the slower rank's time.
 
 Communication vs compute: every all-to-all of the memory layer goes through its lookup's `Communicator`; the
 benchmark swaps in a `TimedCommunicator` (same group, same calls) that sums the wall time spent inside them,
-forward and backward (tags ending in `.grad`) apart. That time includes waiting for the other rank.
+forward and backward (tags ending in `.grad`) apart. That time includes waiting for the other rank. The CPU
+time of each process (all threads) per step is recorded too: overlap must not change it, only the wall time.
+`--added-latency-ms` emulates a slower network (each all-to-all also sleeps that long).
 """
 
 from __future__ import annotations

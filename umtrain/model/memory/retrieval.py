@@ -80,9 +80,25 @@ def select_candidates(factor_scores: torch.Tensor, count: int, sign_aware: bool)
     return torch.cat([top, bottom], dim=-1)
 
 
+class _GatherLastDim(torch.autograd.Function):
+    """`scores.gather(-1, index)` whose backward keeps only the index: autograd's gather saves its whole source,
+    here the [T, H, r, n] sub-key scores, which dominated the layer's saved activations."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(index)
+        ctx.source_shape = scores.shape
+        return scores.gather(-1, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (index,) = ctx.saved_tensors
+        return grad.new_zeros(ctx.source_shape).scatter_add_(-1, index, grad), None
+
+
 def gather_sub_scores(scores: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """scores [T, H, r, n], index [T, H, c] -> [T, H, r, c]."""
-    return scores.gather(-1, index.unsqueeze(2).expand(-1, -1, scores.shape[2], -1))
+    return _GatherLastDim.apply(scores, index.unsqueeze(2).expand(-1, -1, scores.shape[2], -1))
 
 
 def select_top_m(s_row: torch.Tensor, s_col: torch.Tensor, cores: Optional[torch.Tensor],
