@@ -1,4 +1,5 @@
-"""UltraMem inside the Megatron trainer: TP and PP give the single-process losses and memory gradients, and the
+"""UltraMem inside the Megatron trainer: TP (with and without sequence parallelism) and PP give the single-process
+losses and memory gradients, and the
 value tables follow their own LR schedule (spec section 2.7)."""
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ MEMORY = {"placements": ["1:2", "3:4"], "num_values": 1024, "value_dim": 32, "ke
           "value_lr_multiplier": 10.0, "lookup_impl": "reference"}
 
 
-def ultramem_config(tp: int = 1, pp: int = 1, **extra) -> dict:
-    config = tiny_config(parallel={"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp}, **extra)
+def ultramem_config(tp: int = 1, pp: int = 1, sp: bool = False, **extra) -> dict:
+    config = tiny_config(parallel={"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
+                                   "sequence_parallel": sp}, **extra)
     config["model"].update(family="ultramem", memory=dict(MEMORY))
     return config
 
@@ -41,9 +43,9 @@ def reference():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2)])
-def test_memory_model_matches_single_process(reference, tp, pp):
-    results = train_on_ranks(ultramem_config(tp, pp), tp * pp, collect=memory_grads)
+@pytest.mark.parametrize("tp,pp,sp", [(2, 1, False), (2, 1, True), (1, 2, False)])
+def test_memory_model_matches_single_process(reference, tp, pp, sp):
+    results = train_on_ranks(ultramem_config(tp, pp, sp), tp * pp, collect=memory_grads)
     seen = {}
     for result in results:
         assert result["loss"] == pytest.approx(reference["loss"], rel=1e-5)

@@ -1,4 +1,5 @@
-"""Layer specs for the four model families: dense, MoE, PKM and UltraMem, all from Megatron-Core's local spec.
+"""Layer specs for the four model families: dense, MoE, PKM and UltraMem, all from Megatron-Core's local spec
+(with SDPA core attention, sequence-parallel-aware norms and a final norm).
 
 Memory families differ from dense only in which layers are `MemoryTransformerLayer`s (readers and writers of
 `a:b` placements); MoE swaps the MLP for Megatron-Core's MoE layer. Core attention is SDPA in every family.
@@ -17,15 +18,17 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from umtrain.config import Config
 from umtrain.model.attention import SDPACoreAttention
 from umtrain.model.memory_block import MemoryTransformerLayer
+from umtrain.model.norm import norm_class
 
 
 def base_layer_spec(config: Config) -> ModuleSpec:
     model = config.model
     num_experts = model.moe.num_experts if model.family == "moe" else None
     spec = get_gpt_layer_local_spec(num_experts=num_experts, normalization=model.normalization)
+    norm = norm_class(model.normalization)
     attention = spec.submodules.self_attention
     attention_submodules = dataclasses.replace(attention.submodules, core_attention=SDPACoreAttention)
-    submodules = dataclasses.replace(spec.submodules,
+    submodules = dataclasses.replace(spec.submodules, input_layernorm=norm, pre_mlp_layernorm=norm,
                                      self_attention=dataclasses.replace(attention, submodules=attention_submodules))
     return dataclasses.replace(spec, submodules=submodules)
 
@@ -56,4 +59,4 @@ def layer_specs(config: Config, transformer_config, vp_stage: Optional[int],
         params = dict(base.params or {}, reader=reader, writer_of=writer_of, memory_factory=memory_factory,
                       memory_io=memory_io)
         specs.append(dataclasses.replace(base, module=MemoryTransformerLayer, params=params))
-    return TransformerBlockSubmodules(layer_specs=specs)
+    return TransformerBlockSubmodules(layer_specs=specs, layer_norm=norm_class(config.model.normalization))
