@@ -1,6 +1,5 @@
 """UltraMem inside the Megatron trainer: TP (with and without sequence parallelism) and PP give the single-process
-losses and memory gradients, and the
-value tables follow their own LR schedule (spec section 2.7)."""
+losses and memory gradients, and the value tables follow their own LR schedule (spec section 2.7)."""
 
 from __future__ import annotations
 
