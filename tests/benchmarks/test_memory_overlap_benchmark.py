@@ -34,6 +34,7 @@ def rank_result(comm_forward: float, loss: float) -> dict:
         "losses": {"dense": [2.0] * rounds, "sync": [loss] * rounds, "async": [3.0] * rounds},
         "comm": {v: {"forward": [comm_forward] * rounds, "backward": [0.05] * rounds} for v in ("sync", "async")},
         "lookup": "DimensionWiseLookup",
+        "bytes_sent": 1000,
     }
 
 
@@ -50,8 +51,22 @@ def test_summary_arithmetic(bench):
     assert result["comm_fraction"] == pytest.approx(0.625)
     assert result["expected_ratio_waiting_only"] == pytest.approx(0.5)                  # (0.4 - 0.2) / 0.4
     assert result["memory_cpu_s"] == pytest.approx({"sync": 0.2, "async": 0.22})
+    assert result["comm_bytes_sent_per_step"] == 1000
     assert result["losses_identical"]
     assert not bench.summarize([rank_result(0.1, 3.0), rank_result(0.1, 3.5)], bench.QUICK)["losses_identical"]
+
+
+def test_ratio_pairs_each_round_with_its_dense_step(bench):
+    """Load that doubles whole rounds cancels; load that hits one step of a round is an outlier of the median."""
+    result = rank_result(0.1, 3.0)
+    result["times"] = {"dense": [1.0, 2.0, 1.0, 2.0, 1.0, 2.0], "sync": [1.4, 2.8, 1.4, 2.8, 1.4, 2.8],
+                       "async": [1.1, 2.2, 1.1, 2.2, 3.0, 2.2]}
+    summary = bench.summarize([result], bench.QUICK)
+    assert summary["exposed_ratio"] == pytest.approx(0.25)                     # median 0.1 / median 0.4 (relative)
+    assert summary["exposed_ratio_by_segment"] == pytest.approx([0.25, 0.25, 2.625])   # last: mean(2.0, 0.1) / 0.4
+    assert summary["synchronous_s"] == pytest.approx(0.6)                      # median of 0.4, 0.8, ...
+    assert summary["synchronous_best_s"] == pytest.approx(0.4)                 # 1.4 - 1.0
+    assert summary["exposed_best_s"] == pytest.approx(0.1)
 
 
 def test_timed_communicator_splits_forward_and_backward(bench):
@@ -87,6 +102,7 @@ def test_quick_run_writes_the_documented_fields(bench, tmp_path):
     assert all(written["step_s"][v] > 0 and written["cpu_s"][v] > 0 for v in bench.VARIANTS)
     for key in ("synchronous_s", "exposed_s", "memory_comm_s", "memory_compute_s", "comm_fraction",
                 "expected_ratio_waiting_only", "memory_cpu_s", "exposed_ratio_by_segment", "exposed_ratio_best",
-                "date", "machine", "command"):
+                "synchronous_best_s", "exposed_best_s", "step_best_s", "round_s", "date", "machine", "command"):
         assert key in written
     assert written["comm_s"]["sync"]["forward"] > 0 and written["comm_s"]["sync"]["backward"] > 0
+    assert written["comm_bytes_sent_per_step"] > 0

@@ -1,8 +1,9 @@
 """Running a memory layer `a:b` while blocks a..b run (spec section 5, asynchronous execution).
 
 The skip bus hands the memory computation to a runner when block a's pre-MLP LayerNorm output is ready and asks for
-the result at block b. `SyncRunner` computes at b (no overlap). `ThreadRunner` (CPU) computes on a worker thread,
-so the lookup and its collectives on the memory-parallel group proceed while the main thread runs blocks a..b;
+the result at block b. `SyncRunner` computes at b (no overlap). `ThreadRunner` (CPU) computes the forward on a
+worker thread, so the lookup and its collectives on the memory-parallel group proceed while the main thread runs
+blocks a..b (the CPU backward runs on the thread that calls backward, so it is not overlapped);
 `StreamRunner` (GPU) issues it on a side CUDA stream; autograd then replays the backward on the same stream, which
 overlaps it with blocks b..a. All three give identical results: the computation and its inputs are the same.
 Collectives of other groups (TP, SP) stay on the main thread; only the memory-parallel group's are issued here,
