@@ -1,6 +1,6 @@
 """Lookup-reduce on CPU: fused vs naive gather-then-sum, side by side in one run.
 
-    python benchmarks/lookup_reduce.py [--out docs/benchmarks/lookup_reduce.json] [--repeats 7]
+    PYTHONPATH=. python benchmarks/lookup_reduce.py [--out docs/benchmarks/lookup_reduce.json] [--threads 2]
 
 Reports medians of interleaved repeats (the machine is shared): forward and forward+backward times, the
 forward's fraction of the measured copy bandwidth counting the bytes it must read (the T*K gathered rows), the
@@ -33,7 +33,7 @@ if "--small-pages" not in sys.argv:
 import torch                                                          # noqa: E402
 import torch.nn.functional as F                                       # noqa: E402
 
-from umtrain.ops.fused_lookup_reduce import bag_keys, bag_sum, fused_lookup_reduce, rank_by_block   # noqa: E402
+from umtrain.ops.fused_lookup_reduce import fused_lookup_reduce   # noqa: E402
 from umtrain.ops.lookup_reduce import lookup_reduce_reference         # noqa: E402
 
 COPY_BYTES = 256 << 20
@@ -48,10 +48,42 @@ def gather_onehot_einsum(rows, blocks, scores, table, num_blocks):
     return pooled.reshape(tokens, num_blocks, -1)
 
 
+def bag_sum(keys: torch.Tensor, num_keys: int, source_rows: torch.Tensor, weights: torch.Tensor,
+            source: torch.Tensor) -> torch.Tensor:
+    """out[key, slice_i] = sum_{m: keys[m]=key} weights[i, m] * source[source_rows[m], slice_i]; out is [num_keys, d].
+
+    The embedding_bag baseline. keys, source_rows: [M] int64; weights: [h, M]; source: [R, d] with d divisible
+    by h. Entries are sorted by key and laid out one bag per (key, slice), in that order, so embedding_bag writes
+    `out` in place with no permute; empty bags give zeros.
+    """
+    num_cores = weights.shape[0]
+    core = torch.arange(num_cores, device=keys.device)
+    sorted_keys, order = torch.sort(keys, stable=True)
+    counts = torch.bincount(keys, minlength=num_keys)
+    starts = counts.cumsum(0) - counts
+    offsets = num_cores * starts[:, None] + core * counts[:, None]          # [num_keys, h]: where bag (key, i) begins
+    # Sorted entry s is the (s - starts[key])-th of its key: its slice-i term goes to offsets[key, i] + that.
+    position = (offsets - starts[:, None])[sorted_keys] + torch.arange(keys.numel(), device=keys.device)[:, None]
+    position = position.view(-1)
+    slice_rows = source_rows[order][:, None] * num_cores + core             # rows of `source` viewed [R * h, d / h]
+    indices = torch.empty_like(position).scatter_(0, position, slice_rows.view(-1))
+    bag_weights = torch.empty(position.shape, dtype=source.dtype, device=source.device)
+    bag_weights.scatter_(0, position, weights.t()[order].to(source.dtype).reshape(-1))
+    slices = source.contiguous().view(-1, source.shape[1] // num_cores)
+    pooled = F.embedding_bag(indices, slices, offsets.view(-1), mode="sum", per_sample_weights=bag_weights)
+    return pooled.view(num_keys, source.shape[1])
+
+
+def bag_keys(blocks: torch.Tensor, num_blocks: int) -> torch.Tensor:
+    """[T*K]: t*E + blocks[t, k], the output row of [T*E, d_v] that entry (t, k) pools into."""
+    token = torch.arange(blocks.shape[0], device=blocks.device).unsqueeze(1)
+    return (token * num_blocks + blocks).view(-1)
+
+
 def embedding_bag_autograd(rows, blocks, scores, table, num_blocks):
     """(token, block, core) bags through `embedding_bag`, differentiated by PyTorch's own embedding_bag backward."""
-    pooled = bag_sum(bag_keys(blocks, num_blocks), rows.shape[0] * num_blocks, rank_by_block(blocks, num_blocks),
-                     rows.reshape(-1), scores.reshape(scores.shape[0], -1), table)
+    pooled = bag_sum(bag_keys(blocks, num_blocks), rows.shape[0] * num_blocks, rows.reshape(-1),
+                     scores.reshape(scores.shape[0], -1), table)
     return pooled.view(rows.shape[0], num_blocks, table.shape[1])
 
 
@@ -156,6 +188,7 @@ def summarise(args: argparse.Namespace, samples, peaks) -> Dict:
             "forward_ms_min": 1e3 * min(samples[name]["forward_s"]),
             "forward_backward_ms_min": 1e3 * min(samples[name]["forward_backward_s"]),
             "forward_fraction_of_copy_bandwidth": gathered_bytes / forward_s / copy_bandwidth,
+            "forward_fraction_of_copy_read_rate": gathered_bytes / forward_s / (copy_bandwidth / 2),
             "forward_backward_over_bytes_floor": forward_backward_s / floor_s,
             "peak_forward_mib": peak["forward"] / 2 ** 20,
             "peak_forward_backward_mib": peak["forward_backward"] / 2 ** 20,
@@ -198,16 +231,19 @@ def print_table(summary: Dict) -> None:
           f"{summary['machine']['cpus']} cpus: other work on the machine inflates every time below")
     print(f"copy bandwidth {summary['copy_bandwidth_gb_s']:.1f} GB/s (read + write), "
           f"forward+backward floor {summary['forward_backward_floor_ms']:.1f} ms, shape {summary['shape']}")
+    print("fwd %copy: the forward's T*K*d_v row bytes per second over the copy's bytes read + written per second; "
+          "%c.read: over the copy's bytes read per second")
     print(f"peak memory: MiB above the inputs; 'f+b net' also leaves out the [N, d_v] table gradient; "
           f"'x' columns: {BASELINE} / impl")
-    header = (f"{'impl':<24}{'fwd ms':>8}{'f+b ms':>8}{'fwd %copy':>10}{'f+b/floor':>10}{'peak fwd':>9}"
+    header = (f"{'impl':<24}{'fwd ms':>8}{'f+b ms':>8}{'fwd %copy':>10}{'%c.read':>8}{'f+b/floor':>10}{'peak fwd':>9}"
               f"{'peak f+b':>9}{'f+b net':>8}{'fwd x':>7}{'f+b x':>7}{'fwd mem x':>10}{'f+b mem x':>10}"
               f"{'net mem x':>10}")
     print(header)
     for name, r in summary["results"].items():
         ratio = r.get("vs_baseline", {})
         print(f"{name:<24}{r['forward_ms']:>8.1f}{r['forward_backward_ms']:>8.1f}"
-              f"{100 * r['forward_fraction_of_copy_bandwidth']:>9.0f}%{r['forward_backward_over_bytes_floor']:>10.2f}"
+              f"{100 * r['forward_fraction_of_copy_bandwidth']:>9.0f}%"
+              f"{100 * r['forward_fraction_of_copy_read_rate']:>7.0f}%{r['forward_backward_over_bytes_floor']:>10.2f}"
               f"{r['peak_forward_mib']:>9.0f}{r['peak_forward_backward_mib']:>9.0f}"
               f"{r['peak_forward_backward_beyond_table_grad_mib']:>8.0f}"
               + "".join(f"{ratio.get(key, 0):>{width}.1f}" for key, width in (

@@ -36,26 +36,6 @@ def run_config(iters: int, tp: int = 1, pp: int = 1, save: str | None = None, mo
     return tiny_config(**sections)
 
 
-def with_final_norm() -> None:
-    """Give the decoder a final LayerNorm (GPTNeoX always has one); see the report: umtrain/model/specs.py omits it."""
-    import dataclasses
-
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-
-    import umtrain.model.gpt as gpt
-
-    original = gpt.layer_specs
-
-    def specs(config, *args, **kwargs):
-        block = original(config, *args, **kwargs)
-        if block.layer_norm is not None:
-            return block
-        norm = get_gpt_layer_local_spec(normalization=config.model.normalization).submodules.input_layernorm
-        return dataclasses.replace(block, layer_norm=norm)
-
-    gpt.layer_specs = specs
-
-
 def fixed_batch_logits(trainer) -> torch.Tensor:
     """Full-vocabulary logits of FIXED_BATCH (PP=1 layouts), identical on every rank."""
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
@@ -81,14 +61,13 @@ class StopAt:
         return self.trainer.iteration >= self.iteration
 
 
-def trainer_worker(rank: int, world_size: int, config_dict: dict, logits: bool = False, final_norm: bool = False,
+def trainer_worker(rank: int, world_size: int, config_dict: dict, logits: bool = False,
                    preempt_at: int | None = None) -> dict:
     """Build a Trainer (which resumes), train, report; with `logits`, fixed-batch logits before and after."""
     from umtrain.checkpoint import Preempted
     from umtrain.train.trainer import Trainer
 
-    if final_norm:
-        with_final_norm()
+    torch.set_num_threads(1)  # as torchrun's workers (and launch_cli's): reductions then sum in the same order
     trainer = Trainer(config_from_dict(config_dict, world_size=world_size))
     if preempt_at is not None:
         trainer.preemption = StopAt(trainer, preempt_at)
@@ -106,10 +85,9 @@ def trainer_worker(rank: int, world_size: int, config_dict: dict, logits: bool =
         parallel_state.destroy_model_parallel()
 
 
-def train(config_dict: dict, world_size: int, logits: bool = False, final_norm: bool = False,
-          preempt_at: int | None = None) -> dict:
+def train(config_dict: dict, world_size: int, logits: bool = False, preempt_at: int | None = None) -> dict:
     """Rank 0's report (every rank agrees on the losses)."""
-    return run_local_group(trainer_worker, world_size, config_dict, logits, final_norm, preempt_at)[0]
+    return run_local_group(trainer_worker, world_size, config_dict, logits, preempt_at)[0]
 
 
 def launch_cli(tmp_path: Path, config_dict: dict, nproc: int, *extra: str) -> subprocess.Popen:

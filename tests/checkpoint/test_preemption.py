@@ -18,7 +18,7 @@ from umtrain.checkpoint.launch import exit_code_of
 from umtrain.checkpoint.signals import parse_signal
 from umtrain.config import ConfigError
 
-ITERS, INTERVAL = 40, 5
+ITERS, INTERVAL = 24, 4
 
 
 def wait_for_checkpoint(proc, root: Path, timeout: float = 300.0) -> None:

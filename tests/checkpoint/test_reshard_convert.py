@@ -17,13 +17,12 @@ SAVED_AT, TOTAL = 3, 4
 def saved(tmp_path_factory):
     """A (2, 2, 1) run of TOTAL steps that saved at SAVED_AT; its losses are the reference."""
     root = tmp_path_factory.mktemp("reshard") / "ckpt"
-    run = train(run_config(TOTAL, tp=2, pp=2, save=str(root), save_interval=SAVED_AT), 4, final_norm=True)
+    run = train(run_config(TOTAL, tp=2, pp=2, save=str(root), save_interval=SAVED_AT), 4)
     return root / manager.checkpoint_name(SAVED_AT), run["loss"]
 
 
-def resume(checkpoint, tp: int, world: int, final_norm: bool = True) -> dict:
-    config = run_config(TOTAL, tp=tp, load=str(checkpoint))
-    return train(config, world, logits=True, final_norm=final_norm)
+def resume(checkpoint, tp: int, world: int) -> dict:
+    return train(run_config(TOTAL, tp=tp, load=str(checkpoint)), world, logits=True)
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,19 @@ import os
 import signal
 
 import pytest
+import torch
 
 from tests.checkpoint.helpers import ULTRAMEM, run_config, train, tree_digest
 from umtrain.checkpoint import manager
 from umtrain.config import ConfigError
 
 N = 3
+
+
+@pytest.fixture(scope="module")
+def four_steps():
+    """Losses of an uninterrupted 4-step single-process run."""
+    return train(run_config(4), 1)["loss"]
 
 
 @pytest.mark.slow
@@ -46,7 +53,7 @@ def killed_mid_write_worker(rank, world_size, config_dict):
 
 
 @pytest.mark.slow
-def test_kill_mid_write_keeps_previous_checkpoint_and_latest(tmp_path):
+def test_kill_mid_write_keeps_previous_checkpoint_and_latest(tmp_path, four_steps):
     from umtrain.parallel.comm import run_local_group
 
     root = tmp_path / "ckpt"
@@ -58,13 +65,14 @@ def test_kill_mid_write_keeps_previous_checkpoint_and_latest(tmp_path):
     assert not (root / manager.checkpoint_name(4)).exists()
     resumed = train(config, 1)
     assert resumed["start"] == 2
-    assert resumed["loss"] == train(run_config(4), 1)["loss"]
+    assert resumed["loss"] == four_steps
 
 
 @pytest.mark.slow
-def test_corrupt_latest_falls_back_and_shape_change_is_refused(tmp_path, caplog):
+def test_corrupt_latest_falls_back_and_shape_change_is_refused(tmp_path):
     root = tmp_path / "ckpt"
-    train(run_config(4, save=str(root), save_interval=2), 1)
+    train(run_config(4, save=str(root), save_interval=2, async_save=True), 1)
+    assert [c.iteration for c in manager.list_checkpoints(root)] == [2, 4]      # both async saves published
     newest = root / manager.checkpoint_name(4)
     victim = max((p for p in newest.iterdir() if p.suffix == ".distcp"), key=lambda p: p.stat().st_size)
     data = bytearray(victim.read_bytes())
@@ -93,3 +101,35 @@ def test_shape_error_names_the_field():
     check_model_shape(to_dict(saved), 256, saved, 256, "ckpt")
     with pytest.raises(ConfigError, match=r"model\.vocab_size"):
         check_model_shape(to_dict(saved), 256, saved, 384, "ckpt")
+
+
+def nan_at_step_two_worker(rank, world_size, config_dict):
+    """Train with a step that reports a NaN loss at iteration 2 (the update is not applied)."""
+    from megatron.core import parallel_state
+
+    from umtrain.config import config_from_dict
+    from umtrain.train.trainer import Trainer
+
+    torch.set_num_threads(1)  # as every other run of these tests (see helpers.trainer_worker)
+    trainer = Trainer(config_from_dict(config_dict, world_size=world_size))
+    real_step = trainer.train_step
+    trainer.train_step = lambda: (float("nan"), float("nan"), False) if trainer.iteration == 2 else real_step()
+    try:
+        trainer.train()
+    except FloatingPointError as err:
+        return str(err)
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+@pytest.mark.slow
+def test_nan_stop_saves_the_last_good_state(tmp_path, four_steps):
+    from umtrain.parallel.comm import run_local_group
+
+    root = tmp_path / "ckpt"
+    config = run_config(4, save=str(root))
+    message = run_local_group(nan_at_step_two_worker, 1, config)[0]
+    assert "non-finite loss" in message
+    assert manager.read_latest(root).name == manager.checkpoint_name(2)
+    resumed = train(config, 1)
+    assert resumed["start"] == 2 and resumed["loss"] == four_steps

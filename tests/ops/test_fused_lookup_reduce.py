@@ -6,7 +6,7 @@ import sys
 import pytest
 import torch
 
-from umtrain.ops.fused_lookup_reduce import entry_dot, fused_lookup_reduce
+from umtrain.ops.fused_lookup_reduce import fused_lookup_reduce
 from umtrain.ops.lookup_reduce import get_lookup_reduce, lookup_reduce_reference
 
 # (tokens T, top-m K, d_v, blocks E, rows N, cores h); N < K forces rows repeated within and across tokens.
@@ -17,6 +17,7 @@ SHAPES = [
     (4, 6, 8, 2, 100, 2),
     (3, 10, 4, 4, 2, 1),
     (8, 4, 8, 1, 3, 2),
+    (300, 5, 4, 3, 7, 2),   # more entries than one parallel chunk of the C++ loops
 ]
 
 
@@ -98,13 +99,15 @@ def test_bf16_table_within_one_ulp_of_exact():
         torch.testing.assert_close(got.double(), want, rtol=2 ** -7, atol=0, msg=lambda m: f"{name}: {m}")
 
 
-def test_entry_dot_in_chunks_matches_naive():
-    gen = torch.Generator().manual_seed(0)
-    table, grad = torch.randn(7, 6, generator=gen), torch.randn(5, 6, generator=gen)
-    table_rows, grad_rows = torch.randint(0, 7, (11,), generator=gen), torch.randint(0, 5, (11,), generator=gen)
-    expected = (table[table_rows] * grad[grad_rows]).view(11, 3, 2).sum(-1).t()
-    chunk_of_three_entries = 3 * 6 * table.element_size()
-    torch.testing.assert_close(entry_dot(table_rows, grad_rows, table, grad, 3, chunk_of_three_entries), expected)
+def test_non_contiguous_inputs():
+    rows, blocks, scores, table = make_inputs(5, 4, 8, 2, 6, 2)
+    strided = (rows.t().contiguous().t(), blocks.t().contiguous().t(), scores.permute(2, 0, 1).contiguous()
+               .permute(1, 2, 0), table.t().contiguous().t())
+    assert not any(x.is_contiguous() for x in strided)
+    expected = forward_backward(lookup_reduce_reference, rows, blocks, scores, table, 2)
+    actual = forward_backward(fused_lookup_reduce, *strided, 2)
+    for want, got in zip(expected, actual):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("field, change, num_blocks", [

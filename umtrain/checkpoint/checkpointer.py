@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -14,8 +13,14 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQu
 
 from umtrain.checkpoint import manager
 from umtrain.checkpoint.compat import check_model_shape
-from umtrain.checkpoint.state import FULL_CONTENTS, load_state_dict_template, restore_trainer, same_layout, save_state_dict, \
-    sync_params_before_save
+from umtrain.checkpoint.state import (
+    FULL_CONTENTS,
+    load_state_dict_template,
+    restore_trainer,
+    same_layout,
+    save_state_dict,
+    sync_params_before_save,
+)
 from umtrain.config import Config, dump_config
 from umtrain.config.base import ConfigError
 
@@ -54,7 +59,6 @@ class Checkpointer:
         self.loaded_from: Optional[Path] = None
         self.written: set[int] = set()
         self.async_queue = AsyncCallsQueue() if c.async_save and self.enabled else None
-        self.last_save_seconds: float = 0.0
 
     # ----------------------------------------------------------------------------------------- save
     def should_save(self, iteration: int) -> bool:
@@ -69,7 +73,6 @@ class Checkpointer:
         if not self.enabled or self.last_saved_iteration == trainer.iteration:
             return
         self.finalize()
-        start = time.perf_counter()
         iteration = trainer.iteration
         tmp = _on_rank0(manager.prepare_temporary, self.root, iteration)
         sync_params_before_save(trainer)
@@ -82,7 +85,6 @@ class Checkpointer:
             request.finalize_fns.append(commit)
             self.async_queue.schedule_async_request(request)
         self.last_saved_iteration = iteration
-        self.last_save_seconds = time.perf_counter() - start
 
     def _commit(self, tmp: Path, iteration: int) -> None:
         """After every rank's files are written: verify, publish atomically, update `latest`, apply retention."""

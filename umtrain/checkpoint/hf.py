@@ -46,9 +46,15 @@ def with_explicit_biases_and_head(tensors: Tensors, config: Config) -> Tensors:
     if "output.weight" not in out:
         out["output.weight"] = out["tok_embeddings.weight"]
     for key, tensor in tensors.items():
-        if key.endswith(".weight") and tensor.dim() == 2 and ("attention.w" in key or "feed_forward.w" in key):
-            out.setdefault(key[: -len("weight")] + "bias", torch.zeros(tensor.shape[0], dtype=tensor.dtype))
+        bias = key[: -len("weight")] + "bias"
+        if key.endswith(".weight") and is_linear_bias(bias):
+            out.setdefault(bias, torch.zeros(tensor.shape[0], dtype=tensor.dtype))
     return out
+
+
+def is_linear_bias(key: str) -> bool:
+    """A bias of an attention or MLP linear layer (portable keys); GPTNeoX has them even when umtrain has none."""
+    return key.endswith(".bias") and (".attention.w" in key or ".feed_forward.w" in key)
 
 
 def portable_to_hf_dir(source: Path, out: Path) -> Path:
@@ -111,7 +117,7 @@ def hf_to_portable_dir(source: Path, out: Path, config_path: Optional[str] = Non
     if not config.model.untie_embeddings_and_output_weights:
         tensors.pop("output.weight", None)
     if not config.model.add_bias_linear:
-        tensors = {k: v for k, v in tensors.items() if not (k.endswith(".bias") and ("attention.w" in k or "feed_forward.w" in k))}
+        tensors = {k: v for k, v in tensors.items() if not is_linear_bias(k)}
     meta = {"iteration": 0, "consumed_samples": 0, "padded_vocab_size": tensors["tok_embeddings.weight"].shape[0],
             "source": str(source)}
     return write_portable(out, tensors, to_dict(config), meta)

@@ -26,7 +26,9 @@ def parse_signal(name: str, key: str = "training.exit_signal") -> signal.Signals
     """'SIGUSR1', 'USR1' or '10' -> signal.SIGUSR1."""
     text = name.strip().upper()
     try:
-        return signal.Signals(int(text)) if text.isdigit() else signal.Signals[text if text.startswith("SIG") else "SIG" + text]
+        if text.isdigit():
+            return signal.Signals(int(text))
+        return signal.Signals[text if text.startswith("SIG") else "SIG" + text]
     except (KeyError, ValueError):
         raise ConfigError(key, f"{name!r} is not a signal name (e.g. SIGUSR1, SIGTERM)") from None
 

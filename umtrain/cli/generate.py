@@ -13,7 +13,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("generate", help="sample text from a portable checkpoint (umtrain convert --to portable)")
     p.add_argument("checkpoint", help="portable checkpoint directory")
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--tokenizer", default=None, help="tokenizer model (default: the checkpoint config's data.tokenizer_model)")
+    p.add_argument("--tokenizer", default=None,
+                   help="tokenizer model (default: the checkpoint config's data.tokenizer_model)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--top-k", type=int, default=0, help="0: greedy")
     p.add_argument("--temperature", type=float, default=1.0)
