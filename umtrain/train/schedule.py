@@ -32,11 +32,12 @@ def base_lr(config: Config, step: int) -> float:
 
 
 def value_lr_multiplier(config: Config, step: int) -> float:
-    """lr_V(s) / lr(s) = 1 + (lambda_LR - 1) * max(0, 1 - s / S_total)  (spec section 2.7)."""
+    """lr_V(s) / lr(s) = 1 + (lambda_LR - 1) * max(0, 1 - s / S_total)  (spec section 2.7), with S_total the
+    schedule's decay horizon, so a resumed run with a longer train_iters keeps the value schedule it started with."""
     memory = config.model.memory
     if memory is None:
         return 1.0
-    total = config.training.train_iters
+    total = config.schedule.lr_decay_iters or config.training.train_iters
     return 1.0 + (memory.value_lr_multiplier - 1.0) * max(0.0, 1.0 - step / total)
 
 
