@@ -284,10 +284,10 @@ class DimensionWiseLookup(ShardedLookup):
         return slice(first, max(first + 1, (rank + 1) * self.num_cores // self.size))
 
     def token_counts(self, tokens: int, device: torch.device) -> list[int]:
-        if self.tokens_per_rank is not None:
-            if tokens != self.tokens_per_rank:
-                raise ValueError(f"this rank has {tokens} tokens; the lookup was built for tokens_per_rank="
-                                 f"{self.tokens_per_rank}")
+        """Token counts of the group's ranks. Training micro-batches have the configured size on every rank, so no
+        exchange is needed; any other size (evaluation or generation batches) is exchanged, which requires every rank
+        of the group to be off the configured size in the same call."""
+        if self.tokens_per_rank is not None and tokens == self.tokens_per_rank:
             return [tokens] * self.size
         counts = torch.full((self.size, 1), tokens, dtype=torch.int64, device=device)
         return self.comm.exchange_counts(counts, "dimension.meta").view(-1).tolist()      # host sync on GPU
