@@ -7,7 +7,6 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 
@@ -24,26 +23,9 @@ from umtrain.checkpoint.state import (
 from umtrain.config import Config, dump_config
 from umtrain.config.base import ConfigError
 
+from umtrain.parallel.collectives import barrier, is_rank0, on_rank0
+
 logger = logging.getLogger("umtrain")
-
-
-def _is_rank0() -> bool:
-    return torch.distributed.get_rank() == 0
-
-
-def _on_rank0(fn, *args):
-    """Run fn on global rank 0 and hand its result (or its exception) to every rank."""
-    box: list = [None]
-    if _is_rank0():
-        try:
-            box[0] = ("ok", fn(*args))
-        except Exception as err:  # re-raised on every rank below, so no rank hangs in the next collective
-            box[0] = ("error", err)
-    torch.distributed.broadcast_object_list(box, src=0)
-    status, value = box[0]
-    if status == "error":
-        raise value
-    return value
 
 
 class Checkpointer:
@@ -74,7 +56,7 @@ class Checkpointer:
             return
         self.finalize()
         iteration = trainer.iteration
-        tmp = _on_rank0(manager.prepare_temporary, self.root, iteration)
+        tmp = on_rank0(manager.prepare_temporary, self.root, iteration)
         sync_params_before_save(trainer)
         request = dist_checkpointing.save(save_state_dict(trainer), str(tmp),
                                           async_sharded_save=self.async_queue is not None)
@@ -88,10 +70,10 @@ class Checkpointer:
 
     def _commit(self, tmp: Path, iteration: int) -> None:
         """After every rank's files are written: verify, publish atomically, update `latest`, apply retention."""
-        torch.distributed.barrier()
-        final = _on_rank0(self._publish, tmp, iteration)
+        barrier()
+        final = on_rank0(self._publish, tmp, iteration)
         self.written.add(iteration)
-        if _is_rank0():
+        if is_rank0():
             logger.info("saved checkpoint %s", final)
 
     def _publish(self, tmp: Path, iteration: int) -> Path:
@@ -127,8 +109,8 @@ class Checkpointer:
             return False
         if explicit and not path.exists():
             raise ConfigError("checkpoint.load", f"{path} does not exist")
-        checkpoint, warnings = _on_rank0(manager.resolve_resume, path)
-        if _is_rank0():
+        checkpoint, warnings = on_rank0(manager.resolve_resume, path)
+        if is_rank0():
             for warning in warnings:
                 logger.warning(warning)
         if checkpoint is None:
@@ -144,7 +126,7 @@ class Checkpointer:
         contents = common.get("contents", FULL_CONTENTS)
         load_optimizer = not self.config.checkpoint.no_load_optim and "optimizer" in contents
         load_rng = "rng" in contents and same_layout(common["layout"], trainer)
-        if _is_rank0():
+        if is_rank0():
             if not self.config.checkpoint.no_load_optim and not load_optimizer:
                 logger.warning("%s holds no optimizer state (a converted checkpoint?): the optimizer starts fresh", path)
             if not load_rng:
@@ -155,6 +137,6 @@ class Checkpointer:
         restore_trainer(trainer, loaded, load_optimizer, load_rng)
         self.loaded_from = path
         self.last_saved_iteration = trainer.iteration
-        if _is_rank0():
+        if is_rank0():
             logger.info("resumed from %s at iteration %d (%d samples consumed)", path, trainer.iteration,
                         trainer.consumed_samples)

@@ -8,9 +8,9 @@ import signal
 from types import FrameType
 from typing import Optional
 
-import torch
 
 from umtrain.config.base import ConfigError
+from umtrain.parallel.collectives import any_rank
 
 logger = logging.getLogger("umtrain")
 
@@ -55,13 +55,10 @@ class PreemptionHandler:
 
     def requested(self) -> bool:
         """Collective (every rank calls it at the same step): True on all ranks if any rank got a signal."""
-        flag = torch.tensor([1.0 if self.received is not None else 0.0],
-                            device="cuda" if torch.cuda.is_available() else "cpu")
-        if torch.distributed.is_initialized():
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        if flag.item() and self.received is not None:
+        requested = any_rank(self.received is not None)
+        if requested and self.received is not None:
             logger.warning("received %s: saving a checkpoint and exiting for a requeue", self.received.name)
-        return bool(flag.item())
+        return requested
 
     def restore(self) -> None:
         """Put back the handlers that were installed before this one."""

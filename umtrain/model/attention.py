@@ -7,7 +7,6 @@ Causal masking only; packed sequences and custom masks stay with Megatron's modu
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule

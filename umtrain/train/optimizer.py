@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+
 
 import torch
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer

@@ -7,7 +7,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+
 
 import torch
 from megatron.core import parallel_state
@@ -25,6 +25,7 @@ from umtrain.config import Config
 from umtrain.model.build import build_model_chunks, unwrap
 from umtrain.model.gpt import padded_vocab_size, transformer_config
 from umtrain.model.memory_block import MEMORY_AUX_LOSS, memory_modules
+from umtrain.parallel.collectives import loss_on_every_rank, merged_from_all_ranks
 from umtrain.parallel.memory_tables import mark_memory_tables, memory_lookup_factory
 from umtrain.parallel.parallelize import wrap_data_parallel
 from umtrain.parallel.state import Layout, initialize_distributed, seed_everything
@@ -145,15 +146,7 @@ class Trainer:
 
     def _mean_loss(self, loss_dicts: list[dict]) -> float:
         """DP-mean of this global batch's micro-batch losses, known on every rank afterwards."""
-        value = torch.zeros(1, dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
-        if loss_dicts and parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-            value[0] = torch.stack([d["lm loss"].double() for d in loss_dicts]).mean()
-            torch.distributed.all_reduce(value, group=parallel_state.get_data_parallel_group())
-            value /= parallel_state.get_data_parallel_world_size()
-        if not self.layout.is_logging_rank:
-            value.zero_()
-        torch.distributed.all_reduce(value)
-        return float(value[0])
+        return loss_on_every_rank([d["lm loss"] for d in loss_dicts], self.layout.is_logging_rank)
 
     def train_step(self) -> tuple[float, float, bool]:
         for chunk in self.model:
@@ -208,9 +201,7 @@ class Trainer:
                     if memory is not None and hasattr(memory, "health_metrics"):
                         for key, value in memory.health_metrics(reset=True).items():
                             local[f"memory/layer{layer.layer_number}/{key}"] = value
-        gathered = [None] * self.layout.world_size
-        torch.distributed.all_gather_object(gathered, local)
-        return {k: v for part in gathered for k, v in part.items()}
+        return merged_from_all_ranks(local)
 
     def _log(self, values: dict[str, float], bar: tqdm) -> None:
         self.metrics.scalars(values, self.iteration)

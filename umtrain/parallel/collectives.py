@@ -1,0 +1,65 @@
+"""The few small collectives the trainer and the checkpointer need, named for what they decide."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+from megatron.core import parallel_state
+
+
+def is_rank0() -> bool:
+    return torch.distributed.get_rank() == 0
+
+
+def _scalar(value: float, dtype=torch.float64) -> torch.Tensor:
+    return torch.tensor([value], dtype=dtype, device="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def on_rank0(fn: Callable, *args) -> Any:
+    """Run fn on global rank 0 and hand its result (or its exception) to every rank, so no rank hangs."""
+    box: list = [None]
+    if is_rank0():
+        try:
+            box[0] = ("ok", fn(*args))
+        except Exception as err:  # re-raised on every rank below
+            box[0] = ("error", err)
+    torch.distributed.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "error":
+        raise value
+    return value
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when any rank passes True."""
+    if not torch.distributed.is_initialized():
+        return flag
+    value = _scalar(1.0 if flag else 0.0)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def barrier() -> None:
+    torch.distributed.barrier()
+
+
+def loss_on_every_rank(micro_batch_losses: Optional[list[torch.Tensor]], is_reporting_rank: bool) -> float:
+    """The data-parallel mean of a global batch's micro-batch losses (known on the last pipeline stage), on every
+    rank: averaged over DP there, then summed over the world from the one reporting rank."""
+    value = _scalar(0.0)
+    if micro_batch_losses and parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        value[0] = torch.stack([loss.double() for loss in micro_batch_losses]).mean()
+        torch.distributed.all_reduce(value, group=parallel_state.get_data_parallel_group())
+        value /= parallel_state.get_data_parallel_world_size()
+    if not is_reporting_rank:
+        value.zero_()
+    torch.distributed.all_reduce(value)
+    return float(value[0])
+
+
+def merged_from_all_ranks(local: dict) -> dict:
+    """Every rank's dict merged (small logging payloads)."""
+    gathered: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, local)
+    return {key: value for part in gathered for key, value in part.items()}
