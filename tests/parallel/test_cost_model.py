@@ -161,7 +161,7 @@ def test_plan_command_json_for_512_gpus_without_launching(plan_yaml, capsys):
     plans = json.loads(capsys.readouterr().out)
     assert len(plans) == 6 and [p["placement"] for p in plans][-1] == "28:32"
     for entry in plans:
-        assert entry["mode"] == "dimension" and entry["tokens_per_rank"] == 2 * 2048 // 2
+        assert entry["mode"] == "dimension" and entry["tokens_per_rank"] == 2 * 2048
         assert entry["bytes_dimension_wise"] < entry["bytes_number_wise"]
         assert entry["seconds_dimension_wise"] < entry["seconds_number_wise"]
 
@@ -176,9 +176,11 @@ def test_plan_command_text_overrides_and_errors(plan_yaml, capsys, tmp_path):
     assert _cli(["plan", str(plan_yaml), "--world", "512", "--calibration", str(tmp_path / "none.json")]) == 2
 
 
-def test_tokens_per_rank_counts_the_sequence_parallel_share(plan_yaml):
+def test_tokens_per_rank_is_the_whole_micro_batch(plan_yaml):
+    """Memory layers are replicated across TP ranks and gather the sequence under SP: every rank looks up the whole
+    micro-batch, with or without sequence parallelism."""
     config = load_config(plan_yaml, check_files=False)
-    assert tokens_per_rank(config) == 2 * 2048 // 2
+    assert tokens_per_rank(config) == 2 * 2048
     config = load_config(plan_yaml, ["parallel.sequence_parallel=false"], check_files=False)
     assert tokens_per_rank(config) == 2 * 2048
     assert [p.placement for p in plan_config(config)] == config.model.memory.placements

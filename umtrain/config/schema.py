@@ -95,8 +95,8 @@ class MemoryConfig:
     """lambda_LR: the value LR starts at this multiple of the base LR and decays linearly to 1x (1 = off)."""
     value_weight_decay: bool = True
     """Whether the value tables get weight decay (UNKNOWN in the paper; the authors' code applies it)."""
-    lookup_impl: Literal["reference", "fused", "triton"] = "fused"
-    """Implementation of the lookup-reduce (indices, scores, table -> pooled)."""
+    lookup_impl: Literal["auto", "reference", "fused", "triton"] = "auto"
+    """Implementation of the lookup-reduce (indices, scores, table -> pooled); auto: Triton on GPU, fused on CPU."""
     sharding_mode: Literal["auto", "number", "dimension"] = "auto"
     """How value tables are split over the memory-parallel group (auto: the communication cost model)."""
     overlap: bool = False

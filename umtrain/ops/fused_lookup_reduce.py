@@ -24,7 +24,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from umtrain.ops.lookup_reduce import LOOKUP_REDUCE_IMPLS
+from umtrain.ops.lookup_reduce import LOOKUP_REDUCE_IMPLS, check_lookup_reduce_inputs
 
 SOURCE = Path(__file__).parent / "csrc" / "lookup_reduce.cpp"
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
@@ -46,34 +46,6 @@ def _cpu_tag() -> str:
     text = cpuinfo.read_text() if cpuinfo.exists() else platform.processor()
     flags = next((line for line in text.splitlines() if line.startswith("flags")), text)
     return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:12]
-
-
-def check_lookup_reduce_inputs(rows: torch.Tensor, blocks: torch.Tensor, scores: torch.Tensor, table: torch.Tensor,
-                               num_blocks: int) -> None:
-    """Raise ValueError naming the bad argument; cheap (one min/max pass over the indices)."""
-    if rows.dtype != torch.int64 or blocks.dtype != torch.int64:
-        raise ValueError(f"rows and blocks must be int64, got rows {rows.dtype}, blocks {blocks.dtype}")
-    if rows.dim() != 2 or blocks.shape != rows.shape:
-        raise ValueError(f"rows and blocks must both be [T, K], got rows {tuple(rows.shape)}, "
-                         f"blocks {tuple(blocks.shape)}")
-    if scores.dim() != 3 or scores.shape[1:] != rows.shape:
-        raise ValueError(f"scores must be [h, T, K] = [h, {rows.shape[0]}, {rows.shape[1]}], "
-                         f"got {tuple(scores.shape)}")
-    if table.dim() != 2:
-        raise ValueError(f"table must be [N, d_v], got {tuple(table.shape)}")
-    if scores.shape[0] < 1 or table.shape[1] % scores.shape[0]:
-        raise ValueError(f"table's d_v={table.shape[1]} must split into h={scores.shape[0]} equal core slices")
-    if num_blocks < 1:
-        raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
-    if rows.numel():
-        _check_range("rows", rows, table.shape[0])
-        _check_range("blocks", blocks, num_blocks)
-
-
-def _check_range(name: str, index: torch.Tensor, size: int) -> None:
-    low, high = torch.aminmax(index)
-    if low < 0 or high >= size:
-        raise ValueError(f"{name} must lie in [0, {size}), got values in [{int(low)}, {int(high)}]")
 
 
 class FusedLookupReduce(torch.autograd.Function):

@@ -34,11 +34,43 @@ def lookup_reduce_reference(rows: torch.Tensor, blocks: torch.Tensor, scores: to
     return pooled.scatter_add(1, index, weighted)
 
 
+def check_lookup_reduce_inputs(rows: torch.Tensor, blocks: torch.Tensor, scores: torch.Tensor, table: torch.Tensor,
+                               num_blocks: int) -> None:
+    """Raise ValueError naming the bad argument. Index ranges are checked on CPU tensors only (one min/max pass);
+    on a GPU that check would cost a device-to-host synchronisation per memory layer."""
+    if rows.dtype != torch.int64 or blocks.dtype != torch.int64:
+        raise ValueError(f"rows and blocks must be int64, got rows {rows.dtype}, blocks {blocks.dtype}")
+    if rows.dim() != 2 or blocks.shape != rows.shape:
+        raise ValueError(f"rows and blocks must both be [T, K], got rows {tuple(rows.shape)}, "
+                         f"blocks {tuple(blocks.shape)}")
+    if scores.dim() != 3 or scores.shape[1:] != rows.shape:
+        raise ValueError(f"scores must be [h, T, K] = [h, {rows.shape[0]}, {rows.shape[1]}], "
+                         f"got {tuple(scores.shape)}")
+    if table.dim() != 2:
+        raise ValueError(f"table must be [N, d_v], got {tuple(table.shape)}")
+    if scores.shape[0] < 1 or table.shape[1] % scores.shape[0]:
+        raise ValueError(f"table's d_v={table.shape[1]} must split into h={scores.shape[0]} equal core slices")
+    if num_blocks < 1:
+        raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+    if rows.numel() and rows.device.type == "cpu":
+        _check_range("rows", rows, table.shape[0])
+        _check_range("blocks", blocks, num_blocks)
+
+
+def _check_range(name: str, index: torch.Tensor, size: int) -> None:
+    low, high = torch.aminmax(index)
+    if low < 0 or high >= size:
+        raise ValueError(f"{name} must lie in [0, {size}), got values in [{int(low)}, {int(high)}]")
+
+
 LOOKUP_REDUCE_IMPLS: Dict[str, LookupReduce] = {"reference": lookup_reduce_reference}
 
 
 def get_lookup_reduce(name: str) -> LookupReduce:
-    """The implementation registered under `name` (fused and Triton ones register on import)."""
+    """The implementation registered under `name` (fused and Triton ones register on import); "auto" is the
+    Triton kernel on a GPU and the fused CPU one elsewhere."""
+    if name == "auto":
+        name = "triton" if torch.cuda.is_available() else "fused"
     if name == "fused":
         import umtrain.ops.fused_lookup_reduce  # noqa: F401  (registers "fused")
     if name == "triton":

@@ -16,8 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from umtrain.ops.fused_lookup_reduce import check_lookup_reduce_inputs
-from umtrain.ops.lookup_reduce import LOOKUP_REDUCE_IMPLS
+from umtrain.ops.lookup_reduce import LOOKUP_REDUCE_IMPLS, check_lookup_reduce_inputs
 
 MAX_BLOCK_D = 64
 """Columns per program; with BLOCK_K = next_pow2(K) <= 128 the [BLOCK_K, BLOCK_D] fp32 tile stays in registers."""
