@@ -35,6 +35,7 @@ import torch.nn.functional as F                                       # noqa: E4
 
 from umtrain.ops.fused_lookup_reduce import fused_lookup_reduce   # noqa: E402
 from umtrain.ops.lookup_reduce import lookup_reduce_reference         # noqa: E402
+from umtrain.train.metrics import cpu_model_name                      # noqa: E402
 
 COPY_BYTES = 256 << 20
 
@@ -204,7 +205,7 @@ def summarise(args: argparse.Namespace, samples, peaks) -> Dict:
     return {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": _cpu_model(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+        "machine": {"cpu": cpu_model_name(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
                     "platform": platform.platform(), "torch": torch.__version__,
                     "huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"},
         "shape": {"tokens": args.tokens, "top_m": args.top_m, "heads": args.heads, "k": args.top_m * args.heads,
@@ -217,13 +218,6 @@ def summarise(args: argparse.Namespace, samples, peaks) -> Dict:
         "copy_samples_s": samples["copy"]["seconds"],
         "results": results,
     }
-
-
-def _cpu_model() -> str:
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def print_table(summary: Dict) -> None:

@@ -54,6 +54,7 @@ from umtrain.config.schema import MemoryConfig                        # noqa: E4
 from umtrain.model.accounting import memory_layer_components          # noqa: E402
 from umtrain.model.memory import MemoryLayer                          # noqa: E402
 from umtrain.ops.lookup_reduce import get_lookup_reduce               # noqa: E402
+from umtrain.train.metrics import cpu_model_name                      # noqa: E402
 
 CASES = ("ultramem_reference", "ultramem_fused", "dense_mlp")
 LOOKUP_OF_CASE = {"ultramem_reference": "reference", "ultramem_fused": "fused"}
@@ -314,13 +315,6 @@ def fused_status() -> Optional[str]:
     return None
 
 
-def _cpu_model() -> str:
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
 def print_table(summary: Dict) -> None:
     machine = summary["machine"]
     print(f"{machine['cpu']}, {machine['threads']} of {machine['cpus']} CPUs, load average "
@@ -390,7 +384,7 @@ def run(args: argparse.Namespace, command: Sequence[str]) -> Dict:
     return {
         "command": " ".join(["python", "benchmarks/memory_layer.py", *command]),
         "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": _cpu_model(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+        "machine": {"cpu": cpu_model_name(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
                     "platform": platform.platform(), "torch": torch.__version__,
                     "huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
                     "load_average_1m_before_after": [load_before, os.getloadavg()[0]]},

@@ -203,7 +203,7 @@ def run_crossover(args: argparse.Namespace) -> int:
         ax.axhline(value_dim, color=line.get_color(), linestyle=":", linewidth=1)
     k = PAPER_MODELS["UltraMem-1.6B"][0]
     forward_only = [crossover_value_dim(k, 4, p, backward=False) for p in group_sizes]
-    ax.plot(group_sizes, forward_only, color="gray", linestyle="--", label=f"1.6B, forward volume only ([P] App. D)")
+    ax.plot(group_sizes, forward_only, color="gray", linestyle="--", label="1.6B, forward volume only ([P] App. D)")
     ax.fill_between(group_sizes, [crossover_value_dim(k, 4, p) for p in group_sizes], 2 ** 13, color="tab:green",
                     alpha=0.08, label="number / dimension bytes > 1 (1.6B)")
     ax.set_xscale("log", base=2)
