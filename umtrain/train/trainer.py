@@ -8,10 +8,10 @@ import math
 import time
 from dataclasses import dataclass, field
 
-
 import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.moe.moe_utils import (
     MoEAuxLossAutoScaler,
     clear_aux_losses_tracker,
@@ -88,6 +88,8 @@ class Trainer:
                                     memory_lookup_factory(config) if has_memory else None)
         for chunk in chunks:
             mark_memory_tables(memory_modules(chunk))
+        if self.tconfig.bf16:
+            chunks = [Float16Module(self.tconfig, chunk) for chunk in chunks]
         self.model = wrap_data_parallel(config, self.tconfig, chunks)
         self.optimizer = build_optimizer(config, self.model)
         dp_rank, dp = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
