@@ -43,10 +43,11 @@ def unsharded():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode,overlap", [("number", False), ("dimension", True)])
-def test_sharded_tables_train_like_unsharded(unsharded, mode, overlap):
-    results = train_on_ranks(sharded_config(tp=2, ep=2, sharding_mode=mode, overlap=overlap), 4,
-                             collect=table_footprint)
+@pytest.mark.parametrize("memory", [{"sharding_mode": "number"},
+                                    {"sharding_mode": "number", "sharding_capacity_factor": 2.0},
+                                    {"sharding_mode": "dimension", "overlap": True}])
+def test_sharded_tables_train_like_unsharded(unsharded, memory):
+    results = train_on_ranks(sharded_config(tp=2, ep=2, **memory), 4, collect=table_footprint)
     full_elements = 2 * MEMORY["num_values"] * MEMORY["value_dim"]
     assert unsharded["tables"] == full_elements
     for result in results:

@@ -99,6 +99,10 @@ class MemoryConfig:
     """Implementation of the lookup-reduce (indices, scores, table -> pooled); auto: Triton on GPU, fused on CPU."""
     sharding_mode: Literal["auto", "number", "dimension"] = "auto"
     """How value tables are split over the memory-parallel group (auto: the communication cost model)."""
+    sharding_capacity_factor: Optional[float] = None
+    """Number-wise sharding with fixed-capacity buffers of ceil(factor * T * K / P) ids per owner: no host sync per
+    layer; a rank that needs more raises at the next log interval. None: exact sizes via a count exchange (one
+    device-to-host sync per layer on GPU)."""
     overlap: bool = False
     """Issue the lookup at block a and wait at block b (asynchronous collectives / side stream)."""
 
@@ -134,6 +138,8 @@ class MemoryConfig:
                  f"{self.candidates} candidates exceed the {self.keys_per_side} keys per side")
         _require(self.num_cores == 1 or self.tucker_rank > 1, key("num_cores"), "MCS (num_cores > 1) needs TDQKR (tucker_rank > 1)")
         _require(self.query_conv_kernel >= 0, key("query_conv_kernel"), "must be >= 0")
+        _require(self.sharding_capacity_factor is None or self.sharding_capacity_factor >= 1.0,
+                 key("sharding_capacity_factor"), "must be >= 1 (a multiple of the balanced T*K/P ids per owner)")
         side_width = self.key_dim // self.tucker_rank if self.key_layout == "B" else self.key_dim
         _require(not self.query_key_layernorm or side_width >= 2, key("key_dim"),
                  f"query/key LayerNorm over a key width of {side_width} makes every key constant")

@@ -183,7 +183,7 @@ class NumberWiseLookup(ShardedLookup):
         if self.overflow is not None and bool(self.overflow):
             self.overflow = None
             raise RuntimeError(f"number-wise sharding: a rank sent more than capacity={self.capacity} ids to one "
-                               f"owner; raise the capacity")
+                               f"owner; raise model.memory.sharding_capacity_factor")
 
     def _requested_rows(self, flat_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(ascending rows to fetch, position of each request among them); ascending = grouped by owner."""

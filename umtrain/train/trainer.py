@@ -26,7 +26,7 @@ from umtrain.model.build import build_model_chunks, unwrap
 from umtrain.model.gpt import padded_vocab_size, transformer_config
 from umtrain.model.memory_block import MEMORY_AUX_LOSS, memory_modules
 from umtrain.parallel.collectives import loss_on_every_rank, merged_from_all_ranks
-from umtrain.parallel.memory_tables import mark_memory_tables, memory_lookup_factory
+from umtrain.parallel.memory_tables import check_table_overflow, mark_memory_tables, memory_lookup_factory
 from umtrain.parallel.parallelize import wrap_data_parallel
 from umtrain.parallel.state import Layout, initialize_distributed, seed_everything
 from umtrain.train.batches import MicroBatches
@@ -234,6 +234,7 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
             if self.iteration % log.log_interval == 0 or self.iteration == t.train_iters:
+                check_table_overflow(self.memory_layers)
                 elapsed = time.perf_counter() - window_start
                 seconds = elapsed / window_steps
                 values = {"loss": loss, "lr": self.history.lr[-1] if self.history.lr else 0.0, "grad_norm": grad_norm,
