@@ -23,16 +23,25 @@ MAX_BLOCK_D = 64
 
 
 @triton.jit
+def _load_entries(rows_ptr, blocks_ptr, scores_ptr, token, core, tokens, k, missing_block, BLOCK_K: tl.constexpr):
+    """One token's K (row, block, score-of-this-core) entries, padded to BLOCK_K (padding: row 0, score 0), with
+    their positions and mask."""
+    entry = tl.arange(0, BLOCK_K)
+    entry_mask = entry < k
+    rows = tl.load(rows_ptr + token * k + entry, mask=entry_mask, other=0)
+    blocks = tl.load(blocks_ptr + token * k + entry, mask=entry_mask, other=missing_block)
+    scores = tl.load(scores_ptr + (core * tokens + token) * k + entry, mask=entry_mask, other=0.0).to(tl.float32)
+    return entry, entry_mask, rows, blocks, scores
+
+
+@triton.jit
 def _forward_kernel(rows_ptr, blocks_ptr, scores_ptr, table_ptr, pooled_ptr, tokens, k, d_v, slice_width,
                     NUM_BLOCKS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
     """pooled[t, p, slice_i] = sum_{k: blocks[t,k]=p} scores[i,t,k] * table[rows[t,k], slice_i] (eqs. 15, 17)."""
     token = tl.program_id(0).to(tl.int64)
     core = tl.program_id(1)
-    entry = tl.arange(0, BLOCK_K)
-    entry_mask = entry < k
-    rows = tl.load(rows_ptr + token * k + entry, mask=entry_mask, other=0)
-    blocks = tl.load(blocks_ptr + token * k + entry, mask=entry_mask, other=NUM_BLOCKS)
-    scores = tl.load(scores_ptr + (core * tokens + token) * k + entry, mask=entry_mask, other=0.0).to(tl.float32)
+    entry, entry_mask, rows, blocks, scores = _load_entries(rows_ptr, blocks_ptr, scores_ptr, token, core, tokens, k,
+                                                     NUM_BLOCKS, BLOCK_K)
     column = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)
     column_mask = column < slice_width
     column += core * slice_width
@@ -52,11 +61,8 @@ def _backward_kernel(rows_ptr, blocks_ptr, scores_ptr, table_ptr, grad_pooled_pt
     """grad_scores[i,t,k] = <g[t, p_k, slice_i], table[row_k, slice_i]>; grad_table[row_k, slice_i] += s * g."""
     token = tl.program_id(0).to(tl.int64)
     core = tl.program_id(1)
-    entry = tl.arange(0, BLOCK_K)
-    entry_mask = entry < k
-    rows = tl.load(rows_ptr + token * k + entry, mask=entry_mask, other=0)
-    blocks = tl.load(blocks_ptr + token * k + entry, mask=entry_mask, other=0)
-    scores = tl.load(scores_ptr + (core * tokens + token) * k + entry, mask=entry_mask, other=0.0).to(tl.float32)
+    entry, entry_mask, rows, blocks, scores = _load_entries(rows_ptr, blocks_ptr, scores_ptr, token, core, tokens, k,
+                                                     0, BLOCK_K)
     grad_rows = token * NUM_BLOCKS + blocks
     score_grad = tl.zeros([BLOCK_K], dtype=tl.float32)
     for start in range(0, slice_width, BLOCK_D):
