@@ -1,9 +1,11 @@
-"""How much of a memory layer's time the overlap runner hides: forward+backward of one training step on a local
-gloo group (DP=2, memory-parallel P=2), with and without `model.memory.overlap`.
+"""How much of a memory layer's time the overlap runner hides: forward+backward of one training step, with and
+without `model.memory.overlap`. On CPU: a local gloo group (DP=2, memory-parallel P=2), `ThreadRunner`. On a GPU:
+one process (NCCL, P=1), `StreamRunner` (the lookup on a side CUDA stream), with the `--preset gpu` model.
 Results and their reading: docs/benchmarks/memory_overlap.md.
 
-    python benchmarks/memory_overlap.py [--placement 1:4] [--steps 60] [--sharding-mode auto|number|dimension]
-                                        [--added-latency-ms 0] [--quick] [--out docs/benchmarks/memory_overlap.json]
+    python benchmarks/memory_overlap.py [--preset cpu|gpu|quick] [--placement 1:4] [--steps 60]
+                                        [--sharding-mode auto|number|dimension] [--added-latency-ms 0]
+                                        [--out docs/benchmarks/memory_overlap.json]
 
 Three models are built side by side in each process, from the same seed and layout: `dense` (the same blocks, no
 memory layer), `sync` (UltraMem, one memory layer `a:b`, overlap off) and `async` (overlap on). Each step runs
@@ -46,7 +48,6 @@ from umtrain.config import config_from_dict
 from umtrain.parallel.comm import GRAD_SUFFIX, Communicator, run_local_group
 
 VARIANTS = ("dense", "sync", "async")
-WORLD_SIZE = 2
 DEFAULT_OUT = "docs/benchmarks/memory_overlap.json"
 SEGMENTS = 3
 """The timed rounds are also split into this many consecutive segments, each giving its own ratio (their spread
@@ -70,10 +71,19 @@ class Setting:
     warmup: int = 3
     steps: int = 60
     added_latency_ms: float = 0.0
+    world_size: int = 2
+    """Processes, = DP = memory-parallel P. 1 on a GPU machine with one GPU (NCCL refuses two ranks per GPU)."""
 
 
-QUICK = Setting(hidden_size=64, seq_length=32, num_values=1024, value_dim=32, key_dim=16, topk=4,
-                lookup_impl="reference", warmup=1, steps=2)
+PRESETS = {
+    "cpu": Setting(),
+    "quick": Setting(hidden_size=64, seq_length=32, num_values=1024, value_dim=32, key_dim=16, topk=4,
+                     lookup_impl="reference", warmup=1, steps=2),
+    # A 151M-like block stack (hidden 1024, sequence 2048) with one memory layer of 1M values, d_v 512.
+    "gpu": Setting(hidden_size=1024, num_heads=16, seq_length=2048, micro_batch_size=4, num_values=1 << 20,
+                   value_dim=512, key_dim=256, topk=16, lookup_impl="triton", warmup=5, steps=30, world_size=1),
+}
+QUICK = PRESETS["quick"]
 
 
 def variant_config(setting: Setting, variant: str) -> dict:
@@ -86,10 +96,10 @@ def variant_config(setting: Setting, variant: str) -> dict:
             "placements": [s.placement], "num_values": s.num_values, "value_dim": s.value_dim,
             "key_dim": s.key_dim, "topk": s.topk, "lookup_impl": s.lookup_impl, "sharding_mode": s.sharding_mode,
             "overlap": variant == "async"})
-    batch = s.micro_batch_size * WORLD_SIZE
+    batch = s.micro_batch_size * s.world_size
     return {
         "model": model,
-        "parallel": {"expert_model_parallel_size": WORLD_SIZE},
+        "parallel": {"expert_model_parallel_size": s.world_size},
         "data": {"mock": True, "seq_length": s.seq_length, "mock_vocab_size": 256},
         "training": {"micro_batch_size": s.micro_batch_size, "global_batch_size": batch, "train_iters": 1,
                      "eval_interval": 100, "eval_iters": 1},
@@ -142,12 +152,19 @@ def forward_backward(model, batch: dict[str, torch.Tensor]) -> float:
     return float(loss.detach())
 
 
+def _wait_for_device() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def timed_step(model, batch: dict[str, torch.Tensor]) -> tuple[float, float, float]:
     """(wall seconds of the slower rank, CPU seconds of this process in all its threads, loss)."""
+    _wait_for_device()
     dist.barrier()
     start, cpu_start = time.perf_counter(), time.process_time()
     loss = forward_backward(model, batch)
     cpu = time.process_time() - cpu_start
+    _wait_for_device()
     dist.barrier()
     return time.perf_counter() - start, cpu, loss
 
@@ -155,7 +172,9 @@ def timed_step(model, batch: dict[str, torch.Tensor]) -> tuple[float, float, flo
 def _time_rounds(trainers: dict, comms: dict[str, TimedCommunicator], setting: Setting) -> dict:
     """Warm-up, then timed rounds of one step per variant (order rotating per round); per variant and round:
     group step time, this process's CPU time, loss, and the memory layer's communication time."""
-    batch = next(trainers["dense"].train_batches.iterators(0, 1)[0])
+    from umtrain.train.trainer import to_device
+
+    batch = to_device(next(trainers["dense"].train_batches.iterators(0, 1)[0]))
     times = {v: [] for v in VARIANTS}
     cpu_times = {v: [] for v in VARIANTS}
     losses = {v: [] for v in VARIANTS}
@@ -180,7 +199,8 @@ def _worker(rank: int, world: int, setting: Setting) -> dict:
     from megatron.core import parallel_state
     from umtrain.train.trainer import Trainer
 
-    torch.set_num_threads(1)  # the ranks share the machine's cores
+    if not torch.cuda.is_available():
+        torch.set_num_threads(1)  # the ranks share the machine's cores
     try:
         trainers = {v: Trainer(config_from_dict(variant_config(setting, v), world_size=world)) for v in VARIANTS}
         comms = {v: time_communication(trainers[v], setting.added_latency_ms / 1000) for v in ("sync", "async")}
@@ -241,7 +261,7 @@ def summarize(ranks: list[dict], setting: Setting) -> dict:
     synchronous = best_cost["sync"]
     return {
         "setting": asdict(setting),
-        "world_size": WORLD_SIZE,
+        "world_size": setting.world_size,
         "lookup": ranks[0]["lookup"],
         "rounds": len(times["dense"]),
         "round_s": times,
@@ -274,6 +294,7 @@ def machine() -> dict:
         lscpu = ""
     fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
     return {"cpu": fields.get("Model name", platform.processor()).strip(), "cpus": fields.get("CPU(s)", "").strip(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
 
 
@@ -308,9 +329,13 @@ def format_table(result: dict) -> str:
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny model, 2 steps (smoke test)")
+    parser.add_argument("--preset", choices=tuple(PRESETS),
+                        help="cpu: the default on CPU (2 gloo processes); gpu: the default with CUDA (1 process); "
+                             "quick: tiny model, 2 steps (smoke test)")
+    parser.add_argument("--quick", action="store_true", help="same as --preset quick")
     parser.add_argument("--placement", help=f"memory placement a:b (default {Setting.placement})")
     parser.add_argument("--steps", type=int, help=f"timed steps per variant (default {Setting.steps})")
+    parser.add_argument("--micro-batch-size", type=int, help="sequences per rank and step (default: the preset's)")
     parser.add_argument("--lookup-impl", choices=("reference", "fused", "triton"))
     parser.add_argument("--sharding-mode", choices=("auto", "number", "dimension"))
     parser.add_argument("--added-latency-ms", type=float,
@@ -320,12 +345,16 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def setting_from_args(args: argparse.Namespace) -> Setting:
-    setting = QUICK if args.quick else Setting()
-    overrides = {"placement": args.placement, "steps": args.steps, "lookup_impl": args.lookup_impl,
+    preset = "quick" if args.quick else args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
+    setting = PRESETS[preset]
+    overrides = {"placement": args.placement, "steps": args.steps, "micro_batch_size": args.micro_batch_size,
+                 "lookup_impl": args.lookup_impl,
                  "sharding_mode": args.sharding_mode, "added_latency_ms": args.added_latency_ms}
     setting = replace(setting, **{k: v for k, v in overrides.items() if v is not None})
     if setting.steps < 1:
         raise SystemExit(f"--steps must be >= 1, got {setting.steps}")
+    if setting.micro_batch_size < 1:
+        raise SystemExit(f"--micro-batch-size must be >= 1, got {setting.micro_batch_size}")
     if setting.added_latency_ms < 0:
         raise SystemExit(f"--added-latency-ms must be >= 0, got {setting.added_latency_ms}")
     return setting
@@ -336,9 +365,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
     setting = setting_from_args(args)
     for variant in VARIANTS:  # bad settings fail here, before any process starts
-        config_from_dict(variant_config(setting, variant), world_size=WORLD_SIZE)
+        config_from_dict(variant_config(setting, variant), world_size=setting.world_size)
     started = time.perf_counter()
-    result = summarize(run_local_group(_worker, WORLD_SIZE, setting), setting)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    result = summarize(run_local_group(_worker, setting.world_size, setting, backend=backend), setting)
     result.update(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), machine=machine(),
                   command=" ".join(["python benchmarks/memory_overlap.py", *argv]),
                   wall_s=time.perf_counter() - started)

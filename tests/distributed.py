@@ -1,4 +1,5 @@
-"""Run the trainer on N local gloo processes and return each rank's result (shared by the slow tests)."""
+"""Run the trainer on N local processes (gloo, or NCCL on a GPU) and return each rank's result (shared by the slow
+tests)."""
 
 from __future__ import annotations
 
@@ -24,9 +25,9 @@ def history_of(trainer):
     return trainer.history
 
 
-def train_on_ranks(config_dict: dict, world_size: int, collect=history_of) -> list:
+def train_on_ranks(config_dict: dict, world_size: int, collect=history_of, backend: str = "gloo") -> list:
     """`collect(trainer)` (a module-level function) runs on every rank after training; results in rank order."""
-    return run_local_group(_train_worker, world_size, config_dict, collect)
+    return run_local_group(_train_worker, world_size, config_dict, collect, backend=backend)
 
 
 def tiny_config(**sections) -> dict:

@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
-import datasets
 import pyarrow.parquet
 
 from umtrain.config.base import ConfigError
@@ -74,6 +73,8 @@ def _check_input_file(path: Path, text_key: str) -> None:
 
 def stream_rows(path: Path, text_key: str) -> Iterator[list[tuple[int, Any]]]:
     """Batches of (1-based line or row number, raw row): the line's text for JSON Lines, the value for Parquet."""
+    import datasets   # preprocessing only: training and its config checks run without it
+
     fmt = input_format(path)
     if fmt == "jsonl":
         dataset = datasets.load_dataset("text", data_files=str(path), split="train", streaming=True)

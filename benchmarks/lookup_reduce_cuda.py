@@ -1,0 +1,136 @@
+"""Lookup-reduce on a GPU: the Triton kernel vs gather-then-sum and `embedding_bag`, side by side in one run.
+
+    python benchmarks/lookup_reduce_cuda.py [--tokens 4096 16384] [--out docs/benchmarks/lookup_reduce_cuda.json]
+
+The CPU benchmark's shapes and baselines (benchmarks/lookup_reduce.py): K = 32 x 2 heads, d_v = 256, E = 4,
+262,144 rows, h = 2, at several token counts, in float32 and bfloat16 (`embedding_bag` has no bf16 backward
+with per-sample weights on CUDA, so it runs in float32 only). Times are CUDA-event medians (`triton.testing.do_bench`);
+the forward is compared with the device's measured copy bandwidth counting the bytes it must read (T*K rows of d_v),
+forward+backward with its bytes floor (rows read twice, row gradients read and written: 4*T*K*d_v elements).
+Peak memory is `max_memory_allocated` above the inputs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Dict
+
+import torch
+import triton.testing
+
+from lookup_reduce import embedding_bag_autograd, gather_onehot_einsum
+from umtrain.ops.lookup_reduce import get_lookup_reduce
+
+IMPLS: Dict[str, Callable] = {
+    "gather_onehot_einsum": gather_onehot_einsum,
+    "embedding_bag_autograd": embedding_bag_autograd,
+    "triton": get_lookup_reduce("triton"),
+}
+BASELINE = "gather_onehot_einsum"
+NO_BF16 = {"embedding_bag_autograd"}
+
+
+def make_inputs(args: argparse.Namespace, tokens: int, dtype: torch.dtype):
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    k = args.top_m * args.heads
+    rows = torch.randint(0, args.rows, (tokens, k), generator=gen, device="cuda")
+    blocks = torch.randint(0, args.blocks, (tokens, k), generator=gen, device="cuda")
+    scores = torch.randn(args.cores, tokens, k, generator=gen, device="cuda").to(dtype).requires_grad_()
+    table = torch.randn(args.rows, args.d_v, generator=gen, device="cuda").to(dtype).requires_grad_()
+    grad = torch.randn(tokens, args.blocks, args.d_v, generator=gen, device="cuda").to(dtype)
+    return rows, blocks, scores, table, grad
+
+
+def copy_bandwidth() -> float:
+    """Bytes read per second by a device-to-device copy of 1 GiB (the read half of the copy's traffic)."""
+    src = torch.empty(1 << 28, device="cuda")
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src))
+    return src.numel() * src.element_size() / (ms / 1000)
+
+
+def step(fn, inputs, num_blocks: int, backward: bool) -> Callable[[], None]:
+    rows, blocks, scores, table, grad = inputs
+
+    def run() -> None:
+        scores.grad = table.grad = None
+        pooled = fn(rows, blocks, scores, table, num_blocks)
+        if backward:
+            pooled.backward(grad)
+    return run
+
+
+def peak_bytes(run: Callable[[], None]) -> int:
+    run()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    run()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def measure(args: argparse.Namespace, tokens: int, dtype: torch.dtype, name: str, read_bw: float) -> dict:
+    inputs = make_inputs(args, tokens, dtype)
+    fn = IMPLS[name]
+    row_bytes = tokens * args.top_m * args.heads * args.d_v * inputs[3].element_size()
+    result = {"tokens": tokens, "dtype": str(dtype).removeprefix("torch."), "impl": name}
+    for phase, backward, floor_bytes in (("forward", False, row_bytes), ("forward_backward", True, 4 * row_bytes)):
+        run = step(fn, inputs, args.blocks, backward)
+        ms = triton.testing.do_bench(run, warmup=5, rep=50)
+        result[f"{phase}_ms"] = ms
+        result[f"{phase}_peak_mib"] = peak_bytes(run) / 2**20
+        result[f"{phase}_over_floor"] = (ms / 1000) / (floor_bytes / read_bw)
+    result["forward_fraction_of_copy_bw"] = 1 / result["forward_over_floor"]
+    return result
+
+
+def print_table(rows: list[dict]) -> None:
+    header = ("tokens", "dtype", "impl", "fwd ms", "fwd+bwd ms", "fwd % copy bw", "f+b / floor", "peak MiB f+b")
+    print("  ".join(f"{h:>22}" if i == 2 else f"{h:>12}" for i, h in enumerate(header)))
+    for r in rows:
+        cells = (r["tokens"], r["dtype"], r["impl"], f"{r['forward_ms']:.3f}", f"{r['forward_backward_ms']:.3f}",
+                 f"{100 * r['forward_fraction_of_copy_bw']:.0f}%", f"{r['forward_backward_over_floor']:.2f}",
+                 f"{r['forward_backward_peak_mib']:.0f}")
+        print("  ".join(f"{c:>22}" if i == 2 else f"{c:>12}" for i, c in enumerate(cells)))
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
+    parser.add_argument("--top-m", type=int, default=32, help="values per head; K = top_m * heads")
+    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--cores", type=int, default=2, help="MCS cores h: scores are [h, T, K]")
+    parser.add_argument("--d-v", type=int, default=256)
+    parser.add_argument("--blocks", type=int, default=4, help="IVE virtual blocks E")
+    parser.add_argument("--rows", type=int, default=262_144)
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/lookup_reduce_cuda.json"))
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("lookup_reduce_cuda.py needs a CUDA device (benchmarks/lookup_reduce.py is the CPU one)")
+    read_bw = copy_bandwidth()
+    rows = [measure(args, tokens, dtype, name, read_bw)
+            for tokens in args.tokens for dtype in (torch.float32, torch.bfloat16) for name in IMPLS
+            if not (dtype == torch.bfloat16 and name in NO_BF16)]
+    print(f"{torch.cuda.get_device_name()}: copy bandwidth {read_bw / 1e9:.0f} GB/s read")
+    print_table(rows)
+    summary = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "command": "python benchmarks/lookup_reduce_cuda.py", "shape": vars(args) | {"out": str(args.out)},
+               "machine": {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+                           "triton": triton.__version__, "python": platform.python_version()},
+               "copy_read_bytes_per_s": read_bw, "baseline": BASELINE, "results": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# What only a GPU can check, in one pass (a few minutes on one H100/H200): the CUDA tests (Triton lookup-reduce,
+# side-stream overlap, single-GPU training vs CPU), then the GPU benchmarks (lookup-reduce, overlap, training MFU).
+# Each step runs even if an earlier one failed; logs and JSON go to $OUT (default runs/gpu_check). Exit status:
+# the number of failed steps.
+#   bash scripts/gpu_check.sh [tests] [lookup_reduce] [overlap] [train]     (default: all four)
+# with umtrain installed, or PYTHONPATH pointing at it and megatron-core.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/gpu_check}
+mkdir -p "$OUT"
+export PYTHONPATH=".:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+failed=0
+steps=" ${*:-tests lookup_reduce overlap train} "
+
+step() {  # step NAME TIMEOUT_S COMMAND...   (runs when NAME, or its prefix before '_', was asked for)
+    local name=$1 limit=$2; shift 2
+    [[ $steps == *" $name "* || $steps == *" ${name%%_*} "* ]] || return 0
+    echo "=== $name ($(date -u +%H:%M:%S))"
+    timeout "$limit" "$@" > >(tee "$OUT/$name.log") 2>&1
+    local rc=$?
+    echo "=== $name: exit $rc"
+    [ "$rc" -eq 0 ] || failed=$((failed + 1))
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+step tests 180 python -m pytest -q -p no:cacheprovider tests/ops tests/parallel/test_overlap.py \
+    tests/train/test_cuda_training.py
+step lookup_reduce 80 python benchmarks/lookup_reduce_cuda.py --out "$OUT/lookup_reduce_cuda.json"
+step overlap 110 python benchmarks/memory_overlap.py --preset gpu --out "$OUT/memory_overlap_gpu.json"
+for model in dense-680m dense-151m ultramem-151m-x12; do
+    step "train_$model" 70 python -m umtrain.cli.main train --config "configs/paper/$model.yaml" \
+        training.train_iters=20 training.micro_batch_size=4 training.global_batch_size=8 logging.log_interval=5 \
+        logging.progress_bar=false
+done
+echo "failed steps: $failed"
+exit "$failed"
