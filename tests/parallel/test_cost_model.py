@@ -1,19 +1,21 @@
-"""The communication cost model against hand-computed volumes, the spec's crossover, and the `plan` /
-`calibrate-comm` commands."""
+"""The cost model against hand-computed volumes and work counts, the spec's crossover, the compute term's fit against
+known coefficients, and the `plan` / `calibrate-comm` commands."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import math
+from dataclasses import asdict
 
 import pytest
 
 from umtrain.cli import plan as plan_cli
 from umtrain.config import ConfigError, load_config
-from umtrain.parallel.cost_model import (Calibration, LookupDims, balanced_requests, crossover_value_dim,
-                                         dimension_wise_traffic, number_wise_traffic, owner_pooled_traffic,
-                                         plan_config, plan_layer, tokens_per_rank)
+from umtrain.parallel.cost_model import (Calibration, ComputeModel, ComputeObservation, LookupDims, balanced_requests,
+                                         compute_work, crossover_value_dim, dimension_wise_traffic, fit_compute,
+                                         number_wise_traffic, owner_pooled_traffic, plan_config, plan_layer,
+                                         tokens_per_rank, variant_traffic)
 
 # UltraMem-1.6B's memory layer (ULTRAMEM_SPEC.md section 3): K = 42 x 2, E = 4, h = 2, d_v = 1024, bf16.
 BIG = dict(value_dim=1024, topk=84, num_blocks=4, num_cores=2, value_bytes=2, score_bytes=2)
@@ -117,6 +119,85 @@ def test_calibration_time_and_file_round_trip(tmp_path):
         Calibration.load(tmp_path / "missing.json")
 
 
+def test_compute_work_by_hand():
+    dims = big(4)                                       # K = 84, E = 4, d_v = 1024, 2-byte values
+    t = 10
+    assert compute_work("number", dims, t) == (1, 840, 2 * 840 * 1024, 2 * 10 * 4 * 1024)
+    assert compute_work("pooled", dims, t) == (1, 840, 2 * 840 * 1024, 4 * 2 * 10 * 4 * 1024)
+    assert compute_work("dimension", dims, t) == (1, 4 * 840, 2 * 840 * 1024, 2 * 10 * 4 * 1024)
+
+
+KNOWN = ComputeModel(number=(1e-3, 2e-7, 1e-9, 3e-9), pooled=(2e-3, 0.0, 2e-9, 1e-9),
+                     dimension=(1.5e-3, 1e-7, 0.0, 4e-9))
+
+
+def _synthetic_observations(model: ComputeModel) -> list[ComputeObservation]:
+    """Measured = predicted communication + the model's compute, written out from the formula by hand."""
+    observations = []
+    for tokens, topk, num_blocks, value_dim in [(48, 12, 2, 32), (192, 12, 6, 32), (48, 24, 6, 192),
+                                                (192, 24, 2, 192), (96, 16, 3, 64), (64, 8, 1, 128)]:
+        dims = LookupDims(value_dim=value_dim, topk=topk, num_blocks=num_blocks, num_cores=2, group_size=2,
+                          value_bytes=4, score_bytes=4)
+        for variant in ("number", "pooled", "dimension"):
+            c0, c1, c2, c3 = getattr(model, variant)
+            index = tokens * topk * (2 if variant == "dimension" else 1)
+            pooled = 4 * tokens * num_blocks * value_dim * (2 if variant == "pooled" else 1)
+            compute = c0 + c1 * index + c2 * 4 * tokens * topk * value_dim + c3 * pooled
+            communication = 1e-4 * (1 + tokens / 64)
+            observations.append(ComputeObservation(variant, dims, tokens, communication + compute, communication))
+    return observations
+
+
+def test_compute_fit_recovers_known_coefficients():
+    fitted = fit_compute(_synthetic_observations(KNOWN))
+    for variant in ("number", "pooled", "dimension"):
+        assert getattr(fitted, variant) == pytest.approx(getattr(KNOWN, variant), rel=1e-6, abs=1e-15), variant
+    assert min(min(getattr(fitted, v)) for v in ("number", "pooled", "dimension")) >= 0
+    with pytest.raises(ValueError, match="needs >= 4 observations"):
+        fit_compute(_synthetic_observations(KNOWN)[:9])
+
+
+def test_compute_fit_keeps_coefficients_non_negative():
+    """Timings faster than the communication alone at small sizes would pull an unconstrained fit's per-call term
+    below zero; the fit clamps it at zero and still matches the large sizes."""
+    observations = [ComputeObservation(o.variant, o.dims, o.tokens_per_rank, o.measured_s - 1.2e-3,
+                                       o.communication_s) for o in _synthetic_observations(KNOWN)]
+    fitted = fit_compute(observations)
+    assert min(min(getattr(fitted, v)) for v in ("number", "pooled", "dimension")) >= 0
+    assert fitted.number[0] == 0 and fitted.pooled[0] > 0
+
+
+def test_plan_adds_compute_and_it_can_change_the_choice():
+    dims = big(8)
+    comm_only = plan_layer(dims, 1024, UNIT)
+    assert comm_only.mode == "dimension" and comm_only.compute_seconds_dimension_wise == 0
+    per_gathered_byte = (0.0, 0.0, 1.0, 0.0)
+    slow_dimension = Calibration(alpha_s=0.0, beta_s_per_byte=1.0, compute=ComputeModel(
+        number=per_gathered_byte, pooled=per_gathered_byte, dimension=(1e12, 0.0, 0.0, 0.0)))
+    plan = plan_layer(dims, 1024, slow_dimension)
+    assert plan.mode == "number" and plan.owner_pooling and "local compute" in plan.reason
+    gathered = 2 * 1024 * 84 * 1024                                       # s_f * T * K * d_v
+    assert plan.compute_seconds_number_wise == gathered and plan.compute_seconds_dimension_wise == 1e12
+    assert plan.seconds_dimension_wise == comm_only.seconds_dimension_wise + 1e12
+    assert plan.seconds_number_wise == UNIT.seconds(variant_traffic("pooled", dims, 1024)) + gathered
+
+
+def test_calibration_files_without_compute_still_load(tmp_path):
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"alpha_s": 1e-5, "beta_s_per_byte": 1e-10, "backend": "gloo", "world_size": 2,
+                               "source": "measured: all-to-all"}))
+    calibration = Calibration.load(old)
+    assert calibration.compute == ComputeModel() and not calibration.compute.calibrated
+    assert plan_layer(big(8), 1024, calibration).compute_seconds_number_wise == 0
+    fitted = Calibration(alpha_s=1e-5, beta_s_per_byte=1e-10, compute=KNOWN)
+    fitted.save(tmp_path / "new.json")
+    assert Calibration.load(tmp_path / "new.json") == fitted
+    (tmp_path / "short.json").write_text(json.dumps({"alpha_s": 1e-5, "beta_s_per_byte": 1e-10,
+                                                     "compute": {**asdict(KNOWN), "pooled": [1.0]}}))
+    with pytest.raises(ConfigError, match="compute.pooled"):
+        Calibration.load(tmp_path / "short.json")
+
+
 PLAN_YAML = """
 model:
   family: ultramem
@@ -166,6 +247,22 @@ def test_plan_command_json_for_512_gpus_without_launching(plan_yaml, capsys):
         assert entry["seconds_dimension_wise"] < entry["seconds_number_wise"]
 
 
+def test_plan_command_json_includes_calibrated_compute(plan_yaml, tmp_path, capsys):
+    path = tmp_path / "cal.json"
+    Calibration(alpha_s=20e-6, beta_s_per_byte=1 / 25e9, compute=KNOWN).save(path)
+    assert _cli(["plan", str(plan_yaml), "--world", "512", "--json", "--calibration", str(path)]) == 0
+    entry = json.loads(capsys.readouterr().out)[0]
+    dims = LookupDims(**{**BIG, "group_size": 8})
+    expected = KNOWN.seconds("dimension", dims, 2 * 2048)
+    assert entry["compute_seconds_dimension_wise"] == pytest.approx(expected)
+    communication = Calibration(alpha_s=20e-6, beta_s_per_byte=1 / 25e9).seconds(
+        variant_traffic("dimension", dims, 2 * 2048))
+    assert entry["seconds_dimension_wise"] == pytest.approx(communication + expected)
+    assert entry["compute_seconds_number_wise"] > 0
+    assert _cli(["plan", str(plan_yaml), "--world", "512", "--calibration", str(path)]) == 0
+    assert "local compute per rank" in capsys.readouterr().out
+
+
 def test_plan_command_text_overrides_and_errors(plan_yaml, capsys, tmp_path):
     assert _cli(["plan", str(plan_yaml), "parallel.expert_model_parallel_size=4", "model.memory.value_dim=6",
                  "--world", "64"]) == 0
@@ -189,9 +286,12 @@ def test_tokens_per_rank_is_the_whole_micro_batch(plan_yaml):
 @pytest.mark.slow
 def test_calibrate_comm_writes_a_calibration_plan_can_read(tmp_path, plan_yaml, capsys):
     output = tmp_path / "gloo.json"
-    assert _cli(["calibrate-comm", "--nproc", "2", "--iters", "1", "--backend", "gloo", "--output", str(output)]) == 0
+    assert _cli(["calibrate-comm", "--nproc", "2", "--iters", "1", "--backend", "gloo", "--lookup-impl", "reference",
+                 "--output", str(output)]) == 0
     calibration = Calibration.load(output)
     assert calibration.world_size == 2 and calibration.backend == "gloo"
     assert calibration.alpha_s >= 0 and 0 < calibration.beta_s_per_byte < 1e-6
+    assert calibration.compute.calibrated                  # a real forward + backward takes time
     assert _cli(["plan", str(plan_yaml), "--world", "512", "--calibration", str(output)]) == 0
-    assert "measured: all-to-all" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "measured: all-to-all" in text and "local compute per rank" in text

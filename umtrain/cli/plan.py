@@ -1,5 +1,6 @@
 """`umtrain plan` (per memory layer: communication volumes, predicted times, sharding mode) and
-`umtrain calibrate-comm` (measure the alpha-beta model of the collectives on this machine)."""
+`umtrain calibrate-comm` (measure the alpha-beta model of the collectives, and the local compute of each sharding
+mode, on this machine)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import torch.distributed as dist
 from umtrain.config import load_config
 from umtrain.config.base import ConfigError
 from umtrain.parallel.comm import Communicator, run_local_group
-from umtrain.parallel.cost_model import (DEFAULT_CALIBRATION, Calibration, LayerPlan, calibrate, crossover_value_dim,
+from umtrain.ops.lookup_reduce import get_lookup_reduce
+from umtrain.parallel.calibration import calibrate, calibrate_compute
+from umtrain.parallel.cost_model import (DEFAULT_CALIBRATION, VARIANTS, Calibration, LayerPlan, crossover_value_dim,
                                          dims_from_config, plan_config)
 
 
@@ -25,15 +28,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     plan.add_argument("overrides", nargs="*", help="key.path=value overrides")
     plan.add_argument("--world", type=int, required=True, help="world size to plan for (nothing is launched)")
     plan.add_argument("--json", action="store_true", help="print a JSON list, one object per memory layer")
-    plan.add_argument("--calibration", default=None, help="alpha/beta JSON from `umtrain calibrate-comm`")
+    plan.add_argument("--calibration", default=None,
+                      help="alpha/beta (and compute) JSON from `umtrain calibrate-comm`")
     plan.set_defaults(func=run_plan)
 
-    cal = subparsers.add_parser("calibrate-comm", help="measure all-to-all latency (alpha) and seconds/byte (beta)")
+    cal = subparsers.add_parser("calibrate-comm", help="measure all-to-all latency (alpha) and seconds/byte (beta), "
+                                                       "and each sharding mode's local compute")
     cal.add_argument("--output", default="comm_calibration.json", help="where to write the JSON")
     cal.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto",
                      help="auto: nccl when CUDA is available, gloo otherwise")
     cal.add_argument("--nproc", type=int, default=2, help="local processes to spawn when not launched by torchrun")
-    cal.add_argument("--iters", type=int, default=5, help="timed repetitions per message size")
+    cal.add_argument("--iters", type=int, default=5, help="timed repetitions per message size and lookup size")
+    cal.add_argument("--lookup-impl", choices=["auto", "reference", "fused", "triton"], default="auto",
+                     help="lookup-reduce the compute term is measured with, as model.memory.lookup_impl (auto: triton "
+                          "on GPU, fused on CPU)")
+    cal.add_argument("--no-compute", dest="compute", action="store_false",
+                     help="communication only (the plan then predicts zero local compute)")
     cal.set_defaults(func=run_calibrate)
 
 
@@ -66,17 +76,22 @@ def format_plan(plans: list[LayerPlan], config, world: int, calibration: Calibra
         f"{dims.value_bytes}-byte values and scores",
         f"calibration: alpha {calibration.alpha_s * 1e6:.1f} us, {1 / calibration.beta_s_per_byte / 1e9:.2f} GB/s "
         f"({calibration.source})",
+        _describe_compute(calibration) if calibration.compute.calibrated else
+        "local compute: not calibrated (taken as 0; `umtrain calibrate-comm` measures it)",
         f"crossover d_v* = {crossover:.1f} (dimension-wise moves fewer bytes above it)",
-        "bytes: sent per rank per micro-batch, forward + backward",
+        "bytes: sent per rank per micro-batch, forward + backward; t: predicted communication + local compute "
+        "(of which c: compute)",
         "",
         f"{'layer':>5} {'placement':>9} {'tokens':>7} {'number rows':>12} {'number pooled':>14} {'dimension':>12} "
-        f"{'t number':>10} {'t dimension':>12}  mode",
+        f"{'t number':>10} {'t dimension':>12} {'c number':>10} {'c dimension':>12}  mode",
     ]
     for plan in plans:
         mode = plan.mode + (" (owner-pooled)" if plan.owner_pooling else "")
         lines.append(f"{plan.layer:>5} {plan.placement:>9} {plan.tokens_per_rank:>7} {_mb(plan.bytes_number_rows):>12} "
                      f"{_mb(plan.bytes_number_pooled):>14} {_mb(plan.bytes_dimension_wise):>12} "
-                     f"{_ms(plan.seconds_number_wise):>10} {_ms(plan.seconds_dimension_wise):>12}  {mode}")
+                     f"{_ms(plan.seconds_number_wise):>10} {_ms(plan.seconds_dimension_wise):>12} "
+                     f"{_ms(plan.compute_seconds_number_wise):>10} {_ms(plan.compute_seconds_dimension_wise):>12}  "
+                     f"{mode}")
     lines.append("")
     reasons = {plan.reason for plan in plans}
     if len(reasons) == 1:
@@ -96,31 +111,52 @@ def _ms(seconds) -> str:
 
 def run_calibrate(args: argparse.Namespace) -> int:
     backend = args.backend if args.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
+    options = (args.iters, args.lookup_impl if args.compute else None)
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        calibration = _calibrate_worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), args.iters, backend)
+        calibration = _calibrate_worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), *options, backend)
         if int(os.environ["RANK"]) != 0:
             return 0
     else:
         if args.nproc < 2:
             print("error: --nproc: calibration needs at least 2 processes", file=sys.stderr)
             return 2
-        calibration = run_local_group(_calibrate_worker, args.nproc, args.iters, None, backend=backend)[0]
+        calibration = run_local_group(_calibrate_worker, args.nproc, *options, None, backend=backend)[0]
     calibration.save(args.output)
     print(f"alpha {calibration.alpha_s * 1e6:.1f} us, beta {calibration.beta_s_per_byte * 1e9:.4f} ns/byte "
           f"({1 / calibration.beta_s_per_byte / 1e9:.2f} GB/s), {backend}, {calibration.world_size} ranks "
           f"-> {args.output}")
+    if calibration.compute.calibrated:
+        print(_describe_compute(calibration))
     return 0
 
 
-def _calibrate_worker(rank: int, world_size: int, iters: int, backend: str | None) -> Calibration:
-    """Under torchrun, `backend` names the group to create; spawned by run_local_group, the group exists."""
+def _calibrate_worker(rank: int, world_size: int, iters: int, lookup_impl: str | None,
+                      backend: str | None) -> Calibration:
+    """Under torchrun, `backend` names the group to create; spawned by run_local_group, the group exists.
+    `lookup_impl` None: communication only."""
     if backend is not None:
         dist.init_process_group(backend)
     device = "cpu"
     if dist.get_backend() == "nccl":
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
         torch.cuda.set_device(device)
-    calibration = calibrate(Communicator(dist.group.WORLD), iters=iters, device=device)
+    comm = Communicator(dist.group.WORLD)
+    calibration = calibrate(comm, iters=iters, device=device)
+    if lookup_impl is not None:
+        dtype = torch.bfloat16 if device != "cpu" else torch.float32
+        calibration = calibrate_compute(comm, calibration, get_lookup_reduce(lookup_impl), dtype=dtype, iters=iters,
+                                        device=device)
     if backend is not None:
         dist.destroy_process_group()
     return calibration
+
+
+def _describe_compute(calibration: Calibration) -> str:
+    """One line per variant: compute seconds = c . [1, n_index, b_gathered, b_pooled]."""
+    lines = ["local compute per rank, forward + backward = c0 + c1 * index entries + c2 * gathered bytes + "
+             "c3 * pooled-output bytes:"]
+    for variant in VARIANTS:
+        c0, c1, c2, c3 = getattr(calibration.compute, variant)
+        lines.append(f"  {variant:>9}: {c0 * 1e6:.1f} us + {c1 * 1e9:.2f} ns/index + {c2 * 1e9:.4f} ns/B gathered "
+                     f"+ {c3 * 1e9:.4f} ns/B pooled")
+    return "\n".join(lines)

@@ -10,15 +10,30 @@ h_loc the MCS cores of one rank's columns, and forward + backward (ULTRAMEM_SPEC
   number, rows:       s_i*T*K*(P-1)/P  +  2 * s_f*T*K*d_v*(P-1)/P
   number, owner-pooled: (2*s_i + 2*h*s_f)*T*K*(P-1)/P  +  2 * s_f*T*E*d_v*(P-1)
   dimension:          (s_i + 2*h_loc*s_f)*T*K*(P-1)  +  2 * s_f*T*E*d_v*(P-1)/P
-plus the per-call count exchanges (8 bytes per peer). Time = sum over collectives of alpha + beta * bytes
-(the larger of sent and received), with alpha, beta from `calibrate` (`umtrain calibrate-comm`).
+plus the per-call count exchanges (8 bytes per peer). Communication time = sum over collectives of
+alpha + beta * bytes (the larger of sent and received), with alpha, beta measured by
+`umtrain.parallel.calibration.calibrate` (`umtrain calibrate-comm`).
+
+Local compute (forward + backward, per rank): gathering rows, weighting them by the scores, scattering into the
+pooled outputs, the backward's scatter-adds, and each mode's index bookkeeping (sort by owner, slots, id packing).
+Per variant v it is linear in four work counts, w = [1, n_index, b_gathered, b_pooled]:
+  compute_v = c_v . w,  with
+  number, rows:         n_index = T*K,    b_gathered = s_f*T*K*d_v,  b_pooled = s_f*T*E*d_v
+  number, owner-pooled: n_index = T*K,    b_gathered = s_f*T*K*d_v,  b_pooled = s_f*P*T*E*d_v
+  dimension:            n_index = P*T*K,  b_gathered = s_f*T*K*d_v,  b_pooled = s_f*T*E*d_v
+(owner-pooled sums partials for every token of the group and adds P of them; dimension-wise handles the ids of
+every token of the group but only d_v/P columns of each). `umtrain.parallel.calibration.calibrate_compute` times
+the real lookups of
+`umtrain.parallel.memory_sharding` on the group at a few sizes and fits the four c_v per variant by non-negative
+least squares on the relative error of comm + compute against the measured time. Predicted time per variant =
+communication + compute; a calibration without a compute fit (older files, the default) predicts compute = 0.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
-import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,7 +43,7 @@ import torch
 
 from umtrain.config.base import ConfigError
 from umtrain.config.schema import Config
-from umtrain.parallel.comm import GRAD_SUFFIX, Communicator
+from umtrain.parallel.comm import GRAD_SUFFIX
 
 INDEX_BYTES = 4
 """int32 ids (memory_sharding.INDEX_DTYPE)."""
@@ -37,6 +52,7 @@ COUNT_BYTES = 8
 
 Variant = Literal["number", "pooled", "dimension"]
 """'number': rows travel; 'pooled': owner-side partial pooling (number-wise); 'dimension': d_v split."""
+VARIANTS: tuple[Variant, ...] = ("number", "pooled", "dimension")
 
 
 @dataclass(frozen=True)
@@ -176,66 +192,91 @@ def crossover_value_dim(topk: int, num_blocks: int, group_size: int, index_bytes
     return numerator / (passes * float_bytes * (topk - num_blocks))
 
 
+def compute_work(variant: Variant, dims: LookupDims, tokens_per_rank: int) -> tuple[float, float, float, float]:
+    """w = [1, n_index, b_gathered, b_pooled] of one rank's local work (module docstring)."""
+    t, k, p = tokens_per_rank, dims.topk, dims.group_size
+    gathered = dims.value_bytes * t * k * dims.value_dim
+    pooled = dims.value_bytes * t * dims.num_blocks * dims.value_dim
+    if variant == "pooled":
+        return 1.0, t * k, gathered, p * pooled
+    if variant == "dimension":
+        return 1.0, p * t * k, gathered, pooled
+    return 1.0, t * k, gathered, pooled
+
+
+Coefficients = tuple[float, float, float, float]
+"""c_v: seconds per call, per index entry, per gathered byte, per pooled-output byte."""
+NO_COMPUTE: Coefficients = (0.0, 0.0, 0.0, 0.0)
+
+
+@dataclass(frozen=True)
+class ComputeModel:
+    """compute_v = c_v . compute_work(v, ...) seconds per rank, forward + backward (all zero: not calibrated)."""
+
+    number: Coefficients = NO_COMPUTE
+    pooled: Coefficients = NO_COMPUTE
+    dimension: Coefficients = NO_COMPUTE
+
+    def seconds(self, variant: Variant, dims: LookupDims, tokens_per_rank: int) -> float:
+        work = compute_work(variant, dims, tokens_per_rank)
+        return sum(c * w for c, w in zip(getattr(self, variant), work))
+
+    @property
+    def calibrated(self) -> bool:
+        return any(any(getattr(self, v)) for v in VARIANTS)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ComputeModel":
+        coefficients = {v: tuple(float(c) for c in data[v]) for v in VARIANTS}
+        for variant, c in coefficients.items():
+            if len(c) != len(NO_COMPUTE):
+                raise ValueError(f"compute.{variant} needs {len(NO_COMPUTE)} coefficients, got {len(c)}")
+        return cls(**coefficients)
+
+
 @dataclass(frozen=True)
 class Calibration:
-    """t(collective) = alpha + beta * bytes (the larger of a rank's sent and received bytes)."""
+    """t(collective) = alpha + beta * bytes (the larger of a rank's sent and received bytes); local compute per
+    variant from `compute` (zero unless fitted by `calibrate_compute`)."""
 
     alpha_s: float
     beta_s_per_byte: float
     backend: str = "assumed"
     world_size: int = 0
     source: str = "default: alpha 20 us, 25 GB/s per rank (a guess for NCCL over InfiniBand; calibrate)"
+    compute: ComputeModel = ComputeModel()
 
     def seconds(self, traffic: Traffic) -> float:
+        """Communication time of `traffic`."""
         return sum(self.alpha_s * traffic.calls[tag]
                    + self.beta_s_per_byte * max(traffic.sent[tag], traffic.received[tag]) for tag in traffic.calls)
+
+    def variant_seconds(self, variant: Variant, dims: LookupDims, tokens_per_rank: int) -> tuple[float, float]:
+        """(communication, compute) seconds of one variant, forward + backward, balanced requests."""
+        return (self.seconds(variant_traffic(variant, dims, tokens_per_rank)),
+                self.compute.seconds(variant, dims, tokens_per_rank))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "Calibration":
+        """Files without a `compute` entry (written before the compute term existed) load with compute = 0."""
         path = Path(path)
         if not path.is_file():
             raise ConfigError(str(path), "calibration file not found (write one with `umtrain calibrate-comm`)")
         try:
             data = json.loads(path.read_text())
+            compute = ComputeModel.from_json(data["compute"]) if "compute" in data else ComputeModel()
             return cls(alpha_s=float(data["alpha_s"]), beta_s_per_byte=float(data["beta_s_per_byte"]),
                        backend=data.get("backend", "?"), world_size=int(data.get("world_size", 0)),
-                       source=data.get("source", str(path)))
-        except (ValueError, KeyError, TypeError) as err:
-            raise ConfigError(str(path), f"is not a calibration JSON (alpha_s, beta_s_per_byte): {err}") from err
+                       source=data.get("source", str(path)), compute=compute)
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ConfigError(str(path), f"is not a calibration JSON (alpha_s, beta_s_per_byte[, compute]): "
+                                         f"{err}") from err
 
 
 DEFAULT_CALIBRATION = Calibration(alpha_s=20e-6, beta_s_per_byte=1 / 25e9)
-
-
-def calibrate(comm: Communicator, sizes: Sequence[int] = (1 << 10, 1 << 14, 1 << 17, 1 << 20, 1 << 22),
-              iters: int = 5, device: torch.device | str = "cpu") -> Calibration:
-    """Fit alpha, beta to the slowest rank's best time of equal-split all-to-alls of `sizes` bytes sent per rank
-    (the best of `iters`: on a shared machine the median measures other processes)."""
-    peers = comm.size - 1
-    if peers == 0:
-        raise ValueError("calibration needs a group of at least 2 ranks")
-    xs, ys = [], []
-    for size in sizes:
-        per_peer = max(1, size // (4 * peers))
-        x = torch.zeros(per_peer * comm.size, dtype=torch.float32, device=device)
-        splits = [per_peer] * comm.size
-        comm.all_to_all(x, splits, splits, "calibration")
-        times = []
-        for _ in range(iters):
-            _synchronize(device)
-            start = time.perf_counter()
-            comm.all_to_all(x, splits, splits, "calibration")
-            _synchronize(device)
-            times.append(time.perf_counter() - start)
-        xs.append(per_peer * 4 * peers)
-        ys.append(_group_max(comm, min(times), device))
-    beta, alpha = _least_squares_line(xs, ys)
-    backend = torch.distributed.get_backend(comm.group) if comm.group is not None else "none"
-    return Calibration(alpha_s=max(alpha, 0.0), beta_s_per_byte=max(beta, 1e-15), backend=str(backend),
-                       world_size=comm.size, source=f"measured: all-to-all of {list(sizes)} bytes per rank")
 
 
 def fit_calibration(observations: Sequence[tuple[Traffic, float]], source: str) -> Calibration:
@@ -251,25 +292,50 @@ def fit_calibration(observations: Sequence[tuple[Traffic, float]], source: str) 
                        source=source)
 
 
-def _synchronize(device: torch.device | str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
+@dataclass(frozen=True)
+class ComputeObservation:
+    """One measured forward + backward of a variant, and the communication time the model predicts for it."""
+
+    variant: Variant
+    dims: LookupDims
+    tokens_per_rank: int
+    measured_s: float
+    communication_s: float
 
 
-def _group_max(comm: Communicator, value: float, device: torch.device | str) -> float:
-    """The slowest rank's value (every rank then fits the same line)."""
-    ones = [1] * comm.size
-    mine = torch.full((comm.size,), value, dtype=torch.float64, device=device)
-    return float(comm.all_to_all(mine, ones, ones, "calibration").max())
+def fit_compute(observations: Sequence[ComputeObservation]) -> ComputeModel:
+    """Per variant, c_v >= 0 minimising sum ((communication + c_v . w - measured) / measured)^2: relative errors,
+    so the small sizes (where the per-call term shows) count as much as the large ones."""
+    fitted = {}
+    for variant in VARIANTS:
+        mine = [o for o in observations if o.variant == variant]
+        if len(mine) < len(NO_COMPUTE):
+            raise ValueError(f"fitting the {variant} compute term needs >= {len(NO_COMPUTE)} observations, "
+                             f"got {len(mine)}")
+        work = torch.tensor([compute_work(variant, o.dims, o.tokens_per_rank) for o in mine], dtype=torch.float64)
+        measured = torch.tensor([o.measured_s for o in mine], dtype=torch.float64)
+        remainder = measured - torch.tensor([o.communication_s for o in mine], dtype=torch.float64)
+        scale = work.abs().amax(dim=0).clamp(min=1.0)       # keep the normal equations well conditioned
+        solution = _non_negative_least_squares(work / scale / measured.unsqueeze(1), remainder / measured)
+        fitted[variant] = tuple((solution / scale).tolist())
+    return ComputeModel(**fitted)
 
 
-def _least_squares_line(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
-    """(slope, intercept) minimising relative errors, so the small messages that fix alpha count as much as the
-    large ones that fix beta."""
-    design = torch.tensor([[1.0 / y, x / y] for x, y in zip(xs, ys)], dtype=torch.float64)
-    ones = torch.ones(len(ys), 1, dtype=torch.float64)
-    intercept, slope = torch.linalg.lstsq(design, ones).solution.view(-1).tolist()
-    return slope, intercept
+def _non_negative_least_squares(design: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """argmin ||design x - target|| over x >= 0, exactly, by trying every support (a handful of columns here)."""
+    columns = design.shape[1]
+    best, best_residual = torch.zeros(columns, dtype=design.dtype), float(target.norm())
+    for size in range(1, columns + 1):
+        for support in itertools.combinations(range(columns), size):
+            x = torch.linalg.lstsq(design[:, support], target.unsqueeze(1)).solution.view(-1)
+            if (x < 0).any():
+                continue
+            candidate = torch.zeros(columns, dtype=design.dtype)
+            candidate[list(support)] = x
+            residual = float((design @ candidate - target).norm())
+            if residual < best_residual:
+                best, best_residual = candidate, residual
+    return best
 
 
 @dataclass
@@ -289,8 +355,12 @@ class LayerPlan:
     bytes_dimension_wise: Optional[int]
     """None when d_v cannot be split over P."""
     seconds_number_wise: float
+    """Predicted communication + local compute of the better number-wise variant."""
     seconds_dimension_wise: Optional[float]
     reason: str
+    compute_seconds_number_wise: float = 0.0
+    """The local-compute part of seconds_number_wise (0 without a compute calibration)."""
+    compute_seconds_dimension_wise: Optional[float] = None
 
 
 def variant_traffic(variant: Variant, dims: LookupDims, tokens_per_rank: int) -> Traffic:
@@ -306,9 +376,11 @@ def variant_traffic(variant: Variant, dims: LookupDims, tokens_per_rank: int) ->
 def plan_layer(dims: LookupDims, tokens_per_rank: int, calibration: Calibration,
                requested: Literal["auto", "number", "dimension"] = "auto", layer: int = 0,
                placement: str = "") -> LayerPlan:
-    """Predict both modes for one layer and pick the faster (or apply the requested mode), saying why."""
-    traffic = {v: variant_traffic(v, dims, tokens_per_rank) for v in ("number", "pooled", "dimension")}
-    seconds = {v: calibration.seconds(t) for v, t in traffic.items()}
+    """Predict both modes (communication + local compute) for one layer and pick the faster (or apply the requested
+    mode), saying why."""
+    traffic = {v: variant_traffic(v, dims, tokens_per_rank) for v in VARIANTS}
+    compute = {v: calibration.compute.seconds(v, dims, tokens_per_rank) for v in VARIANTS}
+    seconds = {v: calibration.seconds(t) + compute[v] for v, t in traffic.items()}
     sent = {v: round(t.total_sent()) for v, t in traffic.items()}
     problem = dimension_wise_problem(dims.value_dim, dims.num_cores, dims.group_size)
     number = "pooled" if seconds["pooled"] < seconds["number"] else "number"
@@ -324,14 +396,23 @@ def plan_layer(dims: LookupDims, tokens_per_rank: int, calibration: Calibration,
         chosen, rejected = ("dimension", number) if seconds["dimension"] < seconds[number] else (number, "dimension")
         mode = "dimension" if chosen == "dimension" else "number"
         reason = (f"{_describe(chosen)}: predicted {seconds[chosen] * 1e3:.3f} ms vs {seconds[rejected] * 1e3:.3f} ms "
-                  f"{_describe(rejected)} ({_mb(sent[chosen])} vs {_mb(sent[rejected])} sent per rank, forward + "
-                  f"backward; calibration: {calibration.backend})")
+                  f"{_describe(rejected)} ({_mb(sent[chosen])} vs {_mb(sent[rejected])} sent per rank"
+                  f"{_compute_note(compute, chosen, rejected)}, forward + backward; calibration: "
+                  f"{calibration.backend})")
     return LayerPlan(layer=layer, placement=placement, group_size=dims.group_size, tokens_per_rank=tokens_per_rank,
                      mode=mode, owner_pooling=mode == "number" and number == "pooled",
                      bytes_number_wise=sent[number], bytes_number_rows=sent["number"],
                      bytes_number_pooled=sent["pooled"], bytes_dimension_wise=None if problem else sent["dimension"],
                      seconds_number_wise=seconds[number],
-                     seconds_dimension_wise=None if problem else seconds["dimension"], reason=reason)
+                     seconds_dimension_wise=None if problem else seconds["dimension"], reason=reason,
+                     compute_seconds_number_wise=compute[number],
+                     compute_seconds_dimension_wise=None if problem else compute["dimension"])
+
+
+def _compute_note(compute: dict[Variant, float], chosen: Variant, rejected: Variant) -> str:
+    if not any(compute.values()):
+        return ""
+    return f"; local compute {compute[chosen] * 1e3:.3f} vs {compute[rejected] * 1e3:.3f} ms"
 
 
 def _describe(variant: Variant) -> str:
