@@ -283,6 +283,22 @@ def test_tokens_per_rank_is_the_whole_micro_batch(plan_yaml):
     assert [p.placement for p in plan_config(config)] == config.model.memory.placements
 
 
+def test_plan_prices_fixed_capacity_padding(plan_yaml):
+    """With sharding_capacity_factor, number-wise rows send exactly C ids to every peer and get C rows back
+    (forward) and send C row gradients (backward), C = ceil(factor * T*K/P), and exchange no counts."""
+    padded = ["model.memory.sharding_mode=number", "model.memory.sharding_capacity_factor=1.5"]
+    tokens, k, p, d_v = 2 * 2048, 2 * 42, 8, 1024
+    capacity = -(-3 * tokens * k // (2 * p))
+    plan = plan_config(load_config(plan_yaml, padded, check_files=False))[0]
+    assert plan.bytes_number_rows == 4 * capacity * (p - 1) + 2 * (2 * d_v) * capacity * (p - 1)
+    assert plan.owner_pooling and plan.capacity is None      # E*P < K: partial sums beat rows; no capacity path
+    wide = ["parallel.expert_model_parallel_size=64"]           # E*P > K: rows win, with the fixed capacity
+    rows = plan_config(load_config(plan_yaml, [*padded, *wide], check_files=False))[0]
+    assert not rows.owner_pooling and rows.capacity == -(-3 * tokens * k // (2 * 64))
+    unpadded = plan_config(load_config(plan_yaml, [*wide, "model.memory.sharding_mode=number"], check_files=False))[0]
+    assert unpadded.capacity is None and unpadded.bytes_number_rows < rows.bytes_number_rows
+
+
 @pytest.mark.slow
 def test_calibrate_comm_writes_a_calibration_plan_can_read(tmp_path, plan_yaml, capsys):
     output = tmp_path / "gloo.json"

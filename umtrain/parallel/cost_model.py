@@ -192,11 +192,15 @@ def crossover_value_dim(topk: int, num_blocks: int, group_size: int, index_bytes
     return numerator / (passes * float_bytes * (topk - num_blocks))
 
 
-def compute_work(variant: Variant, dims: LookupDims, tokens_per_rank: int) -> tuple[float, float, float, float]:
-    """w = [1, n_index, b_gathered, b_pooled] of one rank's local work (module docstring)."""
+def compute_work(variant: Variant, dims: LookupDims, tokens_per_rank: int,
+                 capacity: Optional[int] = None) -> tuple[float, float, float, float]:
+    """w = [1, n_index, b_gathered, b_pooled] of one rank's local work (module docstring). With a fixed `capacity`
+    (number-wise rows only), the owner handles P*capacity padded ids in place of T*K."""
     t, k, p = tokens_per_rank, dims.topk, dims.group_size
     gathered = dims.value_bytes * t * k * dims.value_dim
     pooled = dims.value_bytes * t * dims.num_blocks * dims.value_dim
+    if variant == "number" and capacity is not None:
+        return 1.0, p * capacity, dims.value_bytes * p * capacity * dims.value_dim, pooled
     if variant == "pooled":
         return 1.0, t * k, gathered, p * pooled
     if variant == "dimension":
@@ -217,8 +221,9 @@ class ComputeModel:
     pooled: Coefficients = NO_COMPUTE
     dimension: Coefficients = NO_COMPUTE
 
-    def seconds(self, variant: Variant, dims: LookupDims, tokens_per_rank: int) -> float:
-        work = compute_work(variant, dims, tokens_per_rank)
+    def seconds(self, variant: Variant, dims: LookupDims, tokens_per_rank: int,
+                capacity: Optional[int] = None) -> float:
+        work = compute_work(variant, dims, tokens_per_rank, capacity)
         return sum(c * w for c, w in zip(getattr(self, variant), work))
 
     @property
@@ -361,13 +366,18 @@ class LayerPlan:
     compute_seconds_number_wise: float = 0.0
     """The local-compute part of seconds_number_wise (0 without a compute calibration)."""
     compute_seconds_dimension_wise: Optional[float] = None
+    capacity: Optional[int] = None
+    """Fixed ids per owner when the layer runs number-wise rows with `sharding_capacity_factor` (bytes and seconds
+    above include the padding); None otherwise."""
 
 
-def variant_traffic(variant: Variant, dims: LookupDims, tokens_per_rank: int) -> Traffic:
-    """Rank 0's traffic when every rank has `tokens_per_rank` tokens and requests are balanced."""
+def variant_traffic(variant: Variant, dims: LookupDims, tokens_per_rank: int,
+                    capacity: Optional[int] = None) -> Traffic:
+    """Rank 0's traffic when every rank has `tokens_per_rank` tokens and requests are balanced; `capacity`: the
+    fixed ids per owner of number-wise rows (`model.memory.sharding_capacity_factor`), padding included."""
     tokens = [tokens_per_rank] * dims.group_size
     if variant == "number":
-        return number_wise_traffic(dims, balanced_requests(dims, tokens), 0)
+        return number_wise_traffic(dims, balanced_requests(dims, tokens), 0, capacity)
     if variant == "pooled":
         return owner_pooled_traffic(dims, tokens, balanced_requests(dims, tokens), 0)
     return dimension_wise_traffic(dims, tokens, 0, static_tokens=True)
@@ -375,11 +385,11 @@ def variant_traffic(variant: Variant, dims: LookupDims, tokens_per_rank: int) ->
 
 def plan_layer(dims: LookupDims, tokens_per_rank: int, calibration: Calibration,
                requested: Literal["auto", "number", "dimension"] = "auto", layer: int = 0,
-               placement: str = "") -> LayerPlan:
+               placement: str = "", capacity: Optional[int] = None) -> LayerPlan:
     """Predict both modes (communication + local compute) for one layer and pick the faster (or apply the requested
-    mode), saying why."""
-    traffic = {v: variant_traffic(v, dims, tokens_per_rank) for v in VARIANTS}
-    compute = {v: calibration.compute.seconds(v, dims, tokens_per_rank) for v in VARIANTS}
+    mode), saying why. `capacity`: number-wise rows run with that many ids per owner (padded, no host sync)."""
+    traffic = {v: variant_traffic(v, dims, tokens_per_rank, capacity) for v in VARIANTS}
+    compute = {v: calibration.compute.seconds(v, dims, tokens_per_rank, capacity) for v in VARIANTS}
     seconds = {v: calibration.seconds(t) + compute[v] for v, t in traffic.items()}
     sent = {v: round(t.total_sent()) for v, t in traffic.items()}
     problem = dimension_wise_problem(dims.value_dim, dims.num_cores, dims.group_size)
@@ -395,8 +405,8 @@ def plan_layer(dims: LookupDims, tokens_per_rank: int, calibration: Calibration,
     else:
         chosen, rejected = ("dimension", number) if seconds["dimension"] < seconds[number] else (number, "dimension")
         mode = "dimension" if chosen == "dimension" else "number"
-        reason = (f"{_describe(chosen)}: predicted {seconds[chosen] * 1e3:.3f} ms vs {seconds[rejected] * 1e3:.3f} ms "
-                  f"{_describe(rejected)} ({_mb(sent[chosen])} vs {_mb(sent[rejected])} sent per rank"
+        reason = (f"{_describe(chosen, capacity)}: predicted {seconds[chosen] * 1e3:.3f} ms vs "
+                  f"{seconds[rejected] * 1e3:.3f} ms {_describe(rejected, capacity)} ({_mb(sent[chosen])} vs {_mb(sent[rejected])} sent per rank"
                   f"{_compute_note(compute, chosen, rejected)}, forward + backward; calibration: "
                   f"{calibration.backend})")
     return LayerPlan(layer=layer, placement=placement, group_size=dims.group_size, tokens_per_rank=tokens_per_rank,
@@ -406,7 +416,8 @@ def plan_layer(dims: LookupDims, tokens_per_rank: int, calibration: Calibration,
                      seconds_number_wise=seconds[number],
                      seconds_dimension_wise=None if problem else seconds["dimension"], reason=reason,
                      compute_seconds_number_wise=compute[number],
-                     compute_seconds_dimension_wise=None if problem else compute["dimension"])
+                     compute_seconds_dimension_wise=None if problem else compute["dimension"],
+                     capacity=capacity if mode == "number" and number == "number" else None)
 
 
 def _compute_note(compute: dict[Variant, float], chosen: Variant, rejected: Variant) -> str:
@@ -415,7 +426,9 @@ def _compute_note(compute: dict[Variant, float], chosen: Variant, rejected: Vari
     return f"; local compute {compute[chosen] * 1e3:.3f} vs {compute[rejected] * 1e3:.3f} ms"
 
 
-def _describe(variant: Variant) -> str:
+def _describe(variant: Variant, capacity: Optional[int] = None) -> str:
+    if variant == "number" and capacity is not None:
+        return f"number-wise (fixed capacity {capacity} ids per owner)"
     return {"number": "number-wise", "pooled": "number-wise (owner-pooled)", "dimension": "dimension-wise"}[variant]
 
 
@@ -445,5 +458,17 @@ def plan_config(config: Config, calibration: Calibration = DEFAULT_CALIBRATION) 
     dims = dims_from_config(config)
     tokens = tokens_per_rank(config)
     memory = config.model.memory
-    return [plan_layer(dims, tokens, calibration, memory.sharding_mode, layer=i, placement=placement)
+    capacity = fixed_capacity(config, dims.group_size)
+    return [plan_layer(dims, tokens, calibration, memory.sharding_mode, layer=i, placement=placement,
+                       capacity=capacity)
             for i, placement in enumerate(memory.placements)]
+
+
+def fixed_capacity(config: Config, group_size: int) -> Optional[int]:
+    """ids one rank may send to one owner per call in fixed-capacity number-wise mode: the balanced share T*K/P
+    times model.memory.sharding_capacity_factor; None when the factor is unset (uneven all-to-alls)."""
+    memory = config.model.memory
+    if memory.sharding_capacity_factor is None:
+        return None
+    balanced = tokens_per_rank(config) * memory.num_heads * memory.topk / group_size
+    return math.ceil(memory.sharding_capacity_factor * balanced)

@@ -9,7 +9,6 @@ expert-parallel groups run across data-parallel ranks of equal TP rank.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -18,8 +17,8 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
 from umtrain.config import Config
 from umtrain.ops import get_lookup_reduce
-from umtrain.parallel.cost_model import DEFAULT_CALIBRATION, Calibration, plan_config, tokens_per_rank
-from umtrain.parallel.memory_sharding import ShardedLookup, lookup_from_plan, make_sharded_lookup, mark_table_shard
+from umtrain.parallel.cost_model import DEFAULT_CALIBRATION, Calibration, plan_config
+from umtrain.parallel.memory_sharding import ShardedLookup, lookup_from_plan, mark_table_shard
 
 TABLE_PARAM = "values"
 
@@ -34,23 +33,12 @@ def memory_lookup_factory(config: Config):
     local_impl = get_lookup_reduce(memory.lookup_impl)
 
     def factory(index: int):
-        plan = plans[index]
-        if plan.mode == "number" and not plan.owner_pooling and memory.sharding_capacity_factor is not None:
-            lookup = make_sharded_lookup("number", group, memory.num_values, memory.value_dim, local_impl,
-                                         capacity=fixed_capacity(config, plan.group_size))
-        else:
-            lookup = lookup_from_plan(plan, group, memory.num_values, memory.value_dim, local_impl,
-                                      num_cores=memory.num_cores)
+        lookup = lookup_from_plan(plans[index], group, memory.num_values, memory.value_dim, local_impl,
+                                  num_cores=memory.num_cores)
         return lookup, lookup.local_table_shape()
 
     return factory
 
-
-def fixed_capacity(config: Config, group_size: int) -> int:
-    """ids one rank may send to one owner per call: the balanced share T*K/P times the configured factor."""
-    memory = config.model.memory
-    balanced = tokens_per_rank(config) * memory.num_heads * memory.topk / group_size
-    return math.ceil(memory.sharding_capacity_factor * balanced)
 
 
 def check_table_overflow(memories: list[torch.nn.Module]) -> None:
