@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # What only a GPU can check, in one pass (a few minutes on one H100/H200): the CUDA tests (Triton lookup-reduce,
-# side-stream overlap, single-GPU training vs CPU), then the GPU benchmarks (lookup-reduce, overlap, training MFU).
+# side-stream overlap, single-GPU training vs CPU), then the GPU benchmarks (lookup-reduce, memory-layer profile,
+# overlap, training MFU).
 # Each step runs even if an earlier one failed; logs and JSON go to $OUT (default runs/gpu_check). Exit status:
 # the number of failed steps.
-#   bash scripts/gpu_check.sh [tests] [lookup_reduce] [overlap] [train]     (default: all four)
+#   bash scripts/gpu_check.sh [tests] [lookup_reduce] [profile] [overlap] [train]     (default: all)
 # with umtrain installed, or PYTHONPATH pointing at it and megatron-core.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -11,7 +12,7 @@ OUT=${OUT:-runs/gpu_check}
 mkdir -p "$OUT"
 export PYTHONPATH=".:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 failed=0
-steps=" ${*:-tests lookup_reduce overlap train} "
+steps=" ${*:-tests lookup_reduce profile overlap train} "
 
 step() {  # step NAME TIMEOUT_S COMMAND...   (runs when NAME, or its prefix before '_', was asked for)
     local name=$1 limit=$2; shift 2
@@ -28,7 +29,10 @@ python -c "import torch, triton; print('torch', torch.__version__, 'triton', tri
 step tests 180 python -m pytest -q -p no:cacheprovider tests/ops tests/parallel/test_overlap.py \
     tests/train/test_cuda_training.py
 step lookup_reduce 80 python benchmarks/lookup_reduce_cuda.py --out "$OUT/lookup_reduce_cuda.json"
+step profile 90 python benchmarks/memory_layer_profile.py --out "$OUT/memory_layer_profile.json"
 step overlap 110 python benchmarks/memory_overlap.py --preset gpu --out "$OUT/memory_overlap_gpu.json"
+step overlap_mbs16 110 python benchmarks/memory_overlap.py --preset gpu --micro-batch-size 16 --steps 20 \
+    --out "$OUT/memory_overlap_gpu_mbs16.json"
 for model in dense-680m dense-151m ultramem-151m-x12; do
     step "train_$model" 70 python -m umtrain.cli.main train --config "configs/paper/$model.yaml" \
         training.train_iters=20 training.micro_batch_size=4 training.global_batch_size=8 logging.log_interval=5 \

@@ -1,0 +1,153 @@
+"""Where one memory layer's time goes: forward and forward+backward timings and a per-operator profile.
+
+    python benchmarks/memory_layer_profile.py [--tokens 65536] [--num-values 1048576] [--value-dim 512]
+                                              [--rows 25] [--out docs/benchmarks/memory_layer_profile.json]
+
+The default layer is UltraMem-151M's (hidden 1024, d_k 256, 2 heads x top-m 16, E = 4, r = 2, h = 2, query conv,
+a 1M-value table of d_v 512) at 32 sequences of 2048 tokens, the size at which `benchmarks/memory_overlap.py
+--preset gpu --micro-batch-size 16` measured it. On CUDA it runs in bfloat16 and the profile ranks operators by
+their own device time; on CPU in float32 by their own CPU time. The profile also counts the host-device
+synchronisations per step (CUDA runtime calls that block the host), which stop the host from running ahead of the
+GPU and so defeat the side-stream overlap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from umtrain.config.schema import MemoryConfig
+from umtrain.model.memory import MemoryLayer
+
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+"""Runtime calls that block the host until the device catches up (device-to-host copies such as `.item()` and
+`.tolist()` end in cudaStreamSynchronize). The profile's own closing synchronize is one cudaDeviceSynchronize per
+profile, i.e. 1/steps per step."""
+
+
+def build_layer(args: argparse.Namespace, device: str, dtype: torch.dtype) -> MemoryLayer:
+    config = MemoryConfig(num_values=args.num_values, value_dim=args.value_dim, key_dim=args.key_dim,
+                          num_heads=args.heads, topk=args.top_m, ive_expansion=4, tucker_rank=2, num_cores=2,
+                          query_conv_kernel=5, lookup_impl=args.lookup_impl)
+    return MemoryLayer(config, args.hidden, num_layers=12, seed=0, layer_index=0).to(device=device, dtype=dtype)
+
+
+def synchronize(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def step(layer: MemoryLayer, x: torch.Tensor, grad: torch.Tensor, backward: bool) -> None:
+    out = layer(x)
+    if backward:
+        out.backward(grad)
+        layer.zero_grad(set_to_none=True)
+
+
+def median_ms(layer, x, grad, backward: bool, device: str, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        step(layer, x, grad, backward)
+        synchronize(device)
+        times.append(1000 * (time.perf_counter() - start))
+    return statistics.median(times)
+
+
+def self_time_us(event, device: str) -> float:
+    if device == "cuda":
+        return getattr(event, "self_device_time_total", None) or event.self_cuda_time_total
+    return event.self_cpu_time_total
+
+
+def profile_steps(layer, x, grad, device: str, steps: int) -> list[dict]:
+    """Per operator: calls and own time per forward+backward step, and the host-blocking runtime calls."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step(layer, x, grad, backward=True)
+        synchronize(device)
+    rows = [{"name": e.key, "calls_per_step": e.count / steps, "self_ms_per_step": self_time_us(e, device) / 1000 / steps,
+             "host_sync": e.key.startswith(SYNC_CALLS)} for e in prof.key_averages()]
+    return sorted(rows, key=lambda r: r["self_ms_per_step"], reverse=True)
+
+
+def print_report(result: dict, rows: int) -> None:
+    print(f"{result['device_name']}, {result['dtype']}, {result['tokens']} tokens, N={result['shape']['num_values']}, "
+          f"d_v={result['shape']['value_dim']}, lookup {result['lookup']}")
+    print(f"forward {result['forward_ms']:.2f} ms, forward+backward {result['forward_backward_ms']:.2f} ms "
+          f"(medians); profiled ops' own time {result['profiled_ms_per_step']:.2f} ms per step")
+    syncs = [op for op in result["ops"] if op["host_sync"]]
+    print("host-blocking runtime calls per step: "
+          + (", ".join(f"{op['name']} x{op['calls_per_step']:g}" for op in syncs) or "none"))
+    total = result["profiled_ms_per_step"] or 1.0
+    print(f"{'operator':<60} {'calls':>7} {'ms/step':>9} {'share':>6}")
+    for op in [op for op in result["ops"] if not op["host_sync"]][:rows]:
+        print(f"{op['name'][:60]:<60} {op['calls_per_step']:>7g} {op['self_ms_per_step']:>9.3f} "
+              f"{op['self_ms_per_step'] / total:>6.1%}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=65536)
+    parser.add_argument("--seq-length", type=int, default=2048, help="tokens = seq_length x batch (query conv)")
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--num-values", type=int, default=1 << 20)
+    parser.add_argument("--value-dim", type=int, default=512)
+    parser.add_argument("--key-dim", type=int, default=256)
+    parser.add_argument("--heads", type=int, default=2)
+    parser.add_argument("--top-m", type=int, default=16)
+    parser.add_argument("--lookup-impl", default="auto", choices=("auto", "reference", "fused", "triton"))
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--rows", type=int, default=25, help="operators printed")
+    parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/memory_layer_profile.json"))
+    args = parser.parse_args(argv)
+    if args.tokens % args.seq_length:
+        parser.error(f"--tokens ({args.tokens}) must be a multiple of --seq-length ({args.seq_length})")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    layer = build_layer(args, device, dtype)
+    gen = torch.Generator(device=device).manual_seed(0)
+    shape = (args.seq_length, args.tokens // args.seq_length, args.hidden)
+    x = torch.randn(shape, generator=gen, device=device).to(dtype).requires_grad_()
+    grad = torch.randn(shape, generator=gen, device=device).to(dtype)
+    for _ in range(2):
+        step(layer, x, grad, backward=True)
+    forward = median_ms(layer, x, grad, False, device, args.repeats)
+    forward_backward = median_ms(layer, x, grad, True, device, args.repeats)
+    ops = profile_steps(layer, x, grad, device, args.profile_steps)
+    result = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "command": "python benchmarks/memory_layer_profile.py",
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "tokens": args.tokens,
+        "shape": {k: v for k, v in vars(args).items() if k not in ("out", "rows")},
+        "lookup": getattr(layer.lookup, "__name__", type(layer.lookup).__name__),
+        "forward_ms": forward, "forward_backward_ms": forward_backward,
+        "profiled_ms_per_step": sum(op["self_ms_per_step"] for op in ops if not op["host_sync"]),
+        "ops": ops,
+    }
+    print_report(result, args.rows)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,43 @@
+"""benchmarks/memory_layer_profile.py on a tiny layer (CPU): its report holds the operators that the layer is made of,
+ranked, with no host synchronisation on CPU."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+TINY = ["--tokens", "64", "--seq-length", "32", "--hidden", "32", "--num-values", "1024", "--value-dim", "16",
+        "--key-dim", "8", "--top-m", "4", "--repeats", "2", "--profile-steps", "1", "--lookup-impl", "reference"]
+
+
+@pytest.fixture(scope="module")
+def bench():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(BENCHMARKS))
+        yield importlib.import_module("memory_layer_profile")
+    sys.modules.pop("memory_layer_profile", None)
+
+
+def test_profile_report(bench, tmp_path, capsys):
+    out = tmp_path / "profile.json"
+    result = bench.main([*TINY, "--out", str(out)])
+    assert json.loads(out.read_text())["tokens"] == 64
+    names = [op["name"] for op in result["ops"]]
+    assert "aten::topk" in names                       # the top-m selection
+    assert any("scatter_add" in name or "index_add" in name for name in names)   # the table gradient
+    times = [op["self_ms_per_step"] for op in result["ops"]]
+    assert times == sorted(times, reverse=True)
+    assert result["profiled_ms_per_step"] == pytest.approx(sum(times))
+    assert not any(op["host_sync"] for op in result["ops"])
+    assert result["lookup"] == "lookup_reduce_reference"
+    assert "host-blocking runtime calls per step: none" in capsys.readouterr().out
+
+
+def test_tokens_must_fill_whole_sequences(bench):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--tokens", "100", "--seq-length", "32"])
