@@ -34,10 +34,12 @@ class SkipBus:
     def register(self, reader_layer: int, compute: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self._computations[reader_layer] = compute
 
-    def put(self, reader_layer: int, tensor: torch.Tensor) -> None:
+    def put(self, reader_layer: int, tensor: torch.Tensor, main: torch.Tensor) -> torch.Tensor:
+        """Start the memory computation on `tensor`; returns what block a's main path `main` continues as."""
         if reader_layer in self._pending:
             raise RuntimeError(f"memory input of layer {reader_layer} was put twice without being taken")
-        self._pending[reader_layer] = self.runner.start(self._computations[reader_layer], tensor)
+        main, self._pending[reader_layer] = self.runner.start(self._computations[reader_layer], tensor, main)
+        return main
 
     def take(self, reader_layer: int) -> torch.Tensor:
         if reader_layer not in self._pending:
@@ -82,18 +84,19 @@ class MemoryTransformerLayer(TransformerLayer):
     def _forward_pre_mlp_layernorm(self, hidden_states):
         output = super()._forward_pre_mlp_layernorm(hidden_states)
         if self.is_memory_reader:
-            self.skip_bus.put(self.layer_number, self.memory_in(output))
+            output = self.skip_bus.put(self.layer_number, self.memory_in(output), output)
         return output
 
     def forward(self, *args, **kwargs):
         output, context = super().forward(*args, **kwargs)
         if self.memory is not None:
-            memory_output = self._attach_aux_loss(self.skip_bus.take(self.memory_reader_layer))
-            output = output + self.memory_out(memory_output)
+            output = output + self.memory_out(self.skip_bus.take(self.memory_reader_layer))
         return output, context
 
-    def _attach_aux_loss(self, memory_output: torch.Tensor) -> torch.Tensor:
-        """Route the TDQKR auxiliary loss (eq. 12) into backward, scaled like the main loss, and track it."""
+    def memory_with_aux_loss(self, x: torch.Tensor) -> torch.Tensor:
+        """The memory output, with the TDQKR auxiliary loss (eq. 12) routed into its backward, scaled like the main
+        loss, and tracked: one computation, so that a runner can take it (and its backward) off the main path."""
+        memory_output = self.memory(x)
         aux_loss = getattr(self.memory, "aux_loss", None)
         if aux_loss is None or not aux_loss.requires_grad or not self.training:
             return memory_output
@@ -108,7 +111,7 @@ def attach_skip_bus(model: torch.nn.Module, runner) -> None:
     for layer in layers:
         layer.skip_bus = bus
         if layer.memory is not None:
-            bus.register(layer.memory_reader_layer, layer.memory)
+            bus.register(layer.memory_reader_layer, layer.memory_with_aux_loss)
     if layers:
         decoder = model.decoder
         decoder.register_forward_hook(lambda module, inputs, output: bus.assert_empty())
