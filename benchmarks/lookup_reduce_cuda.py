@@ -4,9 +4,10 @@
 
 The CPU benchmark's shapes and baselines (benchmarks/lookup_reduce.py): K = 32 x 2 heads, d_v = 256, E = 4,
 262,144 rows, h = 2, at several token counts, in float32 and bfloat16 (`embedding_bag` has no bf16 backward
-with per-sample weights on CUDA, so it runs in float32 only). Times are CUDA-event medians (`triton.testing.do_bench`);
-the forward is compared with the device's measured copy bandwidth counting the bytes it must read (T*K rows of d_v),
-forward+backward with its bytes floor (rows read twice, row gradients read and written: 4*T*K*d_v elements).
+with per-sample weights on CUDA, so it runs in float32 only). Times are CUDA-event medians (`triton.testing.do_bench`).
+Two bandwidths are measured in the same run: a device-to-device copy's traffic (bytes read + written per second)
+and a read-only reduction's. The forward's floor is the bytes it must read (T*K rows of d_v) at the read rate;
+forward+backward's is its 4*T*K*d_v elements (rows read twice, row gradients read and written) at the copy's rate.
 Peak memory is `max_memory_allocated` above the inputs.
 """
 
@@ -45,12 +46,14 @@ def make_inputs(args: argparse.Namespace, tokens: int, dtype: torch.dtype):
     return rows, blocks, scores, table, grad
 
 
-def copy_bandwidth() -> float:
-    """Bytes read per second by a device-to-device copy of 1 GiB (the read half of the copy's traffic)."""
+def bandwidths() -> dict[str, float]:
+    """Bytes per second over 1 GiB: a copy's traffic (read + written) and a sum's reads."""
     src = torch.empty(1 << 28, device="cuda")
     dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src))
-    return src.numel() * src.element_size() / (ms / 1000)
+    size = src.numel() * src.element_size()
+    copy_ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+    read_ms = triton.testing.do_bench(lambda: src.sum(), return_mode="median")
+    return {"copy": 2 * size / (copy_ms / 1000), "read": size / (read_ms / 1000)}
 
 
 def step(fn, inputs, num_blocks: int, backward: bool) -> Callable[[], None]:
@@ -74,27 +77,28 @@ def peak_bytes(run: Callable[[], None]) -> int:
     return torch.cuda.max_memory_allocated() - base
 
 
-def measure(args: argparse.Namespace, tokens: int, dtype: torch.dtype, name: str, read_bw: float) -> dict:
+def measure(args: argparse.Namespace, tokens: int, dtype: torch.dtype, name: str, bandwidth: dict) -> dict:
     inputs = make_inputs(args, tokens, dtype)
     fn = IMPLS[name]
     row_bytes = tokens * args.top_m * args.heads * args.d_v * inputs[3].element_size()
     result = {"tokens": tokens, "dtype": str(dtype).removeprefix("torch."), "impl": name}
-    for phase, backward, floor_bytes in (("forward", False, row_bytes), ("forward_backward", True, 4 * row_bytes)):
+    floors = {"forward": row_bytes / bandwidth["read"], "forward_backward": 4 * row_bytes / bandwidth["copy"]}
+    for phase, backward in (("forward", False), ("forward_backward", True)):
         run = step(fn, inputs, args.blocks, backward)
-        ms = triton.testing.do_bench(run, warmup=5, rep=50)
+        ms = triton.testing.do_bench(run, warmup=5, rep=50, return_mode="median")
         result[f"{phase}_ms"] = ms
         result[f"{phase}_peak_mib"] = peak_bytes(run) / 2**20
-        result[f"{phase}_over_floor"] = (ms / 1000) / (floor_bytes / read_bw)
-    result["forward_fraction_of_copy_bw"] = 1 / result["forward_over_floor"]
+        result[f"{phase}_over_floor"] = (ms / 1000) / floors[phase]
+    result["forward_fraction_of_read_bw"] = 1 / result["forward_over_floor"]
     return result
 
 
 def print_table(rows: list[dict]) -> None:
-    header = ("tokens", "dtype", "impl", "fwd ms", "fwd+bwd ms", "fwd % copy bw", "f+b / floor", "peak MiB f+b")
+    header = ("tokens", "dtype", "impl", "fwd ms", "fwd+bwd ms", "fwd % read bw", "f+b / floor", "peak MiB f+b")
     print("  ".join(f"{h:>22}" if i == 2 else f"{h:>12}" for i, h in enumerate(header)))
     for r in rows:
         cells = (r["tokens"], r["dtype"], r["impl"], f"{r['forward_ms']:.3f}", f"{r['forward_backward_ms']:.3f}",
-                 f"{100 * r['forward_fraction_of_copy_bw']:.0f}%", f"{r['forward_backward_over_floor']:.2f}",
+                 f"{100 * r['forward_fraction_of_read_bw']:.0f}%", f"{r['forward_backward_over_floor']:.2f}",
                  f"{r['forward_backward_peak_mib']:.0f}")
         print("  ".join(f"{c:>22}" if i == 2 else f"{c:>12}" for i, c in enumerate(cells)))
 
@@ -116,17 +120,18 @@ def main() -> None:
     args = parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("lookup_reduce_cuda.py needs a CUDA device (benchmarks/lookup_reduce.py is the CPU one)")
-    read_bw = copy_bandwidth()
-    rows = [measure(args, tokens, dtype, name, read_bw)
+    bandwidth = bandwidths()
+    rows = [measure(args, tokens, dtype, name, bandwidth)
             for tokens in args.tokens for dtype in (torch.float32, torch.bfloat16) for name in IMPLS
             if not (dtype == torch.bfloat16 and name in NO_BF16)]
-    print(f"{torch.cuda.get_device_name()}: copy bandwidth {read_bw / 1e9:.0f} GB/s read")
+    print(f"{torch.cuda.get_device_name()}: copy {bandwidth['copy'] / 1e9:.0f} GB/s (read + written), "
+          f"read {bandwidth['read'] / 1e9:.0f} GB/s")
     print_table(rows)
     summary = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                "command": "python benchmarks/lookup_reduce_cuda.py", "shape": vars(args) | {"out": str(args.out)},
                "machine": {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
                            "triton": triton.__version__, "python": platform.python_version()},
-               "copy_read_bytes_per_s": read_bw, "baseline": BASELINE, "results": rows}
+               "bandwidth_bytes_per_s": bandwidth, "baseline": BASELINE, "results": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -1,14 +1,15 @@
 """Where one memory layer's time goes: forward and forward+backward timings and a per-operator profile.
 
-    python benchmarks/memory_layer_profile.py [--tokens 65536] [--num-values 1048576] [--value-dim 512]
+    python benchmarks/memory_layer_profile.py [--tokens 32768] [--num-values 1048576] [--value-dim 512]
                                               [--rows 25] [--out docs/benchmarks/memory_layer_profile.json]
 
 The default layer is UltraMem-151M's (hidden 1024, d_k 256, 2 heads x top-m 16, E = 4, r = 2, h = 2, query conv,
-a 1M-value table of d_v 512) at 32 sequences of 2048 tokens, the size at which `benchmarks/memory_overlap.py
---preset gpu --micro-batch-size 16` measured it. On CUDA it runs in bfloat16 and the profile ranks operators by
-their own device time; on CPU in float32 by their own CPU time. The profile also counts the host-device
-synchronisations per step (CUDA runtime calls that block the host), which stop the host from running ahead of the
-GPU and so defeat the side-stream overlap.
+a 1M-value table of d_v 512) at 16 sequences of 2048 tokens, the size at which `benchmarks/memory_overlap.py
+--preset gpu --micro-batch-size 16` measured it. On CUDA it runs in bfloat16 and the profile ranks the GPU kernels
+by their time (operators' own device time would count each kernel twice, once as itself and once in the operator
+that launched it); on CPU it runs in float32 and ranks operators by their own CPU time. It also counts the
+host-device synchronisations per step (CUDA runtime calls that block the host), which stop the host from running
+ahead of the GPU and so defeat the side-stream overlap.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from umtrain.config.schema import MemoryConfig
@@ -50,6 +53,7 @@ def step(layer: MemoryLayer, x: torch.Tensor, grad: torch.Tensor, backward: bool
     if backward:
         out.backward(grad)
         layer.zero_grad(set_to_none=True)
+        x.grad = None
 
 
 def median_ms(layer, x, grad, backward: bool, device: str, repeats: int) -> float:
@@ -63,42 +67,52 @@ def median_ms(layer, x, grad, backward: bool, device: str, repeats: int) -> floa
     return statistics.median(times)
 
 
-def self_time_us(event, device: str) -> float:
+def timed_event(event, device: str) -> bool:
+    """GPU kernels on CUDA; CPU operators on CPU (each piece of work counted once)."""
     if device == "cuda":
-        return getattr(event, "self_device_time_total", None) or event.self_cuda_time_total
-    return event.self_cpu_time_total
+        return event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
+    return event.device_type == DeviceType.CPU
 
 
-def profile_steps(layer, x, grad, device: str, steps: int) -> list[dict]:
-    """Per operator: calls and own time per forward+backward step, and the host-blocking runtime calls."""
+def own_time_us(event, device: str) -> float:
+    return event.self_device_time_total if device == "cuda" else event.self_cpu_time_total
+
+
+def profile_steps(layer, x, grad, device: str, steps: int) -> tuple[list[dict], list[dict], float]:
+    """(kernels or operators with their calls and own time per forward+backward step, ranked; host-blocking
+    runtime calls per step; wall milliseconds per profiled step, profiler overhead included)."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=activities) as prof:
+        start = time.perf_counter()
         for _ in range(steps):
             step(layer, x, grad, backward=True)
         synchronize(device)
-    rows = [{"name": e.key, "calls_per_step": e.count / steps, "self_ms_per_step": self_time_us(e, device) / 1000 / steps,
-             "host_sync": e.key.startswith(SYNC_CALLS)} for e in prof.key_averages()]
-    return sorted(rows, key=lambda r: r["self_ms_per_step"], reverse=True)
+        wall_ms = 1000 * (time.perf_counter() - start) / steps
+    events = prof.key_averages()
+    ops = [{"name": e.key, "calls_per_step": e.count / steps, "self_ms_per_step": own_time_us(e, device) / 1000 / steps}
+           for e in events if timed_event(e, device) and not e.key.startswith(SYNC_CALLS)]
+    syncs = [{"name": e.key, "calls_per_step": e.count / steps} for e in events if e.key.startswith(SYNC_CALLS)]
+    return sorted(ops, key=lambda r: r["self_ms_per_step"], reverse=True), syncs, wall_ms
 
 
 def print_report(result: dict, rows: int) -> None:
     print(f"{result['device_name']}, {result['dtype']}, {result['tokens']} tokens, N={result['shape']['num_values']}, "
           f"d_v={result['shape']['value_dim']}, lookup {result['lookup']}")
     print(f"forward {result['forward_ms']:.2f} ms, forward+backward {result['forward_backward_ms']:.2f} ms "
-          f"(medians); profiled ops' own time {result['profiled_ms_per_step']:.2f} ms per step")
-    syncs = [op for op in result["ops"] if op["host_sync"]]
+          f"(medians); under the profiler {result['profiled_wall_ms_per_step']:.2f} ms per step, of which the "
+          f"ranked {result['ranked']}s' own time {result['profiled_ms_per_step']:.2f} ms")
     print("host-blocking runtime calls per step: "
-          + (", ".join(f"{op['name']} x{op['calls_per_step']:g}" for op in syncs) or "none"))
+          + (", ".join(f"{op['name']} x{op['calls_per_step']:g}" for op in result["host_syncs"]) or "none"))
     total = result["profiled_ms_per_step"] or 1.0
-    print(f"{'operator':<60} {'calls':>7} {'ms/step':>9} {'share':>6}")
-    for op in [op for op in result["ops"] if not op["host_sync"]][:rows]:
+    print(f"{result['ranked']:<60} {'calls':>7} {'ms/step':>9} {'share':>6}")
+    for op in result["ops"][:rows]:
         print(f"{op['name'][:60]:<60} {op['calls_per_step']:>7g} {op['self_ms_per_step']:>9.3f} "
               f"{op['self_ms_per_step'] / total:>6.1%}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=65536)
+    parser.add_argument("--tokens", type=int, default=32768)
     parser.add_argument("--seq-length", type=int, default=2048, help="tokens = seq_length x batch (query conv)")
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--num-values", type=int, default=1 << 20)
@@ -130,17 +144,18 @@ def main(argv=None) -> dict:
         step(layer, x, grad, backward=True)
     forward = median_ms(layer, x, grad, False, device, args.repeats)
     forward_backward = median_ms(layer, x, grad, True, device, args.repeats)
-    ops = profile_steps(layer, x, grad, device, args.profile_steps)
+    ops, syncs, profiled_wall_ms = profile_steps(layer, x, grad, device, args.profile_steps)
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "python benchmarks/memory_layer_profile.py",
+        "command": " ".join(["python benchmarks/memory_layer_profile.py", *(sys.argv[1:] if argv is None else argv)]),
         "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "tokens": args.tokens,
         "shape": {k: v for k, v in vars(args).items() if k not in ("out", "rows")},
         "lookup": getattr(layer.lookup, "__name__", type(layer.lookup).__name__),
         "forward_ms": forward, "forward_backward_ms": forward_backward,
-        "profiled_ms_per_step": sum(op["self_ms_per_step"] for op in ops if not op["host_sync"]),
-        "ops": ops,
+        "profiled_ms_per_step": sum(op["self_ms_per_step"] for op in ops),
+        "profiled_wall_ms_per_step": profiled_wall_ms,
+        "ranked": "GPU kernel" if device == "cuda" else "operator", "ops": ops, "host_syncs": syncs,
     }
     print_report(result, args.rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -330,10 +330,11 @@ def format_table(result: dict) -> str:
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=tuple(PRESETS),
+    presets = parser.add_mutually_exclusive_group()
+    presets.add_argument("--preset", choices=tuple(PRESETS),
                         help="cpu: the default on CPU (2 gloo processes); gpu: the default with CUDA (1 process); "
                              "quick: tiny model, 2 steps (smoke test)")
-    parser.add_argument("--quick", action="store_true", help="same as --preset quick")
+    presets.add_argument("--quick", action="store_true", help="same as --preset quick")
     parser.add_argument("--placement", help=f"memory placement a:b (default {Setting.placement})")
     parser.add_argument("--steps", type=int, help=f"timed steps per variant (default {Setting.steps})")
     parser.add_argument("--micro-batch-size", type=int, help="sequences per rank and step (default: the preset's)")
@@ -361,14 +362,26 @@ def setting_from_args(args: argparse.Namespace) -> Setting:
     return setting
 
 
+def backend_for(setting: Setting) -> str:
+    """NCCL with one GPU per rank where there is CUDA (the trainer then puts the model on the GPU), else gloo."""
+    if not torch.cuda.is_available():
+        if setting.lookup_impl == "triton":
+            raise SystemExit("the triton lookup-reduce (--preset gpu) needs CUDA; use --preset cpu")
+        return "gloo"
+    if setting.world_size > torch.cuda.device_count():
+        raise SystemExit(f"{setting.world_size} ranks need {setting.world_size} GPUs (NCCL refuses two ranks on one "
+                         f"GPU), this machine has {torch.cuda.device_count()}: use --preset gpu")
+    return "nccl"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     setting = setting_from_args(args)
     for variant in VARIANTS:  # bad settings fail here, before any process starts
         config_from_dict(variant_config(setting, variant), world_size=setting.world_size)
+    backend = backend_for(setting)
     started = time.perf_counter()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
     result = summarize(run_local_group(_worker, setting.world_size, setting, backend=backend), setting)
     result.update(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), machine=machine(),
                   command=" ".join(["python benchmarks/memory_overlap.py", *argv]),

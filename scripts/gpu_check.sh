@@ -18,7 +18,7 @@ step() {  # step NAME TIMEOUT_S COMMAND...   (runs when NAME, or its prefix befo
     local name=$1 limit=$2; shift 2
     [[ $steps == *" $name "* || $steps == *" ${name%%_*} "* ]] || return 0
     echo "=== $name ($(date -u +%H:%M:%S))"
-    timeout "$limit" "$@" > >(tee "$OUT/$name.log") 2>&1
+    timeout --kill-after=10 "$limit" "$@" > >(tee "$OUT/$name.log") 2>&1   # the whole process group
     local rc=$?
     echo "=== $name: exit $rc"
     [ "$rc" -eq 0 ] || failed=$((failed + 1))

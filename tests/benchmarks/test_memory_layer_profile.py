@@ -30,10 +30,11 @@ def test_profile_report(bench, tmp_path, capsys):
     names = [op["name"] for op in result["ops"]]
     assert "aten::topk" in names                       # the top-m selection
     assert any("scatter_add" in name or "index_add" in name for name in names)   # the table gradient
-    times = [op["self_ms_per_step"] for op in result["ops"]]
-    assert times == sorted(times, reverse=True)
-    assert result["profiled_ms_per_step"] == pytest.approx(sum(times))
-    assert not any(op["host_sync"] for op in result["ops"])
+    # Each op's own time counted once: on one CPU thread the ops of a step cannot take longer than the same
+    # profiled steps took by the wall clock (which also includes Python, autograd and profiler overhead).
+    assert 0 < result["profiled_ms_per_step"] <= result["profiled_wall_ms_per_step"]
+    assert result["forward_ms"] < result["forward_backward_ms"]
+    assert result["host_syncs"] == []
     assert result["lookup"] == "lookup_reduce_reference"
     assert "host-blocking runtime calls per step: none" in capsys.readouterr().out
 

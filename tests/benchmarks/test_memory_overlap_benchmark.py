@@ -89,7 +89,20 @@ def test_bad_settings_fail_before_any_process_starts(bench, tmp_path):
     assert not (tmp_path / "x.json").exists()
 
 
+def test_presets_that_cannot_run_here_fail_before_any_process_starts(bench, tmp_path):
+    out = tmp_path / "x.json"
+    if torch.cuda.is_available():
+        if torch.cuda.device_count() < 2:
+            with pytest.raises(SystemExit, match="2 GPUs"):
+                bench.main(["--preset", "cpu", "--out", str(out)])
+    else:
+        with pytest.raises(SystemExit, match="needs CUDA"):
+            bench.main(["--preset", "gpu", "--out", str(out)])
+    assert not out.exists()
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2, reason="needs 2 GPUs for NCCL")
 def test_quick_run_writes_the_documented_fields(bench, tmp_path):
     out = tmp_path / "overlap.json"
     returned = bench.main(["--quick", "--out", str(out)])

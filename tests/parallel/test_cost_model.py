@@ -284,19 +284,29 @@ def test_tokens_per_rank_is_the_whole_micro_batch(plan_yaml):
 
 
 def test_plan_prices_fixed_capacity_padding(plan_yaml):
-    """With sharding_capacity_factor, number-wise rows send exactly C ids to every peer and get C rows back
-    (forward) and send C row gradients (backward), C = ceil(factor * T*K/P), and exchange no counts."""
-    padded = ["model.memory.sharding_mode=number", "model.memory.sharding_capacity_factor=1.5"]
+    """With sharding_capacity_factor, number-wise runs as rows that send exactly C ids to every peer and get C rows
+    back (forward) and send C row gradients (backward), C = ceil(factor * T*K/P), exchanging no counts; owner
+    pooling (which needs the counts, a host sync) is then no candidate, though it would move fewer bytes here."""
     tokens, k, p, d_v = 2 * 2048, 2 * 42, 8, 1024
     capacity = -(-3 * tokens * k // (2 * p))
-    plan = plan_config(load_config(plan_yaml, padded, check_files=False))[0]
-    assert plan.bytes_number_rows == 4 * capacity * (p - 1) + 2 * (2 * d_v) * capacity * (p - 1)
-    assert plan.owner_pooling and plan.capacity is None      # E*P < K: partial sums beat rows; no capacity path
-    wide = ["parallel.expert_model_parallel_size=64"]           # E*P > K: rows win, with the fixed capacity
-    rows = plan_config(load_config(plan_yaml, [*padded, *wide], check_files=False))[0]
-    assert not rows.owner_pooling and rows.capacity == -(-3 * tokens * k // (2 * 64))
-    unpadded = plan_config(load_config(plan_yaml, [*wide, "model.memory.sharding_mode=number"], check_files=False))[0]
-    assert unpadded.capacity is None and unpadded.bytes_number_rows < rows.bytes_number_rows
+    plan = plan_config(load_config(plan_yaml, ["model.memory.sharding_mode=number",
+                                               "model.memory.sharding_capacity_factor=1.5"], check_files=False))[0]
+    assert plan.capacity == capacity and not plan.owner_pooling and plan.mode == "number"
+    assert plan.bytes_number_rows == plan.bytes_number_wise == 4 * capacity * (p - 1) + 2 * (2 * d_v) * capacity * (p - 1)
+    unpadded = plan_config(load_config(plan_yaml, ["model.memory.sharding_mode=number"], check_files=False))[0]
+    assert unpadded.capacity is None and unpadded.owner_pooling
+    assert unpadded.bytes_number_rows < plan.bytes_number_rows
+    auto = plan_config(load_config(plan_yaml, ["model.memory.sharding_capacity_factor=1.5"], check_files=False))[0]
+    assert auto.mode == "dimension" and auto.capacity is None      # padded rows lose to dimension-wise at d_v 1024
+    assert "fixed capacity" in auto.reason
+
+
+def test_calibration_compute_must_be_finite_and_non_negative(tmp_path):
+    for bad in ([1.0, float("nan"), 0.0, 0.0], [1.0, -1e-9, 0.0, 0.0]):
+        (tmp_path / "bad.json").write_text(json.dumps({"alpha_s": 1e-5, "beta_s_per_byte": 1e-10,
+                                                       "compute": {**asdict(KNOWN), "number": bad}}))
+        with pytest.raises(ConfigError, match="compute.number"):
+            Calibration.load(tmp_path / "bad.json")
 
 
 @pytest.mark.slow

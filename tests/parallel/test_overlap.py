@@ -3,13 +3,17 @@ it gives the same output and gradients (the thread runner on CPU; the side-strea
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 
+from umtrain.config.base import ConfigError
 from umtrain.config.schema import MemoryConfig
 from umtrain.model.memory import MemoryLayer
 from umtrain.ops.lookup_reduce import get_lookup_reduce
-from umtrain.parallel.overlap import StreamRunner, SyncRunner, ThreadRunner
+from umtrain.parallel.overlap import StreamRunner, SyncRunner, ThreadRunner, memory_runner
 
 MEMORY = MemoryConfig(num_values=1024, value_dim=32, key_dim=16, num_heads=2, topk=8, ive_expansion=4, tucker_rank=2,
                       num_cores=2, query_conv_kernel=3)
@@ -48,8 +52,6 @@ def test_thread_runner_matches_sync(backward: bool):
 def test_thread_runner_backward_runs_on_the_worker():
     """The memory layer's backward (here: its parameters' gradient hooks) runs on the worker thread, off the
     thread that called backward(); without gradients (eval) the forward still runs there and returns the same."""
-    import threading
-
     runner = ThreadRunner()
     layer = MemoryLayer(MEMORY, HIDDEN, num_layers=4, seed=0, layer_index=0, lookup=get_lookup_reduce("reference"))
     threads = set()
@@ -64,16 +66,65 @@ def test_thread_runner_backward_runs_on_the_worker():
         torch.testing.assert_close(runner.finish(pending), layer(x), rtol=0, atol=0)
 
 
+def reference_layer() -> MemoryLayer:
+    return MemoryLayer(MEMORY, HIDDEN, num_layers=4, seed=0, layer_index=0, lookup=get_lookup_reduce("reference"))
+
+
 def test_a_memory_output_without_gradient_does_not_block_backward():
     """If the loss does not depend on the memory output, block a's backward must not wait for a memory backward
-    that never starts."""
-    runner = ThreadRunner()
-    layer = MemoryLayer(MEMORY, HIDDEN, num_layers=4, seed=0, layer_index=0, lookup=get_lookup_reduce("reference"))
+    that never starts (run in a thread, so that a hang fails instead of blocking the suite)."""
+    runner, layer = ThreadRunner(), reference_layer()
     x = torch.randn(4, 2, HIDDEN, requires_grad=True)
     main, pending = runner.start(layer, x, x)
     runner.finish(pending)
-    main.sum().backward()
+    worker = threading.Thread(target=lambda: main.sum().backward(), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "backward blocked"
     torch.testing.assert_close(x.grad, torch.ones_like(x))
+
+
+def test_aux_loss_routed_on_the_worker_matches_sync():
+    """The TDQKR aux loss rides on the memory output through Megatron's scaler inside the memory computation, as
+    MemoryTransformerLayer.memory_with_aux_loss does: its gradient reaches the cores through the worker's backward."""
+    def with_aux(layer):
+        return lambda x: MoEAuxLossAutoScaler.apply(layer(x), layer.aux_loss)
+
+    grads = []
+    for runner in (SyncRunner(), ThreadRunner()):
+        layer = reference_layer()
+        x = torch.randn(4, 2, HIDDEN, generator=torch.Generator().manual_seed(0), requires_grad=True)
+        main, pending = runner.start(with_aux(layer), x, x)
+        (runner.finish(pending) + main).sum().backward()
+        grads.append([x.grad, *(p.grad for p in layer.parameters())])
+    assert layer.aux_loss.requires_grad and layer.aux_loss.item() > 0
+    assert_same(grads[1], grads[0], tolerance=0)
+
+
+def test_worker_errors_and_second_backward_are_reported():
+    runner, layer = ThreadRunner(), reference_layer()
+    x = torch.randn(4, 2, HIDDEN, requires_grad=True)
+    main, pending = runner.start(layer, x, x)
+    loss = (runner.finish(pending) + main).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        loss.backward()
+
+    def failing(_: torch.Tensor) -> torch.Tensor:
+        raise ValueError("lookup failed")
+
+    main, pending = runner.start(failing, x, x)
+    with pytest.raises(ValueError, match="lookup failed"):
+        runner.finish(pending)
+
+
+def test_cpu_overlap_refuses_param_gather_hooks_on_the_worker():
+    if torch.cuda.is_available():
+        pytest.skip("the GPU runner keeps the forward on the calling thread")
+    with pytest.raises(ConfigError, match="model.memory.overlap"):
+        memory_runner(True, overlap_param_gather=True)
+    assert isinstance(memory_runner(True, overlap_grad_reduce=True), ThreadRunner)
+    assert isinstance(memory_runner(False, overlap_param_gather=True), SyncRunner)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -48,7 +48,8 @@ def build_model_chunks(config: Config, tconfig: TransformerConfig, vocab_size: i
     has_memory = config.model.family in ("pkm", "ultramem")
     factory = make_memory_factory(config, lookup_factory) if has_memory else None
     io = memory_io(config.parallel.sequence_parallel) if has_memory else None
-    runner = memory_runner(has_memory and config.model.memory.overlap, config.parallel.overlap_grad_reduce)
+    runner = memory_runner(has_memory and config.model.memory.overlap, config.parallel.overlap_grad_reduce,
+                           config.parallel.overlap_param_gather)
     vpp = config.parallel.virtual_pipeline_model_parallel_size
     stages = range(vpp) if vpp else [None]
     chunks = []

@@ -51,10 +51,12 @@ def calibrate(comm: Communicator, sizes: Sequence[int] = (1 << 10, 1 << 14, 1 <<
 
 COMPUTE_CALIBRATION_POINTS: tuple[tuple[int, int, int, int], ...] = tuple(
     itertools.product((48, 320), (12, 40), (2, 6), (32, 192)))
-"""(T, K, E, d_v) timed by `calibrate_compute`: a 2^4 design whose work counts span those of
-benchmarks/memory_sharding_sweep.py (the fit interpolates there: CPU times grow faster than linearly once the
-[T, K, d_v] intermediates leave the caches) without containing any sweep point, so the sweep tests the model out
-of sample. d_v is rounded up to a multiple of P (and of h) where needed."""
+"""(T, K, E, d_v) timed by `calibrate_compute`: a 2^4 design reaching the upper work counts of
+benchmarks/memory_sharding_sweep.py (CPU times grow faster than linearly once the [T, K, d_v] intermediates leave
+the caches, so a fit to small sizes under-predicts the large ones) without containing any sweep point, so the sweep
+tests the model out of sample. The sweep's smallest points (T=32, K=8, E=1, d_v=16) lie below the design's lower
+corner: there the fit extrapolates, and the per-call term dominates. d_v is rounded up to a multiple of P (and of
+h) where needed."""
 
 
 def calibrate_compute(comm: Communicator, calibration: Calibration, local_impl: LookupReduce = lookup_reduce_reference,

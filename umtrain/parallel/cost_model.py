@@ -236,6 +236,8 @@ class ComputeModel:
         for variant, c in coefficients.items():
             if len(c) != len(NO_COMPUTE):
                 raise ValueError(f"compute.{variant} needs {len(NO_COMPUTE)} coefficients, got {len(c)}")
+            if not all(math.isfinite(x) and x >= 0 for x in c):
+                raise ValueError(f"compute.{variant} must be finite and >= 0, got {list(c)}")
         return cls(**coefficients)
 
 
@@ -387,13 +389,14 @@ def plan_layer(dims: LookupDims, tokens_per_rank: int, calibration: Calibration,
                requested: Literal["auto", "number", "dimension"] = "auto", layer: int = 0,
                placement: str = "", capacity: Optional[int] = None) -> LayerPlan:
     """Predict both modes (communication + local compute) for one layer and pick the faster (or apply the requested
-    mode), saying why. `capacity`: number-wise rows run with that many ids per owner (padded, no host sync)."""
+    mode), saying why. `capacity`: number-wise runs as rows with that many ids per owner (padded, no host sync;
+    owner pooling, which exchanges counts, is then not a candidate: the capacity was asked for to avoid that sync)."""
     traffic = {v: variant_traffic(v, dims, tokens_per_rank, capacity) for v in VARIANTS}
     compute = {v: calibration.compute.seconds(v, dims, tokens_per_rank, capacity) for v in VARIANTS}
     seconds = {v: calibration.seconds(t) + compute[v] for v, t in traffic.items()}
     sent = {v: round(t.total_sent()) for v, t in traffic.items()}
     problem = dimension_wise_problem(dims.value_dim, dims.num_cores, dims.group_size)
-    number = "pooled" if seconds["pooled"] < seconds["number"] else "number"
+    number = "pooled" if capacity is None and seconds["pooled"] < seconds["number"] else "number"
     if dims.group_size == 1:
         mode, reason = "local", "P=1: the whole table is local, nothing to communicate"
     elif requested == "dimension" and problem:
@@ -406,9 +409,9 @@ def plan_layer(dims: LookupDims, tokens_per_rank: int, calibration: Calibration,
         chosen, rejected = ("dimension", number) if seconds["dimension"] < seconds[number] else (number, "dimension")
         mode = "dimension" if chosen == "dimension" else "number"
         reason = (f"{_describe(chosen, capacity)}: predicted {seconds[chosen] * 1e3:.3f} ms vs "
-                  f"{seconds[rejected] * 1e3:.3f} ms {_describe(rejected, capacity)} ({_mb(sent[chosen])} vs {_mb(sent[rejected])} sent per rank"
-                  f"{_compute_note(compute, chosen, rejected)}, forward + backward; calibration: "
-                  f"{calibration.backend})")
+                  f"{seconds[rejected] * 1e3:.3f} ms {_describe(rejected, capacity)} ({_mb(sent[chosen])} vs "
+                  f"{_mb(sent[rejected])} sent per rank{_compute_note(compute, chosen, rejected)}, forward + backward; "
+                  f"calibration: {calibration.backend})")
     return LayerPlan(layer=layer, placement=placement, group_size=dims.group_size, tokens_per_rank=tokens_per_rank,
                      mode=mode, owner_pooling=mode == "number" and number == "pooled",
                      bytes_number_wise=sent[number], bytes_number_rows=sent["number"],
@@ -417,7 +420,7 @@ def plan_layer(dims: LookupDims, tokens_per_rank: int, calibration: Calibration,
                      seconds_dimension_wise=None if problem else seconds["dimension"], reason=reason,
                      compute_seconds_number_wise=compute[number],
                      compute_seconds_dimension_wise=None if problem else compute["dimension"],
-                     capacity=capacity if mode == "number" and number == "number" else None)
+                     capacity=capacity if mode == "number" else None)
 
 
 def _compute_note(compute: dict[Variant, float], chosen: Variant, rejected: Variant) -> str:

@@ -40,7 +40,6 @@ def memory_lookup_factory(config: Config):
     return factory
 
 
-
 def check_table_overflow(memories: list[torch.nn.Module]) -> None:
     """Raise if a fixed-capacity lookup overflowed since the last check (reads a device flag: call it where the
     host synchronises anyway, e.g. when the loss is logged)."""

@@ -14,7 +14,8 @@ All three give the same results: the computation and its inputs are the same. Co
 stay on the main thread; only the memory-parallel group's run inside the runner, and at most one memory layer per
 model chunk is in flight, since placements do not overlap. The threaded backward runs the memory parameters'
 gradient hooks on the worker, so it needs `parallel.overlap_grad_reduce: false` (a hook must not start a DP
-collective beside the main thread's); with it on, the thread runner overlaps the forward only.
+collective beside the main thread's); with it on, the thread runner overlaps the forward only. Its backward runs
+once per forward: `retain_graph`, `torch.autograd.grad` and `create_graph` through it are not supported.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
+
+from umtrain.config.base import ConfigError
 
 Compute = Callable[[torch.Tensor], torch.Tensor]
 
@@ -47,6 +50,11 @@ class _ThreadedMemory:
     backward: Optional[Future] = field(default=None)
 
     def launch_backward(self, grad: torch.Tensor) -> None:
+        if self.backward is not None:
+            raise RuntimeError("a second backward through a memory layer run by ThreadRunner(backward=True): its "
+                               "graph is freed after the first (retain_graph, torch.autograd.grad and create_graph "
+                               "are not supported with model.memory.overlap on CPU)")
+
         def run() -> Optional[torch.Tensor]:
             torch.autograd.backward(self.output, grad)
             return self.detached_input.grad
@@ -65,7 +73,7 @@ class _MemoryJoint(torch.autograd.Function):
     @staticmethod
     def forward(ctx, through: torch.Tensor, other: torch.Tensor, memory: _ThreadedMemory) -> torch.Tensor:
         ctx.memory = memory
-        return through.view_as(through)
+        return through.view_as(through)     # a view made in a Function: later in-place ops on it would raise
 
 
 class _LaunchMemoryBackward(_MemoryJoint):
@@ -137,7 +145,13 @@ class StreamRunner:
         return pending
 
 
-def memory_runner(overlap: bool, overlap_grad_reduce: bool = False):
+def memory_runner(overlap: bool, overlap_grad_reduce: bool = False, overlap_param_gather: bool = False):
     if not overlap:
         return SyncRunner()
-    return StreamRunner() if torch.cuda.is_available() else ThreadRunner(backward=not overlap_grad_reduce)
+    if torch.cuda.is_available():
+        return StreamRunner()
+    if overlap_param_gather:
+        raise ConfigError("model.memory.overlap", "on CPU the memory layer's forward runs on a worker thread, where "
+                          "the parameter all-gather hooks of parallel.overlap_param_gather would start collectives "
+                          "beside the main thread's: turn one of the two off")
+    return ThreadRunner(backward=not overlap_grad_reduce)
