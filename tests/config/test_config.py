@@ -68,6 +68,24 @@ def test_world_not_divisible_by_tp_pp():
                world_size=6, match="TP x PP")
 
 
+def test_memory_parallel_group_placement():
+    ultramem = ULTRAMEM + ["parallel.tensor_model_parallel_size=2", "training.global_batch_size=16"]
+    p = "parallel.expert_model_parallel_size"
+    # data: groups of DP ranks. World 4 = TP 2 x DP 2: P=2 fits, P=4 does not (only 2 DP ranks).
+    assert load(ultramem + [f"{p}=2"], world_size=4).parallel.memory_parallel_group == "data"
+    raises_key(p, ultramem + [f"{p}=4"], world_size=4, match="does not divide DP=2")
+    # tensor_data: P consecutive ranks in TP-then-DP order; P must divide TP x DP and divide or be a multiple of TP.
+    tensor_data = ultramem + ["parallel.memory_parallel_group=tensor_data"]
+    for size in (1, 2, 4):
+        load(tensor_data + [f"{p}={size}"], world_size=4)
+    raises_key(p, tensor_data + [f"{p}=3", "model.memory.sharding_mode=dimension", "model.memory.value_dim=48",
+                                 "model.memory.num_cores=1"],
+               world_size=6, match="divide or be a multiple of TP=2")
+    raises_key("parallel.memory_parallel_group", MOCK + ["parallel.memory_parallel_group=tensor_data"],
+               match="memory families")
+    raises_key("parallel.memory_parallel_group", ultramem + ["parallel.memory_parallel_group=tensor"])
+
+
 def test_global_batch_divisible_by_micro_batch_times_dp():
     raises_key("training.global_batch_size", MOCK + ["training.global_batch_size=6", "training.micro_batch_size=2"],
                world_size=2)

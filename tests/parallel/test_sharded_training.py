@@ -13,9 +13,9 @@ MEMORY = {"placements": ["1:2", "3:4"], "num_values": 1024, "value_dim": 32, "ke
           "lookup_impl": "reference"}
 
 
-def sharded_config(tp: int, ep: int, pp: int = 1, **memory) -> dict:
+def sharded_config(tp: int, ep: int, pp: int = 1, group: str = "data", **memory) -> dict:
     config = tiny_config(parallel={"tensor_model_parallel_size": tp, "expert_model_parallel_size": ep,
-                                   "pipeline_model_parallel_size": pp},
+                                   "pipeline_model_parallel_size": pp, "memory_parallel_group": group},
                          training={"global_batch_size": 8, "micro_batch_size": 2})
     config["model"].update(family="ultramem", memory={**MEMORY, **memory})
     return config
@@ -70,3 +70,21 @@ def test_overlapped_memory_under_the_pipeline_schedule_trains_like_unsharded(uns
     for result in last_stage:
         assert result["loss"] == pytest.approx(unsharded["loss"], rel=1e-5)
         assert result["grad_norm"] == pytest.approx(unsharded["grad_norm"], rel=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ep,memory", [(2, {"sharding_mode": "number"}),
+                                       (2, {"sharding_mode": "dimension", "overlap": True}),
+                                       (4, {"sharding_mode": "number", "sharding_capacity_factor": 2.0})])
+def test_memory_group_over_tensor_parallel_ranks_trains_like_unsharded(unsharded, ep, memory):
+    """memory_parallel_group: tensor_data with TP=2 x DP=2: P=2 is the TP group, P=4 the TP x DP product. TP ranks
+    hold different shards (1/P of the table each, no TP replica) and look up the same tokens: the losses and the
+    clipping norm still equal the unsharded model's."""
+    results = train_on_ranks(sharded_config(tp=2, ep=ep, group="tensor_data", **memory), 4, collect=table_footprint)
+    full_elements = 2 * MEMORY["num_values"] * MEMORY["value_dim"]
+    for result in results:
+        assert result["loss"] == pytest.approx(unsharded["loss"], rel=1e-5)
+        assert result["grad_norm"] == pytest.approx(unsharded["grad_norm"], rel=1e-5)
+        assert result["tables"] == full_elements // ep
+    # The distributed optimizer splits each shard's state over its expert-data-parallel group (4 / P ranks).
+    assert sum(r["main_params"] for r in results) == full_elements

@@ -232,6 +232,11 @@ class ParallelConfig:
     sequence_parallel: bool = False
     expert_model_parallel_size: int = 1
     """Also the memory-parallel size P: value tables are sharded over Megatron's expert-parallel group."""
+    memory_parallel_group: Literal["data", "tensor_data"] = "data"
+    """Where a memory-parallel group of P ranks lies. data: P data-parallel ranks of equal TP rank (each TP rank holds
+    a replica of its group's table shards). tensor_data: P consecutive ranks in TP-then-DP order (P < TP: part of a
+    TP group; P = TP: the TP group; P = TP x DP: their product; no table replica across TP ranks), through
+    Megatron's expert tensor-parallel size 1. PKM/UltraMem only."""
     use_distributed_optimizer: bool = True
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False

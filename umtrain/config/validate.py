@@ -54,6 +54,8 @@ def _validate_model_parallel(config: Config) -> None:
                           f"EP={p.expert_model_parallel_size} does not divide model.moe.num_experts={m.moe.num_experts}")
     if m.family in ("pkm", "ultramem"):
         _validate_memory_sharding(config)
+    elif p.memory_parallel_group != "data":
+        raise ConfigError("parallel.memory_parallel_group", f"is for memory families (pkm, ultramem), not {m.family}")
 
 
 def _validate_memory_sharding(config: Config) -> None:
@@ -96,9 +98,15 @@ def _validate_world(config: Config, world_size: int) -> None:
         raise ConfigError("parallel", f"world size {world_size} is not divisible by TP x PP = {tp} x {pp}")
     dp = data_parallel_size(config, world_size)
     ep = p.expert_model_parallel_size
-    if (world_size // pp) % ep:
+    if p.memory_parallel_group == "tensor_data":
+        if (tp * dp) % ep or (ep % tp and tp % ep):
+            raise ConfigError("parallel.expert_model_parallel_size",
+                              f"a memory-parallel group over TP x DP ranks needs P={ep} to divide TP x DP = {tp * dp} "
+                              f"and to divide or be a multiple of TP={tp}")
+    elif dp % ep:
         raise ConfigError("parallel.expert_model_parallel_size",
-                          f"EP/memory-parallel size {ep} does not divide the {world_size // pp} ranks of a pipeline stage")
+                          f"EP/memory-parallel size {ep} does not divide DP={dp} (groups of data-parallel ranks; "
+                          "parallel.memory_parallel_group: tensor_data also spans TP ranks)")
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError("training.global_batch_size",
                           f"{t.global_batch_size} is not divisible by micro_batch_size x DP = "

@@ -3,8 +3,12 @@
 The memory-parallel group is Megatron-Core's expert-parallel group (P = parallel.expert_model_parallel_size), so
 DDP and the distributed optimizer treat table shards like expert weights: reduced over the expert-data-parallel
 group only (`param.allreduce = False`, kept at P = 1 too so the optimizer has the same structure at every P).
-Memory layers are replicated across tensor-parallel ranks: each TP rank looks up all of its tokens, and the
-expert-parallel groups run across data-parallel ranks of equal TP rank.
+Memory layers are replicated across tensor-parallel ranks: each TP rank looks up all of its tokens. With
+`parallel.memory_parallel_group: data` the expert-parallel groups run across data-parallel ranks of equal TP rank
+(each TP rank holds a replica of its group's shards); with `tensor_data` (expert TP size 1) they take consecutive
+ranks in TP-then-DP order, so TP ranks hold different shards. Then a shard's expert-data-parallel group holds TP
+peers that looked up the same tokens: DDP would sum TP copies of each token's gradient, so the shards' gradients
+are scaled by 1/TP (`mark_memory_tables`).
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
 from umtrain.config import Config
@@ -49,15 +53,35 @@ def check_table_overflow(memories: list[torch.nn.Module]) -> None:
             check()
 
 
-def mark_memory_tables(memories: list[torch.nn.Module]) -> None:
+def tensor_parallel_token_copies(config: Config) -> int:
+    """How many ranks of a table shard's expert-data-parallel group hold each token: TP when the memory-parallel group
+    spans TP ranks (expert TP size 1), else 1 (the group and its expert-data-parallel peers share one TP rank)."""
+    p = config.parallel
+    return p.tensor_model_parallel_size if p.memory_parallel_group == "tensor_data" else 1
+
+
+def mark_memory_tables(memories: list[torch.nn.Module], token_copies: int = 1) -> None:
+    """Flag the table shards as expert-parallel parameters. With `token_copies` > 1 (tensor_data groups), scale their
+    gradients by 1/token_copies, and mark them as not duplicated across TP ranks, so that the clipping norm counts
+    each rank's shard (Megatron skips the non-TP-parallel parameters of TP ranks other than 0)."""
     for memory in memories:
-        mark_table_shard(getattr(memory, TABLE_PARAM))
+        table = mark_table_shard(getattr(memory, TABLE_PARAM))
+        if token_copies > 1:
+            tensor_parallel.set_tensor_model_parallel_attributes(table, True, 0, 1)
+            table.register_hook(lambda grad: grad / token_copies)
+
+
+def table_replicated_across_tp() -> bool:
+    """Whether TP peers hold the same table shards (expert TP size = TP: memory_parallel_group data), rather than
+    different shards or copies that are expert-data-parallel peers (expert TP size 1: tensor_data)."""
+    return parallel_state.get_expert_tensor_parallel_world_size() > 1
 
 
 def table_sharded_tensor(key: str, table: torch.Tensor, lookup: Optional[ShardedLookup]) -> ShardedTensor:
     """The checkpoint view of one table shard: its place in the full [N, d_v] table, replicated across TP ranks
-    and expert-data-parallel ranks, so a table saved over P ranks loads over P' ranks."""
-    replica_id = (0, parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_expert_data_parallel_rank())
+    (memory_parallel_group data) and expert-data-parallel ranks, so a table saved over P ranks loads over P' ranks."""
+    tp_replica = parallel_state.get_tensor_model_parallel_rank() if table_replicated_across_tp() else 0
+    replica_id = (0, tp_replica, parallel_state.get_expert_data_parallel_rank())
     if lookup is None or lookup.size == 1:
         return ShardedTensor.from_rank_offsets(key, table, replica_id=replica_id)
     return ShardedTensor.from_rank_offsets(key, table, (lookup.shard_axis, lookup.rank, lookup.size),

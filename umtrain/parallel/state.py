@@ -57,6 +57,7 @@ def initialize_distributed(config: Config) -> Layout:
             pipeline_model_parallel_size=p.pipeline_model_parallel_size,
             virtual_pipeline_model_parallel_size=p.virtual_pipeline_model_parallel_size,
             expert_model_parallel_size=p.expert_model_parallel_size,
+            expert_tensor_parallel_size=1 if p.memory_parallel_group == "tensor_data" else None,
         )
     return Layout(
         world_size=torch.distributed.get_world_size(),
