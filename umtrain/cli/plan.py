@@ -64,6 +64,13 @@ def run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _group_ranks(memory_parallel_group: str, tp: int) -> str:
+    if memory_parallel_group == "tensor_data":
+        return f"consecutive ranks in TP-then-DP order, TP={tp}"
+    return f"data-parallel ranks of equal TP rank, each of the TP={tp} ranks with a replica" if tp > 1 else \
+        "data-parallel ranks"
+
+
 def format_plan(plans: list[LayerPlan], config, world: int, calibration: Calibration) -> str:
     dims = dims_from_config(config)
     p = config.parallel
@@ -71,7 +78,8 @@ def format_plan(plans: list[LayerPlan], config, world: int, calibration: Calibra
     crossover = crossover_value_dim(dims.topk, dims.num_blocks, dims.group_size, float_bytes=dims.value_bytes,
                                     cores_per_rank=dims.cores_per_rank)
     lines = [
-        f"world {world}: {groups} memory-parallel group(s) of P={dims.group_size} per pipeline stage; "
+        f"world {world}: {groups} memory-parallel group(s) of P={dims.group_size} per pipeline stage "
+        f"({_group_ranks(p.memory_parallel_group, p.tensor_model_parallel_size)}); "
         f"K={dims.topk}, E={dims.num_blocks}, h={dims.num_cores}, d_v={dims.value_dim}, "
         f"{dims.value_bytes}-byte values and scores",
         f"calibration: alpha {calibration.alpha_s * 1e6:.1f} us, {1 / calibration.beta_s_per_byte / 1e9:.2f} GB/s "
