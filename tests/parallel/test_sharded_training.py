@@ -13,9 +13,10 @@ MEMORY = {"placements": ["1:2", "3:4"], "num_values": 1024, "value_dim": 32, "ke
           "lookup_impl": "reference"}
 
 
-def sharded_config(tp: int, ep: int, pp: int = 1, group: str = "data", **memory) -> dict:
+def sharded_config(tp: int, ep: int, pp: int = 1, group: str = "data", sp: bool = False, **memory) -> dict:
     config = tiny_config(parallel={"tensor_model_parallel_size": tp, "expert_model_parallel_size": ep,
-                                   "pipeline_model_parallel_size": pp, "memory_parallel_group": group},
+                                   "pipeline_model_parallel_size": pp, "memory_parallel_group": group,
+                                   "sequence_parallel": sp},
                          training={"global_batch_size": 8, "micro_batch_size": 2})
     config["model"].update(family="ultramem", memory={**MEMORY, **memory})
     return config
@@ -73,14 +74,15 @@ def test_overlapped_memory_under_the_pipeline_schedule_trains_like_unsharded(uns
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ep,memory", [(2, {"sharding_mode": "number"}),
-                                       (2, {"sharding_mode": "dimension", "overlap": True}),
-                                       (4, {"sharding_mode": "number", "sharding_capacity_factor": 2.0})])
-def test_memory_group_over_tensor_parallel_ranks_trains_like_unsharded(unsharded, ep, memory):
-    """memory_parallel_group: tensor_data with TP=2 x DP=2: P=2 is the TP group, P=4 the TP x DP product. TP ranks
-    hold different shards (1/P of the table each, no TP replica) and look up the same tokens: the losses and the
-    clipping norm still equal the unsharded model's."""
-    results = train_on_ranks(sharded_config(tp=2, ep=ep, group="tensor_data", **memory), 4, collect=table_footprint)
+@pytest.mark.parametrize("ep,sp,memory", [(2, False, {"sharding_mode": "number"}),
+                                          (2, True, {"sharding_mode": "dimension", "overlap": True}),
+                                          (4, False, {"sharding_mode": "number", "sharding_capacity_factor": 2.0})])
+def test_memory_group_over_tensor_parallel_ranks_trains_like_unsharded(unsharded, ep, sp, memory):
+    """memory_parallel_group: tensor_data with TP=2 x DP=2 (and sequence parallel): P=2 is the TP group, P=4 the
+    TP x DP product. TP ranks hold different shards (1/P of the table each, no TP replica) and look up the same
+    tokens: the losses and the clipping norm still equal the unsharded model's."""
+    config = sharded_config(tp=2, ep=ep, group="tensor_data", sp=sp, **memory)
+    results = train_on_ranks(config, 4, collect=table_footprint)
     full_elements = 2 * MEMORY["num_values"] * MEMORY["value_dim"]
     for result in results:
         assert result["loss"] == pytest.approx(unsharded["loss"], rel=1e-5)
