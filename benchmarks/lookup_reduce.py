@@ -245,15 +245,20 @@ def print_table(summary: Dict) -> None:
                   ("peak_forward_backward_mib", 10), ("peak_forward_backward_beyond_table_grad_mib", 10))))
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=4096)
+def add_shape_arguments(parser: argparse.ArgumentParser) -> None:
+    """The lookup's shape, the issue's defaults: K = 32 x 2, d_v 256, E 4, h 2, 262,144 rows (--tokens: the caller's)."""
     parser.add_argument("--top-m", type=int, default=32, help="values per head; K = top_m * heads")
     parser.add_argument("--heads", type=int, default=2)
     parser.add_argument("--cores", type=int, default=2, help="MCS cores h: scores are [h, T, K]")
     parser.add_argument("--d-v", type=int, default=256)
     parser.add_argument("--blocks", type=int, default=4, help="IVE virtual blocks E")
     parser.add_argument("--rows", type=int, default=262_144)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=4096)
+    add_shape_arguments(parser)
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())

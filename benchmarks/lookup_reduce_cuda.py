@@ -23,7 +23,7 @@ from typing import Callable, Dict
 import torch
 import triton.testing
 
-from lookup_reduce import embedding_bag_autograd, gather_onehot_einsum
+from lookup_reduce import add_shape_arguments, embedding_bag_autograd, gather_onehot_einsum
 from umtrain.ops.lookup_reduce import get_lookup_reduce
 
 IMPLS: Dict[str, Callable] = {
@@ -106,12 +106,7 @@ def print_table(rows: list[dict]) -> None:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
-    parser.add_argument("--top-m", type=int, default=32, help="values per head; K = top_m * heads")
-    parser.add_argument("--heads", type=int, default=2)
-    parser.add_argument("--cores", type=int, default=2, help="MCS cores h: scores are [h, T, K]")
-    parser.add_argument("--d-v", type=int, default=256)
-    parser.add_argument("--blocks", type=int, default=4, help="IVE virtual blocks E")
-    parser.add_argument("--rows", type=int, default=262_144)
+    add_shape_arguments(parser)
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks/lookup_reduce_cuda.json"))
     return parser.parse_args()
 

@@ -3,24 +3,20 @@ ranked, with no host synchronisation on CPU."""
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+from tests.benchmarks.helpers import benchmark_module
+
 TINY = ["--tokens", "64", "--seq-length", "32", "--hidden", "32", "--num-values", "1024", "--value-dim", "16",
         "--key-dim", "8", "--top-m", "4", "--repeats", "2", "--profile-steps", "1", "--lookup-impl", "reference"]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.syspath_prepend(str(BENCHMARKS))
-        yield importlib.import_module("memory_layer_profile")
-    sys.modules.pop("memory_layer_profile", None)
+    with benchmark_module("memory_layer_profile") as module:
+        yield module
 
 
 def test_profile_report(bench, tmp_path, capsys):

@@ -3,26 +3,20 @@ communication timer checked against hand-computed values."""
 
 from __future__ import annotations
 
-import importlib
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.benchmarks.helpers import benchmark_module
 from umtrain.config.base import ConfigError
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    """The script as module `memory_overlap`, importable by name (the spawned ranks unpickle its worker)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.syspath_prepend(str(BENCHMARKS))
-        yield importlib.import_module("memory_overlap")
-    sys.modules.pop("memory_overlap", None)
+    with benchmark_module("memory_overlap") as module:
+        yield module
 
 
 def rank_result(comm_forward: float, loss: float) -> dict:
