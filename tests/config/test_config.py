@@ -86,6 +86,14 @@ def test_memory_parallel_group_placement():
     raises_key("parallel.memory_parallel_group", ultramem + ["parallel.memory_parallel_group=tensor"])
 
 
+def test_query_conv_must_not_reach_past_the_previous_tp_slice():
+    """Under sequence parallelism a memory layer's query conv reads k-1 tokens from the previous TP rank only."""
+    split = ULTRAMEM + ["parallel.tensor_model_parallel_size=4", "parallel.sequence_parallel=true", "data.seq_length=16"]
+    assert load(split + ["model.memory.query_conv_kernel=5"]).model.memory.query_conv_kernel == 5
+    raises_key("model.memory.query_conv_kernel", split + ["model.memory.query_conv_kernel=6"],
+               match="more than the 4 tokens of one TP rank's slice")
+
+
 def test_global_batch_divisible_by_micro_batch_times_dp():
     raises_key("training.global_batch_size", MOCK + ["training.global_batch_size=6", "training.micro_batch_size=2"],
                world_size=2)

@@ -242,7 +242,7 @@ def test_plan_command_json_for_512_gpus_without_launching(plan_yaml, capsys):
     plans = json.loads(capsys.readouterr().out)
     assert len(plans) == 6 and [p["placement"] for p in plans][-1] == "28:32"
     for entry in plans:
-        assert entry["mode"] == "dimension" and entry["tokens_per_rank"] == 2 * 2048
+        assert entry["mode"] == "dimension" and entry["tokens_per_rank"] == 2 * 2048 // 2   # SP: 1/TP of the sequence
         assert entry["bytes_dimension_wise"] < entry["bytes_number_wise"]
         assert entry["seconds_dimension_wise"] < entry["seconds_number_wise"]
 
@@ -253,10 +253,10 @@ def test_plan_command_json_includes_calibrated_compute(plan_yaml, tmp_path, caps
     assert _cli(["plan", str(plan_yaml), "--world", "512", "--json", "--calibration", str(path)]) == 0
     entry = json.loads(capsys.readouterr().out)[0]
     dims = LookupDims(**{**BIG, "group_size": 8})
-    expected = KNOWN.seconds("dimension", dims, 2 * 2048)
+    expected = KNOWN.seconds("dimension", dims, 2048)              # TP 2 under sequence parallelism
     assert entry["compute_seconds_dimension_wise"] == pytest.approx(expected)
     communication = Calibration(alpha_s=20e-6, beta_s_per_byte=1 / 25e9).seconds(
-        variant_traffic("dimension", dims, 2 * 2048))
+        variant_traffic("dimension", dims, 2048))
     assert entry["seconds_dimension_wise"] == pytest.approx(communication + expected)
     assert entry["compute_seconds_number_wise"] > 0
     assert _cli(["plan", str(plan_yaml), "--world", "512", "--calibration", str(path)]) == 0
@@ -273,11 +273,11 @@ def test_plan_command_text_overrides_and_errors(plan_yaml, capsys, tmp_path):
     assert _cli(["plan", str(plan_yaml), "--world", "512", "--calibration", str(tmp_path / "none.json")]) == 2
 
 
-def test_tokens_per_rank_is_the_whole_micro_batch(plan_yaml):
-    """Memory layers are replicated across TP ranks and gather the sequence under SP: every rank looks up the whole
-    micro-batch, with or without sequence parallelism."""
+def test_tokens_per_rank_is_the_micro_batch_or_its_sequence_parallel_slice(plan_yaml):
+    """Memory layers run on the rank's slice under sequence parallelism (1/TP of the micro-batch), else on the whole
+    micro-batch."""
     config = load_config(plan_yaml, check_files=False)
-    assert tokens_per_rank(config) == 2 * 2048
+    assert tokens_per_rank(config) == 2 * 2048 // 2
     config = load_config(plan_yaml, ["parallel.sequence_parallel=false"], check_files=False)
     assert tokens_per_rank(config) == 2 * 2048
     assert [p.placement for p in plan_config(config)] == config.model.memory.placements
@@ -287,7 +287,7 @@ def test_plan_prices_fixed_capacity_padding(plan_yaml):
     """With sharding_capacity_factor, number-wise runs as rows that send exactly C ids to every peer and get C rows
     back (forward) and send C row gradients (backward), C = ceil(factor * T*K/P), exchanging no counts; owner
     pooling (which needs the counts, a host sync) is then no candidate, though it would move fewer bytes here."""
-    tokens, k, p, d_v = 2 * 2048, 2 * 42, 8, 1024
+    tokens, k, p, d_v = 2 * 2048 // 2, 2 * 42, 8, 1024              # TP 2 under sequence parallelism
     capacity = -(-3 * tokens * k // (2 * p))
     plan = plan_config(load_config(plan_yaml, ["model.memory.sharding_mode=number",
                                                "model.memory.sharding_capacity_factor=1.5"], check_files=False))[0]

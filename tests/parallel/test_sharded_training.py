@@ -80,7 +80,8 @@ def test_overlapped_memory_under_the_pipeline_schedule_trains_like_unsharded(uns
 def test_memory_group_over_tensor_parallel_ranks_trains_like_unsharded(unsharded, ep, sp, memory):
     """memory_parallel_group: tensor_data with TP=2 x DP=2 (and sequence parallel): P=2 is the TP group, P=4 the
     TP x DP product. TP ranks hold different shards (1/P of the table each, no TP replica) and look up the same
-    tokens: the losses and the clipping norm still equal the unsharded model's."""
+    tokens (or, under sequence parallelism, their own slice): the losses and the clipping norm still equal the
+    unsharded model's."""
     config = sharded_config(tp=2, ep=ep, group="tensor_data", sp=sp, **memory)
     results = train_on_ranks(config, 4, collect=table_footprint)
     full_elements = 2 * MEMORY["num_values"] * MEMORY["value_dim"]
@@ -90,3 +91,25 @@ def test_memory_group_over_tensor_parallel_ranks_trains_like_unsharded(unsharded
         assert result["tables"] == full_elements // ep
     # The distributed optimizer splits each shard's state over its expert-data-parallel group (4 / P ranks).
     assert sum(r["main_params"] for r in results) == full_elements
+
+
+def looked_up_tokens(trainer) -> dict:
+    """table_footprint, and the tokens each memory layer looked up in its last forward."""
+    tokens = [layer.memory.last_stats["rows"].shape[0] for chunk in trainer.model
+              for layer in unwrap(chunk).decoder.layers if getattr(layer, "memory", None) is not None]
+    return {**table_footprint(trainer), "tokens": tokens}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ep,memory", [(1, {}), (2, {"sharding_mode": "number", "overlap": True})])
+def test_sequence_parallel_memory_layers_look_up_their_slice_and_train_like_unsharded(unsharded, ep, memory):
+    """TP=2 x DP=2 under sequence parallelism, memory_parallel_group data: each TP rank runs the memory layers on its
+    half of the sequence (query conv across the border included), and the gradients of the memory parameters and of
+    the table replicas are summed over TP. The losses and the clipping norm equal the unsharded model's."""
+    results = train_on_ranks(sharded_config(tp=2, ep=ep, sp=True, **memory), 4, collect=looked_up_tokens)
+    config = sharded_config(tp=2, ep=ep)
+    half_micro_batch = config["training"]["micro_batch_size"] * config["data"]["seq_length"] // 2
+    for result in results:
+        assert result["loss"] == pytest.approx(unsharded["loss"], rel=1e-5)
+        assert result["grad_norm"] == pytest.approx(unsharded["grad_norm"], rel=1e-5)
+        assert result["tokens"] == [half_micro_batch, half_micro_batch]

@@ -54,6 +54,7 @@ def _validate_model_parallel(config: Config) -> None:
                           f"EP={p.expert_model_parallel_size} does not divide model.moe.num_experts={m.moe.num_experts}")
     if m.family in ("pkm", "ultramem"):
         _validate_memory_sharding(config)
+        _validate_memory_sequence_split(config)
     elif p.memory_parallel_group != "data":
         raise ConfigError("parallel.memory_parallel_group", f"is for memory families (pkm, ultramem), not {m.family}")
 
@@ -70,6 +71,18 @@ def _validate_memory_sharding(config: Config) -> None:
         raise ConfigError("model.memory.num_values",
                           f"N={memory.num_values} is not divisible by the memory-parallel size P={size}: "
                           "number-wise shards must be equal for checkpoint resharding")
+
+
+def _validate_memory_sequence_split(config: Config) -> None:
+    """Under sequence parallelism a memory layer runs on this rank's slice, and its query conv takes the k-1 tokens
+    before the slice from the previous TP rank only (umtrain.parallel.sequence)."""
+    p, kernel = config.parallel, config.model.memory.query_conv_kernel
+    local = config.data.seq_length // p.tensor_model_parallel_size
+    if p.sequence_parallel and kernel - 1 > local:
+        raise ConfigError("model.memory.query_conv_kernel",
+                          f"a kernel of {kernel} reaches {kernel - 1} tokens back, more than the {local} tokens of one "
+                          f"TP rank's slice under sequence parallelism (data.seq_length {config.data.seq_length} / "
+                          f"TP {p.tensor_model_parallel_size})")
 
 
 def _validate_memory_placements(config: Config) -> None:

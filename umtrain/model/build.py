@@ -14,7 +14,7 @@ from umtrain.model.gpt import build_model_chunk
 from umtrain.model.init import initialize_model
 from umtrain.model.memory_block import memory_modules
 from umtrain.parallel.overlap import memory_runner
-from umtrain.parallel.sequence import memory_io
+from umtrain.parallel.sequence import MemorySequenceSplit, memory_sequence_split
 
 MemoryLookupFactory = Callable[[int], tuple[Callable, Optional[tuple[int, int]]]]
 """placement index -> (lookup-reduce callable, local table shape or None for the full table)."""
@@ -25,7 +25,8 @@ def placement_index_of_reader(config: Config) -> dict[int, int]:
     return {a: index for index, (a, _) in enumerate(config.model.memory.parsed_placements("model.memory"))}
 
 
-def make_memory_factory(config: Config, lookup_factory: Optional[MemoryLookupFactory]):
+def make_memory_factory(config: Config, lookup_factory: Optional[MemoryLookupFactory],
+                        split: MemorySequenceSplit = MemorySequenceSplit()):
     from umtrain.model.memory import MemoryLayer
     from umtrain.ops import get_lookup_reduce
 
@@ -37,7 +38,7 @@ def make_memory_factory(config: Config, lookup_factory: Optional[MemoryLookupFac
                                else (get_lookup_reduce(config.model.memory.lookup_impl), None))
         return MemoryLayer(config.model.memory, hidden_size=config.model.hidden_size,
                            num_layers=config.model.num_layers, seed=config.training.seed, layer_index=index,
-                           lookup=lookup, table_shape=table_shape)
+                           lookup=lookup, table_shape=table_shape, sequence_history=split.history)
 
     return factory
 
@@ -46,15 +47,15 @@ def build_model_chunks(config: Config, tconfig: TransformerConfig, vocab_size: i
                        lookup_factory: Optional[MemoryLookupFactory] = None) -> list[torch.nn.Module]:
     """One chunk per virtual pipeline stage of this rank, on the training device, initialised from the seed."""
     has_memory = config.model.family in ("pkm", "ultramem")
-    factory = make_memory_factory(config, lookup_factory) if has_memory else None
-    io = memory_io(config.parallel.sequence_parallel) if has_memory else None
+    split = memory_sequence_split(has_memory and config.parallel.sequence_parallel)
+    factory = make_memory_factory(config, lookup_factory, split) if has_memory else None
     runner = memory_runner(has_memory and config.model.memory.overlap, config.parallel.overlap_grad_reduce,
                            config.parallel.overlap_param_gather)
     vpp = config.parallel.virtual_pipeline_model_parallel_size
     stages = range(vpp) if vpp else [None]
     chunks = []
     for vp_stage in stages:
-        chunk = build_model_chunk(config, tconfig, vocab_size, vp_stage, factory, io, runner)
+        chunk = build_model_chunk(config, tconfig, vocab_size, vp_stage, factory, split.aux_loss_scale, runner)
         if torch.cuda.is_available():
             chunk.cuda(torch.cuda.current_device())
         initialize_model(chunk, config.training.seed, config.model.init_method_std, config.model.num_layers,

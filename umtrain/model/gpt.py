@@ -84,12 +84,12 @@ def transformer_config(config: Config) -> TransformerConfig:
 
 
 def build_model_chunk(config: Config, tconfig: TransformerConfig, vocab_size: int, vp_stage: Optional[int],
-                      memory_factory=None, memory_io=None, memory_runner=None) -> GPTModel:
+                      memory_factory=None, aux_loss_scale: float = 1.0, memory_runner=None) -> GPTModel:
     pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     model = GPTModel(
         config=tconfig,
-        transformer_layer_spec=layer_specs(config, tconfig, vp_stage, memory_factory, memory_io),
+        transformer_layer_spec=layer_specs(config, tconfig, vp_stage, memory_factory, aux_loss_scale),
         vocab_size=vocab_size,
         max_sequence_length=config.data.seq_length,
         pre_process=pre_process,

@@ -57,18 +57,18 @@ class MemoryTransformerLayer(TransformerLayer):
 
     Spec params: `reader: bool`, `writer_of: Optional[int]` (the 1-based reader layer whose input this layer's
     memory consumes), `memory_factory(layer_number) -> nn.Module` (builds the memory module for a writer), and
-    `memory_io: Callable` pair to move activations in and out of the memory module (sequence-parallel gather /
-    scatter, or identity), supplied by umtrain.parallel.
+    `aux_loss_scale: float`, the share of the auxiliary loss this rank adds (1/TP when TP ranks split the sequence:
+    umtrain.parallel.sequence).
     """
 
     def __init__(self, *args, reader: bool = False, writer_of: Optional[int] = None,
                  memory_factory: Optional[Callable[[int], torch.nn.Module]] = None,
-                 memory_io: Optional[tuple[Callable, Callable]] = None, **kwargs):
+                 aux_loss_scale: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
         self.is_memory_reader = reader
         self.memory_reader_layer = writer_of
         self.memory = memory_factory(writer_of) if writer_of is not None else None
-        self.memory_in, self.memory_out = memory_io or (lambda x: x, lambda x: x)
+        self.aux_loss_scale = aux_loss_scale
         self.skip_bus: Optional[SkipBus] = None
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
@@ -84,24 +84,25 @@ class MemoryTransformerLayer(TransformerLayer):
     def _forward_pre_mlp_layernorm(self, hidden_states):
         output = super()._forward_pre_mlp_layernorm(hidden_states)
         if self.is_memory_reader:
-            output = self.skip_bus.put(self.layer_number, self.memory_in(output), output)
+            output = self.skip_bus.put(self.layer_number, output, output)
         return output
 
     def forward(self, *args, **kwargs):
         output, context = super().forward(*args, **kwargs)
         if self.memory is not None:
-            output = output + self.memory_out(self.skip_bus.take(self.memory_reader_layer))
+            output = output + self.skip_bus.take(self.memory_reader_layer)
         return output, context
 
     def memory_with_aux_loss(self, x: torch.Tensor) -> torch.Tensor:
         """The memory output, with the TDQKR auxiliary loss (eq. 12) routed into its backward, scaled like the main
-        loss, and tracked: one computation, so that a runner can take it (and its backward) off the main path."""
+        loss (times `aux_loss_scale`), and tracked: one computation, so that a runner can take it (and its backward)
+        off the main path."""
         memory_output = self.memory(x)
         aux_loss = getattr(self.memory, "aux_loss", None)
         if aux_loss is None or not aux_loss.requires_grad or not self.training:
             return memory_output
         save_to_aux_losses_tracker(MEMORY_AUX_LOSS, aux_loss, self.layer_number, self.config.num_layers)
-        return MoEAuxLossAutoScaler.apply(memory_output, aux_loss)
+        return MoEAuxLossAutoScaler.apply(memory_output, aux_loss * self.aux_loss_scale)
 
 
 def attach_skip_bus(model: torch.nn.Module, runner) -> None:

@@ -43,7 +43,7 @@ def memory_roles(config: Config) -> dict[int, tuple[bool, Optional[int]]]:
 
 
 def layer_specs(config: Config, transformer_config, vp_stage: Optional[int],
-                memory_factory: Optional[Callable], memory_io) -> TransformerBlockSubmodules:
+                memory_factory: Optional[Callable], aux_loss_scale: float = 1.0) -> TransformerBlockSubmodules:
     """One spec per layer of this pipeline chunk (memory readers/writers where placements say so)."""
     base = base_layer_spec(config)
     offset = get_transformer_layer_offset(transformer_config, vp_stage=vp_stage)
@@ -57,6 +57,6 @@ def layer_specs(config: Config, transformer_config, vp_stage: Optional[int],
             continue
         reader, writer_of = roles[layer]
         params = dict(base.params or {}, reader=reader, writer_of=writer_of, memory_factory=memory_factory,
-                      memory_io=memory_io)
+                      aux_loss_scale=aux_loss_scale)
         specs.append(dataclasses.replace(base, module=MemoryTransformerLayer, params=params))
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=norm_class(config.model.normalization))

@@ -440,9 +440,11 @@ def _mb(num_bytes: float) -> str:
 
 
 def tokens_per_rank(config: Config) -> int:
-    """Tokens one rank of the memory group looks up per micro-batch. Memory layers are replicated across TP ranks
-    and gather the sequence under sequence parallelism (umtrain.parallel.sequence), so it is the whole micro-batch."""
-    return config.training.micro_batch_size * config.data.seq_length
+    """Tokens one rank of the memory group looks up per micro-batch: the whole micro-batch, or this rank's 1/TP of
+    the sequence under sequence parallelism (umtrain.parallel.sequence)."""
+    tokens = config.training.micro_batch_size * config.data.seq_length
+    p = config.parallel
+    return tokens // p.tensor_model_parallel_size if p.sequence_parallel else tokens
 
 
 def dims_from_config(config: Config) -> LookupDims:

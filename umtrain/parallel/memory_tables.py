@@ -1,14 +1,20 @@
-"""Memory-layer value tables in the trainer: which lookup each layer uses, and how its shard is checkpointed.
+"""Memory-layer value tables in the trainer: which lookup each layer uses, how its shard is checkpointed, and the flags
+Megatron's gradient reduction reads from memory parameters.
 
 The memory-parallel group is Megatron-Core's expert-parallel group (P = parallel.expert_model_parallel_size), so
 DDP and the distributed optimizer treat table shards like expert weights: reduced over the expert-data-parallel
 group only (`param.allreduce = False`, kept at P = 1 too so the optimizer has the same structure at every P).
-Memory layers are replicated across tensor-parallel ranks: each TP rank looks up all of its tokens. With
-`parallel.memory_parallel_group: data` the expert-parallel groups run across data-parallel ranks of equal TP rank
+With `parallel.memory_parallel_group: data` the expert-parallel groups run across data-parallel ranks of equal TP rank
 (each TP rank holds a replica of its group's shards); with `tensor_data` (expert TP size 1) they take consecutive
-ranks in TP-then-DP order, so TP ranks hold different shards. Then a shard's expert-data-parallel group holds TP
-peers that looked up the same tokens: DDP would sum TP copies of each token's gradient, so the shards' gradients
-are scaled by 1/TP (`mark_memory_tables`).
+ranks in TP-then-DP order, so TP ranks hold different shards.
+
+Which tokens a TP rank looks up decides the rest (`mark_memory_parameters`):
+- without sequence parallelism every TP rank looks up all its tokens. Under `tensor_data` a shard's
+  expert-data-parallel group then holds TP peers that looked up the same tokens: DDP would sum TP copies of each
+  token's gradient, so the shards' gradients are scaled by 1/TP;
+- under sequence parallelism each TP rank looks up its 1/TP of the sequence (umtrain.parallel.sequence). The memory
+  layer's dense parameters, and a table shard that TP peers replicate (`data`), are tagged `sequence_parallel`: their
+  gradients are summed over TP. Under `tensor_data` a shard's expert-data-parallel group already sums every token once.
 """
 
 from __future__ import annotations
@@ -53,22 +59,23 @@ def check_table_overflow(memories: list[torch.nn.Module]) -> None:
             check()
 
 
-def tensor_parallel_token_copies(config: Config) -> int:
-    """How many ranks of a table shard's expert-data-parallel group hold each token: TP when the memory-parallel group
-    spans TP ranks (expert TP size 1), else 1 (the group and its expert-data-parallel peers share one TP rank)."""
+def mark_memory_parameters(memories: list[torch.nn.Module], config: Config) -> None:
+    """Flag the table shards as expert-parallel parameters, and set what the module docstring describes. Table
+    shards that differ between TP ranks (`tensor_data`) are marked TP-parallel, so that the clipping norm counts each
+    rank's shard (Megatron skips the non-TP-parallel parameters of TP ranks other than 0)."""
     p = config.parallel
-    return p.tensor_model_parallel_size if p.memory_parallel_group == "tensor_data" else 1
-
-
-def mark_memory_tables(memories: list[torch.nn.Module], token_copies: int = 1) -> None:
-    """Flag the table shards as expert-parallel parameters. With `token_copies` > 1 (tensor_data groups), scale their
-    gradients by 1/token_copies, and mark them as not duplicated across TP ranks, so that the clipping norm counts
-    each rank's shard (Megatron skips the non-TP-parallel parameters of TP ranks other than 0)."""
+    shards_differ_across_tp = p.tensor_model_parallel_size > 1 and p.memory_parallel_group == "tensor_data"
     for memory in memories:
         table = mark_table_shard(getattr(memory, TABLE_PARAM))
-        if token_copies > 1:
+        if shards_differ_across_tp:
             tensor_parallel.set_tensor_model_parallel_attributes(table, True, 0, 1)
-            table.register_hook(lambda grad: grad / token_copies)
+        if p.sequence_parallel:
+            for param in memory.parameters():
+                if param is not table or not shards_differ_across_tp:
+                    param.sequence_parallel = True
+        elif shards_differ_across_tp:
+            copies = p.tensor_model_parallel_size
+            table.register_hook(lambda grad: grad / copies)
 
 
 def table_replicated_across_tp() -> bool:

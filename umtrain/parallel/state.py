@@ -13,6 +13,7 @@ from megatron.core import parallel_state, tensor_parallel
 
 from umtrain.config import Config
 from umtrain.parallel import cpu_compat
+from umtrain.parallel.sequence import destroy_memory_sequence_group, initialize_memory_sequence_group
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,8 @@ def initialize_distributed(config: Config) -> Layout:
             expert_model_parallel_size=p.expert_model_parallel_size,
             expert_tensor_parallel_size=1 if p.memory_parallel_group == "tensor_data" else None,
         )
+        if p.sequence_parallel and config.model.family in ("pkm", "ultramem"):
+            initialize_memory_sequence_group()
     return Layout(
         world_size=torch.distributed.get_world_size(),
         rank=torch.distributed.get_rank(),
@@ -80,5 +83,6 @@ def seed_everything(seed: int) -> None:
 def destroy() -> None:
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+    destroy_memory_sequence_group()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

@@ -26,8 +26,7 @@ from umtrain.model.build import build_model_chunks, unwrap
 from umtrain.model.gpt import padded_vocab_size, transformer_config
 from umtrain.model.memory_block import MEMORY_AUX_LOSS, memory_modules
 from umtrain.parallel.collectives import loss_on_every_rank, merged_from_all_ranks
-from umtrain.parallel.memory_tables import (check_table_overflow, mark_memory_tables, memory_lookup_factory,
-                                            tensor_parallel_token_copies)
+from umtrain.parallel.memory_tables import check_table_overflow, mark_memory_parameters, memory_lookup_factory
 from umtrain.parallel.parallelize import wrap_data_parallel
 from umtrain.parallel.state import Layout, initialize_distributed, seed_everything
 from umtrain.train.batches import MicroBatches
@@ -88,7 +87,7 @@ class Trainer:
         chunks = build_model_chunks(config, self.tconfig, self.vocab_size,
                                     memory_lookup_factory(config) if has_memory else None)
         for chunk in chunks:
-            mark_memory_tables(memory_modules(chunk), tensor_parallel_token_copies(config))
+            mark_memory_parameters(memory_modules(chunk), config)
         if self.tconfig.bf16:
             chunks = [Float16Module(self.tconfig, chunk) for chunk in chunks]
         self.model = wrap_data_parallel(config, self.tconfig, chunks)

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
 
-def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def causal_depthwise_conv(x: torch.Tensor, weight: torch.Tensor,
+                          history: Optional[torch.Tensor] = None) -> torch.Tensor:
     """y[s, b, d] = sum_j weight[d, 0, j] * x[s - (k-1) + j, b, d], zero before the sequence start.
 
     x is sequence-first [S, B, D] (Megatron's layout); weight [D, 1, k]. Each sequence of the batch is
-    convolved on its own; left padding keeps the output at s independent of inputs after s.
+    convolved on its own; left padding keeps the output at s independent of inputs after s. `history` [k-1, B, D]:
+    the tokens before x's first one when x is a slice of a longer sequence (sequence parallelism), instead of zeros.
     """
     kernel = weight.shape[-1]
-    channels_last_time = x.permute(1, 2, 0)                             # [B, D, S]
-    padded = F.pad(channels_last_time, (kernel - 1, 0))
+    if history is None:
+        padded = F.pad(x.permute(1, 2, 0), (kernel - 1, 0))             # [B, D, k-1+S]
+    else:
+        padded = torch.cat([history, x]).permute(1, 2, 0)
     return F.conv1d(padded, weight, groups=x.shape[-1]).permute(2, 0, 1)
 
 

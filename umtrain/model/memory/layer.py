@@ -11,7 +11,7 @@ touched through the lookup-reduce interface (`umtrain.ops.lookup_reduce`), so a 
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -43,7 +43,10 @@ class MemoryLayer(nn.Module):
     """
 
     def __init__(self, config: MemoryConfig, hidden_size: int, num_layers: int, seed: int, layer_index: int,
-                 lookup: Optional[LookupReduce] = None, table_shape: Optional[tuple[int, int]] = None):
+                 lookup: Optional[LookupReduce] = None, table_shape: Optional[tuple[int, int]] = None,
+                 sequence_history: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None):
+        """`sequence_history(x, n)`: the n tokens before x's first one, when x is one rank's slice of a longer
+        sequence (sequence parallelism); None when x holds whole sequences."""
         super().__init__()
         self.config = config
         self.hidden_size = hidden_size
@@ -51,6 +54,7 @@ class MemoryLayer(nn.Module):
         self.seed = seed
         self.layer_index = layer_index
         self.lookup = lookup if lookup is not None else get_lookup_reduce(config.lookup_impl)
+        self.sequence_history = sequence_history
         self.keys_per_side = config.keys_per_side
         self.table_shape = self._checked_table_shape(table_shape)
         self._check_output_width()
@@ -237,7 +241,8 @@ class MemoryLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         seq, batch, hidden = x.shape
-        selection = self._select(x, dict(self.named_parameters()), self.tdqkr_row_factor, self.tdqkr_col_factor)
+        selection = self._select(x, dict(self.named_parameters()), self.tdqkr_row_factor, self.tdqkr_col_factor,
+                                 self._conv_history(x))
         weights = self._weights(selection)
         rows, blocks = self._physical_address(selection)
         tokens, cores = seq * batch, weights.shape[0]
@@ -247,12 +252,18 @@ class MemoryLayer(nn.Module):
         self._record_stats(selection, rows, out)
         return out.view(seq, batch, hidden)
 
+    def _conv_history(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        if self.conv is None or self.sequence_history is None or self.config.query_conv_kernel < 2:
+            return None
+        return self.sequence_history(x, self.config.query_conv_kernel - 1)
+
     def _select(self, x: torch.Tensor, params: Mapping[str, torch.Tensor], row_factor: Optional[torch.Tensor],
-                col_factor: Optional[torch.Tensor]) -> Selection:
-        """Sub-key scores of every token and its top-m cells (spec 2.1, up to TDQKR)."""
+                col_factor: Optional[torch.Tensor], history: Optional[torch.Tensor] = None) -> Selection:
+        """Sub-key scores of every token and its top-m cells (spec 2.1, up to TDQKR); `history`: the query conv's
+        tokens before x (`causal_depthwise_conv`)."""
         c = self.config
         if "conv.weight" in params:
-            x = causal_depthwise_conv(x, params["conv.weight"])
+            x = causal_depthwise_conv(x, params["conv.weight"], history)
         tokens = x.reshape(-1, self.hidden_size)
         query = F.linear(tokens, params["query.weight"]).view(tokens.shape[0], -1, 2, c.key_dim)
         row_keys, col_keys = params["row_keys"], params["col_keys"]
