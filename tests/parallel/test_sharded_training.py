@@ -41,7 +41,7 @@ def table_footprint(trainer) -> dict:
 
 @pytest.fixture(scope="module")
 def unsharded():
-    return train_on_ranks(sharded_config(tp=1, ep=1), 1, collect=table_footprint)[0]
+    return train_on_ranks(sharded_config(tp=1, ep=1), 1, collect=looked_up_tokens)[0]
 
 
 @pytest.mark.slow
@@ -94,10 +94,11 @@ def test_memory_group_over_tensor_parallel_ranks_trains_like_unsharded(unsharded
 
 
 def looked_up_tokens(trainer) -> dict:
-    """table_footprint, and the tokens each memory layer looked up in its last forward."""
+    """table_footprint, the tokens each memory layer looked up in its last forward, and the memory health the
+    trainer logs (merged over all ranks)."""
     tokens = [layer.memory.last_stats["rows"].shape[0] for chunk in trainer.model
               for layer in unwrap(chunk).decoder.layers if getattr(layer, "memory", None) is not None]
-    return {**table_footprint(trainer), "tokens": tokens}
+    return {**table_footprint(trainer), "tokens": tokens, "health": trainer._memory_health()}
 
 
 @pytest.mark.slow
@@ -105,7 +106,8 @@ def looked_up_tokens(trainer) -> dict:
 def test_sequence_parallel_memory_layers_look_up_their_slice_and_train_like_unsharded(unsharded, ep, memory):
     """TP=2 x DP=2 under sequence parallelism, memory_parallel_group data: each TP rank runs the memory layers on its
     half of the sequence (query conv across the border included), and the gradients of the memory parameters and of
-    the table replicas are summed over TP. The losses and the clipping norm equal the unsharded model's."""
+    the table replicas are summed over TP. The losses and the clipping norm equal the unsharded model's, and so do
+    the logged fraction of values hit and mean top-1 score, merged over the ranks' slices."""
     results = train_on_ranks(sharded_config(tp=2, ep=ep, sp=True, **memory), 4, collect=looked_up_tokens)
     config = sharded_config(tp=2, ep=ep)
     half_micro_batch = config["training"]["micro_batch_size"] * config["data"]["seq_length"] // 2
@@ -113,3 +115,6 @@ def test_sequence_parallel_memory_layers_look_up_their_slice_and_train_like_unsh
         assert result["loss"] == pytest.approx(unsharded["loss"], rel=1e-5)
         assert result["grad_norm"] == pytest.approx(unsharded["grad_norm"], rel=1e-5)
         assert result["tokens"] == [half_micro_batch, half_micro_batch]
+        for key, value in unsharded["health"].items():
+            if not key.endswith("output_std"):                  # a std over half the tokens is another statistic
+                assert result["health"][key] == pytest.approx(value, rel=1e-5), key

@@ -63,3 +63,21 @@ def merged_from_all_ranks(local: dict) -> dict:
     gathered: list = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, local)
     return {key: value for part in gathered for key, value in part.items()}
+
+
+def merge_memory_health(memories: list[torch.nn.Module]) -> None:
+    """Combine the memory layers' health counters (values hit, summed top-1 scores and output stds) over the ranks
+    that run the same layers on other tokens (TP x DP of this pipeline stage: under sequence parallelism TP ranks see
+    different tokens too), so that the one rank that logs them reports the whole batch. Every rank of the stage
+    calls it, with its layers in the same order."""
+    group = parallel_state.get_tensor_and_data_parallel_group()
+    if torch.distributed.get_world_size(group) == 1:
+        return
+    for memory in memories:
+        hits = memory.value_hits.to(torch.uint8)
+        torch.distributed.all_reduce(hits, op=torch.distributed.ReduceOp.MAX, group=group)
+        memory.value_hits.copy_(hits.bool())
+        sums = memory.stat_sums if memory.stat_sums is not None else torch.zeros(
+            3, dtype=torch.float64, device=memory.value_hits.device)
+        torch.distributed.all_reduce(sums, group=group)
+        memory.stat_sums = sums

@@ -25,7 +25,7 @@ from umtrain.config import Config
 from umtrain.model.build import build_model_chunks, unwrap
 from umtrain.model.gpt import padded_vocab_size, transformer_config
 from umtrain.model.memory_block import MEMORY_AUX_LOSS, memory_modules
-from umtrain.parallel.collectives import loss_on_every_rank, merged_from_all_ranks
+from umtrain.parallel.collectives import loss_on_every_rank, merge_memory_health, merged_from_all_ranks
 from umtrain.parallel.memory_tables import check_table_overflow, mark_memory_parameters, memory_lookup_factory
 from umtrain.parallel.parallelize import wrap_data_parallel
 from umtrain.parallel.state import Layout, initialize_distributed, seed_everything
@@ -194,15 +194,16 @@ class Trainer:
         return values
 
     def _memory_health(self) -> dict[str, float]:
-        """Per memory layer: fraction of values hit, mean top-1 score, output std (gathered from all stages)."""
+        """Per memory layer: fraction of values hit, mean top-1 score, output std (over all TP and DP ranks, gathered
+        from all stages)."""
+        layers = [layer for chunk in self.model for layer in unwrap(chunk).modules()
+                  if hasattr(getattr(layer, "memory", None), "health_metrics")]
+        merge_memory_health([layer.memory for layer in layers])
         local = {}
-        if parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0:
-            for chunk in self.model:
-                for layer in unwrap(chunk).modules():
-                    memory = getattr(layer, "memory", None)
-                    if memory is not None and hasattr(memory, "health_metrics"):
-                        for key, value in memory.health_metrics(reset=True).items():
-                            local[f"memory/layer{layer.layer_number}/{key}"] = value
+        for layer in layers:
+            metrics = layer.memory.health_metrics(reset=True)
+            if parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0:
+                local.update({f"memory/layer{layer.layer_number}/{key}": value for key, value in metrics.items()})
         return merged_from_all_ranks(local)
 
     def _log(self, values: dict[str, float], bar: tqdm) -> None:
