@@ -283,6 +283,23 @@ def test_tokens_per_rank_is_the_micro_batch_or_its_sequence_parallel_slice(plan_
     assert [p.placement for p in plan_config(config)] == config.model.memory.placements
 
 
+def test_plan_with_dedup_fetches_rows_and_refuses_a_capacity(plan_yaml):
+    """sharding_dedup applies to number-wise rows: owner pooling (which this plan otherwise prefers) is no candidate;
+    with sharding_capacity_factor (sync-free) it is a config error naming the key."""
+    number = ["model.memory.sharding_mode=number"]
+    pooled = plan_config(load_config(plan_yaml, number, check_files=False))[0]
+    assert pooled.owner_pooling and not pooled.dedup
+    rows = plan_config(load_config(plan_yaml, number + ["model.memory.sharding_dedup=true"], check_files=False))[0]
+    assert rows.mode == "number" and rows.dedup and not rows.owner_pooling
+    assert rows.bytes_number_wise == pooled.bytes_number_rows
+    auto = plan_config(load_config(plan_yaml, ["model.memory.sharding_dedup=true"], check_files=False))[0]
+    assert auto.mode == "dimension" and not auto.dedup
+    with pytest.raises(ConfigError) as info:
+        load_config(plan_yaml, ["model.memory.sharding_dedup=true", "model.memory.sharding_capacity_factor=2"],
+                    check_files=False)
+    assert info.value.key == "model.memory.sharding_dedup"
+
+
 def test_plan_prices_fixed_capacity_padding(plan_yaml):
     """With sharding_capacity_factor, number-wise runs as rows that send exactly C ids to every peer and get C rows
     back (forward) and send C row gradients (backward), C = ceil(factor * T*K/P), exchanging no counts; owner
@@ -321,3 +338,27 @@ def test_calibrate_comm_writes_a_calibration_plan_can_read(tmp_path, plan_yaml, 
     assert _cli(["plan", str(plan_yaml), "--world", "512", "--calibration", str(output)]) == 0
     text = capsys.readouterr().out
     assert "measured: all-to-all" in text and "local compute per rank" in text
+
+
+def _paired_samples_worker(rank: int, world_size: int) -> dict:
+    import torch.distributed as dist
+
+    from umtrain.ops.lookup_reduce import lookup_reduce_reference
+    from umtrain.parallel.calibration import time_lookup_variants
+    from umtrain.parallel.comm import Communicator
+
+    dims = LookupDims(value_dim=8, topk=4, num_blocks=2, num_cores=2, group_size=world_size, value_bytes=4,
+                      score_bytes=4)
+    return time_lookup_variants(Communicator(dist.group.WORLD), dims, 6, 64, lookup_reduce_reference, iters=3)
+
+
+@pytest.mark.slow
+def test_time_lookup_variants_returns_the_group_step_time_of_every_repetition():
+    from umtrain.parallel.calibration import step_seconds
+    from umtrain.parallel.comm import run_local_group
+
+    ranks = run_local_group(_paired_samples_worker, 2)
+    assert ranks[0] == ranks[1]                              # the slowest rank's time, the same on every rank
+    assert set(ranks[0]) == {"number", "pooled", "dimension"}
+    assert all(len(times) == 3 and min(times) > 0 for times in ranks[0].values())
+    assert step_seconds([0.3, 0.1, 0.2, 0.9]) == pytest.approx(0.25)

@@ -5,7 +5,7 @@ processes; and every counted byte against the cost model."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 import torch
@@ -227,6 +227,9 @@ def test_lookup_from_plan_builds_the_chosen_mode_and_logs_why(caplog):
         lookup = lookup_from_plan(plan_layer(dims, 16, DEFAULT_CALIBRATION, placement="2:3"), None, NUM_ROWS,
                                   VALUE_DIM, lookup_reduce_reference, num_cores=2)
     assert isinstance(lookup, LocalLookup) and "(2:3), P=1: P=1" in caplog.text
+    plan = plan_layer(replace(dims, group_size=2), 16, DEFAULT_CALIBRATION, "number", dedup=True)
+    lookup = lookup_from_plan(plan, None, NUM_ROWS, VALUE_DIM, lookup_reduce_reference, num_cores=2)
+    assert isinstance(lookup, NumberWiseLookup) and lookup.dedup and not lookup.owner_pooling
 
 
 def test_bad_shapes_and_modes_are_named():

@@ -47,7 +47,9 @@ def unsharded():
 @pytest.mark.slow
 @pytest.mark.parametrize("memory", [{"sharding_mode": "number"},
                                     {"sharding_mode": "number", "sharding_capacity_factor": 2.0},
-                                    {"sharding_mode": "dimension", "overlap": True}])
+                                    {"sharding_mode": "number", "sharding_dedup": True},
+                                    {"sharding_mode": "dimension", "overlap": True}],
+                         ids=["number", "number-capacity", "number-dedup", "dimension-overlap"])
 def test_sharded_tables_train_like_unsharded(unsharded, memory):
     results = train_on_ranks(sharded_config(tp=2, ep=2, **memory), 4, collect=table_footprint)
     full_elements = 2 * MEMORY["num_values"] * MEMORY["value_dim"]

@@ -103,6 +103,10 @@ class MemoryConfig:
     """Number-wise sharding with fixed-capacity buffers of ceil(factor * T * K / P) ids per owner: no host sync per
     layer; a rank that needs more raises at the next log interval. None: exact sizes via a count exchange (one
     device-to-host sync per layer on GPU)."""
+    sharding_dedup: bool = False
+    """Number-wise sharding fetches rows (not owner-pooled partial sums) and requests each distinct row once per rank:
+    fewer ids and rows sent when a rank's tokens share rows, for a torch.unique per layer (a host sync on GPU). The
+    cost model prices the requests without de-duplication (an upper bound)."""
     overlap: bool = False
     """Issue the lookup at block a and wait at block b (asynchronous collectives / side stream)."""
 
@@ -140,6 +144,8 @@ class MemoryConfig:
         _require(self.query_conv_kernel >= 0, key("query_conv_kernel"), "must be >= 0")
         _require(self.sharding_capacity_factor is None or self.sharding_capacity_factor >= 1.0,
                  key("sharding_capacity_factor"), "must be >= 1 (a multiple of the balanced T*K/P ids per owner)")
+        _require(not (self.sharding_dedup and self.sharding_capacity_factor is not None), key("sharding_dedup"),
+                 "de-duplication (torch.unique, a host sync) defeats sharding_capacity_factor (sync-free): set one")
         side_width = self.key_dim // self.tucker_rank if self.key_layout == "B" else self.key_dim
         _require(not self.query_key_layernorm or side_width >= 2, key("key_dim"),
                  f"query/key LayerNorm over a key width of {side_width} makes every key constant")

@@ -371,6 +371,8 @@ class LayerPlan:
     capacity: Optional[int] = None
     """Fixed ids per owner when the layer runs number-wise rows with `sharding_capacity_factor` (bytes and seconds
     above include the padding); None otherwise."""
+    dedup: bool = False
+    """Number-wise rows request each distinct row once per rank (`model.memory.sharding_dedup`)."""
 
 
 def variant_traffic(variant: Variant, dims: LookupDims, tokens_per_rank: int,
@@ -387,16 +389,18 @@ def variant_traffic(variant: Variant, dims: LookupDims, tokens_per_rank: int,
 
 def plan_layer(dims: LookupDims, tokens_per_rank: int, calibration: Calibration,
                requested: Literal["auto", "number", "dimension"] = "auto", layer: int = 0,
-               placement: str = "", capacity: Optional[int] = None) -> LayerPlan:
+               placement: str = "", capacity: Optional[int] = None, dedup: bool = False) -> LayerPlan:
     """Predict both modes (communication + local compute) for one layer and pick the faster (or apply the requested
     mode), saying why. `capacity`: number-wise runs as rows with that many ids per owner (padded, no host sync;
-    owner pooling, which exchanges counts, is then not a candidate: the capacity was asked for to avoid that sync)."""
+    owner pooling, which exchanges counts, is then not a candidate: the capacity was asked for to avoid that sync).
+    `dedup`: number-wise runs as rows with distinct requests (priced without de-duplication, an upper bound)."""
     traffic = {v: variant_traffic(v, dims, tokens_per_rank, capacity) for v in VARIANTS}
     compute = {v: calibration.compute.seconds(v, dims, tokens_per_rank, capacity) for v in VARIANTS}
     seconds = {v: calibration.seconds(t) + compute[v] for v, t in traffic.items()}
     sent = {v: round(t.total_sent()) for v, t in traffic.items()}
     problem = dimension_wise_problem(dims.value_dim, dims.num_cores, dims.group_size)
-    number = "pooled" if capacity is None and seconds["pooled"] < seconds["number"] else "number"
+    rows_only = capacity is not None or dedup
+    number = "pooled" if not rows_only and seconds["pooled"] < seconds["number"] else "number"
     if dims.group_size == 1:
         mode, reason = "local", "P=1: the whole table is local, nothing to communicate"
     elif requested == "dimension" and problem:
@@ -420,7 +424,7 @@ def plan_layer(dims: LookupDims, tokens_per_rank: int, calibration: Calibration,
                      seconds_dimension_wise=None if problem else seconds["dimension"], reason=reason,
                      compute_seconds_number_wise=compute[number],
                      compute_seconds_dimension_wise=None if problem else compute["dimension"],
-                     capacity=capacity if mode == "number" else None)
+                     capacity=capacity if mode == "number" else None, dedup=dedup and mode == "number")
 
 
 def _compute_note(compute: dict[Variant, float], chosen: Variant, rejected: Variant) -> str:
@@ -465,7 +469,7 @@ def plan_config(config: Config, calibration: Calibration = DEFAULT_CALIBRATION) 
     memory = config.model.memory
     capacity = fixed_capacity(config, dims.group_size)
     return [plan_layer(dims, tokens, calibration, memory.sharding_mode, layer=i, placement=placement,
-                       capacity=capacity)
+                       capacity=capacity, dedup=memory.sharding_dedup)
             for i, placement in enumerate(memory.placements)]
 
 
