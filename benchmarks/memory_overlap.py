@@ -212,7 +212,7 @@ def _worker(rank: int, world: int, setting: Setting) -> dict:
         parallel_state.destroy_model_parallel()
 
 
-def _quartiles(values: list[float]) -> tuple[float, float]:
+def quartiles(values: list[float]) -> tuple[float, float]:
     if len(values) < 2:
         return values[0], values[0]
     q = statistics.quantiles(values, n=4)
@@ -266,7 +266,7 @@ def summarize(ranks: list[dict], setting: Setting) -> dict:
         "rounds": len(times["dense"]),
         "round_s": times,
         "step_s": {v: statistics.median(times[v]) for v in VARIANTS},
-        "step_quartiles_s": {v: _quartiles(times[v]) for v in VARIANTS},
+        "step_quartiles_s": {v: quartiles(times[v]) for v in VARIANTS},
         "step_best_s": {v: min(times[v]) for v in VARIANTS},
         "synchronous_s": median_cost["sync"],
         "exposed_s": median_cost["async"],

@@ -164,6 +164,11 @@ class NumberWiseLookup(ShardedLookup):
     def owners(self, rows: torch.Tensor) -> torch.Tensor:
         return torch.bucketize(rows, self.offsets_on(rows.device)[1:-1].to(rows.dtype), right=True)
 
+    def requests_per_owner(self, owners: torch.Tensor) -> torch.Tensor:
+        """[P] counts, on the device; not `torch.bincount`, which reads its input's min and max on the host (CUDA)."""
+        return torch.zeros(self.size, dtype=torch.int64, device=owners.device).scatter_add_(
+            0, owners, torch.ones_like(owners))
+
     def local_rows(self, rows: torch.Tensor, owners: torch.Tensor) -> torch.Tensor:
         starts = self.offsets_on(rows.device)[:-1]
         return _to_index(rows - starts[owners], self.local_table_shape()[0], "local row ids")
@@ -197,7 +202,7 @@ class NumberWiseLookup(ShardedLookup):
     def _fetch_rows(self, rows, blocks, scores, table_shard, num_blocks):
         requested, inverse = self._requested_rows(rows.reshape(-1))
         owners = self.owners(requested)
-        send = torch.bincount(owners, minlength=self.size)
+        send = self.requests_per_owner(owners)
         recv = self.comm.exchange_counts(send.view(-1, 1), "number.meta").view(-1)
         send_splits, recv_splits = send.tolist(), recv.tolist()             # host sync on GPU
         incoming = self.comm.all_to_all(self.local_rows(requested, owners), send_splits, recv_splits, "number.indices")
@@ -210,8 +215,7 @@ class NumberWiseLookup(ShardedLookup):
         exchange and no host sync; more ids than that to one owner set `overflow` (see check_overflow)."""
         requested, inverse = self._requested_rows(rows.reshape(-1))
         owners = self.owners(requested)
-        counts = torch.zeros(self.size, dtype=torch.int64, device=rows.device).scatter_add_(
-            0, owners, torch.ones_like(owners))
+        counts = self.requests_per_owner(owners)
         first = torch.cumsum(counts, 0) - counts
         position = torch.arange(owners.numel(), device=rows.device) - first[owners]
         exceeded = (counts > self.capacity).any()
@@ -229,7 +233,7 @@ class NumberWiseLookup(ShardedLookup):
         flat_rows = rows.reshape(-1)
         owners = self.owners(flat_rows)
         order = torch.argsort(owners, stable=True)
-        send = torch.bincount(owners, minlength=self.size)
+        send = self.requests_per_owner(owners)
         meta = self.comm.exchange_counts(torch.stack([send, torch.full_like(send, tokens)], dim=1), "pooled.meta")
         send_splits, recv_splits = send.tolist(), meta[:, 0].tolist()      # host sync on GPU
         source_tokens = meta[:, 1].tolist()
