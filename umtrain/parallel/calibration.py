@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import statistics
 import time
 from dataclasses import replace
 from typing import Callable, Optional, Sequence
@@ -50,13 +51,15 @@ def calibrate(comm: Communicator, sizes: Sequence[int] = (1 << 10, 1 << 14, 1 <<
 
 
 COMPUTE_CALIBRATION_POINTS: tuple[tuple[int, int, int, int], ...] = tuple(
-    itertools.product((48, 320), (12, 40), (2, 6), (32, 192)))
+    itertools.product((48, 320), (12, 40), (2, 6), (8, 192)))
 """(T, K, E, d_v) timed by `calibrate_compute`: a 2^4 design reaching the upper work counts of
 benchmarks/memory_sharding_sweep.py (CPU times grow faster than linearly once the [T, K, d_v] intermediates leave
 the caches, so a fit to small sizes under-predicts the large ones) without containing any sweep point, so the sweep
-tests the model out of sample. The sweep's smallest points (T=32, K=8, E=1, d_v=16) lie below the design's lower
-corner: there the fit extrapolates, and the per-call term dominates. d_v is rounded up to a multiple of P (and of
-h) where needed."""
+tests the model out of sample. d_v = 8 sits below the sweep's narrowest values: there the index bookkeeping
+outweighs the gathered bytes, which separates the per-index from the per-byte coefficient (with d_v >= 32 only,
+the fit folded the index work into the bytes and under-predicted the narrow, index-heavy points). The sweep's
+smallest T, K and E lie below the design's lower corner: there the fit extrapolates, and the per-call term
+dominates. d_v is rounded up to a multiple of P (and of h) where needed."""
 
 
 def calibrate_compute(comm: Communicator, calibration: Calibration, local_impl: LookupReduce = lookup_reduce_reference,
@@ -64,10 +67,10 @@ def calibrate_compute(comm: Communicator, calibration: Calibration, local_impl: 
                       num_rows: int = 4096, dtype: torch.dtype = torch.float32, iters: int = 5, rounds: int = 2,
                       device: torch.device | str = "cpu") -> Calibration:
     """`calibration` with its compute term fitted (`fit_compute`) to every variant's real lookup
-    (`umtrain.parallel.memory_sharding`, with `local_impl`) on this group at `points`: the slowest rank's best
-    forward + backward over `rounds` passes through all points of `iters` repetitions each (passes apart in time,
-    so that a burst of load from other processes spoils one of them only), minus the communication `calibration`
-    predicts for it."""
+    (`umtrain.parallel.memory_sharding`, with `local_impl`) on this group at `points`: the `step_seconds` of the
+    group's forward + backward step times over `rounds` passes through all points of `iters` repetitions each
+    (passes apart in time, so that a burst of load from other processes spoils one of them only), minus the
+    communication `calibration` predicts for it."""
     if comm.size < 2:
         raise ValueError("compute calibration runs the sharded lookups: it needs a group of at least 2 ranks")
     if comm.size % num_cores and num_cores % comm.size:
@@ -76,41 +79,54 @@ def calibrate_compute(comm: Communicator, calibration: Calibration, local_impl: 
     sizes = [(tokens, LookupDims(value_dim=-(-value_dim // step) * step, topk=topk, num_blocks=num_blocks,
                                  num_cores=num_cores, group_size=comm.size, value_bytes=dtype.itemsize,
                                  score_bytes=dtype.itemsize)) for tokens, topk, num_blocks, value_dim in points]
-    best = [dict.fromkeys(VARIANTS, math.inf) for _ in sizes]
+    samples: list[dict[Variant, list[float]]] = [{v: [] for v in VARIANTS} for _ in sizes]
     for _ in range(rounds):
-        for (tokens, dims), fastest in zip(sizes, best):
+        for (tokens, dims), mine in zip(sizes, samples):
             measured = time_lookup_variants(comm, dims, tokens, num_rows, local_impl, iters, dtype=dtype, device=device)
-            fastest.update({v: min(fastest[v], measured[v]) for v in VARIANTS})
-    observations = [ComputeObservation(v, dims, tokens, fastest[v],
+            for variant, times in measured.items():
+                mine[variant] += times
+    observations = [ComputeObservation(v, dims, tokens, step_seconds(mine[v]),
                                        calibration.seconds(variant_traffic(v, dims, tokens)))
-                    for (tokens, dims), fastest in zip(sizes, best) for v in VARIANTS]
+                    for (tokens, dims), mine in zip(sizes, samples) for v in VARIANTS]
     return replace(calibration, compute=fit_compute(observations),
                    source=f"{calibration.source}; compute: fit to {len(points)} sizes x {len(VARIANTS)} variants "
-                          f"of the sharded lookups ({getattr(local_impl, '__name__', 'lookup')}, {dtype}, best of "
-                          f"{rounds} x {iters})")
+                          f"of the sharded lookups ({getattr(local_impl, '__name__', 'lookup')}, {dtype}, median "
+                          f"group step of {rounds} x {iters})")
+
+
+def step_seconds(samples: Sequence[float]) -> float:
+    """One variant's step time from its group step times: their median. On a loaded machine it follows the load,
+    but all variants alike, so the ratios between variants (what the choice depends on) vary less from one
+    calibration to the next than those of the best times (docs/memory_sharding.md, Calibration)."""
+    return statistics.median(samples)
 
 
 def time_lookup_variants(comm: Communicator, dims: LookupDims, tokens_per_rank: int, num_rows: int,
                          local_impl: LookupReduce, iters: int, dtype: torch.dtype = torch.float32,
                          device: torch.device | str = "cpu", seed: int = 0,
-                         on_step: Optional[Callable[[Variant], None]] = None) -> dict[Variant, float]:
-    """Per variant, the slowest rank's best of `iters` forward + backward passes (after one warm-up) on balanced
-    inputs. Variants take turns within each repetition so that load from other processes hits them alike.
+                         on_step: Optional[Callable[[Variant], None]] = None) -> dict[Variant, list[float]]:
+    """Per variant, the group step time of each of `iters` forward + backward passes (after one warm-up) on
+    balanced inputs: repetition i's time on the slowest rank, since a step of collectives ends when its slowest
+    rank does. Variants take turns within each repetition, so that sample i of every variant ran under about the
+    same load from other processes: compare variants pairwise, sample by sample. The order rotates from one
+    repetition to the next, so that no variant always runs right after another one.
     Counters are reset before each pass; `on_step(variant)` runs after it (to read what was counted)."""
     rows, blocks, scores = balanced_lookup_inputs(dims, tokens_per_rank, num_rows, comm.rank, seed)
     rows, blocks = rows.to(device), blocks.to(device)
     scores = scores.to(device=device, dtype=dtype).requires_grad_()
-    steps = {}
+    steps = []
     for variant in VARIANTS:
         mode, options = {"number": ("number", {}), "pooled": ("number", {"owner_pooling": True}),
                          "dimension": ("dimension", {"num_cores": dims.num_cores,
                                                      "tokens_per_rank": tokens_per_rank})}[variant]
         lookup = make_sharded_lookup(mode, comm.group, num_rows, dims.value_dim, local_impl, comm=comm, **options)
         shard = torch.nn.Parameter(torch.randn(lookup.local_table_shape(), dtype=dtype, device=device))
-        steps[variant] = (lookup, shard)
-    times: dict[Variant, list[float]] = {variant: [] for variant in VARIANTS}
+        steps.append((lookup, shard))
+    times = torch.zeros(len(VARIANTS), iters, dtype=torch.float64)
     for repetition in range(iters + 1):
-        for variant, (lookup, shard) in steps.items():
+        for offset in range(len(VARIANTS)):
+            index = (offset + repetition) % len(VARIANTS)
+            lookup, shard = steps[index]
             comm.reset_counters()
             dist.barrier(comm.group)
             _synchronize(device)
@@ -118,12 +134,12 @@ def time_lookup_variants(comm: Communicator, dims: LookupDims, tokens_per_rank: 
             lookup(rows, blocks, scores, shard, dims.num_blocks).sum().backward()
             _synchronize(device)
             if repetition:
-                times[variant].append(time.perf_counter() - start)
+                times[index, repetition - 1] = time.perf_counter() - start
             if on_step is not None:
-                on_step(variant)
-    best = torch.tensor([min(times[v]) for v in VARIANTS], dtype=torch.float64, device=device)
-    dist.all_reduce(best, op=dist.ReduceOp.MAX, group=comm.group)
-    return {v: float(t) for v, t in zip(VARIANTS, best.tolist())}
+                on_step(VARIANTS[index])
+    times = times.to(device)
+    dist.all_reduce(times, op=dist.ReduceOp.MAX, group=comm.group)
+    return {v: row for v, row in zip(VARIANTS, times.tolist())}
 
 
 def balanced_lookup_inputs(dims: LookupDims, tokens_per_rank: int, num_rows: int, rank: int,
