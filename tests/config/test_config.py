@@ -88,7 +88,8 @@ def test_memory_parallel_group_placement():
 
 def test_query_conv_must_not_reach_past_the_previous_tp_slice():
     """Under sequence parallelism a memory layer's query conv reads k-1 tokens from the previous TP rank only."""
-    split = ULTRAMEM + ["parallel.tensor_model_parallel_size=4", "parallel.sequence_parallel=true", "data.seq_length=16"]
+    split = ULTRAMEM + ["parallel.tensor_model_parallel_size=4", "parallel.sequence_parallel=true",
+                        "data.seq_length=16"]
     assert load(split + ["model.memory.query_conv_kernel=5"]).model.memory.query_conv_kernel == 5
     raises_key("model.memory.query_conv_kernel", split + ["model.memory.query_conv_kernel=6"],
                match="more than the 4 tokens of one TP rank's slice")

@@ -263,6 +263,17 @@ def test_plan_command_json_includes_calibrated_compute(plan_yaml, tmp_path, caps
     assert "local compute per rank" in capsys.readouterr().out
 
 
+def test_plan_prints_the_table_gradient_sum_over_tp_of_data_groups_under_sequence_parallelism(plan_yaml, capsys):
+    """TP peers fill replicas of a `data` group's shard from different sequence slices: 4 bytes x N x d_v / P of
+    gradient per memory layer are all-reduced over TP each step; `tensor_data` groups and no SP need none."""
+    assert _cli(["plan", str(plan_yaml), "--world", "512"]) == 0
+    shard_gradient = 4 * 3211264 * 1024 // 8
+    assert f"table-shard gradient ({shard_gradient / 1e6:.2f} MB) over TP=2" in capsys.readouterr().out
+    for override in ("parallel.memory_parallel_group=tensor_data", "parallel.sequence_parallel=false"):
+        assert _cli(["plan", str(plan_yaml), override, "--world", "512"]) == 0
+        assert "table-shard gradient" not in capsys.readouterr().out
+
+
 def test_plan_command_text_overrides_and_errors(plan_yaml, capsys, tmp_path):
     assert _cli(["plan", str(plan_yaml), "parallel.expert_model_parallel_size=4", "model.memory.value_dim=6",
                  "--world", "64"]) == 0
@@ -290,7 +301,7 @@ def test_plan_with_dedup_fetches_rows_and_refuses_a_capacity(plan_yaml):
     pooled = plan_config(load_config(plan_yaml, number, check_files=False))[0]
     assert pooled.owner_pooling and not pooled.dedup
     rows = plan_config(load_config(plan_yaml, number + ["model.memory.sharding_dedup=true"], check_files=False))[0]
-    assert rows.mode == "number" and rows.dedup and not rows.owner_pooling
+    assert rows.mode == "number" and rows.dedup and not rows.owner_pooling and "sharding_dedup" in rows.reason
     assert rows.bytes_number_wise == pooled.bytes_number_rows
     auto = plan_config(load_config(plan_yaml, ["model.memory.sharding_dedup=true"], check_files=False))[0]
     assert auto.mode == "dimension" and not auto.dedup
@@ -298,6 +309,9 @@ def test_plan_with_dedup_fetches_rows_and_refuses_a_capacity(plan_yaml):
         load_config(plan_yaml, ["model.memory.sharding_dedup=true", "model.memory.sharding_capacity_factor=2"],
                     check_files=False)
     assert info.value.key == "model.memory.sharding_dedup"
+    with pytest.raises(ConfigError, match="sharding_mode is dimension"):
+        load_config(plan_yaml, ["model.memory.sharding_dedup=true", "model.memory.sharding_mode=dimension"],
+                    check_files=False)
 
 
 def test_plan_prices_fixed_capacity_padding(plan_yaml):

@@ -8,7 +8,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from tests.distributed import tiny_config
 from tests.parallel.distributed_helpers import run_on_ranks
+from umtrain.config import config_from_dict
 from umtrain.config.schema import MemoryConfig
 from umtrain.model.memory import MemoryLayer
 from umtrain.model.memory.conv import causal_depthwise_conv
@@ -83,3 +85,24 @@ def test_memory_layer_over_slices_equals_the_whole_sequence():
     for name, param in layer.named_parameters():
         summed = sum(r[2][name] for r in results)
         torch.testing.assert_close(summed, param.grad, rtol=1e-5, atol=1e-6, msg=f"gradient of {name}")
+
+
+def _dense_then_memory_trainer(rank: int, world: int) -> float:
+    """Two Trainers in one process on one Megatron parallel state (benchmarks/memory_overlap.py builds its variants
+    so), the dense one first: the memory one must still get its sequence group."""
+    from umtrain.train.trainer import Trainer
+
+    parallel = {"tensor_model_parallel_size": 2, "sequence_parallel": True}
+    Trainer(config_from_dict(tiny_config(parallel=parallel), world_size=world))
+    memory = tiny_config(parallel=parallel)
+    memory["model"].update(family="ultramem", memory={"placements": ["1:2"], "num_values": 1024, "value_dim": 32,
+                                                      "key_dim": 16, "topk": 4, "lookup_impl": "reference"})
+    trainer = Trainer(config_from_dict(memory, world_size=world))
+    trainer.train_step()
+    return trainer._aux_losses()["aux_loss"]
+
+
+@pytest.mark.slow
+def test_a_memory_trainer_after_a_dense_one_gets_its_sequence_group():
+    aux_losses = run_on_ranks(_dense_then_memory_trainer, 2)
+    assert aux_losses[0] == aux_losses[1] > 0

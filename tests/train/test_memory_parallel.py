@@ -55,6 +55,26 @@ def test_memory_model_matches_single_process(reference, tp, pp, sp):
         torch.testing.assert_close(seen[key], grad, rtol=1e-5, atol=1e-7, msg=f"gradient of {key}")
 
 
+def aux_loss_after_one_more_step(trainer) -> dict:
+    """Every rank logs the auxiliary losses of one more step (the trainer's logging path)."""
+    trainer.train_step()
+    return trainer._aux_losses()
+
+
+@pytest.mark.slow
+def test_aux_loss_is_logged_when_a_pipeline_stage_has_no_memory_layer():
+    """PP=2 with the only memory layer on stage 0: stage 1 tracks no auxiliary loss but must still join Megatron's
+    sum over the pipeline group (it hung there before), and every rank logs the single-process value."""
+    config = ultramem_config(pp=1)
+    config["model"]["memory"]["placements"] = ["1:2"]
+    reference = train_on_ranks(config, 1, collect=aux_loss_after_one_more_step)[0]
+    pipelined = dict(config, parallel={**config["parallel"], "pipeline_model_parallel_size": 2})
+    results = train_on_ranks(pipelined, 2, collect=aux_loss_after_one_more_step)
+    assert reference["aux_loss"] > 0
+    for result in results:
+        assert result["aux_loss"] == pytest.approx(reference["aux_loss"], rel=1e-5)
+
+
 def _value_lrs_per_step(rank, world_size, config_dict):
     from umtrain.train.trainer import Trainer
 

@@ -19,7 +19,7 @@ from umtrain.parallel.comm import Communicator, run_local_group
 from umtrain.ops.lookup_reduce import get_lookup_reduce
 from umtrain.parallel.calibration import calibrate, calibrate_compute
 from umtrain.parallel.cost_model import (DEFAULT_CALIBRATION, VARIANTS, Calibration, LayerPlan, crossover_value_dim,
-                                         dims_from_config, plan_config)
+                                         dims_from_config, plan_config, table_gradient_tp_sum_bytes)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -101,6 +101,11 @@ def format_plan(plans: list[LayerPlan], config, world: int, calibration: Calibra
                      f"{_ms(plan.compute_seconds_number_wise):>10} {_ms(plan.compute_seconds_dimension_wise):>12}  "
                      f"{mode}")
     lines.append("")
+    tp_sum = table_gradient_tp_sum_bytes(config)
+    if tp_sum:
+        lines.append(f"sequence parallel with memory_parallel_group data: each step also all-reduces every memory "
+                     f"layer's table-shard gradient ({_mb(tp_sum)}) over TP={p.tensor_model_parallel_size}; "
+                     f"memory_parallel_group: tensor_data holds 1/P per rank without it")
     reasons = {plan.reason for plan in plans}
     if len(reasons) == 1:
         lines.append(f"every layer: {reasons.pop()}")

@@ -146,6 +146,8 @@ class MemoryConfig:
                  key("sharding_capacity_factor"), "must be >= 1 (a multiple of the balanced T*K/P ids per owner)")
         _require(not (self.sharding_dedup and self.sharding_capacity_factor is not None), key("sharding_dedup"),
                  "de-duplication (torch.unique, a host sync) defeats sharding_capacity_factor (sync-free): set one")
+        _require(not (self.sharding_dedup and self.sharding_mode == "dimension"), key("sharding_dedup"),
+                 "de-duplicates number-wise requests; sharding_mode is dimension")
         side_width = self.key_dim // self.tucker_rank if self.key_layout == "B" else self.key_dim
         _require(not self.query_key_layernorm or side_width >= 2, key("key_dim"),
                  f"query/key LayerNorm over a key width of {side_width} makes every key constant")

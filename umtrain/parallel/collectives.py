@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from megatron.core import parallel_state
@@ -56,6 +56,13 @@ def loss_on_every_rank(micro_batch_losses: Optional[list[torch.Tensor]], is_repo
         value.zero_()
     torch.distributed.all_reduce(value)
     return float(value[0])
+
+
+def union_over_group(names: Iterable[str], group: torch.distributed.ProcessGroup) -> list[str]:
+    """The sorted union of every rank's `names` in `group` (the same list on each of them)."""
+    gathered: list = [None] * torch.distributed.get_world_size(group)
+    torch.distributed.all_gather_object(gathered, sorted(names), group=group)
+    return sorted(set().union(*gathered))
 
 
 def merged_from_all_ranks(local: dict) -> dict:

@@ -416,6 +416,8 @@ def plan_layer(dims: LookupDims, tokens_per_rank: int, calibration: Calibration,
                   f"{seconds[rejected] * 1e3:.3f} ms {_describe(rejected, capacity)} ({_mb(sent[chosen])} vs "
                   f"{_mb(sent[rejected])} sent per rank{_compute_note(compute, chosen, rejected)}, forward + backward; "
                   f"calibration: {calibration.backend})")
+    if dedup and mode == "number":
+        reason += " (sharding_dedup: each distinct row once per rank; priced without de-duplication)"
     return LayerPlan(layer=layer, placement=placement, group_size=dims.group_size, tokens_per_rank=tokens_per_rank,
                      mode=mode, owner_pooling=mode == "number" and number == "pooled",
                      bytes_number_wise=sent[number], bytes_number_rows=sent["number"],
@@ -449,6 +451,16 @@ def tokens_per_rank(config: Config) -> int:
     tokens = config.training.micro_batch_size * config.data.seq_length
     p = config.parallel
     return tokens // p.tensor_model_parallel_size if p.sequence_parallel else tokens
+
+
+def table_gradient_tp_sum_bytes(config: Config) -> int:
+    """Bytes of one memory layer's table-shard gradient (fp32) that each rank also all-reduces over TP per step: under
+    sequence parallelism TP peers fill their replicas of a `memory_parallel_group: data` shard from different tokens
+    (umtrain.parallel.memory_tables); 0 otherwise (`tensor_data` groups need no such sum)."""
+    p, memory = config.parallel, config.model.memory
+    if not (p.sequence_parallel and p.tensor_model_parallel_size > 1 and p.memory_parallel_group == "data"):
+        return 0
+    return 4 * memory.num_values * memory.value_dim // p.expert_model_parallel_size
 
 
 def dims_from_config(config: Config) -> LookupDims:

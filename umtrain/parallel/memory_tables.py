@@ -13,24 +13,30 @@ Which tokens a TP rank looks up decides the rest (`mark_memory_parameters`):
   expert-data-parallel group then holds TP peers that looked up the same tokens: DDP would sum TP copies of each
   token's gradient, so the shards' gradients are scaled by 1/TP;
 - under sequence parallelism each TP rank looks up its 1/TP of the sequence (umtrain.parallel.sequence). The memory
-  layer's dense parameters, and a table shard that TP peers replicate (`data`), are tagged `sequence_parallel`: their
-  gradients are summed over TP. Under `tensor_data` a shard's expert-data-parallel group already sums every token once.
+  layer's dense parameters are tagged `sequence_parallel`: Megatron's `finalize_model_grads` sums them over TP.
+  Under `tensor_data` a shard's expert-data-parallel group already sums every token once. Under `data` TP peers
+  fill replicas of one shard from different tokens: `finalize_model_grads_with_tables` sums those over TP, in place
+  (Megatron's sum of `sequence_parallel` gradients would copy them all into one flat buffer first, a second copy
+  of every table's gradient).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.distributed import finalize_model_grads
 from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
 from umtrain.config import Config
 from umtrain.ops import get_lookup_reduce
-from umtrain.parallel.cost_model import DEFAULT_CALIBRATION, Calibration, plan_config
+from umtrain.parallel.cost_model import DEFAULT_CALIBRATION, Calibration, plan_config, table_gradient_tp_sum_bytes
 from umtrain.parallel.memory_sharding import ShardedLookup, lookup_from_plan, mark_table_shard
 
 TABLE_PARAM = "values"
+logger = logging.getLogger(__name__)
 
 
 def memory_lookup_factory(config: Config):
@@ -59,23 +65,45 @@ def check_table_overflow(memories: list[torch.nn.Module]) -> None:
             check()
 
 
+TABLE_GRAD_TP_SUM = "umtrain_sum_grad_over_tp"
+"""Set on table shards whose gradient `finalize_model_grads_with_tables` sums over TP."""
+
+
 def mark_memory_parameters(memories: list[torch.nn.Module], config: Config) -> None:
-    """Flag the table shards as expert-parallel parameters, and set what the module docstring describes. Table
-    shards that differ between TP ranks (`tensor_data`) are marked TP-parallel, so that the clipping norm counts each
-    rank's shard (Megatron skips the non-TP-parallel parameters of TP ranks other than 0)."""
+    """Flag the table shards as expert-parallel parameters, and set what the module docstring describes. When the
+    memory-parallel groups span TP ranks (`tensor_data`: expert TP size 1), TP peers hold different shards or are
+    expert-data-parallel peers (P < TP): the shards are then marked TP-parallel, so that the clipping norm counts
+    each rank's shard (Megatron skips the non-TP-parallel parameters of TP ranks other than 0)."""
     p = config.parallel
-    shards_differ_across_tp = p.tensor_model_parallel_size > 1 and p.memory_parallel_group == "tensor_data"
+    groups_span_tp = p.tensor_model_parallel_size > 1 and p.memory_parallel_group == "tensor_data"
     for memory in memories:
         table = mark_table_shard(getattr(memory, TABLE_PARAM))
-        if shards_differ_across_tp:
+        if groups_span_tp:
             tensor_parallel.set_tensor_model_parallel_attributes(table, True, 0, 1)
         if p.sequence_parallel:
             for param in memory.parameters():
-                if param is not table or not shards_differ_across_tp:
+                if param is not table:
                     param.sequence_parallel = True
-        elif shards_differ_across_tp:
+            setattr(table, TABLE_GRAD_TP_SUM, table_gradient_tp_sum_bytes(config) > 0)
+        elif groups_span_tp:
             copies = p.tensor_model_parallel_size
             table.register_hook(lambda grad: grad / copies)
+    if memories and table_gradient_tp_sum_bytes(config):
+        logger.warning("sequence parallel with memory_parallel_group data: every step also all-reduces each memory "
+                       "layer's table-shard gradient (%.2f GB) over TP=%d; memory_parallel_group: tensor_data holds "
+                       "1/P of each table per rank without it", table_gradient_tp_sum_bytes(config) / 1e9,
+                       p.tensor_model_parallel_size)
+
+
+def finalize_model_grads_with_tables(model: list[torch.nn.Module], *args, **kwargs) -> None:
+    """Megatron's `finalize_model_grads` (DP reduction, then the TP sums it knows), then the in-place TP sum of the
+    table shards marked `TABLE_GRAD_TP_SUM`."""
+    finalize_model_grads(model, *args, **kwargs)
+    group = parallel_state.get_tensor_model_parallel_group()
+    for chunk in model:
+        for param in chunk.parameters():
+            if getattr(param, TABLE_GRAD_TP_SUM, False):
+                torch.distributed.all_reduce(param.main_grad, group=group)
 
 
 def table_replicated_across_tp() -> bool:

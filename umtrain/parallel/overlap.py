@@ -13,8 +13,8 @@ own output, or a stand-in for it) and a handle; `finish(handle)` returns the mem
 All three give the same results: the computation and its inputs are the same. Collectives of other groups (TP, SP)
 stay on the main thread; only the memory layer's own groups run inside the runner (the memory-parallel group, and
 under sequence parallelism the copy of the TP group that carries the query conv's previous tokens), and at most one
-memory layer per model chunk is in flight, since placements do not overlap. The threaded backward runs the memory parameters'
-gradient hooks on the worker, so it needs `parallel.overlap_grad_reduce: false` (a hook must not start a DP
+memory layer per model chunk is in flight, since placements do not overlap. The threaded backward runs the memory
+parameters' gradient hooks on the worker, so it needs `parallel.overlap_grad_reduce: false` (a hook must not start a DP
 collective beside the main thread's); with it on, the thread runner overlaps the forward only. Its backward runs
 once per forward: `retain_graph`, `torch.autograd.grad` and `create_graph` through it are not supported.
 """

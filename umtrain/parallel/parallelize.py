@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.transformer import TransformerConfig
 
 from umtrain.config import Config
+from umtrain.parallel.memory_tables import finalize_model_grads_with_tables
 
 
 def wrap_data_parallel(config: Config, tconfig: TransformerConfig, chunks: list) -> list[DistributedDataParallel]:
@@ -24,7 +25,7 @@ def wrap_data_parallel(config: Config, tconfig: TransformerConfig, chunks: list)
     ]
     for chunk in wrapped:
         chunk.broadcast_params()
-    tconfig.finalize_model_grads_func = finalize_model_grads
+    tconfig.finalize_model_grads_func = finalize_model_grads_with_tables
     if p.overlap_grad_reduce:
         no_sync = [chunk.no_sync for chunk in wrapped]
         tconfig.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync

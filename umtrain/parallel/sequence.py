@@ -17,6 +17,7 @@ Without sequence parallelism every TP rank holds the whole sequence and runs the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Callable, Optional
 
 import torch
@@ -45,22 +46,24 @@ def memory_sequence_split(sequence_parallel: bool) -> MemorySequenceSplit:
                                history=lambda x, count: previous_tokens(x, count, group))
 
 
-def initialize_memory_sequence_group() -> None:
+def ensure_memory_sequence_group(timeout: timedelta) -> None:
     """Create, on every rank (a collective over the world), one more process group per TP group for the memory
-    layers' sequence exchanges. Call after Megatron's parallel state is initialised."""
+    layers' sequence exchanges, unless this rank has one over its current TP ranks already. Call after Megatron's
+    parallel state is initialised, on every rank alike."""
     global _MEMORY_SEQUENCE_GROUP
     mine = dist.get_process_group_ranks(parallel_state.get_tensor_model_parallel_group())
-    everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
-    for ranks in sorted({tuple(r) for r in everyone}):
-        group = dist.new_group(list(ranks))
+    current = _MEMORY_SEQUENCE_GROUP is not None and dist.get_process_group_ranks(_MEMORY_SEQUENCE_GROUP) == mine
+    if all(_gather_objects(current)):
+        return
+    for ranks in sorted({tuple(r) for r in _gather_objects(mine)}):
+        group = dist.new_group(list(ranks), timeout=timeout)
         if dist.get_rank() in ranks:
             _MEMORY_SEQUENCE_GROUP = group
 
 
 def memory_sequence_group() -> dist.ProcessGroup:
     if _MEMORY_SEQUENCE_GROUP is None:
-        raise RuntimeError("memory layers under sequence parallelism need initialize_memory_sequence_group() first")
+        raise RuntimeError("memory layers under sequence parallelism need ensure_memory_sequence_group() first")
     return _MEMORY_SEQUENCE_GROUP
 
 
@@ -94,6 +97,12 @@ class _PreviousTokens(torch.autograd.Function):
         if rank + 1 < size:
             grad_x[ctx.length - ctx.count:] = grads[rank + 1]
         return grad_x, None, None
+
+
+def _gather_objects(value: object) -> list:
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, value)
+    return everyone
 
 
 def _all_gather(tensor: torch.Tensor, group: dist.ProcessGroup) -> list[torch.Tensor]:

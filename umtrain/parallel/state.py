@@ -13,7 +13,10 @@ from megatron.core import parallel_state, tensor_parallel
 
 from umtrain.config import Config
 from umtrain.parallel import cpu_compat
-from umtrain.parallel.sequence import destroy_memory_sequence_group, initialize_memory_sequence_group
+from umtrain.parallel.sequence import destroy_memory_sequence_group, ensure_memory_sequence_group
+
+
+PROCESS_GROUP_TIMEOUT = datetime.timedelta(minutes=30)
 
 
 @dataclass(frozen=True)
@@ -50,7 +53,7 @@ def initialize_distributed(config: Config) -> Layout:
         os.environ.setdefault("WORLD_SIZE", "1")
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group(backend=backend_for(config), timeout=datetime.timedelta(minutes=30))
+        torch.distributed.init_process_group(backend=backend_for(config), timeout=PROCESS_GROUP_TIMEOUT)
     p = config.parallel
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
@@ -60,8 +63,8 @@ def initialize_distributed(config: Config) -> Layout:
             expert_model_parallel_size=p.expert_model_parallel_size,
             expert_tensor_parallel_size=1 if p.memory_parallel_group == "tensor_data" else None,
         )
-        if p.sequence_parallel and config.model.family in ("pkm", "ultramem"):
-            initialize_memory_sequence_group()
+    if p.sequence_parallel and config.model.family in ("pkm", "ultramem"):
+        ensure_memory_sequence_group(PROCESS_GROUP_TIMEOUT)
     return Layout(
         world_size=torch.distributed.get_world_size(),
         rank=torch.distributed.get_rank(),

@@ -25,7 +25,8 @@ from umtrain.config import Config
 from umtrain.model.build import build_model_chunks, unwrap
 from umtrain.model.gpt import padded_vocab_size, transformer_config
 from umtrain.model.memory_block import MEMORY_AUX_LOSS, memory_modules
-from umtrain.parallel.collectives import loss_on_every_rank, merge_memory_health, merged_from_all_ranks
+from umtrain.parallel.collectives import (loss_on_every_rank, merge_memory_health, merged_from_all_ranks,
+                                         union_over_group)
 from umtrain.parallel.memory_tables import check_table_overflow, mark_memory_parameters, memory_lookup_factory
 from umtrain.parallel.parallelize import wrap_data_parallel
 from umtrain.parallel.state import Layout, initialize_distributed, seed_everything
@@ -183,12 +184,19 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- logging
     def _aux_losses(self) -> dict[str, float]:
+        """The auxiliary losses tracked since the last call, summed over layers and averaged over micro-batches.
+        Megatron sums each loss over the pipeline group, so every stage takes part, with zeros for the losses of
+        layers it does not hold (a stage without memory or MoE layers tracks nothing) and in one order."""
         tracker = get_moe_layer_wise_logging_tracker()
-        if not tracker:
+        names = union_over_group(tracker, parallel_state.get_pipeline_model_parallel_group())
+        if not names:
             return {}
-        reduce_aux_losses_tracker_across_ranks()
-        names = {MEMORY_AUX_LOSS: "aux_loss", "load_balancing_loss": "moe_aux_loss"}
-        values = {names.get(name, name): float(entry["values"].sum()) / self.train_batches.num_micro_batches
+        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+        for name in names:
+            tracker.setdefault(name, {"values": torch.zeros(self.tconfig.num_layers, device=device)})
+        reduce_aux_losses_tracker_across_ranks(names)
+        log_names = {MEMORY_AUX_LOSS: "aux_loss", "load_balancing_loss": "moe_aux_loss"}
+        values = {log_names.get(name, name): float(entry["values"].sum()) / self.train_batches.num_micro_batches
                   for name, entry in tracker.items()}
         clear_aux_losses_tracker()
         return values

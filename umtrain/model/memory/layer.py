@@ -316,9 +316,11 @@ class MemoryLayer(nn.Module):
         self.stat_sums += torch.stack([top1.double(), output_std.double(), top1.new_ones((), dtype=torch.float64)])
 
     def health_metrics(self, reset: bool = True) -> dict[str, float]:
-        """Since the last reset: fraction of physical values hit at least once, mean top-1 score, output std.
+        """Since the last reset: fraction of physical values hit at least once, mean top-1 score, and the mean over
+        forwards of the output's std (over that forward's tokens).
 
-        Per process: under data parallelism reduce `value_hits` (logical or) and `stat_sums` across ranks first.
+        Per process: across data-parallel (and sequence-parallel) ranks reduce `value_hits` (logical or) and
+        `stat_sums` (sum) first; the output std is then a mean of the ranks' stds over their own tokens.
         """
         top1_sum, std_sum, count = self.stat_sums.tolist() if self.stat_sums is not None else (0.0, 0.0, 0.0)
         count = max(count, 1.0)
