@@ -120,3 +120,17 @@ def test_sequence_parallel_memory_layers_look_up_their_slice_and_train_like_unsh
         for key, value in unsharded["health"].items():
             if not key.endswith("output_std"):                  # a std over half the tokens is another statistic
                 assert result["health"][key] == pytest.approx(value, rel=1e-5), key
+
+
+@pytest.mark.slow
+def test_tensor_data_group_smaller_than_tp_under_sequence_parallelism_trains_like_without_it():
+    """TP=4 with P=2 tensor_data groups: TP ranks 0, 2 (and 1, 3) hold replicas of one shard, as expert-data-parallel
+    peers, and under SP they fill them from different quarters of the sequence. Against the same layout without
+    SP (TP=4 pads the vocabulary differently from TP=1): the same losses and clipping norm."""
+    replicated, split = (train_on_ranks(sharded_config(tp=4, ep=2, group="tensor_data", sp=sp, sharding_mode="number"),
+                                        4, collect=looked_up_tokens) for sp in (False, True))
+    quarter = 2 * 32 // 4
+    for reference, result in zip(replicated, split):
+        assert result["loss"] == pytest.approx(reference["loss"], rel=1e-5)
+        assert result["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-5)
+        assert result["tokens"] == [quarter, quarter] and reference["tokens"] == [4 * quarter, 4 * quarter]
