@@ -160,9 +160,17 @@ def _encoder(workers: int, tokenizer_type: str, tokenizer_model: str, text_key: 
         _init_encoder(*init_args)
         yield lambda batches: map(_encode_batch, batches)
         return
-    # fork: workers inherit the imported modules (importing megatron.core takes seconds per process)
-    with multiprocessing.get_context("fork").Pool(workers, initializer=_init_encoder, initargs=init_args) as pool:
+    with _worker_context().Pool(workers, initializer=_init_encoder, initargs=init_args) as pool:
         yield lambda batches: _bounded_ordered_map(pool, batches, IN_FLIGHT_PER_WORKER * workers)
+
+
+def _worker_context() -> multiprocessing.context.BaseContext:
+    """Workers forked from a fork server that imported this module once: they start without re-importing
+    megatron.core (seconds per process), and unlike a plain fork they never copy a lock held by another thread of
+    the caller (a trainer's or a test runner's process-group and tokenizer threads)."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
 
 
 def _bounded_ordered_map(pool: multiprocessing.pool.Pool, batches: Iterator[_RowBatch], max_in_flight: int) -> Iterator[_EncodedBatch]:
