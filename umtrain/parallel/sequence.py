@@ -53,9 +53,11 @@ def ensure_memory_sequence_group(timeout: timedelta) -> None:
     global _MEMORY_SEQUENCE_GROUP
     mine = dist.get_process_group_ranks(parallel_state.get_tensor_model_parallel_group())
     current = _MEMORY_SEQUENCE_GROUP is not None and dist.get_process_group_ranks(_MEMORY_SEQUENCE_GROUP) == mine
-    if all(_gather_objects(current)):
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (current, mine))
+    if all(is_current for is_current, _ in everyone):
         return
-    for ranks in sorted({tuple(r) for r in _gather_objects(mine)}):
+    for ranks in sorted({tuple(tp_ranks) for _, tp_ranks in everyone}):
         group = dist.new_group(list(ranks), timeout=timeout)
         if dist.get_rank() in ranks:
             _MEMORY_SEQUENCE_GROUP = group
@@ -97,12 +99,6 @@ class _PreviousTokens(torch.autograd.Function):
         if rank + 1 < size:
             grad_x[ctx.length - ctx.count:] = grads[rank + 1]
         return grad_x, None, None
-
-
-def _gather_objects(value: object) -> list:
-    everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, value)
-    return everyone
 
 
 def _all_gather(tensor: torch.Tensor, group: dist.ProcessGroup) -> list[torch.Tensor]:
