@@ -9,7 +9,8 @@ a 1M-value table of d_v 512) at 16 sequences of 2048 tokens, the size at which `
 by their time (operators' own device time would count each kernel twice, once as itself and once in the operator
 that launched it); on CPU it runs in float32 and ranks operators by their own CPU time. It also counts the
 host-device synchronisations per step (CUDA runtime calls that block the host), which stop the host from running
-ahead of the GPU and so defeat the side-stream overlap.
+ahead of the GPU and so defeat the side-stream overlap, and lists, on any device, the operators and host reads of
+one step that synchronise on CUDA (`umtrain.ops.host_sync`), with where they were called.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from umtrain.config.schema import MemoryConfig
 from umtrain.model.memory import MemoryLayer
+from umtrain.ops.host_sync import record_host_syncs
 
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 """Runtime calls that block the host until the device catches up (device-to-host copies such as `.item()` and
@@ -103,6 +105,8 @@ def print_report(result: dict, rows: int) -> None:
           f"ranked {result['ranked']}s' own time {result['profiled_ms_per_step']:.2f} ms")
     print("host-blocking runtime calls per step: "
           + (", ".join(f"{op['name']} x{op['calls_per_step']:g}" for op in result["host_syncs"]) or "none"))
+    print("operators and host reads that synchronise on CUDA, per step: "
+          + ("; ".join(result["host_sync_operators"]) or "none"))
     total = result["profiled_ms_per_step"] or 1.0
     print(f"{result['ranked']:<60} {'calls':>7} {'ms/step':>9} {'share':>6}")
     for op in result["ops"][:rows]:
@@ -145,6 +149,8 @@ def main(argv=None) -> dict:
     forward = median_ms(layer, x, grad, False, device, args.repeats)
     forward_backward = median_ms(layer, x, grad, True, device, args.repeats)
     ops, syncs, profiled_wall_ms = profile_steps(layer, x, grad, device, args.profile_steps)
+    with record_host_syncs() as sync_operators:
+        step(layer, x, grad, backward=True)
     result = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join(["python benchmarks/memory_layer_profile.py", *(sys.argv[1:] if argv is None else argv)]),
@@ -156,6 +162,7 @@ def main(argv=None) -> dict:
         "profiled_ms_per_step": sum(op["self_ms_per_step"] for op in ops),
         "profiled_wall_ms_per_step": profiled_wall_ms,
         "ranked": "GPU kernel" if device == "cuda" else "operator", "ops": ops, "host_syncs": syncs,
+        "host_sync_operators": sync_operators,
     }
     print_report(result, args.rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)

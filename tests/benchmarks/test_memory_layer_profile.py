@@ -30,9 +30,11 @@ def test_profile_report(bench, tmp_path, capsys):
     # profiled steps took by the wall clock (which also includes Python, autograd and profiler overhead).
     assert 0 < result["profiled_ms_per_step"] <= result["profiled_wall_ms_per_step"]
     assert result["forward_ms"] < result["forward_backward_ms"]
-    assert result["host_syncs"] == []
+    assert result["host_syncs"] == [] and result["host_sync_operators"] == []
     assert result["lookup"] == "lookup_reduce_reference"
-    assert "host-blocking runtime calls per step: none" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "host-blocking runtime calls per step: none" in printed
+    assert "synchronise on CUDA, per step: none" in printed
 
 
 def test_tokens_must_fill_whole_sequences(bench):

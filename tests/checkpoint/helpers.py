@@ -26,9 +26,10 @@ ULTRAMEM = {"family": "ultramem", "num_layers": 4, "hidden_size": 64, "num_atten
 
 
 def run_config(iters: int, tp: int = 1, pp: int = 1, save: str | None = None, model: dict | None = None,
-               **checkpoint) -> dict:
-    """A tiny run of `iters` steps (checkpoint section: save=..., save_interval=..., load=...)."""
-    sections = dict(parallel={"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp},
+               parallel: dict | None = None, **checkpoint) -> dict:
+    """A tiny run of `iters` steps (checkpoint section: save=..., save_interval=..., load=...; `parallel`: more
+    keys of the parallel section)."""
+    sections = dict(parallel={"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp, **(parallel or {})},
                     training={"train_iters": iters, "eval_interval": 1000},
                     checkpoint={"save": save, **checkpoint})
     if model is not None:

@@ -23,11 +23,18 @@ def four_steps():
     return train(run_config(4), 1)["loss"]
 
 
+OVERLAPPED_PARAM_GATHER = {"use_distributed_optimizer": True, "overlap_grad_reduce": True, "overlap_param_gather": True}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("model,tp,world", [(None, 2, 2), (ULTRAMEM, 1, 2)], ids=["dense-tp2", "ultramem-dp2"])
-def test_stop_and_resume_is_bit_exact(tmp_path, model, tp, world):
-    reference = train(run_config(2 * N, tp=tp, model=model), world)["loss"]
-    config = run_config(2 * N, tp=tp, model=model, save=str(tmp_path / "ckpt"))
+@pytest.mark.parametrize("model,tp,world,parallel", [(None, 2, 2, {}), (ULTRAMEM, 1, 2, {}),
+                                                     (ULTRAMEM, 1, 2, OVERLAPPED_PARAM_GATHER)],
+                         ids=["dense-tp2", "ultramem-dp2", "ultramem-dp2-overlapped-param-gather"])
+def test_stop_and_resume_is_bit_exact(tmp_path, model, tp, world, parallel):
+    """The overlapped parameter gather leaves the parameters, and the TDQKR factors refreshed from them, to the next
+    forward: a checkpoint must hold the updated ones."""
+    reference = train(run_config(2 * N, tp=tp, model=model, parallel=parallel), world)["loss"]
+    config = run_config(2 * N, tp=tp, model=model, parallel=parallel, save=str(tmp_path / "ckpt"))
     first = train(config, world, preempt_at=N)
     second = train(config, world)
     assert first["preempted"] and first["loss"] == reference[:N]

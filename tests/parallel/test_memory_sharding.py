@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 from distributed_helpers import run_on_ranks
 
+from umtrain.ops.host_sync import record_host_syncs
 from umtrain.ops.lookup_reduce import lookup_reduce_reference
 from umtrain.parallel.comm import Communicator
 from umtrain.parallel.cost_model import (DEFAULT_CALIBRATION, LookupDims, dimension_wise_traffic,
@@ -82,9 +83,10 @@ def _run_case(rank: int, world: int, case: Case) -> dict:
                                  **options)
     shard = mark_table_shard(torch.nn.Parameter(lookup.shard_of(table).clone()))
     my_scores = scores[:, mine].clone().requires_grad_()
-    pooled = lookup(rows[mine], blocks[mine], my_scores, shard, case.num_blocks)
-    (pooled * weight[mine]).sum().backward()
-    return {"pooled": pooled.detach(), "grad_scores": my_scores.grad, "grad_shard": shard.grad,
+    with record_host_syncs() as host_syncs:
+        pooled = lookup(rows[mine], blocks[mine], my_scores, shard, case.num_blocks)
+        (pooled * weight[mine]).sum().backward()
+    return {"pooled": pooled.detach(), "grad_scores": my_scores.grad, "grad_shard": shard.grad, "host_syncs": host_syncs,
             "offset": lookup.shard_offset(), "shape": lookup.local_table_shape(), "allreduce": shard.allreduce,
             "sent": dict(comm.bytes_sent), "received": dict(comm.bytes_received), "calls": dict(comm.calls)}
 
@@ -189,6 +191,20 @@ def test_each_rank_holds_one_pth_of_every_table(sharded_runs):
         largest = (NUM_ROWS + world - 1) // world * VALUE_DIM * 4 if case.mode == "number" else total_bytes // world
         assert max(shard_bytes) == largest, case
         assert all(not runs[rank][index]["allreduce"] for rank in range(world))
+
+
+@pytest.mark.slow
+def test_only_the_exact_size_exchanges_synchronise_the_host(sharded_runs):
+    """With sizes known from the config (dimension-wise with the training micro-batch's tokens per rank,
+    number-wise with a fixed capacity) nothing reads device data on the host. Without them the exchanged counts
+    are read on the host (documented; the trainer passes tokens_per_rank, sharding_capacity_factor sets a
+    capacity)."""
+    world, cases, runs, _ = sharded_runs
+    for index, case in enumerate(cases):
+        sync_free = bool({"tokens_per_rank", "capacity"} & dict(case.options).keys())
+        for rank in range(world):
+            found = runs[rank][index]["host_syncs"]
+            assert (found == []) == sync_free, f"P={world} rank {rank} {case}: {found}"
 
 
 @pytest.mark.slow

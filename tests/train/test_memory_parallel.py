@@ -12,6 +12,7 @@ from megatron.core import parallel_state
 from tests.distributed import tiny_config, train_on_ranks
 from umtrain.config import config_from_dict
 from umtrain.model.build import unwrap
+from umtrain.ops.host_sync import record_host_syncs
 from umtrain.parallel.comm import run_local_group
 
 MEMORY = {"placements": ["1:2", "3:4"], "num_values": 1024, "value_dim": 32, "key_dim": 16, "topk": 4,
@@ -53,6 +54,30 @@ def test_memory_model_matches_single_process(reference, tp, pp, sp):
     assert seen.keys() == reference["grads"].keys()
     for key, grad in reference["grads"].items():
         torch.testing.assert_close(seen[key], grad, rtol=1e-5, atol=1e-7, msg=f"gradient of {key}")
+
+
+def host_syncs_of_a_micro_batch(trainer) -> list[str]:
+    """Host-synchronising operators and host reads (umtrain.ops.host_sync) of one training micro-batch's forward and
+    backward through the model, its batch fetched before recording (the dataset works on the host)."""
+    batch = trainer.train_batches.global_batch(0)[0]
+    with record_host_syncs() as found:
+        losses = trainer.model[0](batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        losses.float().mean().backward()
+    return found
+
+
+MEGATRON_CROSS_ENTROPY = "megatron/core/tensor_parallel/cross_entropy.py"
+"""Megatron's vocabulary-parallel loss indexes with boolean masks (`masked_target[target_mask] = 0`)."""
+
+
+@pytest.mark.slow
+def test_a_training_micro_batch_synchronises_the_host_only_in_megatrons_loss():
+    """On a GPU a host synchronisation inside a memory layer stops the host from queueing the blocks the layer skips
+    (the SVD behind the TDQKR auxiliary loss was one per layer). One process: Megatron's vocabulary-parallel
+    embedding adds its own boolean-mask indexing under TP."""
+    config = ultramem_config(training={"train_iters": 1})
+    (found,) = train_on_ranks(config, 1, collect=host_syncs_of_a_micro_batch)
+    assert found and all(MEGATRON_CROSS_ENTROPY in entry for entry in found), found
 
 
 def aux_loss_after_one_more_step(trainer) -> dict:
@@ -107,3 +132,15 @@ def test_value_lr_follows_the_formula_at_every_step():
         assert value_lrs and other_lrs
         assert other_lrs == pytest.approx([base] * len(other_lrs))
         assert value_lrs == pytest.approx([base * (1 + (lam - 1) * max(0.0, 1 - step / total))] * len(value_lrs))
+
+
+@pytest.mark.slow
+def test_distributed_optimizer_with_overlapped_param_gather_matches_single_process(reference):
+    """With `overlap_param_gather` the updated parameters reach a rank only in the next forward (Megatron's pre-hooks
+    all-gather them): the TDQKR factors must be refreshed from the gathered cores, not from the shard-only update
+    right after the optimizer step."""
+    config = ultramem_config()
+    config["parallel"].update(use_distributed_optimizer=True, overlap_grad_reduce=True, overlap_param_gather=True)
+    for result in train_on_ranks(config, 2, collect=memory_grads):      # DP = 2
+        assert result["loss"] == pytest.approx(reference["loss"], rel=1e-5)
+        assert result["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-5)

@@ -181,10 +181,13 @@ def restore_trainer(trainer, loaded: dict[str, Any], load_optimizer: bool, load_
 
 
 def sync_params_before_save(trainer) -> None:
-    """With overlap_param_gather the parameters are stale until the next forward (CPU notes gotcha 6)."""
+    """With overlap_param_gather the parameters are stale until the next forward (CPU notes gotcha 6), and so are
+    the TDQKR factors computed from them, whose refresh waits for that forward."""
     if trainer.config.parallel.overlap_param_gather:
         for chunk in trainer.model:
             chunk.start_param_sync(force_sync=True)
+        for memory in trainer.memory_layers:
+            memory.run_pending_tdqkr_refresh()
 
 
 def same_layout(saved: dict[str, int], trainer) -> bool:

@@ -165,7 +165,7 @@ class Trainer:
         result = guarded_step(self.optimizer, self.config.optimizer.clip_grad)
         if result.applied:
             for memory in self.memory_layers:
-                memory.refresh_tdqkr_factors()
+                memory.refresh_tdqkr_factors(at_next_forward=self.config.parallel.overlap_param_gather)
         self.history.lr.append(lr)
         self.history.value_lr.append(lr * value_lr_multiplier(self.config, self.iteration))
         return loss, result.grad_norm, result.applied

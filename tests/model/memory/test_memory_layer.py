@@ -11,6 +11,7 @@ from memory_reference import naive_memory_forward
 from umtrain.config.base import ConfigError
 from umtrain.config.schema import MemoryConfig
 from umtrain.model.memory import MemoryLayer
+from umtrain.ops.host_sync import record_host_syncs
 from umtrain.ops.lookup_reduce import lookup_reduce_reference
 
 PKM = dict(num_values=64, value_dim=12, key_dim=6, num_heads=2, topk=4, softmax=True, output_projection=False,
@@ -173,16 +174,67 @@ def test_sharded_table_is_stored_and_handed_to_lookup() -> None:
         make_layer(overrides, hidden, table_shape=(65, 8))
 
 
+def eq12_aux_loss(layer: MemoryLayer) -> float:
+    """Eq. 12 by hand from the singular values of the summed core."""
+    c = layer.config
+    singular = torch.linalg.svdvals(layer.cores.detach().sum(1).double())
+    excess = torch.relu(singular[:, 1:] - c.aux_loss_tau)
+    return c.aux_loss_coeff / (c.tucker_rank - 1) * excess.pow(2).sum(-1).mean().item()
+
+
+def set_cores(layer: MemoryLayer, seed: int) -> None:
+    with torch.no_grad():
+        layer.cores.copy_(torch.randn(layer.cores.shape, generator=torch.Generator().manual_seed(seed)))
+
+
 def test_aux_loss_is_set_by_forward_and_zero_without_tdqkr() -> None:
     layer = make_layer(*CASES["ultramem"])
-    with torch.no_grad():
-        layer.cores.fill_(1.0)
-        layer.cores[:, :, 1, 1] = 2.0
+    set_cores(layer, 0)
+    layer.refresh_tdqkr_factors()
     layer(torch.randn(2, 1, 16))
     assert layer.aux_loss.requires_grad and layer.aux_loss.item() > 0
+    assert layer.aux_loss.item() == pytest.approx(eq12_aux_loss(layer), rel=1e-5)
     pkm = make_layer(*CASES["pkm"])
     pkm(torch.randn(2, 1, 12))
     assert pkm.aux_loss.item() == 0.0
+
+
+def test_loading_a_state_dict_recomputes_the_aux_loss_basis() -> None:
+    """The singular basis is not saved: after a load it must follow the loaded cores, not the layer's own init."""
+    saved = make_layer(*CASES["ultramem"])
+    set_cores(saved, 1)
+    saved.refresh_tdqkr_factors()
+    loaded = make_layer(*CASES["ultramem"], seed=7)
+    loaded.load_state_dict(saved.state_dict())
+    loaded(torch.randn(2, 1, 16))
+    assert loaded.aux_loss.item() == pytest.approx(eq12_aux_loss(saved), rel=1e-5)
+    assert torch.equal(loaded.tdqkr_row_factor, saved.tdqkr_row_factor)
+
+
+def test_deferred_refresh_runs_once_at_the_next_forward() -> None:
+    layer = make_layer(*CASES["ultramem"])
+    set_cores(layer, 2)
+    layer.refresh_tdqkr_factors(at_next_forward=True)
+    assert layer.tdqkr_refresh_pending
+    expected = make_layer(*CASES["ultramem"])
+    expected.load_state_dict(layer.state_dict())
+    expected.refresh_tdqkr_factors()
+    layer(torch.randn(2, 1, 16))
+    assert not layer.tdqkr_refresh_pending
+    assert torch.equal(layer.tdqkr_row_factor, expected.tdqkr_row_factor)
+    assert layer.aux_loss.item() == pytest.approx(eq12_aux_loss(layer), rel=1e-5)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_forward_and_backward_dispatch_no_host_synchronising_operator(case: str) -> None:
+    """On a GPU any of them would stop the host at every memory layer (see umtrain.ops.host_sync)."""
+    overrides, hidden = CASES[case]
+    layer = make_layer(overrides, hidden)
+    x = torch.randn(5, 2, hidden, requires_grad=True)
+    with record_host_syncs() as found:
+        out = layer(x)
+        (out.square().sum() + layer.aux_loss).backward()
+    assert found == []
 
 
 def test_health_metrics_follow_the_selected_rows() -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from umtrain.model.memory.retrieval import (bilinear_grid, grid_scores, leading_singular_pair, select_top_m,
-                                            tdqkr_aux_loss)
+from umtrain.model.memory.retrieval import (bilinear_grid, grid_scores, select_top_m, tdqkr_aux_loss,
+                                            tdqkr_core_factors)
 
 
 def exact_top_m(s_row: torch.Tensor, s_col: torch.Tensor, cores: torch.Tensor | None, top_m: int) -> torch.Tensor:
@@ -38,7 +38,8 @@ def rank_one_cores(heads: int, rank: int, generator: torch.Generator) -> torch.T
 
 def factors_of(cores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     zeros = torch.zeros(cores.shape[0], cores.shape[-1])
-    return leading_singular_pair(cores, zeros, zeros)
+    factors = tdqkr_core_factors(cores, zeros, zeros)
+    return factors.row, factors.col
 
 
 @pytest.mark.parametrize("tokens,heads,n,top_m", [(6, 2, 16, 4), (3, 3, 32, 8), (5, 1, 7, 7)])
@@ -123,7 +124,7 @@ def test_tdqkr_selection_gradients_match_brute_force_per_core_scores() -> None:
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
-def test_leading_singular_pair_keeps_the_previous_sign_and_is_deterministic_at_step_0() -> None:
+def test_core_factors_keep_the_previous_sign_and_are_deterministic_at_step_0() -> None:
     generator = torch.Generator().manual_seed(3)
     cores = torch.randn(4, 2, 3, 3, generator=generator)
     u, t = factors_of(cores)
@@ -131,9 +132,9 @@ def test_leading_singular_pair_keeps_the_previous_sign_and_is_deterministic_at_s
     summed = cores.sum(1)
     sigma = torch.linalg.svdvals(summed)[:, 0]
     torch.testing.assert_close(torch.einsum("jr,jrs,js->j", u, summed, t), sigma)
-    flipped_u, flipped_t = leading_singular_pair(cores, -u, -t)
-    torch.testing.assert_close(flipped_u, -u)
-    torch.testing.assert_close(flipped_t, -t)
+    flipped = tdqkr_core_factors(cores, -u, -t)
+    torch.testing.assert_close(flipped.row, -u)
+    torch.testing.assert_close(flipped.col, -t)
     positive = torch.rand(2, 1, 3, 3, generator=generator)
     pu, pt = factors_of(positive)
     assert torch.all(pu >= 0) and torch.all(pt >= 0)
@@ -148,10 +149,28 @@ def rotated_cores(singular_values: list[list[float]], num_cores: int, generator:
     return (summed / num_cores).unsqueeze(1).repeat(1, num_cores, 1, 1)
 
 
+def aux_loss(cores: torch.Tensor) -> torch.Tensor:
+    """The aux loss with the singular basis taken from these cores, as a refresh before the forward gives it."""
+    zeros = torch.zeros(cores.shape[0], cores.shape[-1])
+    return tdqkr_aux_loss(cores, tdqkr_core_factors(cores, zeros, zeros).right_basis, coeff=0.001, tau=0.15)
+
+
+def test_aux_loss_matches_svdvals_in_value_and_gradient() -> None:
+    """Against the loss written with torch.linalg.svdvals (whose gradient is u_i v_i^T), on random cores."""
+    cores = torch.randn(3, 2, 4, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    cores.requires_grad_(True)
+    got = aux_loss(cores)
+    excess = torch.relu(torch.linalg.svdvals(cores.sum(1))[:, 1:] - 0.15)
+    want = 0.001 / 3 * excess.pow(2).sum(-1).mean()
+    assert want.item() > 0
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(torch.autograd.grad(got, cores)[0], torch.autograd.grad(want, cores)[0])
+
+
 def test_aux_loss_is_zero_when_non_leading_singular_values_are_under_tau() -> None:
     cores = rotated_cores([[2.0, 0.1, 0.05], [1.0, 0.14, 0.0]], 2, torch.Generator().manual_seed(0))
     cores.requires_grad_(True)
-    loss = tdqkr_aux_loss(cores, coeff=0.001, tau=0.15)
+    loss = aux_loss(cores)
     assert loss.item() == 0.0
     assert torch.count_nonzero(torch.autograd.grad(loss, cores)[0]) == 0
 
@@ -159,7 +178,7 @@ def test_aux_loss_is_zero_when_non_leading_singular_values_are_under_tau() -> No
 def test_aux_loss_value_and_gradient_push_the_excess_singular_values_down() -> None:
     sigmas = [[2.0, 0.9, 0.4], [1.0, 0.5, 0.1]]
     cores = rotated_cores(sigmas, 2, torch.Generator().manual_seed(1)).requires_grad_(True)
-    loss = tdqkr_aux_loss(cores, coeff=0.001, tau=0.15)
+    loss = aux_loss(cores)
     by_hand = 0.001 / 2 * (((0.9 - 0.15) ** 2 + (0.4 - 0.15) ** 2) + (0.5 - 0.15) ** 2) / 2
     assert loss.item() == pytest.approx(by_hand, rel=1e-5)
     (grad,) = torch.autograd.grad(loss, cores)

@@ -21,7 +21,7 @@ from umtrain.config.base import ConfigError
 from umtrain.config.schema import MemoryConfig
 from umtrain.model.memory.conv import causal_depthwise_conv, identity_kernel
 from umtrain.model.memory.init import derive_seed, expected_top_m_mean, improved_value_variance, score_population
-from umtrain.model.memory.retrieval import Selection, leading_singular_pair, select_top_m, tdqkr_aux_loss
+from umtrain.model.memory.retrieval import Selection, select_top_m, tdqkr_aux_loss, tdqkr_core_factors
 from umtrain.ops.lookup_reduce import LookupReduce, get_lookup_reduce
 
 _CALIBRATION_DRAWS = 32
@@ -110,8 +110,12 @@ class MemoryLayer(nn.Module):
         if c.tucker_rank > 1:
             self.register_buffer("tdqkr_row_factor", torch.zeros(c.num_heads, c.tucker_rank))
             self.register_buffer("tdqkr_col_factor", torch.zeros(c.num_heads, c.tucker_rank))
+            self.register_buffer("tdqkr_right_basis", torch.zeros(c.num_heads, c.tucker_rank, c.tucker_rank),
+                                 persistent=False)
+            self.register_load_state_dict_post_hook(_recompute_right_basis)
         else:
-            self.tdqkr_row_factor = self.tdqkr_col_factor = None
+            self.tdqkr_row_factor = self.tdqkr_col_factor = self.tdqkr_right_basis = None
+        self.tdqkr_refresh_pending = False
         self.register_buffer("value_hits", torch.zeros(c.num_values, dtype=torch.bool), persistent=False)
         # (sum of top-1 scores, sum of output stds, forwards) in float64; not a buffer, so a bf16 cast leaves it alone.
         self.stat_sums: Optional[torch.Tensor] = None
@@ -216,31 +220,47 @@ class MemoryLayer(nn.Module):
             factors = (None, None)
             if "cores" in params:
                 zeros = torch.zeros(self.config.num_heads, self.config.tucker_rank)
-                factors = leading_singular_pair(params["cores"], zeros, zeros)
+                core_factors = tdqkr_core_factors(params["cores"], zeros, zeros)
+                factors = (core_factors.row, core_factors.col)
             x = torch.randn(_CALIBRATION_TOKENS, 1, self.hidden_size, generator=generator)
             total += self._weights(self._select(x, params, *factors)).pow(2).mean().item()
         return total / _CALIBRATION_DRAWS
 
     @torch.no_grad()
-    def refresh_tdqkr_factors(self, restart: bool = False) -> None:
-        """Recompute (u, t) from the SVD of the summed core; call once per optimizer step (spec 2.3).
+    def refresh_tdqkr_factors(self, restart: bool = False, at_next_forward: bool = False) -> None:
+        """Recompute (u, t) and the singular basis of the aux loss from the SVD of the summed core; call once per
+        optimizer step (spec 2.3), so that the forward itself needs no SVD.
 
         restart: forget the previous sign and apply the step-0 rule; call it so after overwriting the parameters
         from outside (a layout-independent init), so that the factors match the new cores from the first step.
+        at_next_forward: the cores on this rank are not updated yet (Megatron's distributed optimizer with
+        `overlap_param_gather` all-gathers them in the next forward's pre-hooks): refresh at the start of the next
+        forward instead, which then costs that forward the SVD's host synchronisation.
         """
         if self.cores is None:
             return
+        if at_next_forward:
+            self.tdqkr_refresh_pending = True
+            return
+        self.tdqkr_refresh_pending = False
         if restart:
             self.tdqkr_row_factor.zero_()
             self.tdqkr_col_factor.zero_()
-        u, t = leading_singular_pair(self.cores.detach(), self.tdqkr_row_factor, self.tdqkr_col_factor)
-        self.tdqkr_row_factor.copy_(u)
-        self.tdqkr_col_factor.copy_(t)
+        factors = tdqkr_core_factors(self.cores.detach(), self.tdqkr_row_factor, self.tdqkr_col_factor)
+        self.tdqkr_row_factor.copy_(factors.row)
+        self.tdqkr_col_factor.copy_(factors.col)
+        self.tdqkr_right_basis.copy_(factors.right_basis)
+
+    def run_pending_tdqkr_refresh(self) -> None:
+        """The refresh deferred by `refresh_tdqkr_factors(at_next_forward=True)`, now (the cores must be current)."""
+        if self.tdqkr_refresh_pending:
+            self.refresh_tdqkr_factors()
 
     # ----------------------------------------------------------------------------------------- forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         seq, batch, hidden = x.shape
+        self.run_pending_tdqkr_refresh()
         selection = self._select(x, dict(self.named_parameters()), self.tdqkr_row_factor, self.tdqkr_col_factor,
                                  self._conv_history(x))
         weights = self._weights(selection)
@@ -301,7 +321,7 @@ class MemoryLayer(nn.Module):
     def _aux_loss(self, x: torch.Tensor) -> torch.Tensor:
         if self.cores is None:
             return x.new_zeros(())
-        return tdqkr_aux_loss(self.cores, self.config.aux_loss_coeff, self.config.aux_loss_tau)
+        return tdqkr_aux_loss(self.cores, self.tdqkr_right_basis, self.config.aux_loss_coeff, self.config.aux_loss_tau)
 
     # ----------------------------------------------------------------------------------------- health
 
@@ -330,3 +350,11 @@ class MemoryLayer(nn.Module):
             self.value_hits.zero_()
             self.stat_sums = None
         return metrics
+
+
+@torch.no_grad()
+def _recompute_right_basis(layer: MemoryLayer, incompatible_keys) -> None:
+    """After a state-dict load: the aux loss's singular basis follows the loaded cores (it is not saved); the loaded
+    (u, t) are kept as they are, since their sign carries over from the run that saved them."""
+    factors = tdqkr_core_factors(layer.cores.detach(), layer.tdqkr_row_factor, layer.tdqkr_col_factor)
+    layer.tdqkr_right_basis.copy_(factors.right_basis)

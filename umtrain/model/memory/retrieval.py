@@ -123,28 +123,45 @@ def select_top_m(s_row: torch.Tensor, s_col: torch.Tensor, cores: Optional[torch
     return Selection(row=row, col=col, scores=scores)
 
 
+@dataclass
+class CoreFactors:
+    """What TDQKR takes from the SVD of the summed core C_bar = sum_i C^(i) (eq. 6), once per optimizer step."""
+
+    row: torch.Tensor
+    """u [H, r]: the leading left singular vector, with the sign rule of `tdqkr_core_factors`."""
+    col: torch.Tensor
+    """t [H, r]: the leading right singular vector, with the same sign."""
+    right_basis: torch.Tensor
+    """V [H, r, r]: all right singular vectors as columns, leading first (for `tdqkr_aux_loss`)."""
+
+
 @torch.no_grad()
-def leading_singular_pair(cores: torch.Tensor, previous_row: torch.Tensor,
-                          previous_col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(u, t) [H, r]: leading left/right singular vectors of the summed core C_bar = sum_i C^(i) (eq. 6).
+def tdqkr_core_factors(cores: torch.Tensor, previous_row: torch.Tensor, previous_col: torch.Tensor) -> CoreFactors:
+    """The SVD of C_bar, for the candidate stage (u, t) and the auxiliary loss (V).
 
     SVD fixes (u, t) up to a shared sign, and flipping it changes the candidates. Keep the sign closer in L1 to
     the previous (u, t), as the authors' code does; with no previous pair (all zeros) make sum(u) + sum(t) >= 0,
     which for nonnegative cores (the U(0,1) init) gives the Perron vectors.
     """
-    u_all, _, vh_all = torch.linalg.svd(cores.sum(1).float())
+    u_all, _, vh_all = torch.linalg.svd(cores.sum(1).to(torch.promote_types(cores.dtype, torch.float32)))
     u, t = u_all[..., :, 0], vh_all[..., 0, :]
     keep = (u - previous_row).abs().sum(-1) + (t - previous_col).abs().sum(-1)
     flip = (u + previous_row).abs().sum(-1) + (t + previous_col).abs().sum(-1)
     first_step = (previous_row.abs().sum(-1) + previous_col.abs().sum(-1)) == 0
     sign = torch.where(first_step, torch.where(u.sum(-1) + t.sum(-1) >= 0, 1.0, -1.0),
                        torch.where(flip < keep, -1.0, 1.0))
-    return (u * sign[:, None]).to(cores.dtype), (t * sign[:, None]).to(cores.dtype)
+    return CoreFactors(row=(u * sign[:, None]).to(cores.dtype), col=(t * sign[:, None]).to(cores.dtype),
+                       right_basis=vh_all.mT.to(cores.dtype))
 
 
-def tdqkr_aux_loss(cores: torch.Tensor, coeff: float, tau: float) -> torch.Tensor:
-    """Eq. 12: alpha/(r-1) * sum_{i>=2} relu(lambda_i - tau)^2 over the singular values of C_bar, mean over heads."""
-    rank = cores.shape[-1]
-    singular = torch.linalg.svdvals(cores.sum(1).float())               # [H, r], descending
+def tdqkr_aux_loss(cores: torch.Tensor, right_basis: torch.Tensor, coeff: float, tau: float) -> torch.Tensor:
+    """Eq. 12: alpha/(r-1) * sum_{i>=2} relu(lambda_i - tau)^2 over the singular values of C_bar, mean over heads.
+
+    lambda_i = ||C_bar v_i|| with V = `right_basis` from the last `tdqkr_core_factors` of these cores: the exact
+    singular values, and the exact gradient u_i v_i^T of each, without an SVD in the forward. (On CUDA an SVD checks
+    its solver's status on the host, which would stop the host at every memory layer until the device got there.)
+    """
+    rank, dtype = cores.shape[-1], torch.promote_types(cores.dtype, torch.float32)
+    singular = torch.linalg.vector_norm(cores.sum(1).to(dtype) @ right_basis.to(dtype), dim=-2)  # [H, r], descending
     excess = torch.relu(singular[:, 1:] - tau)
     return coeff / (rank - 1) * excess.pow(2).sum(-1).mean()
