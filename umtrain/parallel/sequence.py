@@ -77,7 +77,11 @@ def destroy_memory_sequence_group() -> None:
 def previous_tokens(x: torch.Tensor, count: int, group: dist.ProcessGroup) -> torch.Tensor:
     """The `count` tokens before this rank's slice x [S_local, B, D] of a sequence split in rank order over `group`
     (zeros on the first rank); the backward sends their gradient back to the previous rank. Needs S_local >= count
-    (checked at config load)."""
+    (checked at config load).
+
+    One all-gather of every rank's last `count` tokens, not a send/receive shift: it moves TP-1 times the tokens a
+    shift would, but those are k-1 = 4 tokens per sequence (a few hundred KiB per layer at TP = 8), latency-bound
+    either way, and a single collective cannot deadlock on the order of sends and receives."""
     if count > x.shape[0]:
         raise ValueError(f"{count} previous tokens asked of a slice of {x.shape[0]} tokens")
     return _PreviousTokens.apply(x, count, group)
