@@ -225,6 +225,22 @@ def test_deferred_refresh_runs_once_at_the_next_forward() -> None:
     assert layer.aux_loss.item() == pytest.approx(eq12_aux_loss(layer), rel=1e-5)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_forward_and_backward_on_cuda_never_wait_for_the_device() -> None:
+    """The CUDA counterpart of the check below: PyTorch's sync debug mode raises at any synchronising call."""
+    from umtrain.ops.lookup_reduce import get_lookup_reduce
+
+    overrides, hidden = CASES["ultramem"]
+    layer = make_layer(overrides, hidden, lookup=get_lookup_reduce("triton")).cuda()
+    x = torch.randn(5, 2, hidden, device="cuda", requires_grad=True)
+    layer(x).sum().backward()                          # compiles the kernels first
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        (layer(x).square().sum() + layer.aux_loss).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_forward_and_backward_dispatch_no_host_synchronising_operator(case: str) -> None:
     """On a GPU any of them would stop the host at every memory layer (see umtrain.ops.host_sync)."""
