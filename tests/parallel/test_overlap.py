@@ -4,6 +4,7 @@ it gives the same output and gradients (the thread runner on CPU; the side-strea
 from __future__ import annotations
 
 import threading
+import warnings
 
 import pytest
 import torch
@@ -134,3 +135,23 @@ def test_stream_runner_matches_sync(lookup_impl: str):
     expected = run_through(SyncRunner(), "cuda", lookup_impl)
     # Table gradients accumulate with atomics on CUDA (order not fixed): equal to float32 rounding.
     assert_same(run_through(StreamRunner(), "cuda", lookup_impl), expected, tolerance=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_stream_runner_accumulates_memory_gradients_on_its_stream():
+    """With the accumulators adopted before a DDP-like wrapper takes hold of them (Megatron's DDP keeps
+    `param.expand_as(param).grad_fn.next_functions[0][0]`), PyTorch does not warn that an AccumulateGrad node's
+    stream differs from its gradient's."""
+    layer = MemoryLayer(MEMORY, HIDDEN, num_layers=4, seed=0, layer_index=0,
+                        lookup=get_lookup_reduce("triton")).cuda()
+    runner = StreamRunner()
+    runner.adopt_parameters(layer.parameters())
+    held_like_ddp = [p.expand_as(p).grad_fn.next_functions[0][0] for p in layer.parameters()]
+    x = torch.randn(16, 2, HIDDEN, device="cuda", requires_grad=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            main, pending = runner.start(layer, x, x)
+            (runner.finish(pending) + main).sum().backward()
+        torch.cuda.synchronize()
+    assert held_like_ddp and not [w for w in caught if "AccumulateGrad" in str(w.message)]

@@ -3,6 +3,8 @@ without CUDA. Runs in the device check (scripts/gpu_check.sh)."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -50,3 +52,22 @@ def test_bf16_tracks_fp32(fp32_gpu_losses):
     bf16 = losses_on_gpu(ultramem_config("bf16", overlap=True))
     assert bf16 == pytest.approx(fp32_gpu_losses, abs=0.05)
     assert bf16[-1] < bf16[0]
+
+
+def accumulate_grad_stream_warnings(trainer) -> list[str]:
+    """PyTorch's warnings about an AccumulateGrad node on another stream than its gradient, in one more step."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train_step()
+    return [str(w.message) for w in caught if "AccumulateGrad" in str(w.message)]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_memory_gradients_accumulate_on_the_side_stream(precision):
+    """The side-stream runner makes the memory parameters' accumulators before Megatron's DDP (and after the bf16
+    cast): otherwise the default stream waits there for the memory layer's backward."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("NVIDIA_TF32_OVERRIDE", "0")
+        (found,) = train_on_ranks(ultramem_config(precision, overlap=True), 1, collect=accumulate_grad_stream_warnings,
+                                  backend="nccl")
+    assert found == []

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 
@@ -132,6 +132,16 @@ class StreamRunner:
 
     def __init__(self):
         self._stream = torch.cuda.Stream()
+        self._accumulators: list = []
+
+    def adopt_parameters(self, params: Iterable[torch.nn.Parameter]) -> None:
+        """Make the memory parameters' gradient accumulators (autograd's AccumulateGrad nodes) on the side stream,
+        and keep them alive; call before Megatron's DDP wraps the model, which would make them on the default
+        stream and keep those, and after any dtype cast of the parameters, which discards them. Autograd runs an accumulator on the stream current when it was made, so one made on
+        the default stream makes that stream wait, in the backward, until the side stream has produced the
+        parameter's gradient (PyTorch warns: "The AccumulateGrad node's stream does not match ...")."""
+        with torch.cuda.stream(self._stream):
+            self._accumulators += [p.expand_as(p).grad_fn.next_functions[0][0] for p in params if p.requires_grad]
 
     def start(self, compute: Compute, x: torch.Tensor, main: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._stream.wait_stream(torch.cuda.current_stream())

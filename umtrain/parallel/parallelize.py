@@ -7,10 +7,12 @@ from megatron.core.transformer import TransformerConfig
 
 from umtrain.config import Config
 from umtrain.parallel.memory_tables import finalize_model_grads_with_tables
+from umtrain.parallel.overlap import StreamRunner
 
 
 def wrap_data_parallel(config: Config, tconfig: TransformerConfig, chunks: list) -> list[DistributedDataParallel]:
     p = config.parallel
+    adopt_memory_gradient_accumulators(chunks)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=p.overlap_grad_reduce,
@@ -35,3 +37,15 @@ def wrap_data_parallel(config: Config, tconfig: TransformerConfig, chunks: list)
         param_sync = [chunk.start_param_sync for chunk in wrapped]
         tconfig.param_sync_func = param_sync[0] if len(param_sync) == 1 else param_sync
     return wrapped
+
+
+def adopt_memory_gradient_accumulators(chunks: list) -> None:
+    """A side-stream memory runner makes its memory layers' gradient accumulators (`StreamRunner.adopt_parameters`)
+    before DDP makes them on the default stream and keeps them; after any dtype cast (Float16Module), which would
+    discard accumulators made earlier."""
+    for chunk in chunks:
+        for module in chunk.modules():
+            runner = getattr(getattr(module, "skip_bus", None), "runner", None)
+            memory = getattr(module, "memory", None)
+            if isinstance(runner, StreamRunner) and memory is not None:
+                runner.adopt_parameters(memory.parameters())
