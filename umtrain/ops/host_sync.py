@@ -5,31 +5,70 @@ the device has computed them (`.item()`, `nonzero`, `unique`, the info check of 
 Inside a memory layer such a wait stops the host from queueing the blocks the layer overlaps with. On CPU nothing
 waits, but the same operators are dispatched, so `record_host_syncs` lists them there too, and CI can hold a code
 path to "no host synchronisation" without a GPU. Reads of a tensor's data by the host (`.tolist()`, `.numpy()`,
-`.cpu()`) never reach the dispatcher on CPU; the recorder lists those Python calls as well, whatever the device.
-The GPU profile (benchmarks/memory_layer_profile.py) counts the synchronisations themselves.
+`.cpu()`, `.to("cpu")`) never reach the dispatcher on CPU; the recorder lists those Python calls as well, whatever
+the device. The GPU profile (benchmarks/memory_layer_profile.py) counts the synchronisations themselves.
+
+What is listed follows what the CUDA kernels do, so some calls that look alike are not: `x[mask] = 0` (a scalar
+value) becomes a `masked_fill_`, `repeat_interleave` with `output_size` and `histc` with a range need no host read.
+Operators called inside another operator's kernel are not seen (e.g. the `.item()` inside `torch.allclose`), so
+those whose kernels read values on the host are listed by name.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import traceback
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 HOST_SYNC_OPS = frozenset({
     "aten::_local_scalar_dense",           # .item(), bool(t), int(t), float(t)
-    "aten::nonzero", "aten::masked_select", "aten::bincount", "aten::histc",
+    "aten::nonzero", "aten::masked_select", "aten::bincount",
     "aten::_unique", "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive",
-    "aten::repeat_interleave",             # the size of its output is the sum of the repeats
     "aten::_linalg_svd", "aten::linalg_svd", "aten::_linalg_eigh", "aten::linalg_eig", "aten::linalg_lstsq",
     "aten::linalg_solve", "aten::linalg_inv", "aten::linalg_cholesky", "aten::_linalg_check_errors",
-    "aten::equal", "aten::is_nonzero",
+    "aten::equal", "aten::is_nonzero", "aten::allclose", "aten::multinomial",
 })
-"""Operators that on CUDA make the host wait for the device (value-dependent output size, a value read by the
-host, or an error check of a linear-algebra routine)."""
+"""Operators that on CUDA always make the host wait for the device (value-dependent output size, a value read by
+the host, or an error check of a linear-algebra routine or of sampling probabilities)."""
+
+_INDEX_OPS = ("aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_")
+
+
+def synchronises(name: str, args: tuple, kwargs: dict) -> bool:
+    """Whether the dispatched operator `name` with these arguments makes the host wait on CUDA."""
+    if name in HOST_SYNC_OPS:
+        return True
+    if name == "aten::repeat_interleave":           # the output's size is the sum of the repeats, unless given
+        repeats = args[1] if len(args) > 1 else args[0]
+        return isinstance(repeats, torch.Tensor) and kwargs.get("output_size") is None
+    if name == "aten::histc":                       # min == max (the default): the range is read from the data
+        low = args[2] if len(args) > 2 else kwargs.get("min", 0)
+        high = args[3] if len(args) > 3 else kwargs.get("max", 0)
+        return low == high
+    if name in _INDEX_OPS:
+        return _is_boolean_mask_index(name, args, kwargs)
+    return False
+
+
+def _is_boolean_mask_index(name: str, args: tuple, kwargs: dict) -> bool:
+    """x[mask] and x[mask] = v: the output (or the written positions) come from a nonzero over the mask, except
+    `x[mask] = scalar` (one mask, no accumulation), which PyTorch turns into `masked_fill_`."""
+    indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
+    masks = [i for i in indices if isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)]
+    if not masks:
+        return False
+    if name == "aten::index":
+        return True
+    value = args[2] if len(args) > 2 else kwargs.get("values")
+    accumulate = args[3] if len(args) > 3 else kwargs.get("accumulate", False)
+    other_indices = [i for i in indices if i is not None and i is not masks[0]]
+    scalar_fill = value.dim() == 0 and not accumulate and not other_indices
+    return not scalar_fill
 
 
 class _HostSyncRecorder(TorchDispatchMode):
@@ -38,10 +77,10 @@ class _HostSyncRecorder(TorchDispatchMode):
         self._found = found
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._schema.name
-        if name in HOST_SYNC_OPS or _is_boolean_mask_index(name, args):
-            self._found.append(f"{name} at {_caller()}")
-        return func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        if synchronises(func._schema.name, args, kwargs):
+            self._found.append(f"{func._schema.name} at {_caller()}")
+        return func(*args, **kwargs)
 
 
 def _caller() -> str:
@@ -54,40 +93,56 @@ def _caller() -> str:
     return "?"
 
 
-def _is_boolean_mask_index(name: str, args: tuple) -> bool:
-    """x[mask] and x[mask] = v: the output (or the written positions) come from a nonzero over the mask."""
-    if name not in ("aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_"):
-        return False
-    indices = args[1] if len(args) > 1 else ()
-    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices)
+# ------------------------------------------------------------------------------------- host reads of tensor data
+
+def _reads_to_host(method: str, args: tuple, kwargs: dict) -> bool:
+    if method != "to":
+        return True
+    device = torch._C._nn._parse_to(*args, **kwargs)[0]
+    return device is not None and device.type == "cpu"
 
 
-HOST_READ_METHODS = ("tolist", "numpy", "cpu")
-"""Tensor methods that hand a tensor's data to the host: a device-to-host copy for a CUDA tensor."""
+HOST_READ_METHODS = ("tolist", "numpy", "cpu", "to")
+"""Tensor methods that hand a tensor's data to the host (`to` when its target is the CPU): a device-to-host copy
+for a CUDA tensor."""
+
+_patch_lock = threading.Lock()
+_recording: list[list[str]] = []              # the lists of the recorders now open, on any thread
+_originals: dict[str, Any] = {}
+
+
+def _recorded(method: str, original: Callable) -> Callable:
+    def call(tensor, *args, **kwargs):
+        if _reads_to_host(method, args, kwargs):
+            entry = f"Tensor.{method} at {_caller()}"
+            for found in list(_recording):
+                found.append(entry)
+        return original(tensor, *args, **kwargs)
+    return call
 
 
 @contextmanager
 def _recording_host_reads(found: list[str]) -> Iterator[None]:
-    originals = {name: torch.Tensor.__dict__.get(name) for name in HOST_READ_METHODS}
-
-    def recorded(name: str):
-        method = getattr(torch.Tensor, name)
-
-        def call(tensor, *args, **kwargs):
-            found.append(f"Tensor.{name} at {_caller()}")
-            return method(tensor, *args, **kwargs)
-        return call
-
-    for name in HOST_READ_METHODS:
-        setattr(torch.Tensor, name, recorded(name))
+    """The Tensor methods are patched while at least one recorder is open, and restored when the last one closes,
+    in whatever order recorders on several threads close."""
+    with _patch_lock:
+        if not _recording:
+            for method in HOST_READ_METHODS:
+                _originals[method] = torch.Tensor.__dict__.get(method)
+                setattr(torch.Tensor, method, _recorded(method, getattr(torch.Tensor, method)))
+        _recording.append(found)
     try:
         yield
     finally:
-        for name, original in originals.items():
-            if original is None:
-                delattr(torch.Tensor, name)
-            else:
-                setattr(torch.Tensor, name, original)
+        with _patch_lock:
+            _recording[:] = [other for other in _recording if other is not found]
+            if not _recording:
+                for method, original in _originals.items():
+                    if original is None:
+                        delattr(torch.Tensor, method)
+                    else:
+                        setattr(torch.Tensor, method, original)
+                _originals.clear()
 
 
 @contextmanager
@@ -95,7 +150,7 @@ def record_host_syncs() -> Iterator[list[str]]:
     """Yields a list that fills with "<operator or method> at <file:line>" for every host-synchronising operator
     dispatched, and every host read of tensor data made, inside the block, in order, forward and (when backward runs
     inside it) backward. Operators are seen on the calling thread only (dispatch modes are thread-local); host
-    reads on any thread."""
+    reads on any thread, by every recorder open at the time."""
     found: list[str] = []
     with _recording_host_reads(found), _HostSyncRecorder(found):
         yield found

@@ -211,6 +211,27 @@ def test_loading_a_state_dict_recomputes_the_aux_loss_basis() -> None:
     assert torch.equal(loaded.tdqkr_row_factor, saved.tdqkr_row_factor)
 
 
+def test_aux_loss_is_exact_for_bf16_cores_with_a_large_leading_singular_value() -> None:
+    """As under Megatron's Float16Module: the layer is cast to bf16 after its refresh. The aux loss must still be
+    eq. 12 of the bf16 cores (a bf16 basis, or one of the float32 cores before the cast, leaks about 2^-9 of
+    sigma_1 = 20 into lambda_2)."""
+    layer = make_layer(*CASES["ultramem"])
+    generator = torch.Generator().manual_seed(4)
+    q1, q2 = (torch.linalg.qr(torch.randn(2, 2, 2, generator=generator)).Q for _ in range(2))
+    summed = q1 @ torch.diag_embed(torch.tensor([[20.0, 0.5], [12.0, 0.3]])) @ q2.mT
+    with torch.no_grad():
+        layer.cores.copy_((summed / 2).unsqueeze(1).expand_as(layer.cores))
+    layer.refresh_tdqkr_factors()
+    layer.bfloat16()
+    layer(torch.randn(2, 1, 16, dtype=torch.bfloat16))
+    assert layer.aux_loss.item() == pytest.approx(eq12_aux_loss(layer), rel=1e-4)
+
+
+def test_refresh_cannot_both_restart_and_wait() -> None:
+    with pytest.raises(ValueError, match="restart"):
+        make_layer(*CASES["ultramem"]).refresh_tdqkr_factors(restart=True, at_next_forward=True)
+
+
 def test_deferred_refresh_runs_once_at_the_next_forward() -> None:
     layer = make_layer(*CASES["ultramem"])
     set_cores(layer, 2)

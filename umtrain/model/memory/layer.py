@@ -110,11 +110,14 @@ class MemoryLayer(nn.Module):
         if c.tucker_rank > 1:
             self.register_buffer("tdqkr_row_factor", torch.zeros(c.num_heads, c.tucker_rank))
             self.register_buffer("tdqkr_col_factor", torch.zeros(c.num_heads, c.tucker_rank))
-            self.register_buffer("tdqkr_right_basis", torch.zeros(c.num_heads, c.tucker_rank, c.tucker_rank),
-                                 persistent=False)
-            self.register_load_state_dict_post_hook(_recompute_right_basis)
+            self.register_load_state_dict_post_hook(lambda layer, incompatible_keys: layer._recompute_right_basis())
         else:
-            self.tdqkr_row_factor = self.tdqkr_col_factor = self.tdqkr_right_basis = None
+            self.tdqkr_row_factor = self.tdqkr_col_factor = None
+        # V of the aux loss, [H, r, r] in float32 or wider: not a buffer, so that a bf16 cast of the module leaves
+        # it alone (a bf16 V leaks about 2^-9 of sigma_1 into every lambda_i), and not saved (it follows the cores).
+        # It belongs to the cores of the (device, dtype) it was computed from; a move or cast makes it stale.
+        self.tdqkr_right_basis: Optional[torch.Tensor] = None
+        self.tdqkr_right_basis_of: Optional[tuple[torch.device, torch.dtype]] = None
         self.tdqkr_refresh_pending = False
         self.register_buffer("value_hits", torch.zeros(c.num_values, dtype=torch.bool), persistent=False)
         # (sum of top-1 scores, sum of output stds, forwards) in float64; not a buffer, so a bf16 cast leaves it alone.
@@ -240,6 +243,8 @@ class MemoryLayer(nn.Module):
         if self.cores is None:
             return
         if at_next_forward:
+            if restart:
+                raise ValueError("refresh_tdqkr_factors: restart applies now; it cannot wait for the next forward")
             self.tdqkr_refresh_pending = True
             return
         self.tdqkr_refresh_pending = False
@@ -249,7 +254,18 @@ class MemoryLayer(nn.Module):
         factors = tdqkr_core_factors(self.cores.detach(), self.tdqkr_row_factor, self.tdqkr_col_factor)
         self.tdqkr_row_factor.copy_(factors.row)
         self.tdqkr_col_factor.copy_(factors.col)
-        self.tdqkr_right_basis.copy_(factors.right_basis)
+        self._set_right_basis(factors.right_basis)
+
+    def _set_right_basis(self, right_basis: torch.Tensor) -> None:
+        self.tdqkr_right_basis = right_basis
+        self.tdqkr_right_basis_of = (self.cores.device, self.cores.dtype)
+
+    @torch.no_grad()
+    def _recompute_right_basis(self) -> None:
+        """V of the current cores, (u, t) kept: after a state-dict load (the loaded (u, t) carry their sign over from
+        the run that saved them) or a move or cast of the cores."""
+        factors = tdqkr_core_factors(self.cores.detach(), self.tdqkr_row_factor, self.tdqkr_col_factor)
+        self._set_right_basis(factors.right_basis)
 
     def run_pending_tdqkr_refresh(self) -> None:
         """The refresh deferred by `refresh_tdqkr_factors(at_next_forward=True)`, now (the cores must be current)."""
@@ -321,6 +337,8 @@ class MemoryLayer(nn.Module):
     def _aux_loss(self, x: torch.Tensor) -> torch.Tensor:
         if self.cores is None:
             return x.new_zeros(())
+        if self.tdqkr_right_basis_of != (self.cores.device, self.cores.dtype):   # moved or cast since: one SVD
+            self._recompute_right_basis()
         return tdqkr_aux_loss(self.cores, self.tdqkr_right_basis, self.config.aux_loss_coeff, self.config.aux_loss_tau)
 
     # ----------------------------------------------------------------------------------------- health
@@ -350,11 +368,3 @@ class MemoryLayer(nn.Module):
             self.value_hits.zero_()
             self.stat_sums = None
         return metrics
-
-
-@torch.no_grad()
-def _recompute_right_basis(layer: MemoryLayer, incompatible_keys) -> None:
-    """After a state-dict load: the aux loss's singular basis follows the loaded cores (it is not saved); the loaded
-    (u, t) are kept as they are, since their sign carries over from the run that saved them."""
-    factors = tdqkr_core_factors(layer.cores.detach(), layer.tdqkr_row_factor, layer.tdqkr_col_factor)
-    layer.tdqkr_right_basis.copy_(factors.right_basis)

@@ -132,7 +132,8 @@ class CoreFactors:
     col: torch.Tensor
     """t [H, r]: the leading right singular vector, with the same sign."""
     right_basis: torch.Tensor
-    """V [H, r, r]: all right singular vectors as columns, leading first (for `tdqkr_aux_loss`)."""
+    """V [H, r, r]: all right singular vectors as columns, leading first (for `tdqkr_aux_loss`), in the SVD's
+    dtype (float32, or float64 for float64 cores)."""
 
 
 @torch.no_grad()
@@ -143,7 +144,7 @@ def tdqkr_core_factors(cores: torch.Tensor, previous_row: torch.Tensor, previous
     the previous (u, t), as the authors' code does; with no previous pair (all zeros) make sum(u) + sum(t) >= 0,
     which for nonnegative cores (the U(0,1) init) gives the Perron vectors.
     """
-    u_all, _, vh_all = torch.linalg.svd(cores.sum(1).to(torch.promote_types(cores.dtype, torch.float32)))
+    u_all, _, vh_all = torch.linalg.svd(cores.sum(1).to(_at_least_float32(cores.dtype)))
     u, t = u_all[..., :, 0], vh_all[..., 0, :]
     keep = (u - previous_row).abs().sum(-1) + (t - previous_col).abs().sum(-1)
     flip = (u + previous_row).abs().sum(-1) + (t + previous_col).abs().sum(-1)
@@ -151,7 +152,7 @@ def tdqkr_core_factors(cores: torch.Tensor, previous_row: torch.Tensor, previous
     sign = torch.where(first_step, torch.where(u.sum(-1) + t.sum(-1) >= 0, 1.0, -1.0),
                        torch.where(flip < keep, -1.0, 1.0))
     return CoreFactors(row=(u * sign[:, None]).to(cores.dtype), col=(t * sign[:, None]).to(cores.dtype),
-                       right_basis=vh_all.mT.to(cores.dtype))
+                       right_basis=vh_all.mT.contiguous())
 
 
 def tdqkr_aux_loss(cores: torch.Tensor, right_basis: torch.Tensor, coeff: float, tau: float) -> torch.Tensor:
@@ -161,7 +162,11 @@ def tdqkr_aux_loss(cores: torch.Tensor, right_basis: torch.Tensor, coeff: float,
     singular values, and the exact gradient u_i v_i^T of each, without an SVD in the forward. (On CUDA an SVD checks
     its solver's status on the host, which would stop the host at every memory layer until the device got there.)
     """
-    rank, dtype = cores.shape[-1], torch.promote_types(cores.dtype, torch.float32)
+    rank, dtype = cores.shape[-1], _at_least_float32(cores.dtype)
     singular = torch.linalg.vector_norm(cores.sum(1).to(dtype) @ right_basis.to(dtype), dim=-2)  # [H, r], descending
     excess = torch.relu(singular[:, 1:] - tau)
     return coeff / (rank - 1) * excess.pow(2).sum(-1).mean()
+
+
+def _at_least_float32(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
