@@ -147,6 +147,25 @@ def test_placement_across_pipeline_stage_is_rejected():
 def test_recompute_must_not_split_a_placement():
     raises_key("training.recompute_num_layers", ULTRAMEM + ["training.recompute_granularity=full",
                                                              "training.recompute_num_layers=1"])
+    same_layer = ULTRAMEM + ["model.memory.placements=['1:1','3:3']", "training.recompute_granularity=full",
+                             "training.recompute_num_layers=1"]
+    assert load(same_layer).model.memory.placements == ["1:1", "3:3"]
+
+
+@pytest.mark.parametrize("layers,pp,n", [(4, 1, 3), (4, 2, 4), (6, 2, 2), (4, 1, 0)])
+def test_recompute_chunks_must_divide_each_pipeline_chunk(layers, pp, n):
+    """Megatron's uniform recompute would index past the chunk's last layer (an IndexError on the first step)."""
+    raises_key("training.recompute_num_layers", MOCK + [f"model.num_layers={layers}", "model.num_attention_heads=4",
+                                                        f"parallel.pipeline_model_parallel_size={pp}",
+                                                        "training.recompute_granularity=full",
+                                                        f"training.recompute_num_layers={n}"])
+
+
+def test_moe_with_tensor_parallelism_needs_sequence_parallelism():
+    """Megatron-Core's MoE layer raises on the first training forward otherwise."""
+    moe = MOCK + ["model.family=moe", "model.moe.num_experts=4", "parallel.tensor_model_parallel_size=2"]
+    raises_key("parallel.sequence_parallel", moe)
+    assert load(moe + ["parallel.sequence_parallel=true"]).parallel.sequence_parallel
 
 
 def test_cli_reports_bad_config_before_spawning(monkeypatch, capsys, tmp_path):

@@ -275,7 +275,6 @@ class DataConfig:
     tokenizer_type: Literal["sentencepiece", "huggingface"] = "sentencepiece"
     tokenizer_model: Optional[str] = None
     """A SentencePiece .model or a Hugging Face tokenizer.json."""
-    num_workers: int = 0
     reset_position_ids: bool = False
     reset_attention_mask: bool = False
     eod_mask_loss: bool = False
@@ -344,6 +343,7 @@ class TrainingConfig:
         for name in ("micro_batch_size", "global_batch_size", "train_iters"):
             _require(getattr(self, name) >= 1, _join(prefix, name), "must be >= 1")
         _require(self.eval_interval >= 1, _join(prefix, "eval_interval"), "must be >= 1")
+        _require(self.recompute_num_layers >= 1, _join(prefix, "recompute_num_layers"), "must be >= 1")
 
 
 @dataclass

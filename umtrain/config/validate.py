@@ -49,6 +49,15 @@ def _validate_model_parallel(config: Config) -> None:
         raise ConfigError("parallel.virtual_pipeline_model_parallel_size", "needs pipeline_model_parallel_size > 1")
     if p.sequence_parallel and config.data.seq_length % tp:
         raise ConfigError("data.seq_length", f"sequence parallel needs seq_length divisible by TP={tp}")
+    t = config.training
+    if t.recompute_granularity == "full" and (m.num_layers // chunks) % t.recompute_num_layers:
+        raise ConfigError("training.recompute_num_layers",
+                          f"full recompute runs in chunks of {t.recompute_num_layers} layers, which must divide the "
+                          f"{m.num_layers // chunks} layers of each pipeline chunk (model.num_layers={m.num_layers} "
+                          f"over {chunks} chunks)")
+    if m.family == "moe" and tp > 1 and not p.sequence_parallel:
+        raise ConfigError("parallel.sequence_parallel", "Megatron-Core's MoE layer refuses to train with TP > 1 "
+                          "without sequence parallelism: set it to true")
     if m.family == "moe" and m.moe.num_experts % p.expert_model_parallel_size:
         raise ConfigError("parallel.expert_model_parallel_size",
                           f"EP={p.expert_model_parallel_size} does not divide model.moe.num_experts={m.moe.num_experts}")
@@ -99,7 +108,7 @@ def _validate_memory_placements(config: Config) -> None:
                                    f"({chunks} chunks of {per_chunk} layers); both ends must sit on one stage")
         if t.recompute_granularity == "full":
             n = t.recompute_num_layers
-            if n < 2 or (a - 1) // n != (b - 1) // n:
+            if (a - 1) // n != (b - 1) // n:
                 raise ConfigError("training.recompute_num_layers",
                                   f"full recompute in chunks of {n} layers splits memory placement '{a}:{b}'")
 
