@@ -2,7 +2,9 @@
 
 Drop-in for the local spec's `DotProductAttention` (same inputs [s, b, heads, head_dim], output [s, b, hidden]):
 on an H200 swapping only this module raised a 680M GPT from 16% to 40% MFU (shared/MEGATRON_CPU_NOTES.md).
-Causal masking only; packed sequences and custom masks stay with Megatron's module.
+Causal by default; a batch's `attention_mask` (Megatron's convention: bool [b, 1, s, s], True = masked, causal
+included), as `data.reset_attention_mask` builds one per document, replaces it. SDPA's flash kernel takes no mask,
+so masked batches run on the memory-efficient kernel. Packed sequences stay with Megatron's module.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class SDPACoreAttention(MegatronModule):
             repeat = heads // key.shape[2]
             key, value = key.repeat_interleave(repeat, dim=2), value.repeat_interleave(repeat, dim=2)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))    # [b, heads, s, d]
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.softmax_scale,
-                                             dropout_p=self.dropout if self.training else 0.0)
+        allowed = None if attention_mask is None else ~attention_mask
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, is_causal=allowed is None,
+                                             scale=self.softmax_scale, dropout_p=self.dropout if self.training else 0.0)
         return out.permute(2, 0, 1, 3).reshape(seq, batch, heads * head_dim)
