@@ -33,6 +33,16 @@ def test_defaults_and_overrides_are_typed():
     assert config.data.data_path == ["1", "a", "2", "b"]
 
 
+def test_removed_keys_of_older_configs_are_dropped_with_a_warning(caplog, tmp_path):
+    """The configs saved in older checkpoints hold them: converting such a checkpoint must still work."""
+    path = tmp_path / "old.yaml"
+    path.write_text(yaml.safe_dump({"data": {"mock": True, "num_workers": 2}}))
+    with caplog.at_level("WARNING", logger="umtrain"):
+        config = load_config(path)
+    assert not hasattr(config.data, "num_workers")
+    assert "data.num_workers is ignored" in caplog.text
+
+
 def test_unknown_key_suggests_the_closest():
     error = raises_key("model.hiden_size", MOCK + ["model.hiden_size=8"])
     assert "hidden_size" in str(error)

@@ -22,6 +22,10 @@ def assign_rows():
     X.clone()[MASK] = torch.ones(3)
 
 
+def assign_a_computed_scalar():
+    X.clone()[MASK] = X.max()            # a tensor of the device: on CUDA not a masked_fill
+
+
 CASES = {
     # name: (call, synchronises on CUDA)
     "item": (lambda: X.sum().item(), True),
@@ -31,10 +35,13 @@ CASES = {
     "cpu": (lambda: X.cpu(), True),
     "to cpu": (lambda: X.to("cpu"), True),
     "to dtype": (lambda: X.to(torch.float64), False),
+    "to dtype, copy": (lambda: X.to(torch.float64, copy=True), False),
+    "to a tensor's device": (lambda: X.to(torch.zeros(1)), True),
     "nonzero": (lambda: X.nonzero(), True),
     "mask read": (lambda: X[MASK], True),
     "mask fill with a scalar": (assign_scalar, False),
     "mask assign a tensor": (assign_rows, True),
+    "mask assign a computed scalar": (assign_a_computed_scalar, True),
     "long index": (lambda: X[torch.tensor([0, 2])], False),
     "repeat_interleave, tensor repeats": (lambda: X.repeat_interleave(REPEATS), True),
     "repeat_interleave, output size given": (lambda: X.repeat_interleave(REPEATS, output_size=6), False),
@@ -44,6 +51,7 @@ CASES = {
     "allclose": (lambda: torch.allclose(X, X), True),
     "svdvals": (lambda: torch.linalg.svdvals(torch.eye(2)), True),
     "multinomial": (lambda: torch.multinomial(X + 1, 1), True),
+    "multinomial, several with replacement": (lambda: torch.multinomial(X + 1, 4, replacement=True), False),
     "topk": (lambda: X.topk(2), False),
     "matmul": (lambda: X[:4].view(2, 2) @ X[:4].view(2, 2), False),
     "scatter_add": (lambda: torch.zeros(3).scatter_add(0, torch.tensor([0, 0]), torch.ones(2)), False),

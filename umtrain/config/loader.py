@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Iterable, Optional
@@ -11,6 +12,8 @@ import yaml
 from umtrain.config.base import ConfigError, build, set_dotted, to_dict
 from umtrain.config.schema import Config
 from umtrain.config.validate import validate_config
+
+logger = logging.getLogger("umtrain")
 
 
 def read_yaml(path: str | os.PathLike) -> dict:
@@ -42,8 +45,26 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
     return data
 
 
+REMOVED_KEYS = {
+    "data.num_workers": "it was never read (the dataset is indexed in the training process)",
+}
+"""Keys older configs (and the configs saved in older checkpoints) may hold: dropped with a warning, not refused."""
+
+
+def drop_removed_keys(data: dict) -> dict:
+    for dotted, why in REMOVED_KEYS.items():
+        *sections, name = dotted.split(".")
+        parent = data
+        for section in sections:
+            parent = parent.get(section) if isinstance(parent, dict) else None
+        if isinstance(parent, dict) and name in parent:
+            del parent[name]
+            logger.warning("config key %s is ignored: %s", dotted, why)
+    return data
+
+
 def config_from_dict(data: dict, world_size: Optional[int] = None, check_files: bool = True) -> Config:
-    config = build(Config, data)
+    config = build(Config, drop_removed_keys(data))
     validate_config(config, world_size=world_size, check_files=check_files)
     return config
 

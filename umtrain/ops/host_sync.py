@@ -19,8 +19,9 @@ from __future__ import annotations
 import os
 import threading
 import traceback
+import weakref
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Container, Iterator, Optional
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -31,7 +32,7 @@ HOST_SYNC_OPS = frozenset({
     "aten::_unique", "aten::_unique2", "aten::unique_dim", "aten::unique_consecutive",
     "aten::_linalg_svd", "aten::linalg_svd", "aten::_linalg_eigh", "aten::linalg_eig", "aten::linalg_lstsq",
     "aten::linalg_solve", "aten::linalg_inv", "aten::linalg_cholesky", "aten::_linalg_check_errors",
-    "aten::equal", "aten::is_nonzero", "aten::allclose", "aten::multinomial",
+    "aten::equal", "aten::is_nonzero", "aten::allclose",
 })
 """Operators that on CUDA always make the host wait for the device (value-dependent output size, a value read by
 the host, or an error check of a linear-algebra routine or of sampling probabilities)."""
@@ -39,10 +40,15 @@ the host, or an error check of a linear-algebra routine or of sampling probabili
 _INDEX_OPS = ("aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_")
 
 
-def synchronises(name: str, args: tuple, kwargs: dict) -> bool:
-    """Whether the dispatched operator `name` with these arguments makes the host wait on CUDA."""
+def synchronises(name: str, args: tuple, kwargs: dict, host_scalars: Container = ()) -> bool:
+    """Whether the dispatched operator `name` with these arguments makes the host wait on CUDA. `host_scalars`: the
+    tensors made from Python values (`aten::lift_fresh`), which on a GPU stay on the host."""
     if name in HOST_SYNC_OPS:
         return True
+    if name == "aten::multinomial":                 # checks the probabilities on the host, unless it may repeat
+        samples = args[1] if len(args) > 1 else kwargs.get("num_samples")
+        replacement = args[2] if len(args) > 2 else kwargs.get("replacement", False)
+        return not (replacement and samples > 1)
     if name == "aten::repeat_interleave":           # the output's size is the sum of the repeats, unless given
         repeats = args[1] if len(args) > 1 else args[0]
         return isinstance(repeats, torch.Tensor) and kwargs.get("output_size") is None
@@ -51,13 +57,14 @@ def synchronises(name: str, args: tuple, kwargs: dict) -> bool:
         high = args[3] if len(args) > 3 else kwargs.get("max", 0)
         return low == high
     if name in _INDEX_OPS:
-        return _is_boolean_mask_index(name, args, kwargs)
+        return _is_boolean_mask_index(name, args, kwargs, host_scalars)
     return False
 
 
-def _is_boolean_mask_index(name: str, args: tuple, kwargs: dict) -> bool:
+def _is_boolean_mask_index(name: str, args: tuple, kwargs: dict, host_scalars: Container) -> bool:
     """x[mask] and x[mask] = v: the output (or the written positions) come from a nonzero over the mask, except
-    `x[mask] = scalar` (one mask, no accumulation), which PyTorch turns into `masked_fill_`."""
+    `x[mask] = v` with one mask, no accumulation and v a one-element tensor on the host (a Python scalar), which
+    PyTorch turns into `masked_fill_`."""
     indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
     masks = [i for i in indices if isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)]
     if not masks:
@@ -67,7 +74,7 @@ def _is_boolean_mask_index(name: str, args: tuple, kwargs: dict) -> bool:
     value = args[2] if len(args) > 2 else kwargs.get("values")
     accumulate = args[3] if len(args) > 3 else kwargs.get("accumulate", False)
     other_indices = [i for i in indices if i is not None and i is not masks[0]]
-    scalar_fill = value.dim() == 0 and not accumulate and not other_indices
+    scalar_fill = value.numel() == 1 and value in host_scalars and not accumulate and not other_indices
     return not scalar_fill
 
 
@@ -75,12 +82,17 @@ class _HostSyncRecorder(TorchDispatchMode):
     def __init__(self, found: list[str]):
         super().__init__()
         self._found = found
+        self._host_scalars: weakref.WeakSet = weakref.WeakSet()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if synchronises(func._schema.name, args, kwargs):
-            self._found.append(f"{func._schema.name} at {_caller()}")
-        return func(*args, **kwargs)
+        name = func._schema.name
+        if synchronises(name, args, kwargs, self._host_scalars):
+            self._found.append(f"{name} at {_caller()}")
+        out = func(*args, **kwargs)
+        if name == "aten::lift_fresh":
+            self._host_scalars.add(out)
+        return out
 
 
 def _caller() -> str:
@@ -98,8 +110,18 @@ def _caller() -> str:
 def _reads_to_host(method: str, args: tuple, kwargs: dict) -> bool:
     if method != "to":
         return True
-    device = torch._C._nn._parse_to(*args, **kwargs)[0]
+    device = _target_device(args, kwargs)
     return device is not None and device.type == "cpu"
+
+
+def _target_device(args: tuple, kwargs: dict) -> Optional[torch.device]:
+    """The device a `Tensor.to(...)` call names, in any of its forms (device, string, or a tensor to match)."""
+    for candidate in (kwargs.get("device"), *args):
+        if isinstance(candidate, torch.Tensor):
+            return candidate.device
+        if isinstance(candidate, (torch.device, str)):
+            return torch.device(candidate)
+    return None
 
 
 HOST_READ_METHODS = ("tolist", "numpy", "cpu", "to")

@@ -12,7 +12,8 @@ from umtrain.parallel.overlap import StreamRunner
 
 def wrap_data_parallel(config: Config, tconfig: TransformerConfig, chunks: list) -> list[DistributedDataParallel]:
     p = config.parallel
-    adopt_memory_gradient_accumulators(chunks)
+    if not p.overlap_grad_reduce:
+        adopt_memory_gradient_accumulators(chunks)
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=p.overlap_grad_reduce,
@@ -42,7 +43,9 @@ def wrap_data_parallel(config: Config, tconfig: TransformerConfig, chunks: list)
 def adopt_memory_gradient_accumulators(chunks: list) -> None:
     """A side-stream memory runner makes its memory layers' gradient accumulators (`StreamRunner.adopt_parameters`)
     before DDP makes them on the default stream and keeps them; after any dtype cast (Float16Module), which would
-    discard accumulators made earlier."""
+    discard accumulators made earlier. Not with `overlap_grad_reduce`: DDP's gradient hook then starts a bucket's
+    reduction from the stream its last gradient arrived on, and a bucket that mixes memory and other parameters
+    would be reduced on the side stream without waiting for the default stream's gradients."""
     for chunk in chunks:
         for module in chunk.modules():
             runner = getattr(getattr(module, "skip_bus", None), "runner", None)

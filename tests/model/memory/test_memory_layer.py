@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import pickle
 
 import pytest
 import torch
@@ -230,6 +231,16 @@ def test_aux_loss_is_exact_for_bf16_cores_with_a_large_leading_singular_value() 
 def test_refresh_cannot_both_restart_and_wait() -> None:
     with pytest.raises(ValueError, match="restart"):
         make_layer(*CASES["ultramem"]).refresh_tdqkr_factors(restart=True, at_next_forward=True)
+
+
+def test_layer_pickles_and_the_copy_computes_the_same() -> None:
+    layer = make_layer(*CASES["ultramem"])
+    set_cores(layer, 3)
+    layer.refresh_tdqkr_factors()
+    copy = pickle.loads(pickle.dumps(layer))
+    x = torch.randn(2, 1, 16)
+    torch.testing.assert_close(copy(x), layer(x))
+    assert copy.aux_loss.item() == layer.aux_loss.item()
 
 
 def test_deferred_refresh_runs_once_at_the_next_forward() -> None:

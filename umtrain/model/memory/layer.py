@@ -110,7 +110,7 @@ class MemoryLayer(nn.Module):
         if c.tucker_rank > 1:
             self.register_buffer("tdqkr_row_factor", torch.zeros(c.num_heads, c.tucker_rank))
             self.register_buffer("tdqkr_col_factor", torch.zeros(c.num_heads, c.tucker_rank))
-            self.register_load_state_dict_post_hook(lambda layer, incompatible_keys: layer._recompute_right_basis())
+            self.register_load_state_dict_post_hook(_recompute_right_basis_after_load)
         else:
             self.tdqkr_row_factor = self.tdqkr_col_factor = None
         # V of the aux loss, [H, r, r] in float32 or wider: not a buffer, so that a bf16 cast of the module leaves
@@ -368,3 +368,7 @@ class MemoryLayer(nn.Module):
             self.value_hits.zero_()
             self.stat_sums = None
         return metrics
+
+
+def _recompute_right_basis_after_load(layer: MemoryLayer, incompatible_keys) -> None:
+    layer._recompute_right_basis()         # a module-level function, so that the layer still pickles
