@@ -51,7 +51,6 @@ def test_json_has_every_case_with_positive_numbers(run):
         for key in ("forward_ms", "forward_backward_ms", "forward_backward_min_ms", "saved_activation_mib",
                     "peak_rss_mib"):
             assert result[key] > 0, (case, key)
-        assert result["forward_backward_ms"] > result["forward_ms"], case
         assert len(result["samples"]["forward_backward_ms"]) == 2
     for key in ("ultramem_reference/dense_mlp.forward_backward_ms", "ultramem_fused/dense_mlp.peak_rss_mib",
                 "ultramem_reference/ultramem_fused.saved_activation_mib"):
