@@ -65,3 +65,22 @@ def test_existing_checkpoint_is_set_aside_not_overwritten(tmp_path):
     fake_save(tmp_path, 10, b"new")
     assert (kept / "__0_0.distcp").read_bytes() == b"old" * 10
     assert manager.list_checkpoints(tmp_path) == [manager.Checkpoint(10, tmp_path / "iter_0000010")]
+
+
+def test_staged_output_never_touches_a_directory_it_did_not_create(tmp_path):
+    """A conversion used to clear `<out>.tmp` before writing there: the user's own directory of that name went."""
+    users = tmp_path / "model.tmp"
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
+    out = tmp_path / "model"
+    with pytest.raises(RuntimeError):
+        with manager.staged_output(out) as tmp:
+            (tmp / "half.bin").write_text("x")
+            raise RuntimeError("conversion failed")
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["model.tmp"]
+    with manager.staged_output(out) as tmp:
+        (tmp / "weights.bin").write_text("w")
+    assert (out / "weights.bin").read_text() == "w" and (users / "notes.txt").read_text() == "mine"
+    with pytest.raises(FileExistsError):
+        with manager.staged_output(out):
+            pass

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
+import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import yaml
@@ -89,19 +89,14 @@ def write_megatron(out: Path, tensors: Tensors, config: dict[str, Any], meta: di
     from umtrain.checkpoint.state import FORMAT_VERSION
 
     single_process_group()
-    if out.exists():
-        raise FileExistsError(f"{out} exists; conversion never overwrites")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     state: dict[str, Any] = {k: ShardedTensor.from_rank_offsets(k, v.contiguous(), replica_id=0) for k, v in tensors.items()}
     state.update(format_version=FORMAT_VERSION, iteration=meta["iteration"], consumed_samples=meta["consumed_samples"],
                  config=config, layout=None, contents=["model"], padded_vocab_size=meta["padded_vocab_size"],
                  history={})
-    dist_checkpointing.save(state, str(tmp))
-    manager.write_file_atomically(tmp / manager.CONFIG_FILE, yaml.safe_dump(config, sort_keys=False))
-    manager.write_manifest(tmp, meta["iteration"])
-    os.rename(tmp, out)
+    with manager.staged_output(out) as tmp:
+        dist_checkpointing.save(state, str(tmp))
+        manager.write_file_atomically(tmp / manager.CONFIG_FILE, yaml.safe_dump(config, sort_keys=False))
+        manager.write_manifest(tmp, meta["iteration"])
     return out
 
 
@@ -111,15 +106,10 @@ def write_megatron(out: Path, tensors: Tensors, config: dict[str, Any], meta: di
 def write_portable(out: Path, tensors: Tensors, config: dict[str, Any], meta: dict[str, Any]) -> Path:
     from safetensors.torch import save_file
 
-    if out.exists():
-        raise FileExistsError(f"{out} exists; conversion never overwrites")
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS))
-    (tmp / manager.CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
-    (tmp / PORTABLE_META).write_text(json.dumps(meta, indent=1))
-    os.rename(tmp, out)
+    with manager.staged_output(out) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS))
+        (tmp / manager.CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
+        (tmp / PORTABLE_META).write_text(json.dumps(meta, indent=1))
     return out
 
 
@@ -174,6 +164,8 @@ def convert(source: str | Path, out: str | Path, to: str, config_path: Optional[
     source, out = Path(source), Path(out)
     if not source.exists():
         raise FileNotFoundError(f"{source} does not exist")
+    if out.exists():
+        raise FileExistsError(f"{out} exists; conversion never overwrites")
     if to == "portable":
         if is_hf(source):
             return hf.hf_to_portable_dir(source, out, config_path)
@@ -181,19 +173,22 @@ def convert(source: str | Path, out: str | Path, to: str, config_path: Optional[
     if to == "hf":
         if is_portable(source):
             return hf.portable_to_hf_dir(source, out)
-        staged = out.with_name(out.name + ".portable")
-        megatron_to_portable_dir(source, staged)
-        try:
+        with staged_portable(out) as staged:
+            megatron_to_portable_dir(source, staged)
             return hf.portable_to_hf_dir(staged, out)
-        finally:
-            shutil.rmtree(staged, ignore_errors=True)
     if to == "megatron":
         if is_portable(source):
             return portable_to_megatron_dir(source, out)
-        staged = out.with_name(out.name + ".portable")
-        hf.hf_to_portable_dir(source, staged, config_path)
-        try:
+        with staged_portable(out) as staged:
+            hf.hf_to_portable_dir(source, staged, config_path)
             return portable_to_megatron_dir(staged, out)
-        finally:
-            shutil.rmtree(staged, ignore_errors=True)
     raise ValueError(f"unknown target form {to!r} (portable, hf or megatron)")
+
+
+@contextmanager
+def staged_portable(out: Path) -> Iterator[Path]:
+    """Where a two-step conversion keeps its intermediate portable form: a fresh directory beside `out`, removed
+    afterwards."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.portable-", dir=out.parent) as staging:
+        yield Path(staging) / "portable"

@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
+from umtrain.checkpoint import manager
 from umtrain.checkpoint.convert import config_of, read_portable, write_portable
 from umtrain.config import Config, config_from_dict, load_config
 from umtrain.config.base import to_dict
@@ -70,11 +70,9 @@ def portable_to_hf_dir(source: Path, out: Path) -> Path:
     model = GPTNeoXForCausalLM(hf_config)
     hf_tensors = {k: v.clone() for k, v in portable_to_hf(tensors, config.model.num_attention_heads).items()}
     model.load_state_dict(hf_tensors, strict=True)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    (tmp / "umtrain_config.json").write_text(json.dumps(config_dict))
-    tmp.rename(out)
+    with manager.staged_output(out) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        (tmp / "umtrain_config.json").write_text(json.dumps(config_dict))
     return out
 
 

@@ -16,11 +16,13 @@ import logging
 import os
 import re
 import shutil
+import tempfile
 import time
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 logger = logging.getLogger("umtrain")
 
@@ -227,3 +229,20 @@ def apply_retention(root: Path, keep_last: int, keep_every: int, newest: int) ->
         shutil.rmtree(doomed)
         removed.append(checkpoint.path)
     return removed
+
+
+@contextmanager
+def staged_output(out: Path) -> Iterator[Path]:
+    """A fresh directory beside `out` to write into, renamed to `out` when the block succeeds and removed when it
+    fails. Refuses an existing `out`; never touches a directory it did not create (a fixed `<out>.tmp` name could
+    be the user's)."""
+    if out.exists():
+        raise FileExistsError(f"{out} exists; conversion never overwrites")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    os.rename(tmp, out)
