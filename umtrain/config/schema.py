@@ -343,6 +343,7 @@ class TrainingConfig:
         for name in ("micro_batch_size", "global_batch_size", "train_iters"):
             _require(getattr(self, name) >= 1, _join(prefix, name), "must be >= 1")
         _require(self.eval_interval >= 1, _join(prefix, "eval_interval"), "must be >= 1")
+        _require(self.eval_iters >= 0, _join(prefix, "eval_iters"), "must be >= 0 (0: no validation)")
         _require(self.recompute_num_layers >= 1, _join(prefix, "recompute_num_layers"), "must be >= 1")
 
 

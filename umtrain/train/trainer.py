@@ -130,6 +130,11 @@ class Trainer:
         return len(self.model)
 
     @property
+    def validates(self) -> bool:
+        """Validation runs unless `training.eval_iters` is 0 or the split leaves no validation data."""
+        return self.config.training.eval_iters > 0 and self.datasets[1] is not None
+
+    @property
     def memory_layers(self) -> list[torch.nn.Module]:
         return [m for chunk in self.model for m in memory_modules(unwrap(chunk))]
 
@@ -262,7 +267,7 @@ class Trainer:
                 self.checkpointer.save(self)
                 self.checkpointer.finalize()
                 raise Preempted(f"preempted at step {self.iteration}; checkpoint saved")
-            if self.iteration % t.eval_interval == 0 or self.iteration == t.train_iters:
+            if self.validates and (self.iteration % t.eval_interval == 0 or self.iteration == t.train_iters):
                 valid = self.evaluate()
                 self.history.valid_loss[self.iteration] = valid
                 self.metrics.scalars({"valid_loss": valid}, self.iteration)
