@@ -82,3 +82,16 @@ def test_preprocess_and_train_tokenizer_commands(module_docs, tmp_path, capsys):
     dataset = IndexedDataset(str(tmp_path / "md"))
     assert stats["documents"] == len(dataset) and stats["tokens"] == token_count(str(tmp_path / "md"))
     assert 0 not in dataset[0]
+
+
+@pytest.mark.parametrize("kind,name", [("sentencepiece", "tok.model"), ("sentencepiece", "tok.vocab"),
+                                       ("bpe", "tokenizer.json")])
+def test_train_tokenizer_refuses_to_replace_a_tokenizer(module_docs, tmp_path, kind, name):
+    """Data already tokenized with it would silently stop matching: only --overwrite replaces it."""
+    existing = tmp_path / name
+    existing.write_text("the user's tokenizer")
+    output = tmp_path / ("tok.model" if kind == "sentencepiece" else "tokenizer.json")
+    with pytest.raises(ConfigError, match="--overwrite") as info:
+        run("train-tokenizer", "--input", str(module_docs), "--output", str(output), "--kind", kind,
+            "--vocab-size", "400")
+    assert info.value.key == "output" and existing.read_text() == "the user's tokenizer"

@@ -59,6 +59,7 @@ def _register_train_tokenizer(subparsers) -> None:
     p.add_argument("--kind", choices=["sentencepiece", "bpe"], default="sentencepiece")
     p.add_argument("--vocab-size", type=int, default=32000)
     p.add_argument("--text-key", default="text")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing tokenizer at --output")
     p.set_defaults(func=_reports_data_errors(train_tokenizer_command))
 
 
@@ -88,7 +89,7 @@ def demo_data(args: argparse.Namespace) -> int:
     _refuse_existing_demo(out, SOURCES, args.overwrite)
     jsonl_files = build_demo_corpus(str(out / "jsonl"))
     tokenizer = train_tokenizer([str(p) for p in jsonl_files], str(out / DEMO_TOKENIZER), "sentencepiece",
-                                args.vocab_size)
+                                args.vocab_size, overwrite=args.overwrite)
     tokens = {}
     for source, path in zip(SOURCES, jsonl_files):
         stats = preprocess([str(path)], str(_demo_prefix(out, source)), "sentencepiece", tokenizer,
@@ -139,7 +140,8 @@ def preprocess_command(args: argparse.Namespace) -> int:
 def train_tokenizer_command(args: argparse.Namespace) -> int:
     from umtrain.data.tokenizer import load_tokenizer, train_tokenizer
 
-    path = train_tokenizer(args.input, args.output, args.kind, args.vocab_size, text_key=args.text_key)
+    path = train_tokenizer(args.input, args.output, args.kind, args.vocab_size, text_key=args.text_key,
+                           overwrite=args.overwrite)
     tokenizer = load_tokenizer("sentencepiece" if args.kind == "sentencepiece" else "huggingface", path)
     print(f"wrote {path} (vocab_size={tokenizer.vocab_size}, eod={tokenizer.eod})")
     return 0

@@ -134,14 +134,20 @@ def load_tokenizer(tokenizer_type: TokenizerType, path: str | os.PathLike) -> To
     raise ConfigError("tokenizer_type", f"must be 'sentencepiece' or 'huggingface', got {tokenizer_type!r}")
 
 
-def train_tokenizer(inputs: list[str], output: str, kind: TrainKind, vocab_size: int, text_key: str = "text") -> str:
+def train_tokenizer(inputs: list[str], output: str, kind: TrainKind, vocab_size: int, text_key: str = "text",
+                    overwrite: bool = False) -> str:
     """Train on the documents of JSONL/Parquet `inputs`; returns the written `.model` / `tokenizer.json` path.
 
     `output` is a file path: `NAME.model` (sentencepiece; `.model` is appended when missing, with `NAME.vocab`
-    beside it) or a tokenizer.json path (bpe).
+    beside it) or a tokenizer.json path (bpe). An existing tokenizer there is replaced only with `overwrite`: data
+    tokenized with it would silently stop matching.
     """
     if vocab_size < 300:
         raise ConfigError("vocab_size", f"must be >= 300 (256 byte pieces plus merges), got {vocab_size}")
+    for path in _written_files(Path(output), kind):
+        if path.exists() and not overwrite:
+            raise ConfigError("output", f"{path} exists; pass --overwrite to replace it (data tokenized with it "
+                                        "would no longer match)")
     files = resolve_inputs(inputs, text_key)
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     documents = (text for path in files for _, text in iter_texts(path, text_key))
@@ -150,6 +156,13 @@ def train_tokenizer(inputs: list[str], output: str, kind: TrainKind, vocab_size:
     if kind == "bpe":
         return _train_byte_level_bpe(documents, Path(output), vocab_size)
     raise ConfigError("kind", f"must be 'sentencepiece' or 'bpe', got {kind!r}")
+
+
+def _written_files(output: Path, kind: str) -> list[Path]:
+    if kind != "sentencepiece":
+        return [output]
+    prefix = output.with_name(output.name.removesuffix(".model"))
+    return [prefix.with_name(prefix.name + ".model"), prefix.with_name(prefix.name + ".vocab")]
 
 
 def _train_sentencepiece(documents: Iterator[str], output: Path, vocab_size: int) -> str:
