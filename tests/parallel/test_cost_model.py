@@ -342,7 +342,7 @@ def test_calibration_compute_must_be_finite_and_non_negative(tmp_path):
 
 @pytest.mark.slow
 def test_calibrate_comm_writes_a_calibration_plan_can_read(tmp_path, plan_yaml, capsys):
-    output = tmp_path / "gloo.json"
+    output = tmp_path / "new" / "dir" / "gloo.json"          # made before measuring (it failed after, losing it)
     assert _cli(["calibrate-comm", "--nproc", "2", "--iters", "1", "--backend", "gloo", "--lookup-impl", "reference",
                  "--output", str(output)]) == 0
     calibration = Calibration.load(output)

@@ -9,6 +9,7 @@ import json
 import os
 import sys
 from dataclasses import asdict
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -125,6 +126,7 @@ def _ms(seconds) -> str:
 def run_calibrate(args: argparse.Namespace) -> int:
     backend = args.backend if args.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
     options = (args.iters, args.lookup_impl if args.compute else None)
+    Path(args.output).parent.mkdir(parents=True, exist_ok=True)       # before measuring, not after
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         calibration = _calibrate_worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), *options, backend)
         if int(os.environ["RANK"]) != 0:
