@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from umtrain.checkpoint.convert import load_portable, read_portable, write_portable
@@ -45,3 +46,18 @@ def test_generate_is_greedy_and_stops_at_eod(tmp_path):
     assert ids == expected
     assert generate(loaded, prompt, 5, 16, top_k=1, generator=torch.Generator().manual_seed(0)) == expected
     assert generate(loaded, prompt, 5, 16, eod=expected[3]) == expected[:4]
+
+
+@pytest.mark.parametrize("extra,message", [(["--max-new-tokens", "0"], "--max-new-tokens"),
+                                           (["--top-k", "-3"], "--top-k"),
+                                           (["--top-k", "20", "--temperature", "0"], "--temperature"),
+                                           (["--prompt", ""], "--prompt is empty")])
+def test_generate_refuses_bad_arguments_before_loading(tmp_path, capsys, extra, message):
+    argv = ["generate", str(tmp_path / "no-such-checkpoint"), "--prompt", "x", *extra]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_generate_names_a_checkpoint_that_is_not_portable(tmp_path, capsys):
+    assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2
+    assert "not a portable checkpoint" in capsys.readouterr().err

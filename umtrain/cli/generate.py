@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -17,7 +18,7 @@ def register(subparsers) -> None:
                    help="tokenizer model (default: the checkpoint config's data.tokenizer_model)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--top-k", type=int, default=0, help="0: greedy")
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--temperature", type=float, default=1.0, help="for sampling (--top-k > 0); greedy ignores it")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 
@@ -41,10 +42,30 @@ def generate(model: torch.nn.Module, tokens: list[int], max_new_tokens: int, con
     return out
 
 
+def argument_problem(args: argparse.Namespace) -> Optional[str]:
+    """What is wrong with the sampling arguments, checked before the checkpoint is loaded."""
+    if args.max_new_tokens < 1:
+        return f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"
+    if args.top_k < 0:
+        return f"--top-k must be >= 0 (0: greedy), got {args.top_k}"
+    if args.top_k and args.temperature <= 0:
+        return f"--temperature must be > 0 when sampling (--top-k {args.top_k}), got {args.temperature}"
+    if not args.prompt:
+        return "--prompt is empty: give at least one character to continue"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
-    from umtrain.checkpoint.convert import load_portable
+    from umtrain.checkpoint.convert import is_portable, load_portable
     from umtrain.data.tokenizer import load_tokenizer
 
+    problem = argument_problem(args)
+    if problem is None and not is_portable(Path(args.checkpoint)):
+        problem = (f"{args.checkpoint} is not a portable checkpoint (convert it first: umtrain convert "
+                   f"{args.checkpoint} OUT --to portable)")
+    if problem:
+        print(f"umtrain generate: {problem}", file=sys.stderr)
+        return 2
     model, config = load_portable(args.checkpoint)
     path = args.tokenizer or config.data.tokenizer_model
     if path is None:
