@@ -281,7 +281,7 @@ class Trainer:
         return self.history
 
     def _handle_bad_step(self, loss: float, grad_norm: float) -> None:
-        message = f"step {self.iteration}: non-finite loss {loss} or grad norm {grad_norm}"
+        message = f"step {self.iteration + 1}: non-finite loss {loss} or grad norm {grad_norm}"
         if self.config.training.nan_policy == "stop":
             if self.checkpointer.enabled:
                 self.checkpointer.save(self)  # the update was not applied: this is the last good state
