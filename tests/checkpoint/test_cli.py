@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+import yaml
 
 from umtrain.checkpoint.convert import load_portable, read_portable, write_portable
+from umtrain.checkpoint.hf import is_linear_bias
 from umtrain.cli.generate import generate
 from umtrain.cli.main import main
 from umtrain.config import config_from_dict
@@ -61,3 +63,23 @@ def test_generate_refuses_bad_arguments_before_loading(tmp_path, capsys, extra, 
 def test_generate_names_a_checkpoint_that_is_not_portable(tmp_path, capsys):
     assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2
     assert "not a portable checkpoint" in capsys.readouterr().err
+
+
+def test_hf_import_refuses_a_config_that_would_drop_weights(tmp_path, capsys):
+    """Without the exported umtrain config, `--config` describes the HF model: a family with memory layers, or a
+    config without biases where the HF model has nonzero ones, would write a checkpoint that is not the model."""
+    portable, _ = portable_checkpoint(tmp_path / "portable")
+    state = {k: v + 0.01 if is_linear_bias(k) else v for k, v in read_portable(portable)[0].items()}
+    _, config, meta = read_portable(portable)
+    biased = write_portable(tmp_path / "biased", state, config, meta)
+    assert main(["convert", str(biased), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    (tmp_path / "hf" / "umtrain_config.json").unlink()
+    sizes = {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4}
+    cases = {"model.family": {**sizes, "family": "ultramem", "memory": {"placements": ["1:2"]}},
+             "model.add_bias_linear": {**sizes, "add_bias_linear": False}}
+    for key, model_section in cases.items():
+        path = tmp_path / f"{key}.yaml"
+        path.write_text(yaml.safe_dump({"model": model_section, "data": {"mock": True, "seq_length": 16}}))
+        out = tmp_path / f"out-{key}"
+        assert main(["convert", str(tmp_path / "hf"), str(out), "--to", "portable", "--config", str(path)]) == 2
+        assert key in capsys.readouterr().err and not out.exists()

@@ -12,7 +12,7 @@ import torch
 from umtrain.checkpoint import manager
 from umtrain.checkpoint.convert import config_of, read_portable, write_portable
 from umtrain.config import Config, config_from_dict, load_config
-from umtrain.config.base import to_dict
+from umtrain.config.base import ConfigError, to_dict
 from umtrain.model.state_dict_adapter import Tensors, hf_to_portable, portable_to_hf
 
 
@@ -94,6 +94,9 @@ def umtrain_config_for(hf_config: dict[str, Any], config_path: Optional[str], hf
                       "rotary_base": int(rope.get("rope_theta", 10000)),
                       "rotary_percent": float(rope.get("partial_rotary_factor", 1.0))},
             "data": {"mock": True, "seq_length": hf_config["max_position_embeddings"]}}, check_files=False)
+    if config.model.family != "dense":
+        raise ConfigError("model.family", f"{hf_dir} is a GPTNeoX model without memory or MoE layers; the umtrain "
+                                          f"config says {config.model.family!r} (use a dense config)")
     expected = {"num_hidden_layers": config.model.num_layers, "hidden_size": config.model.hidden_size,
                 "num_attention_heads": config.model.num_attention_heads, "intermediate_size": config.model.ffn_size}
     for name, value in expected.items():
@@ -113,8 +116,15 @@ def hf_to_portable_dir(source: Path, out: Path, config_path: Optional[str] = Non
     tensors = hf_to_portable({k: v for f in files for k, v in load_file(str(f)).items()},
                              config.model.num_attention_heads)
     if not config.model.untie_embeddings_and_output_weights:
-        tensors.pop("output.weight", None)
+        head = tensors.pop("output.weight", None)
+        if head is not None and not torch.equal(head, tensors["tok_embeddings.weight"]):
+            raise ConfigError("model.untie_embeddings_and_output_weights", f"{source} has an output head of its own; "
+                              "a tied config would drop it: set it to true")
     if not config.model.add_bias_linear:
+        dropped = [k for k, v in tensors.items() if is_linear_bias(k) and v.any()]
+        if dropped:
+            raise ConfigError("model.add_bias_linear", f"{source} has nonzero linear biases ({dropped[0]}, ...); "
+                                                       "a config without them would drop them: set it to true")
         tensors = {k: v for k, v in tensors.items() if not is_linear_bias(k)}
     meta = {"iteration": 0, "consumed_samples": 0, "padded_vocab_size": tensors["tok_embeddings.weight"].shape[0],
             "source": str(source)}
