@@ -59,6 +59,17 @@ def test_retention_keeps_last_k_every_mth_and_the_newest(tmp_path):
     assert [c.iteration for c in manager.list_checkpoints(tmp_path)] == [3, 5, 6]
 
 
+def test_retention_neither_counts_nor_deletes_a_corrupt_checkpoint(tmp_path):
+    """With keep_last 2 and iteration 3 truncated, 1 is removed, 2 stays as the second good one, 3 stays to be
+    inspected (it used to count as kept, and the good 2 was deleted in its place)."""
+    for iteration in (1, 2, 3, 4):
+        fake_save(tmp_path, iteration)
+    (tmp_path / "iter_0000003" / "__0_0.distcp").write_bytes(b"x")
+    removed = manager.apply_retention(tmp_path, keep_last=2, keep_every=0, newest=4)
+    assert [p.name for p in removed] == ["iter_0000001"]
+    assert [c.iteration for c in manager.list_checkpoints(tmp_path)] == [2, 3, 4]
+
+
 def test_existing_checkpoint_is_set_aside_not_overwritten(tmp_path):
     fake_save(tmp_path, 10, b"old")
     kept = manager.set_aside(tmp_path / "iter_0000010")

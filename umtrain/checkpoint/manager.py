@@ -105,8 +105,9 @@ def write_manifest(directory: Path, iteration: int) -> None:
     write_file_atomically(directory / MANIFEST, json.dumps({"iteration": iteration, "files": files}, indent=1))
 
 
-def verification_error(directory: Path) -> Optional[str]:
-    """None if `directory` holds exactly the files of its manifest with their sizes and checksums; else why not."""
+def verification_error(directory: Path, checksums: bool = True) -> Optional[str]:
+    """None if `directory` holds exactly the files of its manifest with their sizes and (unless `checksums` is
+    off, which reads no data) their checksums; else why not."""
     if not (directory / MANIFEST).is_file():
         return f"{directory} has no {MANIFEST} (not a checkpoint, or its write was interrupted)"
     try:
@@ -119,7 +120,7 @@ def verification_error(directory: Path) -> Optional[str]:
             return f"{path} is missing"
         if path.stat().st_size != expected["bytes"]:
             return f"{path} has {path.stat().st_size} bytes, the manifest says {expected['bytes']}"
-        if _crc32(path) != expected["crc32"]:
+        if checksums and _crc32(path) != expected["crc32"]:
             return f"{path} fails its CRC-32 check (corrupted)"
     return None
 
@@ -217,8 +218,11 @@ def retained(iterations: Iterable[int], keep_last: int, keep_every: int, newest:
 
 
 def apply_retention(root: Path, keep_last: int, keep_every: int, newest: int) -> list[Path]:
-    """Delete the checkpoints retention does not keep (renamed first, so a half-deleted one never looks valid)."""
-    checkpoints = [c for c in list_checkpoints(root) if c.iteration <= newest]
+    """Delete the checkpoints retention does not keep (renamed first, so a half-deleted one never looks valid).
+    One that fails verification (files missing or of the wrong size) neither counts as kept nor is deleted: it is
+    left for the user to inspect, and a good one is not removed in its place."""
+    checkpoints = [c for c in list_checkpoints(root)
+                   if c.iteration <= newest and verification_error(c.path, checksums=False) is None]
     keep = retained([c.iteration for c in checkpoints], keep_last, keep_every, newest)
     removed = []
     for checkpoint in checkpoints:
