@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import yaml
 
-from umtrain.checkpoint.convert import load_portable, read_portable, write_portable
+from umtrain.checkpoint.convert import config_of, load_portable, read_portable, write_portable
 from umtrain.checkpoint.hf import is_linear_bias
 from umtrain.cli.generate import generate
 from umtrain.cli.main import main
 from umtrain.config import config_from_dict
 from umtrain.config.base import to_dict
+from umtrain.data.tokenizer import MockTokenizer
 from umtrain.model.reference import ModelArgs, ReferenceGPT
 
 
@@ -27,6 +30,9 @@ def portable_checkpoint(path):
 def test_convert_portable_to_hf_and_back_is_lossless(tmp_path, capsys):
     portable, _ = portable_checkpoint(tmp_path / "portable")
     assert main(["convert", str(portable), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    eod = MockTokenizer(config_of(read_portable(portable)[1]).data.mock_vocab_size).eod
+    assert hf_config["eos_token_id"] == hf_config["bos_token_id"] == eod       # HF generate stops at the EOD
     assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "back"), "--to", "portable"]) == 0
     before, config_before, _ = read_portable(portable)
     after, config_after, _ = read_portable(tmp_path / "back")

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Optional
 
@@ -26,11 +27,29 @@ def check_exportable(config: Config, tensors: Tensors) -> None:
         raise ValueError("the model has no final LayerNorm, which GPTNeoX always applies")
 
 
+def end_of_document_id(config: Config) -> Optional[int]:
+    """The training tokenizer's end-of-document id (HF's eos and bos, so that `generate` stops there); None when
+    the tokenizer file is not at hand."""
+    from umtrain.data.tokenizer import MockTokenizer, load_tokenizer
+
+    d = config.data
+    if d.mock:
+        return MockTokenizer(d.mock_vocab_size).eod
+    if d.tokenizer_model and Path(d.tokenizer_model).is_file():
+        return load_tokenizer(d.tokenizer_type, d.tokenizer_model).eod
+    return None
+
+
 def gpt_neox_config(config: Config, vocab_size: int):
     from transformers import GPTNeoXConfig
 
     m = config.model
-    return GPTNeoXConfig(
+    eod = end_of_document_id(config)
+    if eod is None:
+        logging.getLogger("umtrain").warning("tokenizer %s not found: the HF config keeps GPTNeoX's default eos/bos "
+                                             "ids", config.data.tokenizer_model)
+    special = {} if eod is None else {"eos_token_id": eod, "bos_token_id": eod}
+    return GPTNeoXConfig(**special,
         vocab_size=vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
         num_attention_heads=m.num_attention_heads, intermediate_size=m.ffn_size, hidden_act="gelu",
         rope_parameters={"rope_type": "default", "rope_theta": float(m.rotary_base),
