@@ -122,3 +122,34 @@ def test_bad_files_are_named_and_leave_no_output(small_inputs, sentencepiece_mod
         preprocess([str(tmp_path / "no_text.jsonl")], str(tmp_path / "out"), "sentencepiece", sentencepiece_model,
                    progress=False)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("out")] == []
+
+
+def test_sigterm_leaves_no_partial_output(small_inputs, sentencepiece_model, tmp_path, monkeypatch):
+    """scancel or a job timeout sends SIGTERM: the run stops as with Ctrl-C, and its temporary files go."""
+    import os
+    import signal
+
+    from umtrain.data import preprocess as module
+
+    real_write = module._write_documents
+
+    def terminated_midway(builder, *args):
+        builder.add_document([1, 2, 3], [3])
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_write(builder, *args)
+
+    def not_handled(signum, frame):          # stands in for the default action, which would end pytest itself
+        raise AssertionError("preprocess left SIGTERM to the caller's handler")
+
+    monkeypatch.setattr(module, "_write_documents", terminated_midway)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    before = signal.signal(signal.SIGTERM, not_handled)
+    try:
+        with pytest.raises(SystemExit):
+            preprocess([str(small_inputs[0])], str(out_dir / "data"), "sentencepiece", sentencepiece_model,
+                       progress=False)
+        assert signal.getsignal(signal.SIGTERM) is not_handled
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert list(out_dir.iterdir()) == []

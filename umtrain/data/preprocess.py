@@ -11,6 +11,8 @@ import collections
 import multiprocessing
 import multiprocessing.pool
 import os
+import signal
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,7 +102,8 @@ def preprocess(
     tmp_bin, tmp_idx = (path.with_name(f"{path.name}.tmp-{os.getpid()}") for path in (bin_path, idx_path))
     builder = IndexedDatasetBuilder(str(tmp_bin), dtype=dtype)
     try:
-        with _encoder(workers, tokenizer_type, tokenizer_model, text_key, append_eod, dtype) as encode_all:
+        with _terminate_as_exit(), _encoder(workers, tokenizer_type, tokenizer_model, text_key, append_eod,
+                                            dtype) as encode_all:
             stats = _write_documents(builder, files, text_key, encode_all, f"preprocess {Path(output_prefix).name}",
                                      progress)
         if stats["documents"] == 0:
@@ -113,6 +116,24 @@ def preprocess(
         for path in (tmp_bin, tmp_idx):
             path.unlink(missing_ok=True)
     return {**stats, "files": len(files), "output_prefix": output_prefix}
+
+
+@contextmanager
+def _terminate_as_exit() -> Iterator[None]:
+    """SIGTERM (scancel, a job timeout) unwinds like Ctrl-C, so that the partial output is removed; in the main
+    thread only, where Python delivers signals."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def exit_now(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, exit_now)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _write_documents(builder: IndexedDatasetBuilder, files: list[Path], text_key: str,
