@@ -43,6 +43,15 @@ def test_removed_keys_of_older_configs_are_dropped_with_a_warning(caplog, tmp_pa
     assert "data.num_workers is ignored" in caplog.text
 
 
+def test_a_key_given_twice_is_refused(tmp_path):
+    """PyYAML would silently keep the second value."""
+    path = tmp_path / "twice.yaml"
+    path.write_text("model:\n  hidden_size: 64\n  hidden_size: 128\ndata:\n  mock: true\n")
+    with pytest.raises(ConfigError, match="'hidden_size' appears twice") as info:
+        load_config(path)
+    assert info.value.key == str(path)
+
+
 def test_unknown_key_suggests_the_closest():
     error = raises_key("model.hiden_size", MOCK + ["model.hiden_size=8"])
     assert "hidden_size" in str(error)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import platform
 from pathlib import Path
 from types import ModuleType
@@ -35,6 +36,8 @@ def extension() -> ModuleType:
     """The compiled kernels; built on first call, then loaded from torch's extension cache."""
     from torch.utils.cpp_extension import load
 
+    logging.getLogger("umtrain").info("loading the fused lookup-reduce extension (the first use after a change of "
+                                      "%s compiles it: up to a minute)", SOURCE.name)
     return load(name=f"umtrain_lookup_reduce_{_cpu_tag()}", sources=[str(SOURCE)], extra_cflags=CFLAGS,
                 extra_ldflags=["-fopenmp"])
 

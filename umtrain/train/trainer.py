@@ -235,6 +235,9 @@ class Trainer:
         bar = tqdm(total=t.train_iters, initial=self.iteration, desc="train", dynamic_ncols=True,
                    disable=not (self.layout.is_logging_rank and log.progress_bar))
         window_start, window_steps, skipped = time.perf_counter(), 0, 0
+        if self.iteration >= t.train_iters and self.layout.is_logging_rank:
+            logger.warning("nothing to train: the run is at iteration %d, training.train_iters is %d (raise it to "
+                           "train on)", self.iteration, t.train_iters)
         while self.iteration < t.train_iters:
             loss, grad_norm, applied = self.train_step()
             if not applied:
