@@ -95,3 +95,13 @@ def test_train_tokenizer_refuses_to_replace_a_tokenizer(module_docs, tmp_path, k
         run("train-tokenizer", "--input", str(module_docs), "--output", str(output), "--kind", kind,
             "--vocab-size", "400")
     assert info.value.key == "output" and existing.read_text() == "the user's tokenizer"
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "bpe"])
+def test_train_tokenizer_names_a_bad_record_without_a_traceback(tmp_path, capsys, kind):
+    """SentencePiece re-raises its iterator's errors as RuntimeError: the record's own error must come through."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine line"}\n{"text": oops}\n')
+    assert run("train-tokenizer", "--input", str(bad), "--output", str(tmp_path / "tok.model"), "--kind", kind,
+               "--vocab-size", "300") == 2
+    assert "bad.jsonl, line 2: not valid JSON" in capsys.readouterr().err

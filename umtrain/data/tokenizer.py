@@ -169,8 +169,21 @@ def _train_sentencepiece(documents: Iterator[str], output: Path, vocab_size: int
     """A BPE SentencePiece model that round-trips any text: identity normalisation, whitespace kept as is,
     unknown characters as byte pieces."""
     prefix = output.with_name(output.name.removesuffix(".model"))
+    input_errors: list[Exception] = []
+    try:
+        _train_sentencepiece_from(_lines_for_sentencepiece(documents, input_errors), prefix, vocab_size)
+    except RuntimeError as err:
+        if input_errors:                 # a bad record: SentencePiece re-raised it as its own RuntimeError
+            raise input_errors[0] from None
+        if "Vocabulary size" in str(err):
+            raise ConfigError("vocab_size", f"{vocab_size} is too large for this corpus: {err}") from None
+        raise
+    return str(prefix) + ".model"
+
+
+def _train_sentencepiece_from(lines: Iterator[str], prefix: Path, vocab_size: int) -> None:
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=_lines_for_sentencepiece(documents),
+        sentence_iterator=lines,
         model_prefix=str(prefix),
         model_type="bpe",
         vocab_size=vocab_size,
@@ -187,14 +200,19 @@ def _train_sentencepiece(documents: Iterator[str], output: Path, vocab_size: int
         num_threads=os.cpu_count() or 1,
         minloglevel=2,
     )
-    return str(prefix) + ".model"
 
 
-def _lines_for_sentencepiece(documents: Iterator[str]) -> Iterator[str]:
-    for text in documents:
-        for line in text.split("\n"):
-            if line.strip() and len(line.encode("utf-8")) <= SENTENCEPIECE_MAX_LINE_BYTES:
-                yield line
+def _lines_for_sentencepiece(documents: Iterator[str], errors: list[Exception]) -> Iterator[str]:
+    """The documents' non-empty lines; an error reading them is also kept in `errors`, since SentencePiece turns
+    whatever its iterator raises into a RuntimeError of its own."""
+    try:
+        for text in documents:
+            for line in text.split("\n"):
+                if line.strip() and len(line.encode("utf-8")) <= SENTENCEPIECE_MAX_LINE_BYTES:
+                    yield line
+    except Exception as err:
+        errors.append(err)
+        raise
 
 
 def _train_byte_level_bpe(documents: Iterator[str], output: Path, vocab_size: int) -> str:
