@@ -11,6 +11,7 @@ from types import SimpleNamespace
 
 import psutil
 import pytest
+from torch.distributed.elastic.multiprocessing.api import SignalException
 
 from tests.checkpoint.helpers import launch_cli, run_config, saved_losses, train
 from umtrain.checkpoint import REQUEUE_EXIT_CODE, PreemptionHandler, manager
@@ -99,3 +100,7 @@ def test_torchrun_failures_map_to_the_requeue_code():
     assert exit_code_of(failed(3)) == 3
     assert exit_code_of(failed(-9)) == 1
     assert exit_code_of(RuntimeError("no failures")) == 1
+    # The launcher itself signalled (scancel, preemption: SIGTERM to the whole process group): the workers
+    # checkpoint on SIGTERM, so the job is requeued; Ctrl-C is not a requeue.
+    assert exit_code_of(SignalException("launcher got SIGTERM", signal.SIGTERM)) == REQUEUE_EXIT_CODE
+    assert exit_code_of(SignalException("launcher got SIGINT", signal.SIGINT)) == 130

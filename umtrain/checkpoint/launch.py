@@ -7,13 +7,20 @@ exited with it, and the worker's own code (or 1) otherwise.
 
 from __future__ import annotations
 
+import signal
 import sys
 
 from umtrain.checkpoint.signals import REQUEUE_EXIT_CODE
 
 
 def exit_code_of(error: BaseException) -> int:
-    """The exit code to report for torchrun's ChildFailedError (the first failing worker's)."""
+    """The exit code to report for torchrun's ChildFailedError (the first failing worker's), or for its
+    SignalException: the launcher itself got a signal and passed it on to the workers. SIGTERM is how scancel and
+    preemption stop a job, and the workers checkpoint on it, so that is a requeue too; other signals give 128 + the
+    signal's number, as a shell reports them."""
+    signal_number = getattr(error, "sigval", None)
+    if signal_number is not None:
+        return REQUEUE_EXIT_CODE if signal_number == signal.SIGTERM else 128 + int(signal_number)
     first = getattr(error, "get_first_failure", None)
     if first is None:
         return 1
