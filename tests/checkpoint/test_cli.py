@@ -40,6 +40,9 @@ def test_convert_portable_to_hf_and_back_is_lossless(tmp_path, capsys):
     assert config_after["model"] == config_before["model"]
     assert main(["convert", str(portable), str(tmp_path / "hf"), "--to", "hf"]) == 2
     assert "exists" in capsys.readouterr().err
+    for source, form in ((portable, "portable"), (tmp_path / "hf", "hf")):
+        assert main(["convert", str(source), str(tmp_path / f"again-{form}"), "--to", form]) == 2
+        assert f"is already a {form} checkpoint" in capsys.readouterr().err
 
 
 def test_generate_is_greedy_and_stops_at_eod(tmp_path):

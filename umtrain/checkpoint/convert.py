@@ -40,6 +40,11 @@ def is_hf(path: Path) -> bool:
     return (path / "config.json").is_file() and not is_portable(path)
 
 
+def form_of(path: Path) -> str:
+    """'portable', 'hf' or 'megatron' (anything else; reading it says whether it holds a valid checkpoint)."""
+    return "portable" if is_portable(path) else "hf" if is_hf(path) else "megatron"
+
+
 def resolve_megatron(path: Path) -> Path:
     """A checkpoint directory as is; a checkpoint root -> the checkpoint `resume` would choose."""
     checkpoint, warnings = manager.resolve_resume(path)
@@ -166,6 +171,9 @@ def convert(source: str | Path, out: str | Path, to: str, config_path: Optional[
         raise FileNotFoundError(f"{source} does not exist")
     if out.exists():
         raise FileExistsError(f"{out} exists; conversion never overwrites")
+    if form_of(source) == to:
+        raise ValueError(f"{source} is already a {to} checkpoint (to change its parallel layout, resume from it: "
+                         "a Megatron checkpoint loads under any layout)")
     if to == "portable":
         if is_hf(source):
             return hf.hf_to_portable_dir(source, out, config_path)
