@@ -13,11 +13,13 @@ counters, tag by tag, so tests can compare them exactly. Tags of backward passes
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import math
 import os
 import socket
 import tempfile
 import traceback
+import warnings
 from collections import Counter
 from typing import Any, Callable, Optional, Sequence
 
@@ -92,6 +94,10 @@ def all_to_all(comm: Communicator, x: torch.Tensor, send_splits: Sequence[int], 
     return _AllToAll.apply(x, comm, list(send_splits), list(recv_splits), tag)
 
 
+def _read_report(path: str) -> str:
+    return open(path).read() if os.path.exists(path) else ""
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -99,34 +105,45 @@ def free_port() -> int:
 
 
 def _local_worker(rank: int, world_size: int, port: int, backend: str, fn: Callable, args: tuple, out_dir: str) -> None:
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=120))
-    try:
-        result = fn(rank, world_size, *args)
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    except BaseException:
-        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as err:
+    """One rank. A native abort (a gloo error raised on one of its threads) leaves every thread's Python stack in
+    the rank's report; on success the ranks meet at a barrier before teardown, so that no rank closes its
+    connections while a peer is still reading the last collective from them."""
+    with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as err:
+        faulthandler.enable(file=err, all_threads=True)
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                                timeout=datetime.timedelta(seconds=120))
+        try:
+            result = fn(rank, world_size, *args)
+            torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+            dist.barrier()
+        except BaseException:
             err.write(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
+            raise
+        finally:
+            dist.destroy_process_group()
+            faulthandler.disable()
 
 
 def run_local_group(fn: Callable, world_size: int, *args: Any, backend: str = "gloo") -> list:
     """Run fn(rank, world_size, *args) on world_size spawned processes of one local process group.
 
     fn must be importable (a module-level function); returns each rank's result, in rank order. When a rank
-    fails, the error names every failed rank with its traceback (not only the first to exit).
+    fails, the error names every failed rank with its traceback (not only the first to exit). A process that dies
+    after every rank has saved its result (gloo can abort in teardown) is reported as a warning, not an error.
     """
     import torch.multiprocessing as mp
     from torch.multiprocessing.spawn import ProcessException
 
     with tempfile.TemporaryDirectory() as out_dir:
+        results = [os.path.join(out_dir, f"rank{r}.pt") for r in range(world_size)]
         try:
             mp.spawn(_local_worker, args=(world_size, free_port(), backend, fn, args, out_dir), nprocs=world_size,
                      join=True)
         except ProcessException as err:
-            reports = [f"--- rank {r} ---\n" + open(os.path.join(out_dir, f"rank{r}.err")).read()
-                       for r in range(world_size) if os.path.exists(os.path.join(out_dir, f"rank{r}.err"))]
-            raise RuntimeError(f"{fn.__name__} failed on a {world_size}-process group:\n" + "\n".join(reports)) from err
-        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+            reports = [f"--- rank {r} ---\n" + report for r in range(world_size)
+                       if (report := _read_report(os.path.join(out_dir, f"rank{r}.err")))]
+            failure = f"{fn.__name__} failed on a {world_size}-process group:\n" + "\n".join(reports)
+            if not all(os.path.exists(path) for path in results):
+                raise RuntimeError(failure) from err
+            warnings.warn(f"every rank returned its result, then a process died in teardown ({err}); {failure}")
+        return [torch.load(path, weights_only=False) for path in results]

@@ -1,0 +1,58 @@
+"""The local process-group runner: results in rank order, and a failed rank's report (a Python exception's
+traceback, or the stack of a native abort) in the error raised to the test."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from umtrain.parallel.comm import Communicator, run_local_group
+
+
+def _exchange_ranks(rank: int, world: int) -> list[int]:
+    comm = Communicator(dist.group.WORLD)
+    received = comm.all_to_all(torch.full((world, 1), rank), [1] * world, [1] * world, "test")
+    return received.flatten().tolist()
+
+
+def _rank_one_raises(rank: int, world: int) -> None:
+    if rank == 1:
+        raise ValueError("rank one's own error")
+
+
+def _rank_one_aborts(rank: int, world: int) -> None:
+    if rank == 1:
+        os.abort()
+
+
+@pytest.mark.slow
+def test_results_come_back_in_rank_order():
+    assert run_local_group(_exchange_ranks, 2) == [[0, 1], [0, 1]]
+
+
+@pytest.mark.slow
+def test_a_raising_rank_is_named_with_its_traceback():
+    with pytest.raises(RuntimeError, match=r"(?s)2-process group.*--- rank 1 ---.*ValueError: rank one's own error"):
+        run_local_group(_rank_one_raises, 2)
+
+
+@pytest.mark.slow
+def test_a_native_abort_leaves_the_python_stack():
+    with pytest.raises(RuntimeError, match=r"(?s)--- rank 1 ---.*Fatal Python error: Aborted.*_rank_one_aborts"):
+        run_local_group(_rank_one_aborts, 2)
+
+
+def _rank_one_aborts_after_returning(rank: int, world: int) -> int:
+    if rank == 1:
+        import atexit
+        atexit.register(os.abort)
+    return rank
+
+
+@pytest.mark.slow
+def test_an_abort_after_every_result_is_saved_is_a_warning():
+    with pytest.warns(UserWarning, match="every rank returned its result, then a process died in teardown"):
+        assert run_local_group(_rank_one_aborts_after_returning, 2) == [0, 1]
