@@ -61,7 +61,8 @@ def test_generate_is_greedy_and_stops_at_eod(tmp_path):
 
 @pytest.mark.parametrize("extra,message", [(["--max-new-tokens", "0"], "--max-new-tokens"),
                                            (["--top-k", "-3"], "--top-k"),
-                                           (["--top-k", "20", "--temperature", "0"], "--temperature"),
+                                           (["--top-k", "20", "--temperature", "0"], "--temperature must be > 0"),
+                                           (["--temperature", "0.7"], "--temperature applies to sampling only"),
                                            (["--prompt", ""], "--prompt is empty")])
 def test_generate_refuses_bad_arguments_before_loading(tmp_path, capsys, extra, message):
     argv = ["generate", str(tmp_path / "no-such-checkpoint"), "--prompt", "x", *extra]

@@ -132,3 +132,15 @@ def test_bad_blends_are_named(sp_tokenizer, tmp_path):
         parse_blend([str(tmp_path / "missing")], "data.valid_data_path")
     assert parse_blend(["3", prefix, "1", prefix], "k") == ([prefix, prefix], [3.0, 1.0])
     assert parse_blend([prefix], "k") == ([prefix], None)
+
+
+def test_data_tokenised_with_a_larger_vocabulary_is_refused_at_load(sp_tokenizer, tmp_path):
+    fits = one_token_per_document(tmp_path / "fits", 100, 20, sp_tokenizer.eod)
+    too_large = one_token_per_document(tmp_path / "too_large", sp_tokenizer.vocab_size - 5, 20, sp_tokenizer.eod)
+    with pytest.raises(ConfigError, match=rf"data.tokenizer_model: .*too_large.bin holds token id "
+                                          rf"{sp_tokenizer.vocab_size + 14}, but the tokenizer has "
+                                          rf"{sp_tokenizer.vocab_size} ids"):
+        build_gpt_datasets(make_config(["1", fits, "1", too_large]), sp_tokenizer, 10, 0, 0)
+    with pytest.raises(ConfigError, match="too_large.bin holds token id"):
+        build_gpt_datasets(make_config([fits], valid_data_path=[too_large]), sp_tokenizer, 10, 2, 0)
+    build_gpt_datasets(make_config([fits]), sp_tokenizer, 10, 0, 0)

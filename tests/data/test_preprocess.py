@@ -1,4 +1,6 @@
+import gzip
 import json
+import re
 
 import pyarrow
 import pyarrow.parquet
@@ -153,3 +155,14 @@ def test_sigterm_leaves_no_partial_output(small_inputs, sentencepiece_model, tmp
     finally:
         signal.signal(signal.SIGTERM, before)
     assert list(out_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])
+def test_invalid_utf8_names_its_line_and_byte(sentencepiece_model, tmp_path, suffix):
+    """The streaming reader fails on a whole chunk; the error still names the one bad line, past the first batch."""
+    lines = [b'{"text": "fine"}'] * 2499 + [b'{"text": "\xff bad"}'] + [b'{"text": "fine"}'] * 10
+    data = b"\n".join(lines) + b"\n"
+    bad = tmp_path / f"bad{suffix}"
+    bad.write_bytes(gzip.compress(data) if suffix.endswith(".gz") else data)
+    with pytest.raises(DataInputError, match=rf"bad{re.escape(suffix)}, line 2500: not valid UTF-8 at byte 11"):
+        preprocess([str(bad)], str(tmp_path / "out"), "sentencepiece", sentencepiece_model, progress=False)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
+from umtrain.config.base import ConfigError
 from umtrain.train.batches import MicroBatches
 
 
@@ -38,3 +40,11 @@ def test_rank_interleaving_matches_megatron_sampler():
 def test_one_iterator_per_virtual_chunk():
     iterators = MicroBatches(Numbers(), 4, 2, 0, 1).iterators(0, num_chunks=2)
     assert [next(it)["tokens"].view(-1).tolist() for it in iterators] == [[0, 1], [0, 1]]
+
+
+def test_token_ids_past_the_vocabulary_are_named_with_their_samples():
+    batches = MicroBatches(Numbers(), 8, 2, dp_rank=1, dp_size=2, vocab_size=11)
+    assert [mb["tokens"].tolist() for mb in batches.global_batch(0)] == [[[2], [3]], [[6], [7]]]
+    with pytest.raises(ConfigError, match=r"data.tokenizer_model: samples 10..11 hold token id 11, but the "
+                                          r"tokenizer has 11 ids"):
+        batches.global_batch(8)

@@ -18,7 +18,7 @@ def register(subparsers) -> None:
                    help="tokenizer model (default: the checkpoint config's data.tokenizer_model)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--top-k", type=int, default=0, help="0: greedy")
-    p.add_argument("--temperature", type=float, default=1.0, help="for sampling (--top-k > 0); greedy ignores it")
+    p.add_argument("--temperature", type=float, default=None, help="for sampling (needs --top-k > 0; default 1.0)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=run)
 
@@ -48,7 +48,9 @@ def argument_problem(args: argparse.Namespace) -> Optional[str]:
         return f"--max-new-tokens must be >= 1, got {args.max_new_tokens}"
     if args.top_k < 0:
         return f"--top-k must be >= 0 (0: greedy), got {args.top_k}"
-    if args.top_k and args.temperature <= 0:
+    if args.temperature is not None and not args.top_k:
+        return "--temperature applies to sampling only: pass --top-k K too (--top-k 0, the default, is greedy)"
+    if args.temperature is not None and args.temperature <= 0:
         return f"--temperature must be > 0 when sampling (--top-k {args.top_k}), got {args.temperature}"
     if not args.prompt:
         return "--prompt is empty: give at least one character to continue"
@@ -73,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     tokenizer = load_tokenizer(config.data.tokenizer_type, path)
     prompt = tokenizer.tokenize(args.prompt)
-    ids = generate(model, prompt, args.max_new_tokens, config.data.seq_length, args.top_k, args.temperature,
+    temperature = 1.0 if args.temperature is None else args.temperature
+    ids = generate(model, prompt, args.max_new_tokens, config.data.seq_length, args.top_k, temperature,
                    torch.Generator().manual_seed(args.seed), tokenizer.vocab_size, tokenizer.eod)
     print(tokenizer.detokenize(ids))
     return 0

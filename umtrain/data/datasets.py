@@ -11,6 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Optional
 
+import numpy as np
+
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -21,6 +23,7 @@ from umtrain.config.schema import Config
 from umtrain.data.tokenizer import MockTokenizer
 
 Blend = tuple[list[str], Optional[list[float]]]
+TOKENS_CHECKED_AT_LOAD = 1 << 24
 
 
 def parse_blend(paths: list[str], key: str) -> Blend:
@@ -97,6 +100,8 @@ def build_gpt_datasets(
     """
     dataset_config = gpt_dataset_config(config, tokenizer, create_attention_mask)
     _check_every_split_has_documents(dataset_config)
+    if not config.data.mock:
+        _check_token_ids_fit(dataset_config, tokenizer.vocab_size)
     dataset_class = MockGPTDataset if config.data.mock else GPTDataset
     builder = BlendedMegatronDatasetBuilder(
         dataset_class, [train_samples, valid_samples, test_samples], is_built_on_rank or (lambda: True),
@@ -117,6 +122,20 @@ def _check_every_split_has_documents(dataset_config: GPTDatasetConfig) -> None:
                 raise ConfigError("data.split", f"{dataset_config.split!r} leaves the {part.name} part of {prefix} "
                                                 f"({documents} documents) without a document; give that part a "
                                                 f"larger share, or 0")
+
+
+def _check_token_ids_fit(dataset_config: GPTDatasetConfig, vocab_size: int) -> None:
+    """Data tokenised with a larger vocabulary than the configured tokenizer's would index past the embedding
+    (a device-side assert on GPU, mid-run): check the first `TOKENS_CHECKED_AT_LOAD` tokens of every source now.
+    Every batch is checked again as it is built (`umtrain.train.batches`)."""
+    blends = [dataset_config.blend] if dataset_config.blend else [b for b in dataset_config.blend_per_split or [] if b]
+    for prefix in dict.fromkeys(p for prefixes, _ in blends for p in prefixes):
+        dtype = IndexedDataset(prefix).index.dtype
+        head = np.memmap(prefix + ".bin", dtype=dtype, mode="r")[:TOKENS_CHECKED_AT_LOAD]
+        if head.size and int(head.max()) >= vocab_size:
+            raise ConfigError("data.tokenizer_model", f"{prefix}.bin holds token id {int(head.max())}, but the "
+                                                      f"tokenizer has {vocab_size} ids: the data was tokenised with "
+                                                      f"another tokenizer (re-run `umtrain preprocess` with this one)")
 
 
 def _is_number(text: str) -> bool:

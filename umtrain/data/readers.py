@@ -90,7 +90,24 @@ def stream_rows(path: Path, text_key: str) -> Iterator[list[tuple[int, Any]]]:
             yield list(enumerate(values, start=number + 1))
             number += len(values)
     except UnicodeDecodeError as err:
-        raise DataInputError(str(path), f"after line {number}", f"not valid UTF-8 ({err.reason})") from err
+        raise _first_undecodable_line(path, after=number) from err
+
+
+def _first_undecodable_line(path: Path, after: int) -> DataInputError:
+    """The streaming reader decodes whole chunks; find the line (and byte) that is not UTF-8 by reading the lines
+    after the last good batch one at a time (compressed files too)."""
+    import fsspec
+
+    with fsspec.open(str(path), "rb", compression="infer") as f:
+        for number, line in enumerate(f, start=1):
+            if number <= after:
+                continue
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return DataInputError(str(path), f"line {number}", f"not valid UTF-8 at byte {err.start + 1} "
+                                                                   f"({err.reason})")
+    return DataInputError(str(path), f"after line {after}", "not valid UTF-8")
 
 
 def parse_row(path: str, fmt: Format, number: int, raw: Any, text_key: str) -> str | None:

@@ -95,8 +95,9 @@ class Trainer:
         self.optimizer = build_optimizer(config, self.model)
         dp_rank, dp = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
         t = config.training
-        self.train_batches = MicroBatches(self.datasets[0], t.global_batch_size, t.micro_batch_size, dp_rank, dp)
-        self.valid_batches = MicroBatches(self.datasets[1], t.global_batch_size, t.micro_batch_size, dp_rank, dp)
+        vocab = self.tokenizer.vocab_size
+        self.train_batches = MicroBatches(self.datasets[0], t.global_batch_size, t.micro_batch_size, dp_rank, dp, vocab)
+        self.valid_batches = MicroBatches(self.datasets[1], t.global_batch_size, t.micro_batch_size, dp_rank, dp, vocab)
         self.iteration = 0
         self.consumed_samples = 0
         self.history = History()
