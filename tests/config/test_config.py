@@ -150,6 +150,13 @@ def test_bad_memory_values(override, key):
     raises_key(key, ULTRAMEM + ["model.memory.num_candidates=8", override])
 
 
+def test_sign_aware_candidates_widen_the_grid_top_m_may_fill():
+    """2 m_c candidates per side with sign-aware candidates: top-m = 10 fits the 6 x 6 grid of m_c = 3."""
+    narrow = ULTRAMEM + ["model.memory.topk=10", "model.memory.num_candidates=3"]
+    raises_key("model.memory.topk", narrow, match="exceeds the 3x3 candidate grid")
+    load_config(None, narrow + ["model.memory.sign_aware_candidates=true"], check_files=False)
+
+
 def test_placements_out_of_range_or_overlapping():
     raises_key("model.memory.placements", ULTRAMEM + ["model.memory.placements=['3:5']"], match="out of range")
     raises_key("model.memory.placements", ULTRAMEM + ["model.memory.placements=['1:3','3:4']"], match="overlap")

@@ -76,6 +76,19 @@ def test_tiny_ultramem_hand_count():
     assert sum(c.params for c in accounting.components) == accounting.total_params
 
 
+def test_sign_aware_candidates_rescore_the_doubled_grid():
+    """2 m_c candidates per side: the re-scoring term 2 H h (r^2 c + r c^2) with c = 2 m_c (here m_c = 64)."""
+    base = ["model.memory.num_candidates=64", "data.mock=true"]
+    path = PAPER_DIR / "ultramem-151m-x12.yaml"
+    plain = count(load_config(path, base, check_files=False))
+    sign_aware = count(load_config(path, base + ["model.memory.sign_aware_candidates=true"], check_files=False))
+    memory = load_config(path, base, check_files=False).model.memory
+    heads, cores, rank = memory.num_heads, memory.num_cores, memory.tucker_rank
+    rescoring = lambda c: 2 * heads * cores * (rank * rank * c + rank * c * c)  # noqa: E731
+    layers = len(memory.placements)
+    assert sign_aware.flops_per_token - plain.flops_per_token == layers * (rescoring(128) - rescoring(64))
+
+
 @pytest.mark.parametrize("name,value_dim", [("ultramem-151m-x12.yaml", 32), ("pkm-151m-x12.yaml", 64),
                                             ("table2/12-query-conv.yaml", 32)])
 def test_memory_terms_equal_the_memory_layers_parameter_count(name: str, value_dim: int):

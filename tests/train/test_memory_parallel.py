@@ -80,7 +80,29 @@ def test_a_training_micro_batch_never_synchronises_the_host():
 def aux_loss_after_one_more_step(trainer) -> dict:
     """Every rank logs the auxiliary losses of one more step (the trainer's logging path)."""
     trainer.train_step()
-    return trainer._aux_losses()
+    return trainer._aux_losses(steps=1)
+
+
+def aux_losses_logged_each_step_and_once(trainer) -> tuple[list[float], float]:
+    """Two fresh trainers from the same seed run the same two steps; one logs after each step, one after both."""
+    from umtrain.train.trainer import Trainer
+
+    each, once = Trainer(trainer.config), Trainer(trainer.config)
+    per_step = []
+    for _ in range(2):
+        each.train_step()
+        per_step.append(each._aux_losses(steps=1)["aux_loss"])
+    once.train_step()
+    once.train_step()
+    return per_step, once._aux_losses(steps=2)["aux_loss"]
+
+
+@pytest.mark.slow
+def test_a_logged_aux_loss_is_one_step_s_value_whatever_the_interval():
+    (per_step, over_window), = train_on_ranks(ultramem_config(training={"train_iters": 1}), 1,
+                                               collect=aux_losses_logged_each_step_and_once)
+    assert per_step[0] > 0
+    assert over_window == pytest.approx(sum(per_step) / 2, rel=1e-6)
 
 
 @pytest.mark.slow

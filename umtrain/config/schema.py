@@ -119,6 +119,24 @@ class MemoryConfig:
         """n = sqrt(E * N): the virtual grid is n x n."""
         return math.isqrt(self.ive_expansion * self.num_values)
 
+    @property
+    def candidates_per_side(self) -> int:
+        """The candidates each side contributes to the re-scored grid: m_c, or with sign-aware candidates the top
+        and bottom m_c (2 m_c, all n when that covers the side)."""
+        if self.sign_aware_candidates and self.tucker_rank > 1:
+            return min(2 * self.candidates, self.keys_per_side)
+        return self.candidates
+
+    @property
+    def init_score_draws(self) -> int:
+        """n_draw for App. A's Monte-Carlo E[y] (the spec's open conflict 3), chosen by `init_score_population`."""
+        return {
+            "virtual": self.ive_expansion * self.num_values,
+            "physical": self.num_values,
+            "keys": self.keys_per_side,
+            "grid": self.candidates_per_side ** 2,
+        }[self.init_score_population]
+
     def parsed_placements(self, prefix: str = "memory") -> list[tuple[int, int]]:
         return [parse_placement(p, f"{prefix}.placements[{i}]") for i, p in enumerate(self.placements)]
 
@@ -136,8 +154,9 @@ class MemoryConfig:
             _require(self.key_dim % self.tucker_rank == 0, key("key_dim"),
                      f"key layout B needs key_dim divisible by tucker_rank={self.tucker_rank}")
         _require(self.candidates >= 1, key("num_candidates"), "must be >= 1")
-        _require(self.topk <= self.candidates ** 2, key("topk"),
-                 f"top-m={self.topk} exceeds the {self.candidates}x{self.candidates} candidate grid")
+        grid_side = self.candidates_per_side
+        _require(self.topk <= grid_side ** 2, key("topk"),
+                 f"top-m={self.topk} exceeds the {grid_side}x{grid_side} candidate grid")
         _require(self.candidates <= self.keys_per_side, key("num_candidates"),
                  f"{self.candidates} candidates exceed the {self.keys_per_side} keys per side")
         _require(self.num_cores == 1 or self.tucker_rank > 1, key("num_cores"), "MCS (num_cores > 1) needs TDQKR (tucker_rank > 1)")
@@ -157,6 +176,10 @@ class MemoryConfig:
                  "has no effect without TDQKR (tucker_rank > 1)")
         _require(not (self.improved_init and not self.query_key_layernorm), key("improved_init"),
                  "the appendix-A score scale is set through the query/key LayerNorm gains: enable query_key_layernorm")
+        _require(not self.improved_init or 2 * self.topk <= self.init_score_draws, key("init_score_population"),
+                 f"{self.init_score_population!r} gives E[y] over {self.init_score_draws} draws, too few for top-m="
+                 f"{self.topk} (needs >= 2 m: the mean of the top m of n draws tends to 0 as m nears n, and the "
+                 f"query LayerNorm gain is 1/E[y])")
         _require(self.value_lr_multiplier >= 1.0, key("value_lr_multiplier"), "must be >= 1")
         _require(self.aux_loss_coeff >= 0 and self.aux_loss_tau >= 0, key("aux_loss_coeff"), "must be >= 0")
         self.parsed_placements(prefix)

@@ -80,7 +80,7 @@ def memory_layer_components(memory: MemoryConfig, hidden_size: int) -> list[Comp
     """One memory layer (PKM or UltraMem, by its switches); see the spec's section-4 table."""
     D, H, d_k, d_v = hidden_size, memory.num_heads, memory.key_dim, memory.value_dim
     E, r, h = memory.ive_expansion, memory.tucker_rank, memory.num_cores
-    n, m_c = memory.keys_per_side, memory.candidates
+    n, m_c = memory.keys_per_side, memory.candidates_per_side
     queries = 1 if memory.share_query else H
     key_width = d_k // r if memory.key_layout == "B" else d_k  # layout B: r chunks of d_k/r (section 2.3)
     components = [

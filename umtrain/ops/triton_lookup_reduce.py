@@ -10,6 +10,7 @@ Imported only when asked for (`get_lookup_reduce("triton")`), so CPU paths never
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -128,6 +129,9 @@ def triton_lookup_reduce(rows: torch.Tensor, blocks: torch.Tensor, scores: torch
                          num_blocks: int) -> torch.Tensor:
     """Same signature and semantics as `lookup_reduce_reference`; pooled is in the table's dtype."""
     check_lookup_reduce_inputs(rows, blocks, scores, table, num_blocks)
+    if table.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"model.memory.lookup_impl: 'triton' runs on GPU, but the table is on {table.device} "
+                         f"(use 'fused' on CPU, or set TRITON_INTERPRET=1 to interpret the kernels)")
     return TritonLookupReduce.apply(rows, blocks, scores, table, num_blocks)
 
 

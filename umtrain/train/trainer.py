@@ -189,8 +189,9 @@ class Trainer:
         return sum(losses) / len(losses)
 
     # ----------------------------------------------------------------------------------------- logging
-    def _aux_losses(self) -> dict[str, float]:
-        """The auxiliary losses tracked since the last call, summed over layers and averaged over micro-batches.
+    def _aux_losses(self, steps: int) -> dict[str, float]:
+        """The auxiliary losses tracked over the last `steps` training steps (since the last call), summed over layers
+        and averaged over steps and micro-batches: one step's value, whatever the logging interval.
         Megatron sums each loss over the pipeline group, so every stage takes part, with zeros for the losses of
         layers it does not hold (a stage without memory or MoE layers tracks nothing) and in one order."""
         tracker = get_moe_layer_wise_logging_tracker()
@@ -202,7 +203,8 @@ class Trainer:
             tracker.setdefault(name, {"values": torch.zeros(self.tconfig.num_layers, device=device)})
         reduce_aux_losses_tracker_across_ranks(names)
         log_names = {MEMORY_AUX_LOSS: "aux_loss", "load_balancing_loss": "moe_aux_loss"}
-        values = {log_names.get(name, name): float(entry["values"].sum()) / self.train_batches.num_micro_batches
+        micro_batches = steps * self.train_batches.num_micro_batches
+        values = {log_names.get(name, name): float(entry["values"].sum()) / micro_batches
                   for name, entry in tracker.items()}
         clear_aux_losses_tracker()
         return values
@@ -258,7 +260,7 @@ class Trainer:
                 values = {"loss": loss, "lr": self.history.lr[-1] if self.history.lr else 0.0, "grad_norm": grad_norm,
                           "tokens_per_s": tokens_per_step / seconds, "ms_per_step": 1000 * seconds,
                           "tflops_per_device": self.flops_per_token * tokens_per_step / seconds / self.layout.world_size / 1e12,
-                          "memory_gib": memory_in_use_gib(), "skipped": skipped, **self._aux_losses()}
+                          "memory_gib": memory_in_use_gib(), "skipped": skipped, **self._aux_losses(window_steps)}
                 if peak:
                     values["mfu"] = values["tflops_per_device"] * 1e12 / peak
                 if log.memory_stats and self.config.model.family in ("pkm", "ultramem"):

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from umtrain.config.base import ConfigError
 from umtrain.config.schema import MemoryConfig
-from umtrain.model.memory.init import derive_seed, expected_top_m_mean, improved_value_variance, score_population
+from umtrain.model.memory.init import derive_seed, expected_top_m_mean, improved_value_variance
 
 
 def test_expected_top_m_mean_matches_brute_force_sampling() -> None:
@@ -28,7 +29,20 @@ def test_score_population_follows_the_config_choice() -> None:
     expected = {"virtual": 4096, "physical": 1024, "keys": 64, "grid": 100}
     for choice, n_draw in expected.items():
         config.init_score_population = choice
-        assert score_population(config) == n_draw
+        assert config.init_score_draws == n_draw
+    config.sign_aware_candidates = True
+    assert config.init_score_draws == 20 * 20
+
+
+@pytest.mark.parametrize("population,topk,num_candidates", [("keys", 9, 4), ("grid", 9, 4), ("grid", 1, 1)])
+def test_a_population_too_small_for_top_m_is_refused(population, topk, num_candidates) -> None:
+    """keys: n = 16 draws for m = 9; grid: 16 draws for m = 9, or 1 draw for m = 1 (E[y] = 0 there)."""
+    config = MemoryConfig(num_values=64, ive_expansion=4, topk=topk, num_candidates=num_candidates,
+                          init_score_population=population)
+    with pytest.raises(ConfigError, match=rf"memory.init_score_population: '{population}' gives E\[y\] over "):
+        config.validate("memory")
+    config.improved_init = False
+    config.validate("memory")
 
 
 def test_improved_value_variance_is_app_a_when_scores_have_unit_second_moment() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import pickle
 
@@ -241,6 +242,16 @@ def test_layer_pickles_and_the_copy_computes_the_same() -> None:
     x = torch.randn(2, 1, 16)
     torch.testing.assert_close(copy(x), layer(x))
     assert copy.aux_loss.item() == layer.aux_loss.item()
+
+
+def test_layer_deep_copies_after_a_backward() -> None:
+    layer = make_layer(*CASES["ultramem"])
+    x = torch.randn(2, 1, 16)
+    (layer(x).square().sum() + layer.aux_loss).backward()
+    copied = copy.deepcopy(layer)
+    assert not copied.aux_loss.requires_grad and copied.aux_loss.item() == layer.aux_loss.item()
+    torch.testing.assert_close(copied(x), layer(x))
+    assert layer.aux_loss.requires_grad
 
 
 def test_deferred_refresh_runs_once_at_the_next_forward() -> None:

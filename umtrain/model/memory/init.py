@@ -1,4 +1,5 @@
-"""Appendix A's improved initialisation: the Monte-Carlo E[y] and the value variance, plus seed derivation."""
+"""Appendix A's improved initialisation: the Monte-Carlo E[y] and the value variance, plus seed derivation.
+n_draw for E[y] is `MemoryConfig.init_score_draws`."""
 
 from __future__ import annotations
 
@@ -34,16 +35,6 @@ def expected_top_m_mean(num_draws: int, top_m: int, trials: int = 1 << 16, seed:
                                          torch.tensor(1.0, dtype=torch.float64)).sample((trials, 1))
     smallest_uniforms = spacings.cumsum(-1) / (spacings.sum(-1, keepdim=True) + rest)
     return float(-torch.special.ndtri(smallest_uniforms).mean())
-
-
-def score_population(config: MemoryConfig) -> int:
-    """n_draw for E[y] (the spec's open conflict 3), chosen by `config.init_score_population`."""
-    return {
-        "virtual": config.ive_expansion * config.num_values,
-        "physical": config.num_values,
-        "keys": config.keys_per_side,
-        "grid": config.candidates ** 2,
-    }[config.init_score_population]
 
 
 def improved_value_variance(config: MemoryConfig, num_layers: int, mean_square_score: float) -> float:

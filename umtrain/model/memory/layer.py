@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from umtrain.config.base import ConfigError
 from umtrain.config.schema import MemoryConfig
 from umtrain.model.memory.conv import causal_depthwise_conv, identity_kernel
-from umtrain.model.memory.init import derive_seed, expected_top_m_mean, improved_value_variance, score_population
+from umtrain.model.memory.init import derive_seed, expected_top_m_mean, improved_value_variance
 from umtrain.model.memory.retrieval import Selection, select_top_m, tdqkr_aux_loss, tdqkr_core_factors
 from umtrain.ops.lookup_reduce import LookupReduce, get_lookup_reduce
 
@@ -134,7 +134,7 @@ class MemoryLayer(nn.Module):
         """App. A: query-LN weight 1/E[y], key-LN weight 1/sqrt(w), so each sub-score is ~N(0, 1/E[y]^2)."""
         if not self.config.improved_init:
             return 1.0, 1.0
-        mean_top = expected_top_m_mean(score_population(self.config), self.config.topk)
+        mean_top = expected_top_m_mean(self.config.init_score_draws, self.config.topk)
         return 1.0 / mean_top, self.key_width ** -0.5
 
     def _value_init_std(self) -> float:
@@ -271,6 +271,11 @@ class MemoryLayer(nn.Module):
         """The refresh deferred by `refresh_tdqkr_factors(at_next_forward=True)`, now (the cores must be current)."""
         if self.tdqkr_refresh_pending:
             self.refresh_tdqkr_factors()
+
+    def __getstate__(self) -> dict:
+        """Copies (deepcopy, pickle) carry the last auxiliary loss's value without its autograd graph: deepcopy
+        refuses a tensor that is not a graph leaf, and a copy for evaluation or an EMA must not hold the graph."""
+        return {**super().__getstate__(), "aux_loss": self.aux_loss.detach()}
 
     # ----------------------------------------------------------------------------------------- forward
 
