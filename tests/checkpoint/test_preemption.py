@@ -61,6 +61,21 @@ def test_sigterm_saves_exits_with_requeue_code_and_resumes_exactly(tmp_path):
 
 
 @pytest.mark.slow
+def test_the_launcher_passes_the_pre_timeout_signal_on_to_its_workers(tmp_path):
+    """SLURM's `--signal=USR1@300` reaches the launcher too; torchrun's agent would die of it and orphan the
+    workers. Here only the launcher gets it, so the workers can only have it from the launcher."""
+    root = tmp_path / "ckpt"
+    proc = launch_cli(tmp_path, run_config(ITERS, save=str(root), save_interval=INTERVAL), 2)
+    wait_for_checkpoint(proc, root)
+    workers = training_workers(proc)
+    proc.send_signal(signal.SIGUSR1)
+    code, output = finish(proc)
+    assert code == REQUEUE_EXIT_CODE, output
+    assert INTERVAL < manager.iteration_of(manager.read_latest(root)) < ITERS
+    assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.slow
 def test_sigkill_between_checkpoints_resumes_from_the_last_one(tmp_path):
     root = tmp_path / "ckpt"
     config = run_config(ITERS, save=str(root), save_interval=INTERVAL, keep_last=2)

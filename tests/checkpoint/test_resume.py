@@ -76,16 +76,20 @@ def test_kill_mid_write_keeps_previous_checkpoint_and_latest(tmp_path, four_step
     assert resumed["loss"] == four_steps
 
 
+def corrupt_largest_shard(checkpoint_dir):
+    """Flip one byte of the largest data file (same size: only the CRC-32 check can tell)."""
+    victim = max((p for p in checkpoint_dir.iterdir() if p.suffix == ".distcp"), key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+
+
 @pytest.mark.slow
 def test_corrupt_latest_falls_back_and_shape_change_is_refused(tmp_path):
     root = tmp_path / "ckpt"
     train(run_config(4, save=str(root), save_interval=2, async_save=True), 1)
     assert [c.iteration for c in manager.list_checkpoints(root)] == [2, 4]      # both async saves published
-    newest = root / manager.checkpoint_name(4)
-    victim = max((p for p in newest.iterdir() if p.suffix == ".distcp"), key=lambda p: p.stat().st_size)
-    data = bytearray(victim.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    victim.write_bytes(bytes(data))
+    corrupt_largest_shard(root / manager.checkpoint_name(4))
     checkpoint, warnings = manager.resolve_resume(root)
     assert checkpoint.iteration == 2 and "CRC-32" in warnings[0]
 
@@ -94,6 +98,24 @@ def test_corrupt_latest_falls_back_and_shape_change_is_refused(tmp_path):
     with pytest.raises(RuntimeError, match=r"model\.hidden_size.*64.*96"):
         train(changed, 1)
     assert tree_digest(root) == before
+
+    corrupt_largest_shard(root / manager.checkpoint_name(2))
+    before = tree_digest(root)
+    with pytest.raises(RuntimeError, match=r"checkpoint.save: .*ckpt holds checkpoints but none verifies"):
+        train(run_config(6, save=str(root), save_interval=2), 1)
+    assert tree_digest(root) == before, "a restart must not begin again at step 0 over the run's checkpoints"
+
+
+@pytest.mark.slow
+def test_a_restarted_run_continues_from_its_own_save_not_from_load(tmp_path):
+    """`load` outside `save` is where a run starts (e.g. a requeued job launched with --resume /pretrained); once
+    `save` holds a checkpoint the run continues there. A `load` inside `save` (a roll-back) is honoured."""
+    initial, own = tmp_path / "initial", tmp_path / "own"
+    train(run_config(2, save=str(initial)), 1)
+    assert train(run_config(4, save=str(own), load=str(initial)), 1)["start"] == 2
+    assert train(run_config(6, save=str(own), load=str(initial)), 1)["start"] == 4
+    rolled_back = run_config(8, save=str(own), load=str(own / manager.checkpoint_name(4)))
+    assert train(rolled_back, 1)["start"] == 4
 
 
 def test_shape_error_names_the_field():

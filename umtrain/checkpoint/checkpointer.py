@@ -22,10 +22,13 @@ from umtrain.checkpoint.state import (
 )
 from umtrain.config import Config, dump_config
 from umtrain.config.base import ConfigError
-
 from umtrain.parallel.collectives import barrier, is_rank0, on_rank0
 
 logger = logging.getLogger("umtrain")
+
+
+def _is_within(path: Path, root: Path) -> bool:
+    return path.resolve() == root.resolve() or root.resolve() in path.resolve().parents
 
 
 class Checkpointer:
@@ -93,32 +96,59 @@ class Checkpointer:
             self.async_queue.maybe_finalize_async_calls(blocking=True)
 
     # ----------------------------------------------------------------------------------------- resume
-    def resume_path(self) -> tuple[Optional[Path], bool]:
-        """(where to look, whether the user asked for it explicitly)."""
-        c = self.config.checkpoint
-        if c.load:
-            return Path(c.load), True
-        if self.root is not None and self.root.exists():
-            return self.root, False
-        return None, False
-
     def resume(self, trainer) -> bool:
         """Load model, optimizer, RNG, iteration and data position; False when there is nothing to resume."""
-        path, explicit = self.resume_path()
-        if path is None:
-            return False
-        if explicit and not path.exists():
-            raise ConfigError("checkpoint.load", f"{path} does not exist")
-        checkpoint, warnings = on_rank0(manager.resolve_resume, path)
-        if is_rank0():
-            for warning in warnings:
-                logger.warning(warning)
+        checkpoint = self.resume_checkpoint()
         if checkpoint is None:
-            if explicit:
-                raise ConfigError("checkpoint.load", f"no valid checkpoint in {path}")
             return False
         self._load(trainer, checkpoint.path)
         return True
+
+    def resume_checkpoint(self) -> Optional[manager.Checkpoint]:
+        """The checkpoint to resume from (collective; files read on rank 0).
+
+        A run continues from its own `checkpoint.save` once that holds a checkpoint: `checkpoint.load` (--resume)
+        outside it is where the run starts, so a requeued or restarted job never goes back there. A `load` inside
+        `save` (a chosen iteration to roll back to) is always honoured. A `save` whose checkpoints all fail
+        verification is an error, not a fresh start: a restart would otherwise begin again at step 0.
+        """
+        c = self.config.checkpoint
+        load = Path(c.load) if c.load else None
+        if load is not None and (self.root is None or not _is_within(load, self.root)):
+            own = self._own_checkpoint()
+            if own is not None:
+                if is_rank0():
+                    logger.warning("checkpoint.load=%s is where this run started; %s already holds %s: continuing "
+                                   "from there", load, self.root, own.path.name)
+                return own
+        if load is not None:
+            if not load.exists():
+                raise ConfigError("checkpoint.load", f"{load} does not exist")
+            checkpoint, _ = self._resolve(load, "checkpoint.load")
+            if checkpoint is None:
+                raise ConfigError("checkpoint.load", f"no valid checkpoint in {load}")
+            return checkpoint
+        return self._own_checkpoint()
+
+    def _own_checkpoint(self) -> Optional[manager.Checkpoint]:
+        if self.root is None or not self.root.exists():
+            return None
+        checkpoint, skipped = self._resolve(self.root, "checkpoint.save")
+        if checkpoint is None and skipped:
+            raise ConfigError("checkpoint.save", f"{self.root} holds checkpoints but none verifies ("
+                                                 f"{'; '.join(skipped)}); move them aside to start this run over")
+        return checkpoint
+
+    def _resolve(self, path: Path, key: str) -> tuple[Optional[manager.Checkpoint], list[str]]:
+        """`manager.resolve_resume` on rank 0, its warnings logged; a checkpoint that fails its check names `key`."""
+        try:
+            checkpoint, skipped = on_rank0(manager.resolve_resume, path)
+        except manager.CheckpointError as err:
+            raise ConfigError(key, str(err)) from None
+        if is_rank0():
+            for warning in skipped:
+                logger.warning(warning)
+        return checkpoint, skipped
 
     def _load(self, trainer, path: Path) -> None:
         common = dist_checkpointing.load_common_state_dict(str(path))

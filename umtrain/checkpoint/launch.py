@@ -3,14 +3,28 @@
 torchrun itself exits 1 whenever a worker fails, so a preempted run (every worker exits REQUEUE_EXIT_CODE after
 saving) would look like a crash to SLURM. This wrapper returns REQUEUE_EXIT_CODE when the first failing worker
 exited with it, and the worker's own code (or 1) otherwise.
+
+Signals. torchrun's agent handles SIGTERM, SIGINT, SIGHUP and SIGQUIT (it passes them on, waits
+TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds, then SIGKILLs the workers) and would die of SIGUSR1/SIGUSR2, orphaning the
+workers. SLURM's pre-timeout signal (`--signal=USR1@300`) reaches every process of the step, this one included, so
+the wrapper passes SIGUSR1/SIGUSR2 on to its workers and keeps supervising them: they checkpoint at the next step
+boundary and exit with the requeue code. The shutdown timeout after SIGTERM defaults to
+`DEFAULT_SHUTDOWN_TIMEOUT_S` instead of torchrun's 30 s, so that the rest of a step and the save can fit.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
+import psutil
+
 from umtrain.checkpoint.signals import REQUEUE_EXIT_CODE
+
+PASSED_ON_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
+DEFAULT_SHUTDOWN_TIMEOUT_S = 180
+WORKER_MODULE = "umtrain.cli.main"
 
 
 def exit_code_of(error: BaseException) -> int:
@@ -29,9 +43,22 @@ def exit_code_of(error: BaseException) -> int:
     return code if code == REQUEUE_EXIT_CODE or 0 < code < 256 else 1
 
 
+def pass_on_to_workers(signum: int, frame) -> None:
+    """Send the signal to this launcher's training workers (its direct children running `WORKER_MODULE`)."""
+    for child in psutil.Process().children():
+        try:
+            if WORKER_MODULE in " ".join(child.cmdline()):
+                child.send_signal(signum)
+        except psutil.NoSuchProcess:
+            continue
+
+
 def run_torchrun(argv: list[str]) -> int:
     from torch.distributed.run import main as torchrun
 
+    os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(DEFAULT_SHUTDOWN_TIMEOUT_S))
+    for sig in PASSED_ON_SIGNALS:
+        signal.signal(sig, pass_on_to_workers)
     try:
         torchrun(argv)
     except SystemExit as exit_:

@@ -33,6 +33,10 @@ _NAME = re.compile(r"^iter_(\d{7,})$")
 _CHUNK = 1 << 24
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked (it fails verification)."""
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     iteration: int
@@ -183,7 +187,7 @@ def resolve_resume(path: Path) -> tuple[Optional[Checkpoint], list[str]]:
     if iteration_of(path) is not None or is_checkpoint_dir(path):
         error = verification_error(path)
         if error is not None:
-            raise RuntimeError(f"cannot resume from {path}: {error}")
+            raise CheckpointError(f"cannot resume from {path}: {error}")
         return Checkpoint(_manifest_iteration(path), path), []
     latest = read_latest(path)
     candidates = list_checkpoints(path)
