@@ -77,8 +77,8 @@ def trainer_worker(rank: int, world_size: int, config_dict: dict, logits: bool =
                   "preempted": False}
         try:
             trainer.train()
-        except Preempted:
-            result["preempted"] = True
+        except Preempted as stop:
+            result["preempted"] = "saved" if stop.saved else "not saved"
         result["loss"] = trainer.history.loss
         result["final_logits"] = fixed_batch_logits(trainer) if logits else None
         return result

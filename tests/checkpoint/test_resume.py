@@ -38,10 +38,16 @@ def test_stop_and_resume_is_bit_exact(tmp_path, model, tp, world, parallel):
     config = run_config(2 * N, tp=tp, model=model, parallel=parallel, save=str(tmp_path / "ckpt"))
     first = train(config, world, preempt_at=N)
     second = train(config, world)
-    assert first["preempted"] and first["loss"] == reference[:N]
+    assert first["preempted"] == "saved" and first["loss"] == reference[:N]
     assert second["start"] == N
     assert second["loss"] == reference          # restored history + N fresh steps, bit for bit
     assert manager.read_latest(tmp_path / "ckpt").name == manager.checkpoint_name(2 * N)
+
+
+@pytest.mark.slow
+def test_a_stop_signal_without_a_save_directory_says_nothing_was_saved(four_steps):
+    stopped = train(run_config(4), 1, preempt_at=2)
+    assert stopped["preempted"] == "not saved" and stopped["loss"] == four_steps[:2]
 
 
 def _kill_during_manifest(directory, iteration):

@@ -150,6 +150,11 @@ def test_bad_memory_values(override, key):
     raises_key(key, ULTRAMEM + ["model.memory.num_candidates=8", override])
 
 
+@pytest.mark.parametrize("override", ["checkpoint.save_interval=10", "checkpoint.async_save=true"])
+def test_checkpoint_settings_without_a_save_directory_are_refused(override):
+    raises_key(override.split("=")[0], MOCK + [override], match="has no effect without checkpoint.save")
+
+
 def test_sign_aware_candidates_widen_the_grid_top_m_may_fill():
     """2 m_c candidates per side with sign-aware candidates: top-m = 10 fits the 6 x 6 grid of m_c = 3."""
     narrow = ULTRAMEM + ["model.memory.topk=10", "model.memory.num_candidates=3"]

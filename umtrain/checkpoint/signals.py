@@ -19,7 +19,12 @@ REQUEUE_EXIT_CODE = 42
 
 
 class Preempted(Exception):
-    """Raised by the training loop after the preemption checkpoint is written."""
+    """Raised by the training loop when a stop signal ends the run: after the preemption checkpoint is written
+    (`saved`), or without one when the run has no `checkpoint.save` (then a requeue would start over)."""
+
+    def __init__(self, message: str, saved: bool):
+        super().__init__(message)
+        self.saved = saved
 
 
 def parse_signal(name: str, key: str = "training.exit_signal") -> signal.Signals:

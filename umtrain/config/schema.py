@@ -387,6 +387,10 @@ class CheckpointConfig:
     def validate(self, prefix: str) -> None:
         _require(self.save_interval >= 0, _join(prefix, "save_interval"), "must be >= 0")
         _require(self.keep_last >= 1, _join(prefix, "keep_last"), "must be >= 1")
+        _require(self.keep_every >= 0, _join(prefix, "keep_every"), "must be >= 0 (0: none)")
+        for name in ("save_interval", "async_save"):
+            _require(self.save is not None or not getattr(self, name), _join(prefix, name),
+                     "has no effect without checkpoint.save (the directory to save into)")
 
 
 @dataclass

@@ -272,7 +272,10 @@ class Trainer:
             if self.preemption.requested():
                 self.checkpointer.save(self)
                 self.checkpointer.finalize()
-                raise Preempted(f"preempted at step {self.iteration}; checkpoint saved")
+                if not self.checkpointer.enabled:
+                    raise Preempted(f"stopped by a signal at step {self.iteration}; nothing saved (no "
+                                    f"checkpoint.save)", saved=False)
+                raise Preempted(f"preempted at step {self.iteration}; checkpoint saved", saved=True)
             if self.validates and (self.iteration % t.eval_interval == 0 or self.iteration == t.train_iters):
                 valid = self.evaluate()
                 self.history.valid_loss[self.iteration] = valid
