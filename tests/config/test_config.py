@@ -150,6 +150,26 @@ def test_bad_memory_values(override, key):
     raises_key(key, ULTRAMEM + ["model.memory.num_candidates=8", override])
 
 
+def test_yaml_1_1_number_forms_stay_strings():
+    """PyYAML alone reads 1:2 as 62 (base 60), 0755 as 493 (octal), 007 as 7."""
+    config = load(ULTRAMEM + ["model.memory.placements=[1:2, 3:4]", "checkpoint.save=0755", "run_name=007",
+                              "optimizer.lr=3e-4", "checkpoint.keep_last=0x2"])
+    assert config.model.memory.placements == ["1:2", "3:4"]
+    assert (config.checkpoint.save, config.run_name) == ("0755", "007")
+    assert (config.optimizer.lr, config.checkpoint.keep_last) == (3e-4, 2)
+    raises_key("training.train_iters", MOCK + ["training.train_iters=1_000"], match="must be an integer")
+
+
+def test_yaml_merge_keys_and_duplicate_keys(tmp_path):
+    path = tmp_path / "merged.yaml"
+    path.write_text("data: {mock: true}\noptimizer:\n  <<: {lr: 1.0e-3, min_lr: 1.0e-4}\n  lr: 2.0e-3\n")
+    config = load_config(path)
+    assert (config.optimizer.lr, config.optimizer.min_lr) == (2e-3, 1e-4)
+    path.write_text("data: {mock: true}\noptimizer:\n  lr: 1.0e-3\n  lr: 2.0e-3\n")
+    with pytest.raises(ConfigError, match="key 'lr' appears twice"):
+        load_config(path)
+
+
 @pytest.mark.parametrize("override", ["checkpoint.save_interval=10", "checkpoint.async_save=true"])
 def test_checkpoint_settings_without_a_save_directory_are_refused(override):
     raises_key(override.split("=")[0], MOCK + [override], match="has no effect without checkpoint.save")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 from umtrain.config import dump_config, load_config
@@ -27,7 +28,7 @@ def world_size_from(args) -> int:
 
 def run(args) -> int:
     if args.resume:
-        args.overrides = [*args.overrides, f"checkpoint.load={args.resume}"]
+        args.overrides = [*args.overrides, f"checkpoint.load={json.dumps(args.resume)}"]   # a quoted YAML string
     config = load_config(args.config, args.overrides, world_size=world_size_from(args))
     if args.dry_run:
         print(dump_config(config), end="")

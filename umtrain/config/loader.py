@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -16,13 +17,39 @@ from umtrain.config.validate import validate_config
 logger = logging.getLogger("umtrain")
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """`yaml.safe_load`, except that a key given twice in one mapping is an error (PyYAML keeps the last one)."""
+class ConfigLoader(yaml.SafeLoader):
+    """`yaml.safe_load` with two changes, for config files and override values alike:
+
+    - numbers are read as YAML 1.2 reads them: PyYAML's YAML 1.1 turns `1:30` into 90 (base 60), `0755` into 493
+      (octal) and `1_000` into 1000, so a placement `[1:2]`, a directory `0755` or a run name `007` would silently
+      become other values; here they stay strings, and `1e-4` is a float (YAML 1.1 needs `1.0e-4`);
+    - a key given twice in one mapping is an error (PyYAML keeps the last one); merge keys (`<<: *defaults`) work.
+    """
+
+
+_YAML_1_2_NUMBERS = [
+    ("tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?(?:0|[1-9][0-9]*)|0o[0-7]+|0x[0-9a-fA-F]+)$"), "-+0123456789"),
+    ("tag:yaml.org,2002:float",
+     re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+\.[0-9]*)(?:[eE][-+]?[0-9]+)?|[-+]?[0-9]+[eE][-+]?[0-9]+"
+                r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+     "-+.0123456789"),
+]
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _tag, _regexp, _first in _YAML_1_2_NUMBERS:
+    ConfigLoader.add_implicit_resolver(_tag, _regexp, list(_first))
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    return int(loader.construct_scalar(node), 0)
 
 
 def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     seen = set()
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise yaml.constructor.ConstructorError(None, None, f"key {key!r} appears twice", key_node.start_mark)
@@ -30,7 +57,12 @@ def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode,
     return loader.construct_mapping(node, deep)
 
 
-_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+ConfigLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+ConfigLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=ConfigLoader)
 
 
 def read_yaml(path: str | os.PathLike) -> dict:
@@ -38,7 +70,7 @@ def read_yaml(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise ConfigError(str(path), "config file not found")
     try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+        data = parse_yaml(path.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(str(path), f"is not valid YAML: {err}") from err
     if data is None:
@@ -55,7 +87,7 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
             raise ConfigError(text, "an override must look like key.path=value")
         dotted, raw = text.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
+            value = parse_yaml(raw) if raw != "" else ""
         except yaml.YAMLError as err:
             raise ConfigError(dotted, f"cannot parse override value {raw!r}: {err}") from err
         set_dotted(data, dotted.strip(), value, Config)
