@@ -76,8 +76,9 @@ def test_generate_names_a_checkpoint_that_is_not_portable(tmp_path, capsys):
 
 
 def test_hf_import_refuses_a_config_that_would_drop_weights(tmp_path, capsys):
-    """Without the exported umtrain config, `--config` describes the HF model: a family with memory layers, or a
-    config without biases where the HF model has nonzero ones, would write a checkpoint that is not the model."""
+    """Without the exported umtrain config, `--config` describes the HF model: a family with memory layers, a
+    config without biases where the HF model has nonzero ones, or other rotary or norm settings would write a
+    checkpoint that is not the model."""
     portable, _ = portable_checkpoint(tmp_path / "portable")
     state = {k: v + 0.01 if is_linear_bias(k) else v for k, v in read_portable(portable)[0].items()}
     _, config, meta = read_portable(portable)
@@ -86,7 +87,11 @@ def test_hf_import_refuses_a_config_that_would_drop_weights(tmp_path, capsys):
     (tmp_path / "hf" / "umtrain_config.json").unlink()
     sizes = {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4}
     cases = {"model.family": {**sizes, "family": "ultramem", "memory": {"placements": ["1:2"]}},
-             "model.add_bias_linear": {**sizes, "add_bias_linear": False}}
+             "model.add_bias_linear": {**sizes, "add_bias_linear": False},
+             "rope_theta=10000.0, the umtrain config 500.0": {**sizes, "rotary_base": 500},
+             "partial_rotary_factor=1.0, the umtrain config 0.5": {**sizes, "rotary_percent": 0.5},
+             "layer_norm_eps": {**sizes, "layernorm_epsilon": 0.01},
+             "model.normalization": {**sizes, "normalization": "RMSNorm"}}
     for key, model_section in cases.items():
         path = tmp_path / f"{key}.yaml"
         path.write_text(yaml.safe_dump({"model": model_section, "data": {"mock": True, "seq_length": 16}}))

@@ -135,8 +135,23 @@ def test_shape_error_names_the_field():
     with pytest.raises(ConfigError, match=r"model\.memory\.num_values"):
         check_model_shape(to_dict(saved), 256, current, 256, "ckpt")
     check_model_shape(to_dict(saved), 256, saved, 256, "ckpt")
-    with pytest.raises(ConfigError, match=r"model\.vocab_size"):
+    with pytest.raises(ConfigError, match=r"model\.vocab_size: .*padded to 256, this run pads to 384 .*set "
+                                          r"model.vocab_size=256 to resume under TP=1"):
         check_model_shape(to_dict(saved), 256, saved, 384, "ckpt")
+    moe = dict(family="moe", moe={"num_experts": 2})
+    saved_before_biases_were_explicit = dict(to_dict(config_from_dict(run_config(4, model=moe))))
+    saved_before_biases_were_explicit["model"] = dict(saved_before_biases_were_explicit["model"], add_bias_linear=True)
+    check_model_shape(saved_before_biases_were_explicit, 256, config_from_dict(run_config(4, model=moe)), 256, "ckpt")
+
+
+def test_an_explicit_vocabulary_smaller_than_the_tokenizer_is_refused():
+    from umtrain.config import config_from_dict
+    from umtrain.model.gpt import padded_vocab_size
+
+    config = config_from_dict(run_config(4, model={"vocab_size": 200}))
+    with pytest.raises(ConfigError, match="model.vocab_size: 200 is smaller than the tokenizer's 256 ids"):
+        padded_vocab_size(config, 256)
+    assert padded_vocab_size(config, 200) == 200
 
 
 def nan_at_step_two_worker(rank, world_size, config_dict):

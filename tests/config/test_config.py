@@ -150,6 +150,36 @@ def test_bad_memory_values(override, key):
     raises_key(key, ULTRAMEM + ["model.memory.num_candidates=8", override])
 
 
+@pytest.mark.parametrize("overrides,key", [
+    (["model.ffn_hidden_size=0"], "model.ffn_hidden_size"),
+    (["model.vocab_size=-1"], "model.vocab_size"),
+    (["model.make_vocab_size_divisible_by=0"], "model.make_vocab_size_divisible_by"),
+    (["model.hidden_dropout=1.5"], "model.hidden_dropout"),
+    (["model.rotary_percent=0"], "model.rotary_percent"),
+    (["model.family=moe", "model.moe={num_experts: 4}", "model.add_bias_linear=true"], "model.add_bias_linear"),
+    (["parallel.pipeline_model_parallel_size=2", "parallel.virtual_pipeline_model_parallel_size=0"],
+     "parallel.virtual_pipeline_model_parallel_size"),
+    (["optimizer.adam_beta2=2"], "optimizer.adam_beta2"),
+    (["optimizer.weight_decay=-0.1"], "optimizer.weight_decay"),
+    (["schedule.lr_warmup_iters=-5"], "schedule.lr_warmup_iters"),
+    (["training.exit_signal=SIGKILL"], "training.exit_signal"),
+    (["training.exit_signal=SIGFOO"], "training.exit_signal"),
+    (["data.split=0,100,0", "data.mock=false", "data.data_path=[x]", "data.tokenizer_model=t"], "data.split"),
+    (["parallel.tensor_model_parallel_size=2", "model.vocab_size=257"], "model.vocab_size"),
+    (["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true", "model.family=moe",
+      "model.moe={num_experts: 4, moe_ffn_hidden_size: 129}"], "model.moe.moe_ffn_hidden_size"),
+])
+def test_out_of_range_values_name_their_key(overrides, key):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, MOCK + overrides, world_size=2, check_files=False)
+    assert info.value.key == key, str(info.value)
+
+
+def test_moe_linears_default_to_no_bias_and_dense_to_bias():
+    assert not load(MOCK + ["model.family=moe", "model.moe={num_experts: 4}"]).model.linear_bias
+    assert load(MOCK).model.linear_bias
+
+
 def test_yaml_1_1_number_forms_stay_strings():
     """PyYAML alone reads 1:2 as 62 (base 60), 0755 as 493 (octal), 007 as 7."""
     config = load(ULTRAMEM + ["model.memory.placements=[1:2, 3:4]", "checkpoint.save=0755", "run_name=007",

@@ -16,10 +16,13 @@ MEMORY_SHAPE_FIELDS = ("placements", "num_values", "value_dim", "key_dim", "num_
 
 
 def _resolved(model: dict[str, Any]) -> dict[str, Any]:
-    """The model section with defaults that depend on other fields filled in (ffn_hidden_size = 4 * hidden)."""
+    """The model section with defaults that depend on other fields filled in (ffn_hidden_size = 4 * hidden; linear
+    biases, which family 'moe' never has)."""
     model = dict(model)
     if model.get("ffn_hidden_size") is None:
         model["ffn_hidden_size"] = 4 * model["hidden_size"]
+    if model.get("add_bias_linear") is None or model.get("family") == "moe":
+        model["add_bias_linear"] = model.get("family") != "moe"
     return model
 
 
@@ -43,8 +46,18 @@ def check_model_shape(saved_config: dict[str, Any], saved_vocab: int, config: Co
     """Raise ConfigError naming the field if the checkpoint at `path` cannot hold this config's model."""
     difference = first_shape_difference(saved_config["model"], to_dict(config.model))
     if difference is None and saved_vocab != vocab:
-        difference = ("model.vocab_size", f"{saved_vocab} (padded)", f"{vocab} (padded)")
+        raise ConfigError("model.vocab_size", f"checkpoint {path} was saved with a vocabulary padded to {saved_vocab}, "
+                                              f"this run pads to {vocab}{_vocab_padding_hint(config, saved_vocab)}")
     if difference is not None:
         field, old, new = difference
         raise ConfigError(field, f"checkpoint {path} was saved with {old!r}, the config has {new!r}; "
                                  "the model shape differs (start a new run or restore the field)")
+
+
+def _vocab_padding_hint(config: Config, saved_vocab: int) -> str:
+    """The padding is a multiple of make_vocab_size_divisible_by x TP, so a new TP can change it."""
+    tp = config.parallel.tensor_model_parallel_size
+    if config.model.vocab_size is None and saved_vocab % tp == 0:
+        return (f" (the padding is a multiple of make_vocab_size_divisible_by x TP): set model.vocab_size={saved_vocab} "
+                f"to resume under TP={tp}")
+    return ""

@@ -104,24 +104,43 @@ def umtrain_config_for(hf_config: dict[str, Any], config_path: Optional[str], hf
     elif (hf_dir / "umtrain_config.json").is_file():
         config = config_of(json.loads((hf_dir / "umtrain_config.json").read_text()))
     else:
-        rope = hf_config.get("rope_parameters") or {}
+        rope_base, rope_fraction = hf_rotary(hf_config)
         config = config_from_dict({
             "model": {"family": "dense", "num_layers": hf_config["num_hidden_layers"],
                       "hidden_size": hf_config["hidden_size"], "num_attention_heads": hf_config["num_attention_heads"],
                       "ffn_hidden_size": hf_config["intermediate_size"], "vocab_size": hf_config["vocab_size"],
                       "layernorm_epsilon": hf_config["layer_norm_eps"], "untie_embeddings_and_output_weights": True,
-                      "rotary_base": int(rope.get("rope_theta", 10000)),
-                      "rotary_percent": float(rope.get("partial_rotary_factor", 1.0))},
+                      "rotary_base": int(rope_base), "rotary_percent": rope_fraction},
             "data": {"mock": True, "seq_length": hf_config["max_position_embeddings"]}}, check_files=False)
     if config.model.family != "dense":
         raise ConfigError("model.family", f"{hf_dir} is a GPTNeoX model without memory or MoE layers; the umtrain "
                                           f"config says {config.model.family!r} (use a dense config)")
-    expected = {"num_hidden_layers": config.model.num_layers, "hidden_size": config.model.hidden_size,
-                "num_attention_heads": config.model.num_attention_heads, "intermediate_size": config.model.ffn_size}
-    for name, value in expected.items():
-        if hf_config[name] != value:
-            raise ValueError(f"{hf_dir}/config.json has {name}={hf_config[name]}, the umtrain config {value}")
+    m = config.model
+    rope_base, rope_fraction = hf_rotary(hf_config)
+    expected = {"num_hidden_layers": (hf_config["num_hidden_layers"], m.num_layers),
+                "hidden_size": (hf_config["hidden_size"], m.hidden_size),
+                "num_attention_heads": (hf_config["num_attention_heads"], m.num_attention_heads),
+                "intermediate_size": (hf_config["intermediate_size"], m.ffn_size),
+                "hidden_act": (hf_config.get("hidden_act", "gelu"), "gelu"),
+                "rope_theta": (rope_base, float(m.rotary_base)),
+                "partial_rotary_factor": (rope_fraction, m.rotary_percent),
+                "layer_norm_eps": (hf_config["layer_norm_eps"], m.layernorm_epsilon)}
+    for name, (hf_value, value) in expected.items():
+        if hf_value != value:
+            raise ValueError(f"{hf_dir}/config.json has {name}={hf_value}, the umtrain config {value}")
+    if m.normalization != "LayerNorm":
+        raise ConfigError("model.normalization", f"{hf_dir} is a GPTNeoX model (LayerNorm); the umtrain config says "
+                                                 f"{m.normalization!r}")
     return config
+
+
+def hf_rotary(hf_config: dict[str, Any]) -> tuple[float, float]:
+    """(rope theta, fraction of each head rotated) of a GPTNeoX config: `rope_parameters` (transformers >= 5), or
+    the older top-level `rotary_emb_base` / `rope_theta` and `rotary_pct`."""
+    rope = hf_config.get("rope_parameters") or {}
+    theta = rope.get("rope_theta", hf_config.get("rope_theta", hf_config.get("rotary_emb_base", 10000)))
+    fraction = rope.get("partial_rotary_factor", hf_config.get("rotary_pct", 1.0))
+    return float(theta), float(fraction)
 
 
 def hf_to_portable_dir(source: Path, out: Path, config_path: Optional[str] = None) -> Path:
@@ -139,7 +158,7 @@ def hf_to_portable_dir(source: Path, out: Path, config_path: Optional[str] = Non
         if head is not None and not torch.equal(head, tensors["tok_embeddings.weight"]):
             raise ConfigError("model.untie_embeddings_and_output_weights", f"{source} has an output head of its own; "
                               "a tied config would drop it: set it to true")
-    if not config.model.add_bias_linear:
+    if not config.model.linear_bias:
         dropped = [k for k, v in tensors.items() if is_linear_bias(k) and v.any()]
         if dropped:
             raise ConfigError("model.add_bias_linear", f"{source} has nonzero linear biases ({dropped[0]}, ...); "

@@ -8,8 +8,7 @@ import signal
 from types import FrameType
 from typing import Optional
 
-
-from umtrain.config.base import ConfigError
+from umtrain.config.schema import parse_signal
 from umtrain.parallel.collectives import any_rank
 
 logger = logging.getLogger("umtrain")
@@ -25,17 +24,6 @@ class Preempted(Exception):
     def __init__(self, message: str, saved: bool):
         super().__init__(message)
         self.saved = saved
-
-
-def parse_signal(name: str, key: str = "training.exit_signal") -> signal.Signals:
-    """'SIGUSR1', 'USR1' or '10' -> signal.SIGUSR1."""
-    text = name.strip().upper()
-    try:
-        if text.isdigit():
-            return signal.Signals(int(text))
-        return signal.Signals[text if text.startswith("SIG") else "SIG" + text]
-    except (KeyError, ValueError):
-        raise ConfigError(key, f"{name!r} is not a signal name (e.g. SIGUSR1, SIGTERM)") from None
 
 
 class PreemptionHandler:

@@ -8,6 +8,7 @@ Cross-section rules (world size, pipeline stages versus memory placements, ...) 
 from __future__ import annotations
 
 import math
+import signal
 from dataclasses import dataclass, field
 from typing import List, Literal, Optional
 
@@ -217,7 +218,9 @@ class ModelConfig:
     attention_dropout: float = 0.0
     normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
     layernorm_epsilon: float = 1e-5
-    add_bias_linear: bool = True
+    add_bias_linear: Optional[bool] = None
+    """Biases in the attention and MLP linears. Default: true, false for family 'moe' (umtrain's Megatron-Core MoE
+    layers have no expert biases, so true is refused there)."""
     rotary_base: int = 10000
     rotary_percent: float = 1.0
     moe: Optional[MoEConfig] = None
@@ -227,10 +230,23 @@ class ModelConfig:
     def ffn_size(self) -> int:
         return self.ffn_hidden_size if self.ffn_hidden_size is not None else 4 * self.hidden_size
 
+    @property
+    def linear_bias(self) -> bool:
+        return self.add_bias_linear if self.add_bias_linear is not None else self.family != "moe"
+
     def validate(self, prefix: str) -> None:
         key = lambda name: _join(prefix, name)  # noqa: E731
-        for name in ("num_layers", "hidden_size", "num_attention_heads"):
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "make_vocab_size_divisible_by"):
             _require(getattr(self, name) >= 1, key(name), "must be >= 1")
+        for name in ("ffn_hidden_size", "vocab_size"):
+            _require(getattr(self, name) is None or getattr(self, name) >= 1, key(name), "must be >= 1 when set")
+        for name in ("hidden_dropout", "attention_dropout"):
+            _require(0.0 <= getattr(self, name) < 1.0, key(name), f"must be in [0, 1), got {getattr(self, name)}")
+        for name in ("init_method_std", "layernorm_epsilon", "rotary_base"):
+            _require(getattr(self, name) > 0, key(name), f"must be > 0, got {getattr(self, name)}")
+        _require(0.0 < self.rotary_percent <= 1.0, key("rotary_percent"), "must be in (0, 1]")
+        _require(not (self.family == "moe" and self.add_bias_linear), key("add_bias_linear"),
+                 "family 'moe' has no linear biases (its experts have none): leave it unset or false")
         _require(self.hidden_size % self.num_attention_heads == 0, key("hidden_size"),
                  f"{self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}")
         if self.family == "moe":
@@ -279,6 +295,8 @@ class ParallelConfig:
     def validate(self, prefix: str) -> None:
         for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "expert_model_parallel_size"):
             _require(getattr(self, name) >= 1, _join(prefix, name), "must be >= 1")
+        _require(self.virtual_pipeline_model_parallel_size is None or self.virtual_pipeline_model_parallel_size >= 2,
+                 _join(prefix, "virtual_pipeline_model_parallel_size"), "must be >= 2 when set (null: no virtual stages)")
         if self.sequence_parallel:
             _require(self.tensor_model_parallel_size > 1, _join(prefix, "sequence_parallel"),
                      "needs tensor_model_parallel_size > 1")
@@ -311,6 +329,8 @@ class DataConfig:
         parts = self.split.replace("/", ",").split(",")
         _require(len(parts) == 3 and all(p.strip().replace(".", "", 1).isdigit() for p in parts),
                  _join(prefix, "split"), f"{self.split!r} must be three numbers like '969,30,1'")
+        _require(float(parts[0]) > 0 or self.mock, _join(prefix, "split"),
+                 f"{self.split!r} leaves no training part (the first number must be > 0)")
         if not self.mock:
             _require(bool(self.data_path), _join(prefix, "data_path"), "is empty (set data.mock: true for random tokens)")
             _require(self.tokenizer_model is not None, _join(prefix, "tokenizer_model"), "is not set")
@@ -331,6 +351,10 @@ class OptimizerConfig:
         _require(self.lr > 0, _join(prefix, "lr"), "must be > 0")
         _require(0 <= self.min_lr <= self.lr, _join(prefix, "min_lr"), "must be in [0, lr]")
         _require(self.clip_grad >= 0, _join(prefix, "clip_grad"), "must be >= 0 (0 disables clipping)")
+        _require(self.weight_decay >= 0, _join(prefix, "weight_decay"), "must be >= 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            _require(0.0 <= getattr(self, name) < 1.0, _join(prefix, name), f"must be in [0, 1), got {getattr(self, name)}")
+        _require(self.adam_eps > 0, _join(prefix, "adam_eps"), "must be > 0")
 
 
 @dataclass
@@ -343,6 +367,21 @@ class ScheduleConfig:
 
     def validate(self, prefix: str) -> None:
         _require(0.0 <= self.lr_warmup_fraction <= 1.0, _join(prefix, "lr_warmup_fraction"), "must be in [0, 1]")
+        _require(self.lr_warmup_iters is None or self.lr_warmup_iters >= 0, _join(prefix, "lr_warmup_iters"),
+                 "must be >= 0")
+        _require(self.lr_decay_iters is None or self.lr_decay_iters >= 1, _join(prefix, "lr_decay_iters"),
+                 "must be >= 1")
+
+
+def parse_signal(name: str, key: str = "training.exit_signal") -> signal.Signals:
+    """'SIGUSR1', 'USR1' or '10' -> signal.SIGUSR1."""
+    text = name.strip().upper()
+    try:
+        if text.isdigit():
+            return signal.Signals(int(text))
+        return signal.Signals[text if text.startswith("SIG") else "SIG" + text]
+    except (KeyError, ValueError):
+        raise ConfigError(key, f"{name!r} is not a signal name (e.g. SIGUSR1, SIGTERM)") from None
 
 
 @dataclass
@@ -368,6 +407,9 @@ class TrainingConfig:
         _require(self.eval_interval >= 1, _join(prefix, "eval_interval"), "must be >= 1")
         _require(self.eval_iters >= 0, _join(prefix, "eval_iters"), "must be >= 0 (0: no validation)")
         _require(self.recompute_num_layers >= 1, _join(prefix, "recompute_num_layers"), "must be >= 1")
+        key = _join(prefix, "exit_signal")
+        _require(parse_signal(self.exit_signal, key) not in (signal.SIGKILL, signal.SIGSTOP), key,
+                 f"{self.exit_signal} cannot be caught, so it cannot trigger a checkpoint")
 
 
 @dataclass

@@ -41,6 +41,11 @@ def _validate_model_parallel(config: Config) -> None:
                           f"TP={tp} does not divide model.num_attention_heads={m.num_attention_heads}")
     if m.ffn_size % tp:
         raise ConfigError("parallel.tensor_model_parallel_size", f"TP={tp} does not divide the FFN size {m.ffn_size}")
+    if m.vocab_size is not None and m.vocab_size % tp:
+        raise ConfigError("model.vocab_size", f"{m.vocab_size} is not divisible by TP={tp} (the embedding is split "
+                                              f"over the TP ranks)")
+    if m.family == "moe" and m.moe.moe_ffn_hidden_size is not None and m.moe.moe_ffn_hidden_size % tp:
+        raise ConfigError("model.moe.moe_ffn_hidden_size", f"{m.moe.moe_ffn_hidden_size} is not divisible by TP={tp}")
     chunks = pp * (p.virtual_pipeline_model_parallel_size or 1)
     if m.num_layers % chunks:
         raise ConfigError("parallel.pipeline_model_parallel_size",

@@ -11,6 +11,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer import TransformerConfig
 
 from umtrain.config import Config
+from umtrain.config.base import ConfigError
 from umtrain.model.memory_block import attach_skip_bus
 from umtrain.model.specs import layer_specs
 from umtrain.parallel.state import backend_for
@@ -26,6 +27,9 @@ def params_dtype(config: Config) -> torch.dtype:
 def padded_vocab_size(config: Config, tokenizer_vocab: int) -> int:
     """Megatron's padding: a multiple of make_vocab_size_divisible_by x TP (unless model.vocab_size is set)."""
     if config.model.vocab_size is not None:
+        if config.model.vocab_size < tokenizer_vocab:
+            raise ConfigError("model.vocab_size", f"{config.model.vocab_size} is smaller than the tokenizer's "
+                                                  f"{tokenizer_vocab} ids")
         return config.model.vocab_size
     multiple = config.model.make_vocab_size_divisible_by * config.parallel.tensor_model_parallel_size
     return -(-tokenizer_vocab // multiple) * multiple
@@ -54,7 +58,7 @@ def transformer_config(config: Config) -> TransformerConfig:
         init_method_std=m.init_method_std,
         normalization=m.normalization,
         layernorm_epsilon=m.layernorm_epsilon,
-        add_bias_linear=m.add_bias_linear and m.family != "moe",
+        add_bias_linear=m.linear_bias,
         activation_func=F.gelu,
         gated_linear_unit=False,
         tensor_model_parallel_size=p.tensor_model_parallel_size,

@@ -44,7 +44,7 @@ class ModelArgs:
             raise ValueError("model.family 'moe' has no reference implementation (dense, pkm and ultramem do)")
         return cls(vocab_size=vocab_size, num_layers=m.num_layers, hidden_size=m.hidden_size,
                    ffn_hidden_size=m.ffn_size, num_heads=m.num_attention_heads, normalization=m.normalization,
-                   norm_eps=m.layernorm_epsilon, bias=m.add_bias_linear, rotary_base=m.rotary_base,
+                   norm_eps=m.layernorm_epsilon, bias=m.linear_bias, rotary_base=m.rotary_base,
                    rotary_percent=m.rotary_percent, tied_embeddings=not m.untie_embeddings_and_output_weights,
                    final_norm=final_norm, memory=m.memory if m.family in ("pkm", "ultramem") else None,
                    seed=config.training.seed)
