@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One torchrun per node (srun starts this once per node): `launch/torchrun.sh --config CONFIG [key=value ...]`.
 #
-# Rendezvous on the first node of the allocation. SIGUSR1 (SLURM's pre-timeout signal) and SIGTERM are forwarded
-# to the training workers, which checkpoint at the next step boundary and exit with umtrain's requeue code; this
-# script exits with that code (plain torchrun would turn it into 1). Needs training.exit_signal: SIGUSR1 (default).
+# Rendezvous on the first node of the allocation. SIGUSR1 (SLURM's pre-timeout signal) and SIGTERM go to the
+# launcher (`python -m umtrain.checkpoint.launch`), which passes them on to the training workers; they checkpoint at
+# the next step boundary and exit with umtrain's requeue code, and this script exits with that code (plain torchrun
+# would turn it into 1). Needs training.exit_signal: SIGUSR1 (default).
 set -uo pipefail
 
 nproc=${NPROC_PER_NODE:-$(nvidia-smi -L 2>/dev/null | wc -l)}
@@ -20,7 +21,7 @@ python -m umtrain.checkpoint.launch \
     -m umtrain.cli.main train "$@" &
 launcher=$!
 
-forward() { pkill "-$1" -P "$launcher" -f umtrain.cli.main || true; }
+forward() { kill "-$1" "$launcher" 2>/dev/null || true; }   # the launcher passes it on to its workers
 trap 'forward USR1' USR1
 trap 'forward TERM' TERM
 

@@ -36,7 +36,7 @@ def test_unpublished_and_corrupt_checkpoints_are_skipped(tmp_path):
     assert checkpoint.iteration == 10
     assert "CRC-32" in warnings[0] and "iter_0000030" in warnings[0]
     assert "5 bytes" in warnings[1]
-    with pytest.raises(RuntimeError, match="CRC-32"):
+    with pytest.raises(manager.CheckpointError, match="CRC-32"):
         manager.resolve_resume(tmp_path / "iter_0000030")
 
 

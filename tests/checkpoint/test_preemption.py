@@ -61,14 +61,16 @@ def test_sigterm_saves_exits_with_requeue_code_and_resumes_exactly(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_launcher_passes_the_pre_timeout_signal_on_to_its_workers(tmp_path):
-    """SLURM's `--signal=USR1@300` reaches the launcher too; torchrun's agent would die of it and orphan the
-    workers. Here only the launcher gets it, so the workers can only have it from the launcher."""
+@pytest.mark.parametrize("stop", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
+def test_the_launcher_passes_stop_signals_on_to_its_workers(tmp_path, stop):
+    """SLURM's `--signal=USR1@300` and its SIGTERM reach the launcher too; torchrun's agent would die of SIGUSR1
+    (orphaning the workers), and on SIGTERM kill the workers after 30 s and exit without their codes. Here only the
+    launcher gets the signal, so the workers can only have it from the launcher."""
     root = tmp_path / "ckpt"
     proc = launch_cli(tmp_path, run_config(ITERS, save=str(root), save_interval=INTERVAL), 2)
     wait_for_checkpoint(proc, root)
     workers = training_workers(proc)
-    proc.send_signal(signal.SIGUSR1)
+    proc.send_signal(stop)
     code, output = finish(proc)
     assert code == REQUEUE_EXIT_CODE, output
     assert INTERVAL < manager.iteration_of(manager.read_latest(root)) < ITERS
@@ -115,7 +117,5 @@ def test_torchrun_failures_map_to_the_requeue_code():
     assert exit_code_of(failed(3)) == 3
     assert exit_code_of(failed(-9)) == 1
     assert exit_code_of(RuntimeError("no failures")) == 1
-    # The launcher itself signalled (scancel, preemption: SIGTERM to the whole process group): the workers
-    # checkpoint on SIGTERM, so the job is requeued; Ctrl-C is not a requeue.
-    assert exit_code_of(SignalException("launcher got SIGTERM", signal.SIGTERM)) == REQUEUE_EXIT_CODE
+    # Signals torchrun's agent handles itself (SIGTERM, SIGUSR1/2 are the launcher's: their code is the workers').
     assert exit_code_of(SignalException("launcher got SIGINT", signal.SIGINT)) == 130

@@ -114,14 +114,21 @@ def test_corrupt_latest_falls_back_and_shape_change_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_a_restarted_run_continues_from_its_own_save_not_from_load(tmp_path):
-    """`load` outside `save` is where a run starts (e.g. a requeued job launched with --resume /pretrained); once
-    `save` holds a checkpoint the run continues there. A `load` inside `save` (a roll-back) is honoured."""
-    initial, own = tmp_path / "initial", tmp_path / "own"
+    """`load` is where a run starts (e.g. a requeued job launched with --resume /pretrained --no-load-optim); once
+    `save` holds a checkpoint the run continues from its latest, with its own optimizer state, whatever `load`
+    says. Rolling back means pointing `latest` at an older checkpoint."""
+    def fixed_schedule(iters, **checkpoint):   # the LR schedule must not depend on train_iters here
+        return dict(run_config(iters, **checkpoint), schedule={"lr_decay_iters": 8, "lr_warmup_iters": 1})
+
+    initial, own, uninterrupted = tmp_path / "initial", tmp_path / "own", tmp_path / "uninterrupted"
     train(run_config(2, save=str(initial)), 1)
-    assert train(run_config(4, save=str(own), load=str(initial)), 1)["start"] == 2
-    assert train(run_config(6, save=str(own), load=str(initial)), 1)["start"] == 4
-    rolled_back = run_config(8, save=str(own), load=str(own / manager.checkpoint_name(4)))
-    assert train(rolled_back, 1)["start"] == 4
+    reference = train(fixed_schedule(6, save=str(uninterrupted), load=str(initial), no_load_optim=True), 1)["loss"]
+    assert train(fixed_schedule(4, save=str(own), load=str(initial), no_load_optim=True), 1)["start"] == 2
+    continued = train(fixed_schedule(6, save=str(own), load=str(initial), no_load_optim=True), 1)
+    assert continued["start"] == 4
+    assert continued["loss"] == reference, "the restart must keep the run's own optimizer state"
+    manager.write_file_atomically(own / manager.LATEST, manager.checkpoint_name(4) + "\n")
+    assert train(run_config(8, save=str(own), load=str(own / manager.checkpoint_name(6))), 1)["start"] == 4
 
 
 def test_shape_error_names_the_field():

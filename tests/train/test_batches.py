@@ -48,3 +48,15 @@ def test_token_ids_past_the_vocabulary_are_named_with_their_samples():
     with pytest.raises(ConfigError, match=r"data.tokenizer_model: samples 10..11 hold token id 11, but the "
                                           r"tokenizer has 11 ids"):
         batches.global_batch(8)
+
+
+class ShiftedNumbers(Numbers):
+    """GPTDataset's layout: labels are the tokens shifted by one, so the last id of a sample is in labels only."""
+
+    def __getitem__(self, index):
+        return {"tokens": torch.tensor([index]), "labels": torch.tensor([index + 1])}
+
+
+def test_an_id_past_the_vocabulary_in_labels_only_is_caught():
+    with pytest.raises(ConfigError, match="samples 10..11 hold token id 12"):
+        MicroBatches(ShiftedNumbers(), 2, 2, 0, 1, vocab_size=12).global_batch(10)

@@ -27,13 +27,10 @@ from umtrain.parallel.collectives import barrier, is_rank0, on_rank0
 logger = logging.getLogger("umtrain")
 
 
-def _is_within(path: Path, root: Path) -> bool:
-    return path.resolve() == root.resolve() or root.resolve() in path.resolve().parents
-
-
 class Checkpointer:
-    """Saves every `checkpoint.save_interval` steps into `checkpoint.save`; resumes from `checkpoint.load` or
-    from `latest` there. See umtrain/checkpoint/manager.py for the directory layout and its guarantees."""
+    """Saves every `checkpoint.save_interval` steps into `checkpoint.save`; resumes from `latest` there, or, while
+    that holds no checkpoint, from `checkpoint.load`. See umtrain/checkpoint/manager.py for the directory layout and
+    its guarantees."""
 
     def __init__(self, config: Config):
         c = config.checkpoint
@@ -98,39 +95,37 @@ class Checkpointer:
     # ----------------------------------------------------------------------------------------- resume
     def resume(self, trainer) -> bool:
         """Load model, optimizer, RNG, iteration and data position; False when there is nothing to resume."""
-        checkpoint = self.resume_checkpoint()
-        if checkpoint is None:
+        own = self._own_checkpoint()
+        if own is not None:
+            load = self.config.checkpoint.load
+            if load and Path(load).resolve() != self.root.resolve() and is_rank0():
+                logger.warning("checkpoint.load=%s passed over: %s already holds %s, and a run continues from its "
+                               "own latest (to roll back, point %s at an older iter_N)", load,
+                               self.root, own.path.name, self.root / manager.LATEST)
+            self._load(trainer, own.path, fresh_optimizer=False)
+            return True
+        start = self._start_checkpoint()
+        if start is None:
             return False
-        self._load(trainer, checkpoint.path)
+        self._load(trainer, start.path, fresh_optimizer=self.config.checkpoint.no_load_optim)
         return True
 
-    def resume_checkpoint(self) -> Optional[manager.Checkpoint]:
-        """The checkpoint to resume from (collective; files read on rank 0).
-
-        A run continues from its own `checkpoint.save` once that holds a checkpoint: `checkpoint.load` (--resume)
-        outside it is where the run starts, so a requeued or restarted job never goes back there. A `load` inside
-        `save` (a chosen iteration to roll back to) is always honoured. A `save` whose checkpoints all fail
-        verification is an error, not a fresh start: a restart would otherwise begin again at step 0.
-        """
-        c = self.config.checkpoint
-        load = Path(c.load) if c.load else None
-        if load is not None and (self.root is None or not _is_within(load, self.root)):
-            own = self._own_checkpoint()
-            if own is not None:
-                if is_rank0():
-                    logger.warning("checkpoint.load=%s is where this run started; %s already holds %s: continuing "
-                                   "from there", load, self.root, own.path.name)
-                return own
-        if load is not None:
-            if not load.exists():
-                raise ConfigError("checkpoint.load", f"{load} does not exist")
-            checkpoint, _ = self._resolve(load, "checkpoint.load")
-            if checkpoint is None:
-                raise ConfigError("checkpoint.load", f"no valid checkpoint in {load}")
-            return checkpoint
-        return self._own_checkpoint()
+    def _start_checkpoint(self) -> Optional[manager.Checkpoint]:
+        """`checkpoint.load`, where a run without checkpoints of its own starts (pretrained weights, another run)."""
+        if not self.config.checkpoint.load:
+            return None
+        load = Path(self.config.checkpoint.load)
+        if not load.exists():
+            raise ConfigError("checkpoint.load", f"{load} does not exist")
+        checkpoint, _ = self._resolve(load, "checkpoint.load")
+        if checkpoint is None:
+            raise ConfigError("checkpoint.load", f"no valid checkpoint in {load}")
+        return checkpoint
 
     def _own_checkpoint(self) -> Optional[manager.Checkpoint]:
+        """`latest` of `checkpoint.save` (or the newest that verifies). Once a run has saved, a restart or a requeue
+        with the same command line continues from there, never from `checkpoint.load` again. A save directory whose
+        checkpoints all fail verification is an error, not a fresh start at step 0."""
         if self.root is None or not self.root.exists():
             return None
         checkpoint, skipped = self._resolve(self.root, "checkpoint.save")
@@ -150,14 +145,14 @@ class Checkpointer:
                 logger.warning(warning)
         return checkpoint, skipped
 
-    def _load(self, trainer, path: Path) -> None:
+    def _load(self, trainer, path: Path, fresh_optimizer: bool) -> None:
         common = dist_checkpointing.load_common_state_dict(str(path))
         check_model_shape(common["config"], common["padded_vocab_size"], trainer.config, trainer.vocab_size, str(path))
         contents = common.get("contents", FULL_CONTENTS)
-        load_optimizer = not self.config.checkpoint.no_load_optim and "optimizer" in contents
+        load_optimizer = not fresh_optimizer and "optimizer" in contents
         load_rng = "rng" in contents and same_layout(common["layout"], trainer)
         if is_rank0():
-            if not self.config.checkpoint.no_load_optim and not load_optimizer:
+            if not fresh_optimizer and not load_optimizer:
                 logger.warning("%s holds no optimizer state (a converted checkpoint?): the optimizer starts fresh", path)
             if not load_rng:
                 logger.warning("checkpoint layout %s differs from this run's: RNG states are not restored",

@@ -14,8 +14,8 @@ def register(subparsers) -> None:
     p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. training.train_iters=10")
     p.add_argument("--nproc-per-node", type=int, default=None,
                    help="spawn this many local processes (torchrun --standalone); omit under torchrun/SLURM")
-    p.add_argument("--resume", metavar="PATH", help="resume from this checkpoint or checkpoint directory "
-                   "(sets checkpoint.load; default: `latest` of checkpoint.save)")
+    p.add_argument("--resume", metavar="PATH", help="start from this checkpoint or checkpoint directory (sets "
+                   "checkpoint.load; once checkpoint.save holds a checkpoint, the run continues from its latest)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=run)
 

@@ -22,7 +22,8 @@ class ConfigLoader(yaml.SafeLoader):
 
     - numbers are read as YAML 1.2 reads them: PyYAML's YAML 1.1 turns `1:30` into 90 (base 60), `0755` into 493
       (octal) and `1_000` into 1000, so a placement `[1:2]`, a directory `0755` or a run name `007` would silently
-      become other values; here they stay strings, and `1e-4` is a float (YAML 1.1 needs `1.0e-4`);
+      become other values; here they stay strings (as do `1_000`, `0b101` and signed hex), and `1e-4` is a float
+      (YAML 1.1 needs `1.0e-4`);
     - a key given twice in one mapping is an error (PyYAML keeps the last one); merge keys (`<<: *defaults`) work.
     """
 
@@ -42,7 +43,12 @@ for _tag, _regexp, _first in _YAML_1_2_NUMBERS:
 
 
 def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
-    return int(loader.construct_scalar(node), 0)
+    text = loader.construct_scalar(node)
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise yaml.constructor.ConstructorError(None, None, f"{text!r} is not an integer (YAML 1.2: decimal without "
+                                                            f"leading zeros, 0x hex or 0o octal)", node.start_mark)
 
 
 def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:

@@ -419,7 +419,7 @@ class CheckpointConfig:
     save_interval: int = 0
     """Every N steps (0: only at the end)."""
     load: Optional[str] = None
-    """Resume from this checkpoint directory (default: `save` when it holds a checkpoint)."""
+    """Where the run starts (a checkpoint or checkpoint directory) while `save` holds no checkpoint of its own."""
     keep_last: int = 3
     keep_every: int = 0
     """Also keep every M-th step's checkpoint forever (0: none)."""

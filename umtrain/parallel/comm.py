@@ -114,10 +114,13 @@ def _local_worker(rank: int, world_size: int, port: int, backend: str, fn: Calla
                                 timeout=datetime.timedelta(seconds=120))
         try:
             result = fn(rank, world_size, *args)
-            torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+            path = os.path.join(out_dir, f"rank{rank}.pt")
+            torch.save(result, path + ".partial")
+            os.replace(path + ".partial", path)
             dist.barrier()
         except BaseException:
             err.write(traceback.format_exc())
+            err.flush()   # before teardown, which may abort
             raise
         finally:
             dist.destroy_process_group()

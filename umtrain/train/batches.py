@@ -21,7 +21,7 @@ def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
 def check_token_ids(batch: dict[str, torch.Tensor], vocab_size: int, samples: range) -> None:
     """Token ids past the tokenizer's vocabulary mean the data was tokenised with another tokenizer; on GPU they
     would surface as a device-side assert in the embedding. Checked on the host batch, before it moves."""
-    largest = int(batch["tokens"].max())
+    largest = max(int(batch[key].max()) for key in ("tokens", "labels") if key in batch)
     if largest >= vocab_size:
         raise ConfigError("data.tokenizer_model", f"samples {samples.start}..{samples.stop - 1} hold token id "
                                                   f"{largest}, but the tokenizer has {vocab_size} ids: the data was "
