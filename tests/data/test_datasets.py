@@ -7,7 +7,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
 from umtrain.config.base import ConfigError
 from umtrain.config.schema import Config
-from umtrain.data.datasets import build_gpt_datasets, parse_blend
+from umtrain.data.datasets import build_gpt_datasets, parse_blend, token_count
 
 pytestmark = pytest.mark.usefixtures("process_group")
 
@@ -65,6 +65,21 @@ def test_blend_proportions_follow_the_weights(sp_tokenizer, tmp_path):
         assert sources == {int(sample["dataset_id"])}, "a sample mixes sources or names the wrong one"
         counts[sources.pop()] += 1
     np.testing.assert_allclose(counts / samples, weights, atol=0.02)
+
+
+def test_bare_prefixes_are_sampled_by_size_over_several_epochs(sp_tokenizer, tmp_path):
+    """Two bare prefixes, asked for three epochs' worth of samples: as many samples as asked, the sources in
+    proportion to their token counts, and the second epoch not a replay of the first."""
+    rng = np.random.default_rng(1)
+    prefixes = [blend_source(tmp_path / f"src{k}", k, sp_tokenizer.eod, rng) for k in range(2)]
+    tokens = [token_count(p) for p in prefixes]
+    one_epoch = sum(tokens) // 16
+    train, _, _ = build_gpt_datasets(make_config(prefixes), sp_tokenizer, 3 * one_epoch, 0, 0)
+    assert len(train) >= 3 * one_epoch
+    sources = [int(train[i]["dataset_id"]) for i in range(3 * one_epoch)]
+    assert abs(sources.count(0) / len(sources) - tokens[0] / sum(tokens)) < 0.02
+    first = [train[i]["tokens"].tolist() for i in range(20)]
+    assert first != [train[one_epoch + i]["tokens"].tolist() for i in range(20)]
 
 
 def test_split_assigns_disjoint_documents(sp_tokenizer, tmp_path):

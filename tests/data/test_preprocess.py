@@ -166,3 +166,27 @@ def test_invalid_utf8_names_its_line_and_byte(sentencepiece_model, tmp_path, suf
     bad.write_bytes(gzip.compress(data) if suffix.endswith(".gz") else data)
     with pytest.raises(DataInputError, match=rf"bad{re.escape(suffix)}, line 2500: not valid UTF-8 at byte 11"):
         preprocess([str(bad)], str(tmp_path / "out"), "sentencepiece", sentencepiece_model, progress=False)
+
+
+def test_compressed_names_with_brackets_and_damaged_or_empty_shards(small_inputs, sentencepiece_model, tmp_path):
+    """.zst and a name with glob characters read like the plain file; a truncated .gz and a Parquet shard without
+    rows are named, before or without a traceback."""
+    import zstandard
+
+    plain = small_inputs[0].read_bytes()
+    (tmp_path / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(plain))
+    (tmp_path / "shard[1].jsonl").write_bytes(plain)
+    expected = preprocess([str(small_inputs[0])], str(tmp_path / "plain"), "sentencepiece", sentencepiece_model,
+                          progress=False)["tokens"]
+    for name in ("a.jsonl.zst", "shard[1].jsonl"):
+        stats = preprocess([str(tmp_path / name)], str(tmp_path / f"out-{name}"), "sentencepiece",
+                           sentencepiece_model, progress=False)
+        assert stats["tokens"] == expected, name
+    (tmp_path / "cut.jsonl.gz").write_bytes(gzip.compress(plain * 20)[:2000])
+    with pytest.raises(DataInputError, match=r"cut\.jsonl\.gz, after line \d+: cannot be read: EOFError"):
+        preprocess([str(tmp_path / "cut.jsonl.gz")], str(tmp_path / "cut"), "sentencepiece", sentencepiece_model,
+                   progress=False)
+    pyarrow.parquet.write_table(pyarrow.table({"text": pyarrow.array([], pyarrow.string())}), tmp_path / "none.parquet")
+    with pytest.raises(DataInputError, match=r"none\.parquet, whole file: holds no records"):
+        preprocess([str(tmp_path / "none.parquet")], str(tmp_path / "none"), "sentencepiece", sentencepiece_model,
+                   progress=False)

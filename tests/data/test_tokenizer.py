@@ -6,7 +6,7 @@ import sentencepiece
 import tokenizers
 
 from umtrain.config.base import ConfigError
-from umtrain.data.tokenizer import MockTokenizer, load_tokenizer
+from umtrain.data.tokenizer import MockTokenizer, load_tokenizer, pieces_of_at_most, train_tokenizer
 
 SAMPLES = [
     "def f(x):\n    return  x ** 2  # two spaces\n\n\tTabbed line\n",
@@ -60,6 +60,27 @@ def test_eos_token_of_tokenizer_config_wins(bpe_json, tmp_path):
     assert load_tokenizer("huggingface", str(tmp_path)).eod == 500
 
 
+def test_documents_are_encoded_whole_and_as_text(bpe_json, tmp_path):
+    """A tokenizer.json saved with truncation and padding on, and a document that spells the EOD token: every
+    token of the text comes back (no cut, no padding), and no EOD among them."""
+    saved = tokenizers.Tokenizer.from_file(bpe_json)
+    saved.enable_truncation(max_length=8)
+    saved.enable_padding(length=64, pad_id=0)
+    saved.save(str(tmp_path / "tokenizer.json"))
+    tokenizer = load_tokenizer("huggingface", str(tmp_path))
+    text = SAMPLES[0] + " <|endoftext|> inside a document"
+    ids = tokenizer.tokenize(text)
+    assert tokenizer.eod not in ids and 0 not in ids
+    assert tokenizer.detokenize(ids) == text
+
+
+def test_an_unreadable_tokenizer_config_is_named(bpe_json, tmp_path):
+    shutil.copy(bpe_json, tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text("{bad")
+    with pytest.raises(ConfigError, match="tokenizer_config.json: cannot read its eos_token"):
+        load_tokenizer("huggingface", str(tmp_path))
+
+
 def test_tokenizer_json_without_an_eod_token_is_rejected(tmp_path):
     model = tokenizers.Tokenizer(tokenizers.models.BPE())
     model.train_from_iterator(["some text"], tokenizers.trainers.BpeTrainer(vocab_size=50, show_progress=False))
@@ -81,3 +102,26 @@ def test_bad_paths_and_types_are_named(sentencepiece_model, tmp_path):
 
 def test_mock_tokenizer_uses_the_last_id_as_eod():
     assert (MockTokenizer(256).vocab_size, MockTokenizer(256).eod) == (256, 255)
+
+
+def test_long_lines_are_cut_into_pieces_sentencepiece_keeps():
+    words = " ".join(["word"] * 30)                  # 149 bytes
+    pieces = list(pieces_of_at_most(words, 20))
+    assert all(len(p.encode()) <= 20 for p in pieces) and " ".join(pieces) == words
+    cjk = "世界你好" * 10                               # 120 bytes, no space: cut between characters
+    pieces = list(pieces_of_at_most(cjk, 16))
+    assert all(len(p.encode()) <= 16 for p in pieces) and "".join(pieces) == cjk
+    assert list(pieces_of_at_most("short", 20)) == ["short"]
+
+
+def test_sentencepiece_learns_from_documents_of_long_lines(tmp_path):
+    """Each document one 4.5 KB line of CJK text: SentencePiece's trainer drops such lines whole, and the model
+    would encode CJK as byte pieces only."""
+    alphabet = "的一是不了人我在有他这中大来上国个到说们为子和你地出道也时年得就那要下以生会自着去之过家学对可里后"
+    lines = ["".join(alphabet[(i * 7 + j) % len(alphabet)] for j in range(1500)) for i in range(40)]
+    corpus = tmp_path / "cjk.jsonl"
+    corpus.write_text("".join(json.dumps({"text": line}, ensure_ascii=False) + "\n" for line in lines),
+                      encoding="utf-8")
+    tokenizer = load_tokenizer("sentencepiece", train_tokenizer([str(corpus)], str(tmp_path / "cjk.model"),
+                                                                "sentencepiece", 400))
+    assert len(tokenizer.tokenize(alphabet[:10])) < 10 * 3, "CJK characters became byte pieces"

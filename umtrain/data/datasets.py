@@ -1,7 +1,7 @@
 """Train / validation / test datasets through Megatron-Core's `BlendedMegatronDatasetBuilder` and `GPTDataset`.
 
 `data.data_path` is a Megatron blend: `[w1, prefix1, w2, prefix2, ...]` (weights need not sum to 1) or plain
-prefixes (then weighted by their sizes), split into train/valid/test by `data.split` at document granularity.
+prefixes (then weighted by their token counts), split into train/valid/test by `data.split` at document granularity.
 With `data.valid_data_path`, validation reads that blend instead, training reads all of `data.data_path` and there
 is no test set.
 """
@@ -50,6 +50,21 @@ def parse_blend(paths: list[str], key: str) -> Blend:
     return prefixes, weights
 
 
+def size_weighted(blend: Blend) -> Blend:
+    """Bare prefixes weighted by their token counts. Megatron-Core builds an unweighted blend of several sources as
+    one epoch of their concatenation, which training would then repeat in the same order; a weighted blend is
+    sampled (and reshuffled) for as many samples as asked."""
+    prefixes, weights = blend
+    if weights is not None or len(prefixes) == 1:
+        return blend
+    return prefixes, [float(token_count(prefix)) for prefix in prefixes]
+
+
+def token_count(prefix: str) -> int:
+    dataset = IndexedDataset(prefix)   # held: its lengths are a view of the memory map it closes when collected
+    return int(dataset.sequence_lengths.sum())
+
+
 def gpt_dataset_config(config: Config, tokenizer, create_attention_mask: Optional[bool] = None) -> GPTDatasetConfig:
     """The GPTDatasetConfig of `config.data`. `tokenizer` is ignored for mock data (vocabulary `data.mock_vocab_size`).
 
@@ -63,10 +78,10 @@ def gpt_dataset_config(config: Config, tokenizer, create_attention_mask: Optiona
     if data.mock:
         tokenizer = MockTokenizer(data.mock_vocab_size)
     elif data.valid_data_path:
-        sources["blend_per_split"] = [parse_blend(data.data_path, "data.data_path"),
-                                      parse_blend(data.valid_data_path, "data.valid_data_path"), None]
+        sources["blend_per_split"] = [size_weighted(parse_blend(data.data_path, "data.data_path")),
+                                      size_weighted(parse_blend(data.valid_data_path, "data.valid_data_path")), None]
     else:
-        sources["blend"] = parse_blend(data.data_path, "data.data_path")
+        sources["blend"] = size_weighted(parse_blend(data.data_path, "data.data_path"))
         sources["split"] = data.split
     if tokenizer is None:
         raise ConfigError("data.tokenizer_model", "a tokenizer is needed for real (non-mock) data")
@@ -107,6 +122,9 @@ def build_gpt_datasets(
         dataset_class, [train_samples, valid_samples, test_samples], is_built_on_rank or (lambda: True),
         dataset_config)
     train, valid, test = builder.build()
+    for name, dataset, wanted in (("train", train, train_samples), ("valid", valid, valid_samples)):
+        if dataset is not None and len(dataset) < wanted:
+            raise RuntimeError(f"the {name} dataset holds {len(dataset)} samples, {wanted} were asked for")
     return train, valid, test
 
 

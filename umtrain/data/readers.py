@@ -50,7 +50,8 @@ def resolve_inputs(patterns: list[str], text_key: str = "text") -> list[Path]:
         raise ConfigError("inputs", "no input files given")
     files: list[Path] = []
     for pattern in patterns:
-        matches = sorted(glob.glob(pattern, recursive=True)) if set("*?[") & set(pattern) else [pattern]
+        is_pattern = bool(set("*?[") & set(pattern)) and not Path(pattern).is_file()   # `shard[1].jsonl` is a name
+        matches = sorted(glob.glob(pattern, recursive=True)) if is_pattern else [pattern]
         if not matches:
             raise ConfigError(pattern, "the pattern matches no files")
         files.extend(Path(m) for m in matches)
@@ -66,9 +67,11 @@ def _check_input_file(path: Path, text_key: str) -> None:
     if path.stat().st_size == 0:
         raise ConfigError(str(path), "the file is empty")
     if fmt == "parquet":
-        schema = pyarrow.parquet.read_schema(path)
-        if text_key not in schema.names:
-            raise ConfigError(str(path), f"has no column {text_key!r} (columns: {schema.names})")
+        metadata = pyarrow.parquet.read_metadata(path)
+        if text_key not in metadata.schema.names:
+            raise ConfigError(str(path), f"has no column {text_key!r} (columns: {metadata.schema.names})")
+        if metadata.num_rows == 0:
+            raise DataInputError(str(path), "whole file", "holds no records")
 
 
 def stream_rows(path: Path, text_key: str) -> Iterator[list[tuple[int, Any]]]:
@@ -76,11 +79,12 @@ def stream_rows(path: Path, text_key: str) -> Iterator[list[tuple[int, Any]]]:
     import datasets   # preprocessing only: training and its config checks run without it
 
     fmt = input_format(path)
+    literal = glob.escape(str(path))   # `datasets` expands data_files as patterns
     if fmt == "jsonl":
-        dataset = datasets.load_dataset("text", data_files=str(path), split="train", streaming=True)
+        dataset = datasets.load_dataset("text", data_files=literal, split="train", streaming=True)
         column = "text"
     else:
-        dataset = datasets.load_dataset("parquet", data_files=str(path), split="train", streaming=True,
+        dataset = datasets.load_dataset("parquet", data_files=literal, split="train", streaming=True,
                                         columns=[text_key])
         column = text_key
     number = 0
@@ -91,6 +95,9 @@ def stream_rows(path: Path, text_key: str) -> Iterator[list[tuple[int, Any]]]:
             number += len(values)
     except UnicodeDecodeError as err:
         raise _first_undecodable_line(path, after=number) from err
+    except (EOFError, OSError, ValueError, pyarrow.ArrowException) as err:   # truncated or corrupt compressed data
+        raise DataInputError(str(path), f"after {'line' if fmt == 'jsonl' else 'row'} {number}",
+                             f"cannot be read: {type(err).__name__}: {err}") from err
 
 
 def _first_undecodable_line(path: Path, after: int) -> DataInputError:

@@ -29,7 +29,7 @@ EOD_CANDIDATES = (BPE_EOD_TOKEN, "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>
 """Names tried, in order, for the end-of-document token of a tokenizer.json without a tokenizer_config.json."""
 
 SENTENCEPIECE_MAX_LINE_BYTES = 4192
-"""SentencePiece's trainer drops longer sentences; training feeds it lines of documents."""
+"""SentencePiece's trainer drops longer sentences; training feeds it lines of documents, long ones in pieces."""
 
 
 class Tokenizer(MegatronTokenizerBase):
@@ -91,8 +91,18 @@ class HuggingFaceTokenizer(Tokenizer):
             self._model = tokenizers.Tokenizer.from_file(str(path))
         except Exception as err:
             raise ConfigError(str(path), f"cannot load as a Hugging Face tokenizer.json: {err}") from err
+        self._encode_whole_documents_as_text()
         self._eod = _find_eod(self._model, path)
         super().__init__(path, "huggingface")
+
+    def _encode_whole_documents_as_text(self) -> None:
+        """A tokenizer.json can carry truncation or padding (transformers saves them after a truncating call),
+        which would cut or pad every document; and text that spells a special token (`<|endoftext|>` in a document
+        about tokenizers) would become that token, an EOD in the middle of a document. Documents are encoded whole,
+        as text."""
+        self._model.no_truncation()
+        self._model.no_padding()
+        self._model.encode_special_tokens = True
 
     @property
     def vocab_size(self) -> int:
@@ -208,11 +218,25 @@ def _lines_for_sentencepiece(documents: Iterator[str], errors: list[Exception]) 
     try:
         for text in documents:
             for line in text.split("\n"):
-                if line.strip() and len(line.encode("utf-8")) <= SENTENCEPIECE_MAX_LINE_BYTES:
-                    yield line
+                if line.strip():
+                    yield from pieces_of_at_most(line, SENTENCEPIECE_MAX_LINE_BYTES)
     except Exception as err:
         errors.append(err)
         raise
+
+
+def pieces_of_at_most(line: str, limit: int) -> Iterator[str]:
+    """`line` in pieces of at most `limit` UTF-8 bytes, cut at the last space within the limit (between characters
+    where there is none), so that long lines (a paragraph of CJK text is ~4.5 KB) still reach SentencePiece's
+    trainer, which would drop them whole."""
+    while len(line.encode("utf-8")) > limit:
+        head = line.encode("utf-8")[:limit].decode("utf-8", errors="ignore")
+        cut = head.rfind(" ")
+        cut = cut if cut > 0 else len(head)
+        yield line[:cut]
+        line = line[cut:].lstrip(" ")
+    if line.strip():
+        yield line
 
 
 def _train_byte_level_bpe(documents: Iterator[str], output: Path, vocab_size: int) -> str:
@@ -232,7 +256,10 @@ def _find_eod(model: tokenizers.Tokenizer, path: Path) -> int:
     config_path = path.parent / "tokenizer_config.json"
     names = list(EOD_CANDIDATES)
     if config_path.is_file():
-        eos = json.loads(config_path.read_text()).get("eos_token")
+        try:
+            eos = json.loads(config_path.read_text()).get("eos_token")
+        except (json.JSONDecodeError, OSError, AttributeError) as err:
+            raise ConfigError(str(config_path), f"cannot read its eos_token: {err}") from None
         if isinstance(eos, dict):
             eos = eos.get("content")
         if eos:
