@@ -133,6 +133,7 @@ def test_a_restarted_run_continues_from_its_own_save_not_from_load(tmp_path):
 
 def test_shape_error_names_the_field():
     from umtrain.checkpoint.compat import check_model_shape
+    from umtrain.checkpoint.convert import config_of
     from umtrain.config import config_from_dict
     from umtrain.config.base import to_dict
 
@@ -149,6 +150,7 @@ def test_shape_error_names_the_field():
     saved_before_biases_were_explicit = dict(to_dict(config_from_dict(run_config(4, model=moe))))
     saved_before_biases_were_explicit["model"] = dict(saved_before_biases_were_explicit["model"], add_bias_linear=True)
     check_model_shape(saved_before_biases_were_explicit, 256, config_from_dict(run_config(4, model=moe)), 256, "ckpt")
+    assert not config_of(saved_before_biases_were_explicit).model.linear_bias   # convert and export read it so
 
 
 def test_an_explicit_vocabulary_smaller_than_the_tokenizer_is_refused():

@@ -56,7 +56,11 @@ def resolve_megatron(path: Path) -> Path:
 
 
 def config_of(data: dict[str, Any]) -> Config:
-    """The saved resolved config, validated without the world size or data files of the saving run."""
+    """The saved resolved config, validated without the world size or data files of the saving run. Configs saved
+    before `model.add_bias_linear` could be left unset hold true for MoE models, which never had linear biases."""
+    model = data.get("model") or {}
+    if model.get("family") == "moe" and model.get("add_bias_linear"):
+        data = {**data, "model": {**model, "add_bias_linear": None}}
     return config_from_dict(data, check_files=False)
 
 
