@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import resource
@@ -199,7 +200,7 @@ def summarise(args: argparse.Namespace, samples, peaks) -> Dict:
     baseline = results.get(BASELINE)
     if baseline:
         for result in results.values():
-            result["vs_baseline"] = {key: baseline[key] / result[key] for key in
+            result["vs_baseline"] = {key: baseline[key] / result[key] if result[key] else None for key in
                                      ("forward_ms", "forward_backward_ms", "peak_forward_mib",
                                       "peak_forward_backward_mib", "peak_forward_backward_beyond_table_grad_mib")}
     return {
@@ -240,7 +241,7 @@ def print_table(summary: Dict) -> None:
               f"{100 * r['forward_fraction_of_copy_read_rate']:>7.0f}%{r['forward_backward_over_bytes_floor']:>10.2f}"
               f"{r['peak_forward_mib']:>9.0f}{r['peak_forward_backward_mib']:>9.0f}"
               f"{r['peak_forward_backward_beyond_table_grad_mib']:>8.0f}"
-              + "".join(f"{ratio.get(key, 0):>{width}.1f}" for key, width in (
+              + "".join(f"{ratio.get(key) or math.nan:>{width}.1f}" for key, width in (
                   ("forward_ms", 7), ("forward_backward_ms", 7), ("peak_forward_mib", 10),
                   ("peak_forward_backward_mib", 10), ("peak_forward_backward_beyond_table_grad_mib", 10))))
 

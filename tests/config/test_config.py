@@ -175,6 +175,15 @@ def test_out_of_range_values_name_their_key(overrides, key):
     assert info.value.key == key, str(info.value)
 
 
+def test_calibration_and_capacity_are_checked_before_launch(tmp_path):
+    raises_key("parallel.comm_calibration", ULTRAMEM + [f"parallel.comm_calibration={tmp_path / 'nope.json'}"],
+               match="calibration file not found")
+    (tmp_path / "zero.json").write_text('{"alpha_s": 1e-5, "beta_s_per_byte": 0}')
+    raises_key("parallel.comm_calibration", ULTRAMEM + [f"parallel.comm_calibration={tmp_path / 'zero.json'}"],
+               match="beta_s_per_byte > 0")
+    raises_key("model.memory.sharding_capacity_factor", ULTRAMEM + ["model.memory.sharding_capacity_factor=.inf"])
+
+
 def test_moe_linears_default_to_no_bias_and_dense_to_bias():
     assert not load(MOCK + ["model.family=moe", "model.moe={num_experts: 4}"]).model.linear_bias
     assert load(MOCK).model.linear_bias

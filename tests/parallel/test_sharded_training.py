@@ -134,3 +134,16 @@ def test_tensor_data_group_smaller_than_tp_under_sequence_parallelism_trains_lik
         assert result["loss"] == pytest.approx(reference["loss"], rel=1e-5)
         assert result["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-5)
         assert result["tokens"] == [quarter, quarter] and reference["tokens"] == [4 * quarter, 4 * quarter]
+
+
+@pytest.mark.slow
+def test_a_capacity_overflow_stops_every_rank_before_anything_is_saved(tmp_path):
+    """capacity = exactly the balanced T*K/P ids per owner overflows at the first step; logging only every 100
+    steps, the check before the first save must still catch it, on every rank (not only the one that overflowed)."""
+    config = sharded_config(tp=1, ep=2, sharding_mode="number", sharding_capacity_factor=1.0)
+    config["checkpoint"] = {"save": str(tmp_path / "ckpt"), "save_interval": 1}
+    config["logging"] = {"log_interval": 100, "progress_bar": False, "memory_stats": False}
+    with pytest.raises(RuntimeError) as failure:
+        train_on_ranks(config, 2)
+    assert str(failure.value).count("raise model.memory.sharding_capacity_factor") == 2, str(failure.value)
+    assert not list((tmp_path / "ckpt").glob("iter_*"))

@@ -42,6 +42,17 @@ def test_warmup_fraction():
     assert warmup_iters(c) == 10
 
 
+def test_a_decay_horizon_shorter_than_training_ends_at_min_lr():
+    """Megatron-LM's reading: the warmup fraction is of lr_decay_iters, and past the horizon the LR is min_lr."""
+    c = config(**{"schedule.lr_warmup_iters": "null", "schedule.lr_warmup_fraction": 0.1,
+                  "schedule.lr_decay_iters": 20})
+    assert warmup_iters(c) == 2
+    assert base_lr(c, 11) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert [base_lr(c, s) for s in (20, 99)] == pytest.approx([0.1, 0.1])
+    longer_warmup = config(**{"schedule.lr_warmup_iters": 30, "schedule.lr_decay_iters": 20})
+    assert [base_lr(longer_warmup, s) for s in (29, 30, 99)] == pytest.approx([1.0, 0.1, 0.1])
+
+
 def test_value_lr_multiplier_decays_linearly_to_one():
     c = load_config(None, ["data.mock=true", "model.family=ultramem", "model.memory.value_lr_multiplier=10",
                            "training.train_iters=100"])

@@ -23,6 +23,13 @@ from umtrain.parallel.cost_model import (DEFAULT_CALIBRATION, VARIANTS, Calibrat
                                          dims_from_config, plan_config, table_gradient_tp_sum_bytes)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     plan = subparsers.add_parser("plan", help="predict memory-table communication per layer and pick the sharding mode")
     plan.add_argument("config", help="YAML config")
@@ -39,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cal.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto",
                      help="auto: nccl when CUDA is available, gloo otherwise")
     cal.add_argument("--nproc", type=int, default=2, help="local processes to spawn when not launched by torchrun")
-    cal.add_argument("--iters", type=int, default=5, help="timed repetitions per message size and lookup size")
+    cal.add_argument("--iters", type=_positive_int, default=5, help="timed repetitions per message size and lookup size")
     cal.add_argument("--lookup-impl", choices=["auto", "reference", "fused", "triton"], default="auto",
                      help="lookup-reduce the compute term is measured with, as model.memory.lookup_impl (auto: triton "
                           "on GPU, fused on CPU)")

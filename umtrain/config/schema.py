@@ -162,8 +162,9 @@ class MemoryConfig:
                  f"{self.candidates} candidates exceed the {self.keys_per_side} keys per side")
         _require(self.num_cores == 1 or self.tucker_rank > 1, key("num_cores"), "MCS (num_cores > 1) needs TDQKR (tucker_rank > 1)")
         _require(self.query_conv_kernel >= 0, key("query_conv_kernel"), "must be >= 0")
-        _require(self.sharding_capacity_factor is None or self.sharding_capacity_factor >= 1.0,
-                 key("sharding_capacity_factor"), "must be >= 1 (a multiple of the balanced T*K/P ids per owner)")
+        _require(self.sharding_capacity_factor is None or 1.0 <= self.sharding_capacity_factor < math.inf,
+                 key("sharding_capacity_factor"), "must be finite and >= 1 (a multiple of the balanced T*K/P ids per "
+                                                  "owner)")
         _require(not (self.sharding_dedup and self.sharding_capacity_factor is not None), key("sharding_dedup"),
                  "de-duplication (torch.unique, a host sync) defeats sharding_capacity_factor (sync-free): set one")
         _require(not (self.sharding_dedup and self.sharding_mode == "dimension"), key("sharding_dedup"),

@@ -143,6 +143,8 @@ def _validate_world(config: Config, world_size: int) -> None:
 def _validate_files(config: Config) -> None:
     from umtrain.data.datasets import parse_blend
 
+    if config.parallel.comm_calibration is not None:
+        _check_calibration(config.parallel.comm_calibration)
     d = config.data
     if d.mock:
         return
@@ -151,3 +153,12 @@ def _validate_files(config: Config) -> None:
         parse_blend(d.valid_data_path, "data.valid_data_path")
     if d.tokenizer_model and not Path(d.tokenizer_model).is_file():
         raise ConfigError("data.tokenizer_model", f"{d.tokenizer_model} not found")
+
+
+def _check_calibration(path: str) -> None:
+    from umtrain.parallel.cost_model import Calibration
+
+    try:
+        Calibration.load(path)
+    except ConfigError as err:
+        raise ConfigError("parallel.comm_calibration", str(err)) from None

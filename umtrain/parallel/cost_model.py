@@ -275,12 +275,16 @@ class Calibration:
         try:
             data = json.loads(path.read_text())
             compute = ComputeModel.from_json(data["compute"]) if "compute" in data else ComputeModel()
-            return cls(alpha_s=float(data["alpha_s"]), beta_s_per_byte=float(data["beta_s_per_byte"]),
-                       backend=data.get("backend", "?"), world_size=int(data.get("world_size", 0)),
-                       source=data.get("source", str(path)), compute=compute)
+            calibration = cls(alpha_s=float(data["alpha_s"]), beta_s_per_byte=float(data["beta_s_per_byte"]),
+                              backend=data.get("backend", "?"), world_size=int(data.get("world_size", 0)),
+                              source=data.get("source", str(path)), compute=compute)
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise ConfigError(str(path), f"is not a calibration JSON (alpha_s, beta_s_per_byte[, compute]): "
                                          f"{err}") from err
+        if not (calibration.alpha_s >= 0 and calibration.beta_s_per_byte > 0):
+            raise ConfigError(str(path), f"needs alpha_s >= 0 and beta_s_per_byte > 0, got {calibration.alpha_s} and "
+                                         f"{calibration.beta_s_per_byte}")
+        return calibration
 
 
 DEFAULT_CALIBRATION = Calibration(alpha_s=20e-6, beta_s_per_byte=1 / 25e9)

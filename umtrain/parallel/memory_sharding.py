@@ -130,6 +130,12 @@ class LocalLookup(ShardedLookup):
         return self.local_impl(rows, blocks, scores, table_shard, num_blocks)
 
 
+def overflow_message(capacity: Optional[int]) -> str:
+    at = f"capacity={capacity}" if capacity is not None else "its capacity"
+    return (f"number-wise sharding: a rank sent more than {at} ids to one owner, so this step's memory outputs are "
+            f"wrong; raise model.memory.sharding_capacity_factor")
+
+
 class NumberWiseLookup(ShardedLookup):
     """Rows split into P contiguous ranges (uneven when P does not divide N)."""
 
@@ -182,13 +188,17 @@ class NumberWiseLookup(ShardedLookup):
             return self._fetch_rows_fixed(rows, blocks, scores, table_shard, num_blocks)
         return self._fetch_rows(rows, blocks, scores, table_shard, num_blocks)
 
+    def take_overflow(self) -> bool:
+        """Whether a capacity overflowed on this rank since the last call (reads a device flag: call it where the
+        host syncs anyway; the outputs of an overflowed step are wrong)."""
+        overflowed = self.overflow is not None and bool(self.overflow)
+        self.overflow = None
+        return overflowed
+
     def check_overflow(self) -> None:
-        """Raise if a capacity overflowed since the last check (reads a device flag: call it where the host
-        syncs anyway, e.g. when the loss is logged; the step's outputs are wrong when it raises)."""
-        if self.overflow is not None and bool(self.overflow):
-            self.overflow = None
-            raise RuntimeError(f"number-wise sharding: a rank sent more than capacity={self.capacity} ids to one "
-                               f"owner; raise model.memory.sharding_capacity_factor")
+        """Raise if a capacity overflowed on this rank since the last check (see `take_overflow`)."""
+        if self.take_overflow():
+            raise RuntimeError(overflow_message(self.capacity))
 
     def _requested_rows(self, flat_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(ascending rows to fetch, position of each request among them); ascending = grouped by owner."""

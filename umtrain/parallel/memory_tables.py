@@ -33,7 +33,8 @@ from megatron.core.dist_checkpointing.mapping import ShardedTensor
 from umtrain.config import Config
 from umtrain.ops import get_lookup_reduce
 from umtrain.parallel.cost_model import DEFAULT_CALIBRATION, Calibration, plan_config, table_gradient_tp_sum_bytes
-from umtrain.parallel.memory_sharding import ShardedLookup, lookup_from_plan, mark_table_shard
+from umtrain.parallel.collectives import any_rank
+from umtrain.parallel.memory_sharding import ShardedLookup, lookup_from_plan, mark_table_shard, overflow_message
 
 TABLE_PARAM = "values"
 logger = logging.getLogger(__name__)
@@ -57,12 +58,12 @@ def memory_lookup_factory(config: Config):
 
 
 def check_table_overflow(memories: list[torch.nn.Module]) -> None:
-    """Raise if a fixed-capacity lookup overflowed since the last check (reads a device flag: call it where the
-    host synchronises anyway, e.g. when the loss is logged)."""
-    for memory in memories:
-        check = getattr(memory.lookup, "check_overflow", None)
-        if check is not None:
-            check()
+    """Collective over every rank: raise on all of them if a fixed-capacity lookup of any rank overflowed since the
+    last check (each reads a device flag: call it where the host synchronises anyway, e.g. when the loss is logged,
+    and before anything is saved from the step's weights)."""
+    overflowed = [memory.lookup.take_overflow() for memory in memories if hasattr(memory.lookup, "take_overflow")]
+    if any_rank(any(overflowed)):
+        raise RuntimeError(overflow_message(None))
 
 
 TABLE_GRAD_TP_SUM = "umtrain_sum_grad_over_tp"

@@ -7,23 +7,31 @@ import math
 from umtrain.config import Config
 
 
+def decay_iters(config: Config) -> int:
+    """The schedule's horizon: `schedule.lr_decay_iters`, by default `training.train_iters`."""
+    return config.schedule.lr_decay_iters or config.training.train_iters
+
+
 def warmup_iters(config: Config) -> int:
+    """`lr_warmup_iters`, or `lr_warmup_fraction` of the decay horizon (Megatron-LM's reading)."""
     s = config.schedule
     if s.lr_warmup_iters is not None:
         return s.lr_warmup_iters
-    return int(round(s.lr_warmup_fraction * config.training.train_iters))
+    return int(round(s.lr_warmup_fraction * decay_iters(config)))
 
 
 def base_lr(config: Config, step: int) -> float:
-    """LR at optimizer step `step` (0-based): linear warmup to `lr`, then decay to `min_lr` by `lr_decay_iters`."""
+    """LR at optimizer step `step` (0-based): linear warmup to `lr`, then decay to `min_lr` at `decay_iters`, and
+    `min_lr` after it."""
     o, s = config.optimizer, config.schedule
-    warmup = warmup_iters(config)
+    warmup, horizon = warmup_iters(config), decay_iters(config)
     if warmup and step < warmup:
         return o.lr * (step + 1) / warmup
-    decay_iters = s.lr_decay_iters or config.training.train_iters
-    if s.lr_decay_style == "constant" or decay_iters <= warmup:
+    if s.lr_decay_style == "constant":
         return o.lr
-    progress = min(1.0, (step - warmup) / (decay_iters - warmup))
+    if step >= horizon:
+        return o.min_lr
+    progress = (step - warmup) / (horizon - warmup)
     if s.lr_decay_style == "linear":
         coeff = 1.0 - progress
     else:
@@ -37,8 +45,7 @@ def value_lr_multiplier(config: Config, step: int) -> float:
     memory = config.model.memory
     if memory is None:
         return 1.0
-    total = config.schedule.lr_decay_iters or config.training.train_iters
-    return 1.0 + (memory.value_lr_multiplier - 1.0) * max(0.0, 1.0 - step / total)
+    return 1.0 + (memory.value_lr_multiplier - 1.0) * max(0.0, 1.0 - step / decay_iters(config))
 
 
 def apply_lr(config: Config, param_groups, step: int) -> float:

@@ -166,14 +166,14 @@ class Trainer:
         MoEAuxLossAutoScaler.set_loss_scale(torch.tensor([1.0 / self.train_batches.num_micro_batches], device=device))
         loss_dicts = self._run_schedule(self.train_batches, self.consumed_samples, forward_only=False)
         loss = self._mean_loss(loss_dicts)
+        self.history.lr.append(lr)
+        self.history.value_lr.append(lr * value_lr_multiplier(self.config, self.iteration))
         if not math.isfinite(loss):
             return loss, math.nan, False
         result = guarded_step(self.optimizer, self.config.optimizer.clip_grad)
         if result.applied:
             for memory in self.memory_layers:
                 memory.refresh_tdqkr_factors(at_next_forward=self.config.parallel.overlap_param_gather)
-        self.history.lr.append(lr)
-        self.history.value_lr.append(lr * value_lr_multiplier(self.config, self.iteration))
         return loss, result.grad_norm, result.applied
 
     @torch.no_grad()
@@ -237,12 +237,14 @@ class Trainer:
         peak = peak_flops_per_device()
         bar = tqdm(total=t.train_iters, initial=self.iteration, desc="train", dynamic_ncols=True,
                    disable=not (self.layout.is_logging_rank and log.progress_bar))
-        window_start, window_steps, skipped = time.perf_counter(), 0, 0
+        window_seconds, window_steps, skipped = 0.0, 0, 0
         if self.iteration >= t.train_iters and self.layout.is_logging_rank:
             logger.warning("nothing to train: the run is at iteration %d, training.train_iters is %d (raise it to "
                            "train on)", self.iteration, t.train_iters)
         while self.iteration < t.train_iters:
+            step_start = time.perf_counter()
             loss, grad_norm, applied = self.train_step()
+            window_seconds += time.perf_counter() - step_start   # throughput counts training steps only
             if not applied:
                 skipped += 1
                 self._handle_bad_step(loss, grad_norm)
@@ -255,8 +257,7 @@ class Trainer:
             bar.set_postfix(loss=f"{loss:.4f}")
             if self.iteration % log.log_interval == 0 or self.iteration == t.train_iters:
                 check_table_overflow(self.memory_layers)
-                elapsed = time.perf_counter() - window_start
-                seconds = elapsed / window_steps
+                seconds = window_seconds / window_steps
                 values = {"loss": loss, "lr": self.history.lr[-1] if self.history.lr else 0.0, "grad_norm": grad_norm,
                           "tokens_per_s": tokens_per_step / seconds, "ms_per_step": 1000 * seconds,
                           "tflops_per_device": self.flops_per_token * tokens_per_step / seconds / self.layout.world_size / 1e12,
@@ -266,11 +267,11 @@ class Trainer:
                 if log.memory_stats and self.config.model.family in ("pkm", "ultramem"):
                     values.update(self._memory_health())
                 self._log(values, bar)
-                window_start, window_steps = time.perf_counter(), 0
+                window_seconds, window_steps = 0.0, 0
             if self.checkpointer.should_save(self.iteration):
-                self.checkpointer.save(self)
+                self._save()
             if self.preemption.requested():
-                self.checkpointer.save(self)
+                self._save()
                 self.checkpointer.finalize()
                 if not self.checkpointer.enabled:
                     raise Preempted(f"stopped by a signal at step {self.iteration}; nothing saved (no "
@@ -278,22 +279,29 @@ class Trainer:
                 raise Preempted(f"preempted at step {self.iteration}; checkpoint saved", saved=True)
             if self.validates and (self.iteration % t.eval_interval == 0 or self.iteration == t.train_iters):
                 valid = self.evaluate()
+                check_table_overflow(self.memory_layers)
                 self.history.valid_loss[self.iteration] = valid
                 self.metrics.scalars({"valid_loss": valid}, self.iteration)
                 if self.layout.is_logging_rank:
                     bar.write(f"validation at step {self.iteration}: loss {valid:.4f} | ppl {math.exp(min(valid, 50)):.2f}")
         bar.close()
         if self.checkpointer.enabled and self.checkpointer.last_saved_iteration != self.iteration:
-            self.checkpointer.save(self)
+            self._save()
         self.checkpointer.finalize()
         self.metrics.close()
         return self.history
+
+    def _save(self) -> None:
+        """Save, unless a fixed-capacity table lookup overflowed since the last check: weights trained on wrong
+        memory outputs must not become `latest`."""
+        check_table_overflow(self.memory_layers)
+        self.checkpointer.save(self)
 
     def _handle_bad_step(self, loss: float, grad_norm: float) -> None:
         message = f"step {self.iteration + 1}: non-finite loss {loss} or grad norm {grad_norm}"
         if self.config.training.nan_policy == "stop":
             if self.checkpointer.enabled:
-                self.checkpointer.save(self)  # the update was not applied: this is the last good state
+                self._save()  # the update was not applied: this is the last good state
                 self.checkpointer.finalize()
             raise FloatingPointError(message + " (training.nan_policy=stop)")
         if self.layout.is_logging_rank:

@@ -305,6 +305,8 @@ def test_health_metrics_follow_the_selected_rows() -> None:
         rows.append(layer.last_stats["rows"])
         stds.append(out.std().item())
         top1.append(layer.last_stats["top1_score"].item())
+    layer.eval()
+    layer(torch.randn(64, 2, hidden))          # validation forwards are not training health
     metrics = layer.health_metrics(reset=True)
     assert metrics["value_hit_fraction"] == pytest.approx(torch.cat(rows).unique().numel() / 64)
     assert metrics["output_std"] == pytest.approx(sum(stds) / 3, rel=1e-6)

@@ -290,7 +290,8 @@ class MemoryLayer(nn.Module):
         pooled = self.lookup(rows, blocks, weights.reshape(cores, tokens, -1), self.values, self.config.ive_expansion)
         out = self.out_proj(pooled.flatten(1)) if self.out_proj is not None else pooled[:, 0]
         self.aux_loss = self._aux_loss(x)
-        self._record_stats(selection, rows, out)
+        if self.training:   # health metrics describe training steps, not validation
+            self._record_stats(selection, rows, out)
         return out.view(seq, batch, hidden)
 
     def _conv_history(self, x: torch.Tensor) -> Optional[torch.Tensor]:
