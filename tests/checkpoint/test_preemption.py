@@ -63,9 +63,9 @@ def test_sigterm_saves_exits_with_requeue_code_and_resumes_exactly(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
 def test_the_launcher_passes_stop_signals_on_to_its_workers(tmp_path, stop):
-    """SLURM's `--signal=USR1@300` and its SIGTERM reach the launcher too; torchrun's agent would die of SIGUSR1
-    (orphaning the workers), and on SIGTERM kill the workers after 30 s and exit without their codes. Here only the
-    launcher gets the signal, so the workers can only have it from the launcher."""
+    """SLURM's `--signal=USR1@300` and its SIGTERM reach the launcher too; torchrun's agent alone would die of SIGUSR1
+    and orphan the workers (SIGTERM it passes on itself). Here only the launcher gets the signal, so the workers can
+    only have it from the launcher."""
     root = tmp_path / "ckpt"
     proc = launch_cli(tmp_path, run_config(ITERS, save=str(root), save_interval=INTERVAL), 2)
     wait_for_checkpoint(proc, root)
@@ -117,5 +117,7 @@ def test_torchrun_failures_map_to_the_requeue_code():
     assert exit_code_of(failed(3)) == 3
     assert exit_code_of(failed(-9)) == 1
     assert exit_code_of(RuntimeError("no failures")) == 1
-    # Signals torchrun's agent handles itself (SIGTERM, SIGUSR1/2 are the launcher's: their code is the workers').
+    # The launcher itself signalled (scancel, preemption: SIGTERM to the whole step): the workers checkpoint on
+    # SIGTERM, so the job is requeued; Ctrl-C is not a requeue.
+    assert exit_code_of(SignalException("launcher got SIGTERM", signal.SIGTERM)) == REQUEUE_EXIT_CODE
     assert exit_code_of(SignalException("launcher got SIGINT", signal.SIGINT)) == 130

@@ -4,14 +4,13 @@ torchrun itself exits 1 whenever a worker fails, so a preempted run (every worke
 saving) would look like a crash to SLURM. This wrapper returns REQUEUE_EXIT_CODE when the first failing worker
 exited with it, and the worker's own code (or 1) otherwise.
 
-Signals. torchrun's agent would die of SIGUSR1/SIGUSR2 (orphaning the workers), and on SIGTERM it passes the signal
-on, waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds, kills the workers and exits without their exit codes. SLURM's
-pre-timeout signal (`--signal=USR1@300`) and its SIGTERM reach every process of the step, this one included. So the
-wrapper handles SIGTERM, SIGUSR1 and SIGUSR2 itself: it passes them on to its workers and keeps supervising them;
-they checkpoint at the next step boundary and exit with the requeue code (or 1 when the run has no
-`checkpoint.save`), and that is what the wrapper returns. SIGINT, SIGHUP and SIGQUIT stay torchrun's. The shutdown
-timeout (the grace the other workers get once one has exited) defaults to `DEFAULT_SHUTDOWN_TIMEOUT_S` instead of
-torchrun's 30 s.
+Signals. torchrun's agent handles SIGTERM, SIGINT, SIGHUP and SIGQUIT: it passes the signal on to the workers,
+waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds, then kills them; the workers checkpoint on SIGTERM, so a SIGTERM
+(scancel, preemption) reports the requeue code. It would die of SIGUSR1/SIGUSR2 and leave the workers running, yet
+SLURM's pre-timeout signal (`--signal=USR1@300`) reaches every process of the step, this one included: the wrapper
+passes SIGUSR1/SIGUSR2 on to its workers and keeps supervising them; they checkpoint at the next step boundary and
+exit with the requeue code, which the wrapper returns. The shutdown timeout defaults to `DEFAULT_SHUTDOWN_TIMEOUT_S`
+instead of torchrun's 30 s, so that the rest of a step and the save can fit.
 """
 
 from __future__ import annotations
@@ -24,19 +23,19 @@ import psutil
 
 from umtrain.checkpoint.signals import REQUEUE_EXIT_CODE
 
-PASSED_ON_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
-TORCHRUN_SIGNALS = "SIGINT,SIGHUP,SIGQUIT"
+PASSED_ON_SIGNALS = (signal.SIGUSR1, signal.SIGUSR2)
 DEFAULT_SHUTDOWN_TIMEOUT_S = 180
 WORKER_MODULE = "umtrain.cli.main"
 
 
 def exit_code_of(error: BaseException) -> int:
     """The exit code to report for torchrun's ChildFailedError (the first failing worker's), or for its
-    SignalException (SIGINT, SIGHUP, SIGQUIT reached the launcher): 128 + the signal's number, as a shell reports
-    them."""
+    SignalException: the launcher itself got a signal and passed it on to the workers. SIGTERM is how scancel and
+    preemption stop a job, and the workers checkpoint on it, so that is a requeue too; other signals give 128 + the
+    signal's number, as a shell reports them."""
     signal_number = getattr(error, "sigval", None)
     if signal_number is not None:
-        return 128 + int(signal_number)
+        return REQUEUE_EXIT_CODE if signal_number == signal.SIGTERM else 128 + int(signal_number)
     first = getattr(error, "get_first_failure", None)
     if first is None:
         return 1
@@ -62,7 +61,7 @@ def run_torchrun(argv: list[str]) -> int:
     for sig in PASSED_ON_SIGNALS:
         signal.signal(sig, pass_on_to_workers)
     try:
-        torchrun([f"--signals-to-handle={TORCHRUN_SIGNALS}", *argv])
+        torchrun(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0)
     except Exception as err:  # ChildFailedError carries every failed worker's exit code

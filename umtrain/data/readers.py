@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import glob
 import json
+import zlib
 from pathlib import Path
 from typing import Any, Iterator, Literal
 
 import pyarrow.parquet
+import zstandard
 
 from umtrain.config.base import ConfigError
 
@@ -68,8 +70,9 @@ def _check_input_file(path: Path, text_key: str) -> None:
         raise ConfigError(str(path), "the file is empty")
     if fmt == "parquet":
         metadata = pyarrow.parquet.read_metadata(path)
-        if text_key not in metadata.schema.names:
-            raise ConfigError(str(path), f"has no column {text_key!r} (columns: {metadata.schema.names})")
+        columns = metadata.schema.to_arrow_schema().names   # top-level columns (schema.names lists nested leaves)
+        if text_key not in columns:
+            raise ConfigError(str(path), f"has no column {text_key!r} (columns: {columns})")
         if metadata.num_rows == 0:
             raise DataInputError(str(path), "whole file", "holds no records")
 
@@ -95,7 +98,7 @@ def stream_rows(path: Path, text_key: str) -> Iterator[list[tuple[int, Any]]]:
             number += len(values)
     except UnicodeDecodeError as err:
         raise _first_undecodable_line(path, after=number) from err
-    except (EOFError, OSError, ValueError, pyarrow.ArrowException) as err:   # truncated or corrupt compressed data
+    except (EOFError, OSError, zlib.error, zstandard.ZstdError, pyarrow.ArrowException) as err:   # damaged data
         raise DataInputError(str(path), f"after {'line' if fmt == 'jsonl' else 'row'} {number}",
                              f"cannot be read: {type(err).__name__}: {err}") from err
 

@@ -228,15 +228,21 @@ def _lines_for_sentencepiece(documents: Iterator[str], errors: list[Exception]) 
 def pieces_of_at_most(line: str, limit: int) -> Iterator[str]:
     """`line` in pieces of at most `limit` UTF-8 bytes, cut at the last space within the limit (between characters
     where there is none), so that long lines (a paragraph of CJK text is ~4.5 KB) still reach SentencePiece's
-    trainer, which would drop them whole."""
-    while len(line.encode("utf-8")) > limit:
-        head = line.encode("utf-8")[:limit].decode("utf-8", errors="ignore")
-        cut = head.rfind(" ")
-        cut = cut if cut > 0 else len(head)
-        yield line[:cut]
-        line = line[cut:].lstrip(" ")
-    if line.strip():
-        yield line
+    trainer, which would drop them whole. Linear in the line's length."""
+    data = line.encode("utf-8")
+    start = 0
+    while len(data) - start > limit:
+        end = start + limit
+        while data[end] & 0xC0 == 0x80:        # never inside a character: back to its first byte
+            end -= 1
+        space = data.rfind(b" ", start + 1, end + 1)
+        cut = space if space > start else end
+        yield data[start:cut].decode("utf-8")
+        start = cut
+        while start < len(data) and data[start] == 0x20:
+            start += 1
+    if data[start:].strip():
+        yield data[start:].decode("utf-8")
 
 
 def _train_byte_level_bpe(documents: Iterator[str], output: Path, vocab_size: int) -> str:

@@ -131,9 +131,9 @@ class LocalLookup(ShardedLookup):
 
 
 def overflow_message(capacity: Optional[int]) -> str:
-    at = f"capacity={capacity}" if capacity is not None else "its capacity"
-    return (f"number-wise sharding: a rank sent more than {at} ids to one owner, so this step's memory outputs are "
-            f"wrong; raise model.memory.sharding_capacity_factor")
+    at = f" ({capacity} ids)" if capacity is not None else ""
+    return (f"number-wise sharding: a rank sent more ids to one owner than its fixed capacity{at}, so the memory "
+            f"outputs of the step are wrong; raise model.memory.sharding_capacity_factor")
 
 
 class NumberWiseLookup(ShardedLookup):
