@@ -98,3 +98,19 @@ def test_hf_import_refuses_a_config_that_would_drop_weights(tmp_path, capsys):
         out = tmp_path / f"out-{key}"
         assert main(["convert", str(tmp_path / "hf"), str(out), "--to", "portable", "--config", str(path)]) == 2
         assert key in capsys.readouterr().err and not out.exists()
+
+
+def test_a_portable_checkpoint_carries_its_tokenizer(demo_dataset, tmp_path, monkeypatch, capsys):
+    """The saved config names the tokenizer relative to the training run's directory; `generate` from anywhere else
+    must still find it, in the checkpoint."""
+    monkeypatch.chdir(demo_dataset.parent)
+    relative = f"{demo_dataset.name}/tokenizer.model"
+    config = config_from_dict({"model": {"num_layers": 1, "hidden_size": 32, "num_attention_heads": 4},
+                               "data": {"data_path": [f"{demo_dataset.name}/api_docs_text_document"],
+                                        "tokenizer_model": relative, "seq_length": 16}}, check_files=False)
+    model = ReferenceGPT(ModelArgs.from_config(config, vocab_size=1024))
+    portable = write_portable(tmp_path / "portable", model.state_dict(), to_dict(config), {"iteration": 1})
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", str(portable), "--prompt", "Once upon", "--max-new-tokens", "3"]) == 0, \
+        capsys.readouterr().err
+    assert (portable / "tokenizer" / "tokenizer.model").read_bytes() == (demo_dataset / "tokenizer.model").read_bytes()

@@ -155,8 +155,8 @@ class Checkpointer:
             if not fresh_optimizer and not load_optimizer:
                 logger.warning("%s holds no optimizer state (a converted checkpoint?): the optimizer starts fresh", path)
             if not load_rng:
-                logger.warning("checkpoint layout %s differs from this run's: RNG states are not restored",
-                               common["layout"])
+                logger.warning("%s: RNG states are not restored", "the checkpoint holds none (a converted one?)"
+                               if "rng" not in contents else f"its layout {common['layout']} differs from this run's")
         template = load_state_dict_template(trainer, contents, load_optimizer, load_rng)
         loaded = dist_checkpointing.load(template, str(path))
         restore_trainer(trainer, loaded, load_optimizer, load_rng)

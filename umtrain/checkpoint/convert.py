@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +28,7 @@ logger = logging.getLogger("umtrain")
 
 WEIGHTS = "model.safetensors"
 PORTABLE_META = "umtrain_portable.json"
+TOKENIZER_DIR = "tokenizer"
 
 
 # --------------------------------------------------------------------------------------------- forms
@@ -118,8 +120,31 @@ def write_portable(out: Path, tensors: Tensors, config: dict[str, Any], meta: di
     with manager.staged_output(out) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS))
         (tmp / manager.CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
-        (tmp / PORTABLE_META).write_text(json.dumps(meta, indent=1))
+        tokenizer = copy_tokenizer((config.get("data") or {}).get("tokenizer_model"), tmp)
+        (tmp / PORTABLE_META).write_text(json.dumps({**meta, "tokenizer": tokenizer}, indent=1))
     return out
+
+
+def copy_tokenizer(source: Optional[str], out: Path) -> Optional[str]:
+    """Copy the run's tokenizer into `out/tokenizer/`, so that a portable checkpoint does not depend on the directory
+    it was converted from (the saved config may name a path relative to the run's); its path relative to `out`, or
+    None when the config names no tokenizer that exists here."""
+    if not source or not Path(source).exists():
+        return None
+    source = Path(source)
+    main = source / "tokenizer.json" if source.is_dir() else source
+    files = [main] + [main.parent / "tokenizer_config.json"] * (main.suffix == ".json")
+    (out / TOKENIZER_DIR).mkdir()
+    for path in files:
+        if path.is_file():
+            shutil.copy2(path, out / TOKENIZER_DIR / path.name)
+    return f"{TOKENIZER_DIR}/{main.name}"
+
+
+def portable_tokenizer(path: Path) -> Optional[Path]:
+    """The tokenizer a portable checkpoint carries (`copy_tokenizer`), if any."""
+    name = json.loads((path / PORTABLE_META).read_text()).get("tokenizer")
+    return path / name if name else None
 
 
 def read_portable(path: Path) -> tuple[Tensors, dict[str, Any], dict[str, Any]]:

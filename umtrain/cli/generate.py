@@ -58,7 +58,7 @@ def argument_problem(args: argparse.Namespace) -> Optional[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from umtrain.checkpoint.convert import is_portable, load_portable
+    from umtrain.checkpoint.convert import is_portable, load_portable, portable_tokenizer
     from umtrain.data.tokenizer import load_tokenizer
 
     problem = argument_problem(args)
@@ -69,9 +69,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"umtrain generate: {problem}", file=sys.stderr)
         return 2
     model, config = load_portable(args.checkpoint)
-    path = args.tokenizer or config.data.tokenizer_model
-    if path is None:
-        print("umtrain generate: the checkpoint's config names no tokenizer; pass --tokenizer", file=sys.stderr)
+    path = args.tokenizer or portable_tokenizer(Path(args.checkpoint)) or config.data.tokenizer_model
+    if path is None or not Path(path).exists():
+        named = f"names {path}, which is not here" if path else "names no tokenizer"
+        print(f"umtrain generate: the checkpoint carries no tokenizer and its config {named}; pass --tokenizer",
+              file=sys.stderr)
         return 2
     tokenizer = load_tokenizer(config.data.tokenizer_type, path)
     prompt = tokenizer.tokenize(args.prompt)

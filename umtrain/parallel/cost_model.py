@@ -406,7 +406,7 @@ def plan_layer(dims: LookupDims, tokens_per_rank: int, calibration: Calibration,
     rows_only = capacity is not None or dedup
     number = "pooled" if not rows_only and seconds["pooled"] < seconds["number"] else "number"
     if dims.group_size == 1:
-        mode, reason = "local", "P=1: the whole table is local, nothing to communicate"
+        mode, reason = "local", "the whole table is local, nothing to communicate"
     elif requested == "dimension" and problem:
         raise ConfigError("model.memory.sharding_mode", problem)
     elif requested != "auto":

@@ -348,8 +348,10 @@ def make_sharded_lookup(mode: ShardingMode, group: Optional[dist.ProcessGroup], 
 
 def lookup_from_plan(plan: LayerPlan, group: Optional[dist.ProcessGroup], num_rows: int, value_dim: int,
                      local_impl: LookupReduce, num_cores: int = 1) -> ShardedLookup:
-    """The lookup the cost model chose for one memory layer (`cost_model.plan_config`); logs the reason."""
-    logger.info("memory layer %d (%s), P=%d: %s", plan.layer, plan.placement, plan.group_size, plan.reason)
+    """The lookup the cost model chose for one memory layer (`cost_model.plan_config`); logs the reason (on global
+    rank 0: every rank builds the same plan)."""
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        logger.info("memory layer %d (%s), P=%d: %s", plan.layer, plan.placement, plan.group_size, plan.reason)
     return make_sharded_lookup(plan.mode, group, num_rows, value_dim, local_impl, num_cores=num_cores,
                                tokens_per_rank=plan.tokens_per_rank, dedup=plan.dedup, owner_pooling=plan.owner_pooling,
                                capacity=plan.capacity)

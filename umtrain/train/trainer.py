@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ from megatron.core.transformer.moe.moe_utils import (
     reduce_aux_losses_tracker_across_ranks,
 )
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from umtrain.checkpoint import Checkpointer, PreemptionHandler, Preempted
 from umtrain.config import Config
@@ -232,11 +234,16 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- loop
     def train(self) -> History:
+        """Train to `training.train_iters`; log records go through the progress bar (not into its line)."""
+        with logging_redirect_tqdm():
+            return self._train_loop()
+
+    def _train_loop(self) -> History:
         t, log = self.config.training, self.config.logging
         tokens_per_step = t.global_batch_size * self.config.data.seq_length
         peak = peak_flops_per_device()
         bar = tqdm(total=t.train_iters, initial=self.iteration, desc="train", dynamic_ncols=True,
-                   disable=not (self.layout.is_logging_rank and log.progress_bar))
+                   disable=not (self.layout.is_logging_rank and log.progress_bar and sys.stderr.isatty()))
         window_seconds, window_steps, skipped = 0.0, 0, 0
         if self.iteration >= t.train_iters and self.layout.is_logging_rank:
             logger.warning("nothing to train: the run is at iteration %d, training.train_iters is %d (raise it to "
