@@ -122,7 +122,9 @@ def _validate_world(config: Config, world_size: int) -> None:
     p, t = config.parallel, config.training
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     if world_size % (tp * pp):
-        raise ConfigError("parallel", f"world size {world_size} is not divisible by TP x PP = {tp} x {pp}")
+        raise ConfigError("parallel", f"world size {world_size} is not divisible by TP x PP = {tp} x {pp} (start "
+                                      f"a multiple of {tp * pp} processes: `umtrain train --nproc-per-node N`, "
+                                      f"torchrun or SLURM)")
     dp = data_parallel_size(config, world_size)
     ep = p.expert_model_parallel_size
     if p.memory_parallel_group == "tensor_data":
