@@ -81,6 +81,7 @@ def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class Trainer:
     def __init__(self, config: Config):
         self.config = config
+        self.preemption = PreemptionHandler(config.training.exit_signal)   # first: a signal during setup is kept
         self.layout: Layout = initialize_distributed(config)
         seed_everything(config.training.seed)
         self.tokenizer, self.datasets = self._build_data()
@@ -106,7 +107,6 @@ class Trainer:
         self.metrics = MetricsWriter(config, enabled=self.layout.is_logging_rank)
         self.flops_per_token = self._training_flops_per_token()
         self.checkpointer = Checkpointer(config)
-        self.preemption = PreemptionHandler(config.training.exit_signal)
         self.checkpointer.resume(self)
 
     # ----------------------------------------------------------------------------------------- setup
