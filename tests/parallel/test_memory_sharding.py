@@ -242,7 +242,7 @@ def test_lookup_from_plan_builds_the_chosen_mode_and_logs_why(caplog):
     with caplog.at_level(logging.INFO, logger="umtrain.parallel.memory_sharding"):
         lookup = lookup_from_plan(plan_layer(dims, 16, DEFAULT_CALIBRATION, placement="2:3"), None, NUM_ROWS,
                                   VALUE_DIM, lookup_reduce_reference, num_cores=2)
-    assert isinstance(lookup, LocalLookup) and "(2:3), P=1: P=1" in caplog.text
+    assert isinstance(lookup, LocalLookup) and "(2:3), P=1: the whole table is local" in caplog.text
     plan = plan_layer(replace(dims, group_size=2), 16, DEFAULT_CALIBRATION, "number", dedup=True)
     lookup = lookup_from_plan(plan, None, NUM_ROWS, VALUE_DIM, lookup_reduce_reference, num_cores=2)
     assert isinstance(lookup, NumberWiseLookup) and lookup.dedup and not lookup.owner_pooling
