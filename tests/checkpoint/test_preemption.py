@@ -11,11 +11,12 @@ from types import SimpleNamespace
 
 import psutil
 import pytest
+import yaml
 from torch.distributed.elastic.multiprocessing.api import SignalException
 
 from tests.checkpoint.helpers import launch_cli, run_config, saved_losses, train
 from umtrain.checkpoint import REQUEUE_EXIT_CODE, PreemptionHandler, manager
-from umtrain.checkpoint.launch import exit_code_of
+from umtrain.checkpoint.launch import exit_code_of, workers_save_checkpoints
 from umtrain.checkpoint.signals import parse_signal
 from umtrain.config import ConfigError
 
@@ -113,11 +114,22 @@ def test_torchrun_failures_map_to_the_requeue_code():
         failures = [SimpleNamespace(exitcode=c) for c in codes]
         return SimpleNamespace(get_first_failure=lambda: (0, failures[0]))
 
-    assert exit_code_of(failed(REQUEUE_EXIT_CODE, -15)) == REQUEUE_EXIT_CODE
-    assert exit_code_of(failed(3)) == 3
-    assert exit_code_of(failed(-9)) == 1
-    assert exit_code_of(RuntimeError("no failures")) == 1
-    # The launcher itself signalled (scancel, preemption: SIGTERM to the whole step): the workers checkpoint on
-    # SIGTERM, so the job is requeued; Ctrl-C is not a requeue.
-    assert exit_code_of(SignalException("launcher got SIGTERM", signal.SIGTERM)) == REQUEUE_EXIT_CODE
-    assert exit_code_of(SignalException("launcher got SIGINT", signal.SIGINT)) == 130
+    assert exit_code_of(failed(REQUEUE_EXIT_CODE, -15), workers_save=True) == REQUEUE_EXIT_CODE
+    assert exit_code_of(failed(3), workers_save=True) == 3
+    assert exit_code_of(failed(-9), workers_save=True) == 1
+    assert exit_code_of(RuntimeError("no failures"), workers_save=True) == 1
+    # The launcher itself signalled (scancel, preemption: SIGTERM to the whole step): workers that save checkpoint
+    # on SIGTERM, so the job is requeued; without checkpoint.save, or on Ctrl-C, it is not.
+    assert exit_code_of(SignalException("launcher got SIGTERM", signal.SIGTERM), workers_save=True) == REQUEUE_EXIT_CODE
+    assert exit_code_of(SignalException("launcher got SIGTERM", signal.SIGTERM), workers_save=False) == 143
+    assert exit_code_of(SignalException("launcher got SIGINT", signal.SIGINT), workers_save=True) == 130
+
+
+def test_the_launcher_reads_checkpoint_save_from_the_workers_command(tmp_path):
+    config_path = tmp_path / "run.yaml"
+    config_path.write_text(yaml.safe_dump(run_config(2)))
+    workers = ["--standalone", "--nproc-per-node=2", "-m", "umtrain.cli.main", "train", "--config", str(config_path)]
+    assert not workers_save_checkpoints(workers)
+    assert workers_save_checkpoints([*workers, f"checkpoint.save={tmp_path / 'ckpt'}"])
+    assert not workers_save_checkpoints([*workers, "model.no_such_key=1", f"checkpoint.save={tmp_path}"])
+    assert not workers_save_checkpoints(["--standalone", "train.py", "--config", str(config_path)])

@@ -3,7 +3,7 @@ from: each source (or each document) owns its own range of token ids."""
 
 import numpy as np
 import pytest
-from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
 from umtrain.config.base import ConfigError
 from umtrain.config.schema import Config
@@ -159,3 +159,23 @@ def test_data_tokenised_with_a_larger_vocabulary_is_refused_at_load(sp_tokenizer
     with pytest.raises(ConfigError, match="too_large.bin holds token id"):
         build_gpt_datasets(make_config([fits], valid_data_path=[too_large]), sp_tokenizer, 10, 2, 0)
     build_gpt_datasets(make_config([fits]), sp_tokenizer, 10, 0, 0)
+
+
+
+def test_load_time_checks_open_each_source_once_and_see_it_rewritten(sp_tokenizer, tmp_path, monkeypatch):
+    import umtrain.data.datasets as datasets
+
+    opened = []
+
+    def counting_open(prefix):
+        opened.append(prefix)
+        return IndexedDataset(prefix)
+
+    monkeypatch.setattr(datasets, "IndexedDataset", counting_open)
+    first = one_token_per_document(tmp_path / "a", 100, 20, sp_tokenizer.eod)
+    second = one_token_per_document(tmp_path / "b", 200, 30, sp_tokenizer.eod)
+    build_gpt_datasets(make_config([first, second]), sp_tokenizer, 10, 0, 0)
+    assert sorted(opened) == [first, second]
+    assert token_count(first) == sum(3 + i % 7 + 1 for i in range(20))
+    one_token_per_document(tmp_path / "a", 100, 5, sp_tokenizer.eod)     # rewritten by a new preprocess run
+    assert token_count(first) == sum(3 + i % 7 + 1 for i in range(5))

@@ -28,20 +28,40 @@ DEFAULT_SHUTDOWN_TIMEOUT_S = 180
 WORKER_MODULE = "umtrain.cli.main"
 
 
-def exit_code_of(error: BaseException) -> int:
+def exit_code_of(error: BaseException, workers_save: bool) -> int:
     """The exit code to report for torchrun's ChildFailedError (the first failing worker's), or for its
     SignalException: the launcher itself got a signal and passed it on to the workers. SIGTERM is how scancel and
-    preemption stop a job, and the workers checkpoint on it, so that is a requeue too; other signals give 128 + the
-    signal's number, as a shell reports them."""
+    preemption stop a job; workers that save checkpoints save on it, so that is a requeue too. Other signals, and
+    SIGTERM to workers that save nothing (a requeue would start again from step 0), give 128 + the signal's number,
+    as a shell reports them."""
     signal_number = getattr(error, "sigval", None)
     if signal_number is not None:
-        return REQUEUE_EXIT_CODE if signal_number == signal.SIGTERM else 128 + int(signal_number)
+        requeue = signal_number == signal.SIGTERM and workers_save
+        return REQUEUE_EXIT_CODE if requeue else 128 + int(signal_number)
     first = getattr(error, "get_first_failure", None)
     if first is None:
         return 1
     _, failure = first()
     code = failure.exitcode
     return code if code == REQUEUE_EXIT_CODE or 0 < code < 256 else 1
+
+
+def workers_save_checkpoints(argv: list[str]) -> bool:
+    """Whether the workers' command (`... -m umtrain.cli.main train --config ...`) sets `checkpoint.save`. A config
+    the workers will reject counts as saving nothing."""
+    from umtrain.cli.main import parse_args
+    from umtrain.config import ConfigError, load_config
+
+    if WORKER_MODULE not in argv:
+        return False
+    worker_argv = argv[argv.index(WORKER_MODULE) + 1:]
+    if not worker_argv or worker_argv[0] != "train":
+        return False
+    try:
+        args = parse_args(worker_argv)
+        return load_config(args.config, args.overrides, check_files=False).checkpoint.save is not None
+    except (ConfigError, SystemExit):
+        return False
 
 
 def pass_on_to_workers(signum: int, frame) -> None:
@@ -65,7 +85,7 @@ def run_torchrun(argv: list[str]) -> int:
     except SystemExit as exit_:
         return int(exit_.code or 0)
     except Exception as err:  # ChildFailedError carries every failed worker's exit code
-        code = exit_code_of(err)
+        code = exit_code_of(err, workers_save_checkpoints(argv))
         if code != REQUEUE_EXIT_CODE:
             print(f"umtrain: training failed: {err}", file=sys.stderr)
         return code

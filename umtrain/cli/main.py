@@ -27,16 +27,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("megatron").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) .*not installed.*")
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    """The subcommand's arguments; `key=value` overrides may also come after options."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:
         if not hasattr(args, "overrides") or not all("=" in e and not e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) .*not installed.*")
+    args = parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except ConfigError as err:

@@ -8,6 +8,8 @@ is no test set.
 
 from __future__ import annotations
 
+import functools
+import os
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -60,9 +62,20 @@ def size_weighted(blend: Blend) -> Blend:
     return prefixes, [float(token_count(prefix)) for prefix in prefixes]
 
 
+def indexed_dataset(prefix: str) -> IndexedDataset:
+    """One open IndexedDataset per prefix and version of its files, shared by the load-time checks."""
+    versions = tuple((stat.st_mtime_ns, stat.st_size) for stat in (os.stat(prefix + ".idx"), os.stat(prefix + ".bin")))
+    return _open_indexed_dataset(prefix, versions)
+
+
+@functools.lru_cache(maxsize=64)
+def _open_indexed_dataset(prefix: str, versions: tuple) -> IndexedDataset:
+    """Held in the cache: the dataset's arrays are views of a memory map that it closes when collected."""
+    return IndexedDataset(prefix)
+
+
 def token_count(prefix: str) -> int:
-    dataset = IndexedDataset(prefix)   # held: its lengths are a view of the memory map it closes when collected
-    return int(dataset.sequence_lengths.sum())
+    return int(indexed_dataset(prefix).sequence_lengths.sum())
 
 
 def gpt_dataset_config(config: Config, tokenizer, create_attention_mask: Optional[bool] = None) -> GPTDatasetConfig:
@@ -134,7 +147,7 @@ def _check_every_split_has_documents(dataset_config: GPTDatasetConfig) -> None:
     if dataset_config.blend is None:
         return
     for prefix in dataset_config.blend[0]:
-        documents = len(IndexedDataset(prefix))
+        documents = len(indexed_dataset(prefix))
         for part, bookends in zip(Split, dataset_config.split_matrix):
             if bookends is not None and round(bookends[1] * documents) == round(bookends[0] * documents):
                 raise ConfigError("data.split", f"{dataset_config.split!r} leaves the {part.name} part of {prefix} "
@@ -148,7 +161,7 @@ def _check_token_ids_fit(dataset_config: GPTDatasetConfig, vocab_size: int) -> N
     Every batch is checked again as it is built (`umtrain.train.batches`)."""
     blends = [dataset_config.blend] if dataset_config.blend else [b for b in dataset_config.blend_per_split or [] if b]
     for prefix in dict.fromkeys(p for prefixes, _ in blends for p in prefixes):
-        dtype = IndexedDataset(prefix).index.dtype
+        dtype = indexed_dataset(prefix).index.dtype
         head = np.memmap(prefix + ".bin", dtype=dtype, mode="r")[:TOKENS_CHECKED_AT_LOAD]
         if head.size and int(head.max()) >= vocab_size:
             raise ConfigError("data.tokenizer_model", f"{prefix}.bin holds token id {int(head.max())}, but the "

@@ -265,7 +265,7 @@ class Trainer:
             if self.iteration % log.log_interval == 0 or self.iteration == t.train_iters:
                 check_table_overflow(self.memory_layers)
                 seconds = window_seconds / window_steps
-                values = {"loss": loss, "lr": self.history.lr[-1] if self.history.lr else 0.0, "grad_norm": grad_norm,
+                values = {"loss": loss, "lr": self.history.lr[-1], "grad_norm": grad_norm,
                           "tokens_per_s": tokens_per_step / seconds, "ms_per_step": 1000 * seconds,
                           "tflops_per_device": self.flops_per_token * tokens_per_step / seconds / self.layout.world_size / 1e12,
                           "memory_gib": memory_in_use_gib(), "skipped": skipped, **self._aux_losses(window_steps)}
