@@ -276,3 +276,48 @@ def test_dry_run_prints_resolved_config(capsys, tmp_path):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["training"]["train_iters"] == 3
     assert printed["parallel"]["tensor_model_parallel_size"] == 1
+
+
+@pytest.mark.parametrize("key, value", [("model.memory.aux_loss_coeff", -0.001), ("model.memory.aux_loss_tau", -0.1)])
+def test_negative_aux_loss_settings_name_their_own_key(key, value):
+    raises_key(key, ULTRAMEM + [f"{key}={value}"], match=str(value))
+
+
+@pytest.mark.parametrize("key, value", [
+    ("model.moe.num_experts", 0),
+    ("model.moe.moe_ffn_hidden_size", 0),          # not 'null': the dense FFN width
+    ("model.moe.moe_aux_loss_coeff", -0.01),
+    ("data.mock_vocab_size", 1),                   # checked at load, not when the mock tokenizer is built
+])
+def test_sizes_and_coefficients_are_refused_at_load(key, value):
+    raises_key(key, MOCK + ["model.family=moe", "model.moe.moe_router_topk=1", f"{key}={value}"])
+
+
+def test_expert_width_defaults_to_the_dense_ffn_width():
+    moe = MOCK + ["model.family=moe", "model.hidden_size=32", "model.moe.moe_router_topk=1"]
+    assert load(moe).model.moe_ffn_size == 128
+    assert load(moe + ["model.moe.moe_ffn_hidden_size=24"]).model.moe_ffn_size == 24
+
+
+def test_has_memory_is_true_for_the_memory_families_only():
+    from typing import get_args
+
+    from umtrain.config.schema import Family, ModelConfig
+
+    assert [f for f in get_args(Family) if ModelConfig(family=f).has_memory] == ["pkm", "ultramem"]
+
+
+def test_every_optimizer_choice_reaches_megatron_as_adamw(monkeypatch):
+    """optimizer.optimizer is read: each choice maps to Megatron-Core's OptimizerConfig ('adam' with decoupled weight
+    decay is AdamW)."""
+    from typing import get_args, get_type_hints
+
+    from umtrain.config.schema import OptimizerConfig
+    from umtrain.train import optimizer
+
+    choices = get_args(get_type_hints(OptimizerConfig)["optimizer"])
+    for choice in choices:
+        mcore = optimizer.megatron_optimizer_config(load(MOCK + [f"optimizer.optimizer={choice}"]))
+        assert (mcore.optimizer, mcore.decoupled_weight_decay) == ("adam", True)
+    monkeypatch.setitem(optimizer.MEGATRON_OPTIMIZERS, choices[0], dict(optimizer="sgd"))
+    assert optimizer.megatron_optimizer_config(load(MOCK)).optimizer == "sgd"

@@ -9,11 +9,13 @@ import math
 from dataclasses import asdict
 
 import pytest
+import torch
 
 from umtrain.cli import plan as plan_cli
 from umtrain.config import ConfigError, load_config
 from umtrain.parallel.cost_model import (Calibration, ComputeModel, ComputeObservation, LookupDims, balanced_requests,
-                                         compute_work, crossover_value_dim, dimension_wise_traffic, fit_compute,
+                                         compute_work, crossover_value_dim, dimension_wise_traffic,
+                                         dims_from_config, fit_compute,
                                          number_wise_traffic, owner_pooled_traffic, plan_config, plan_layer,
                                          tokens_per_rank, variant_traffic)
 
@@ -230,6 +232,11 @@ def plan_yaml(tmp_path):
     return path
 
 
+def gpu_plan(path, overrides: list[str]):
+    """The first layer's plan for a GPU cluster (training.precision auto: bf16)."""
+    return plan_config(load_config(path, overrides, check_files=False), cuda=True)[0]
+
+
 def _cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     plan_cli.register(parser.add_subparsers())
@@ -284,6 +291,38 @@ def test_plan_command_text_overrides_and_errors(plan_yaml, capsys, tmp_path):
     assert _cli(["plan", str(plan_yaml), "--world", "512", "--calibration", str(tmp_path / "none.json")]) == 2
 
 
+def number_rows_bytes(value_bytes: int) -> int:
+    """PLAN_YAML's number-wise rows, by hand: T = 2048 tokens (SP slice), K = 84, P = 8, d_v = 1024; counts, ids,
+    rows forward and row gradients backward."""
+    off_rank = 2048 * 84 * 7 // 8
+    return 8 * 7 + 4 * off_rank + 2 * value_bytes * 1024 * off_rank
+
+
+def test_the_cost_model_counts_the_bytes_of_the_dtype_training_runs_in(plan_yaml, monkeypatch):
+    """precision auto trains fp32 on CPU and bf16 on GPU (TrainingConfig.params_dtype); the plan chosen at start-up
+    (no `cuda` given: this machine) must price the values and scores in that dtype."""
+    config = load_config(plan_yaml, check_files=False)
+    for cuda, dtype in ((False, torch.float32), (True, torch.bfloat16)):
+        assert config.training.params_dtype(cuda) == dtype
+        dims = dims_from_config(config, cuda)
+        assert dims.value_bytes == dims.score_bytes == dtype.itemsize
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert plan_config(config)[0].bytes_number_rows == number_rows_bytes(4)
+    explicit = load_config(plan_yaml, ["training.precision=bf16"], check_files=False)
+    assert plan_config(explicit)[0].bytes_number_rows == number_rows_bytes(2)
+
+
+def test_plan_command_assumes_the_gpu_dtype_and_says_so(plan_yaml, capsys, monkeypatch):
+    """`umtrain plan` runs on a laptop for a GPU cluster: precision auto means bf16 there; --dtype overrides."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for flag, dtype, value_bytes in ((), "bf16", 2), (("--dtype", "fp32"), "fp32", 4):
+        assert _cli(["plan", str(plan_yaml), "--world", "512", "--json", *flag]) == 0
+        entry = json.loads(capsys.readouterr().out)[0]
+        assert entry["dtype"] == dtype and entry["bytes_number_rows"] == number_rows_bytes(value_bytes)
+        assert _cli(["plan", str(plan_yaml), "--world", "512", *flag]) == 0
+        assert f"{dtype} ({value_bytes}-byte) values and scores" in capsys.readouterr().out
+
+
 def test_tokens_per_rank_is_the_micro_batch_or_its_sequence_parallel_slice(plan_yaml):
     """Memory layers run on the rank's slice under sequence parallelism (1/TP of the micro-batch), else on the whole
     micro-batch."""
@@ -317,17 +356,17 @@ def test_plan_with_dedup_fetches_rows_and_refuses_a_capacity(plan_yaml):
 def test_plan_prices_fixed_capacity_padding(plan_yaml):
     """With sharding_capacity_factor, number-wise runs as rows that send exactly C ids to every peer and get C rows
     back (forward) and send C row gradients (backward), C = ceil(factor * T*K/P), exchanging no counts; owner
-    pooling (which needs the counts, a host sync) is then no candidate, though it would move fewer bytes here."""
+    pooling (which needs the counts, a host sync) is then no candidate, though it would move fewer bytes here.
+    On GPUs: bf16, 2-byte rows."""
     tokens, k, p, d_v = 2 * 2048 // 2, 2 * 42, 8, 1024              # TP 2 under sequence parallelism
     capacity = -(-3 * tokens * k // (2 * p))
-    plan = plan_config(load_config(plan_yaml, ["model.memory.sharding_mode=number",
-                                               "model.memory.sharding_capacity_factor=1.5"], check_files=False))[0]
+    plan = gpu_plan(plan_yaml, ["model.memory.sharding_mode=number", "model.memory.sharding_capacity_factor=1.5"])
     assert plan.capacity == capacity and not plan.owner_pooling and plan.mode == "number"
     assert plan.bytes_number_rows == plan.bytes_number_wise == 4 * capacity * (p - 1) + 2 * (2 * d_v) * capacity * (p - 1)
-    unpadded = plan_config(load_config(plan_yaml, ["model.memory.sharding_mode=number"], check_files=False))[0]
+    unpadded = gpu_plan(plan_yaml, ["model.memory.sharding_mode=number"])
     assert unpadded.capacity is None and unpadded.owner_pooling
     assert unpadded.bytes_number_rows < plan.bytes_number_rows
-    auto = plan_config(load_config(plan_yaml, ["model.memory.sharding_capacity_factor=1.5"], check_files=False))[0]
+    auto = gpu_plan(plan_yaml, ["model.memory.sharding_capacity_factor=1.5"])
     assert auto.mode == "dimension" and auto.capacity is None      # padded rows lose to dimension-wise at d_v 1024
     assert "fixed capacity" in auto.reason
 

@@ -27,10 +27,15 @@ def register(subparsers) -> None:
 def generate(model: torch.nn.Module, tokens: list[int], max_new_tokens: int, context: int, top_k: int = 0,
              temperature: float = 1.0, generator: Optional[torch.Generator] = None, vocab_size: Optional[int] = None,
              eod: Optional[int] = None) -> list[int]:
-    """Recompute the (last `context` tokens') logits for every new token; greedy when top_k is 0."""
+    """Sample `max_new_tokens` after `tokens`; greedy when top_k is 0. Each new token runs through the model alone,
+    against the cached keys and values of the tokens before it (`DecodeCache`). Once the sequence is longer than
+    `context` (the trained sequence length), every token is predicted from the last `context` tokens afresh."""
+    from umtrain.model.reference import DecodeCache
+
     out = list(tokens)
+    cache, pending = DecodeCache(), out[-context:]
     for _ in range(max_new_tokens):
-        logits = model(torch.tensor([out[-context:]]))[0, -1, :vocab_size].float()
+        logits = model(torch.tensor([pending]), cache)[0, -1, :vocab_size].float()
         if top_k:
             values, indices = torch.topk(logits / temperature, min(top_k, logits.numel()))
             choice = int(indices[torch.multinomial(values.softmax(-1), 1, generator=generator)])
@@ -39,6 +44,10 @@ def generate(model: torch.nn.Module, tokens: list[int], max_new_tokens: int, con
         out.append(choice)
         if choice == eod:
             break
+        if cache.length < context:
+            pending = [choice]
+        else:
+            cache, pending = DecodeCache(), out[-context:]
     return out
 
 

@@ -23,6 +23,10 @@ from umtrain.parallel.cost_model import (DEFAULT_CALIBRATION, VARIANTS, Calibrat
                                          dims_from_config, plan_config, table_gradient_tp_sum_bytes)
 
 
+TARGET_HAS_CUDA = True
+"""The plan is for a GPU cluster, whatever machine it runs on: training.precision auto means bf16 there."""
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -38,6 +42,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     plan.add_argument("--json", action="store_true", help="print a JSON list, one object per memory layer")
     plan.add_argument("--calibration", default=None,
                       help="alpha/beta (and compute) JSON from `umtrain calibrate-comm`")
+    plan.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                      help="training dtype of the planned run, which sets the bytes of the values and scores sent "
+                           "(auto: training.precision, its auto taken as on the GPU cluster planned for: bf16; "
+                           "fp32 or bf16 override it, e.g. fp32 for a CPU cluster)")
     plan.set_defaults(func=run_plan)
 
     cal = subparsers.add_parser("calibrate-comm", help="measure all-to-all latency (alpha) and seconds/byte (beta), "
@@ -59,17 +67,24 @@ def run_plan(args: argparse.Namespace) -> int:
     try:
         if args.world < 1:
             raise ConfigError("--world", f"must be >= 1, got {args.world}")
-        config = load_config(args.config, args.overrides, world_size=args.world, check_files=False)
+        overrides = list(args.overrides) + ([f"training.precision={args.dtype}"] if args.dtype != "auto" else [])
+        config = load_config(args.config, overrides, world_size=args.world, check_files=False)
         calibration = Calibration.load(args.calibration) if args.calibration else DEFAULT_CALIBRATION
-        plans = plan_config(config, calibration)
+        plans = plan_config(config, calibration, cuda=TARGET_HAS_CUDA)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps([asdict(p) for p in plans], indent=2))
+        dtype = planned_dtype(config)
+        print(json.dumps([{**asdict(p), "dtype": dtype} for p in plans], indent=2))
     else:
         print(format_plan(plans, config, args.world, calibration))
     return 0
+
+
+def planned_dtype(config) -> str:
+    """The training dtype the plan assumes ('bf16' or 'fp32')."""
+    return {torch.bfloat16: "bf16", torch.float32: "fp32"}[config.training.params_dtype(TARGET_HAS_CUDA)]
 
 
 def _group_ranks(memory_parallel_group: str, tp: int) -> str:
@@ -80,7 +95,7 @@ def _group_ranks(memory_parallel_group: str, tp: int) -> str:
 
 
 def format_plan(plans: list[LayerPlan], config, world: int, calibration: Calibration) -> str:
-    dims = dims_from_config(config)
+    dims = dims_from_config(config, TARGET_HAS_CUDA)
     p = config.parallel
     groups = world // (p.pipeline_model_parallel_size * dims.group_size)
     crossover = crossover_value_dim(dims.topk, dims.num_blocks, dims.group_size, float_bytes=dims.value_bytes,
@@ -89,7 +104,8 @@ def format_plan(plans: list[LayerPlan], config, world: int, calibration: Calibra
         f"world {world}: {groups} memory-parallel group(s) of P={dims.group_size} per pipeline stage "
         f"({_group_ranks(p.memory_parallel_group, p.tensor_model_parallel_size)}); "
         f"K={dims.topk}, E={dims.num_blocks}, h={dims.num_cores}, d_v={dims.value_dim}, "
-        f"{dims.value_bytes}-byte values and scores",
+        f"{planned_dtype(config)} ({dims.value_bytes}-byte) values and scores (training.precision "
+        f"{config.training.precision}, as on GPUs; --dtype sets it)",
         f"calibration: alpha {calibration.alpha_s * 1e6:.1f} us, {1 / calibration.beta_s_per_byte / 1e9:.2f} GB/s "
         f"({calibration.source})",
         _describe_compute(calibration) if calibration.compute.calibrated else

@@ -35,75 +35,111 @@ def _type_name(tp) -> str:
 
 def _coerce(value: Any, tp, key: str):
     """Return `value` checked (and minimally converted) against the type hint `tp`."""
-    origin = get_origin(tp)
     if tp is Any:
         return value
+    origin = get_origin(tp)
     if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ConfigError(key, "must not be null")
-        errors = []
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as err:
-                errors.append(err)
-        raise errors[0]
+        return _coerce_union(value, get_args(tp), key)
     if origin is Literal:
-        allowed = get_args(tp)
-        if value not in allowed:
-            raise ConfigError(key, f"must be one of {list(allowed)}, got {value!r}" + closest_key(str(value), map(str, allowed)))
-        return value
+        return _coerce_literal(value, get_args(tp), key)
     if origin in (list, typing.List):
-        (item_tp,) = get_args(tp) or (Any,)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(key, f"must be a list, got {type(value).__name__} {value!r}")
-        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return _coerce_list(value, tp, key)
     if origin in (dict, typing.Dict):
-        key_tp, val_tp = get_args(tp) or (Any, Any)
-        if not isinstance(value, dict):
-            raise ConfigError(key, f"must be a mapping, got {type(value).__name__}")
-        return {_coerce(k, key_tp, key): _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+        return _coerce_dict(value, tp, key)
     if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise ConfigError(key, f"must be a mapping (section {tp.__name__}), got {value!r}")
-        return build(tp, value, key)
+        return _coerce_section(value, tp, key)
     if value is None:
         raise ConfigError(key, f"must be a {_type_name(tp)}, got null")
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(key, f"must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(key, f"must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            if isinstance(value, str):
-                try:
-                    return float(value)
-                except ValueError:
-                    pass
-            raise ConfigError(key, f"must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                return str(value)
-            raise ConfigError(key, f"must be a string, got {value!r}")
-        return value
+    if tp in _SCALARS:
+        return _SCALARS[tp](value, key)
     if isinstance(tp, type) and not isinstance(value, tp):
         raise ConfigError(key, f"must be a {_type_name(tp)}, got {value!r}")
     return value
+
+
+def _coerce_union(value: Any, args: tuple, key: str):
+    """Optional[X] accepts null; otherwise the first member type that accepts the value (else its error)."""
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ConfigError(key, "must not be null")
+    errors = []
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _coerce(value, arg, key)
+        except ConfigError as err:
+            errors.append(err)
+    raise errors[0]
+
+
+def _coerce_literal(value: Any, allowed: tuple, key: str):
+    if value not in allowed:
+        raise ConfigError(key, f"must be one of {list(allowed)}, got {value!r}" + closest_key(str(value), map(str, allowed)))
+    return value
+
+
+def _coerce_list(value: Any, tp, key: str) -> list:
+    (item_tp,) = get_args(tp) or (Any,)
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(key, f"must be a list, got {type(value).__name__} {value!r}")
+    return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+
+
+def _coerce_dict(value: Any, tp, key: str) -> dict:
+    key_tp, val_tp = get_args(tp) or (Any, Any)
+    if not isinstance(value, dict):
+        raise ConfigError(key, f"must be a mapping, got {type(value).__name__}")
+    return {_coerce(k, key_tp, key): _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+
+
+def _coerce_section(value: Any, tp, key: str):
+    """A nested config section: an instance already, or a mapping built (and validated) as one."""
+    if isinstance(value, tp):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(key, f"must be a mapping (section {tp.__name__}), got {value!r}")
+    return build(tp, value, key)
+
+
+def _coerce_bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"must be true or false, got {value!r}")
+    return value
+
+
+def _coerce_int(value: Any, key: str) -> int:
+    """Integers, and floats with an integral value (1e3); never booleans."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(key, f"must be an integer, got {value!r}")
+    return value
+
+
+def _coerce_float(value: Any, key: str) -> float:
+    """Numbers, and strings that parse as one ('3e-4': YAML 1.1 reads exponents without a dot as strings)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(key, f"must be a number, got {value!r}")
+    return float(value)
+
+
+def _coerce_str(value: Any, key: str) -> str:
+    """Strings, and numbers written where a string is meant (a signal number, a split)."""
+    if not isinstance(value, str):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(key, f"must be a string, got {value!r}")
+    return value
+
+
+_SCALARS = {bool: _coerce_bool, int: _coerce_int, float: _coerce_float, str: _coerce_str}
 
 
 def build(cls, data: dict | None, prefix: str = ""):

@@ -12,6 +12,8 @@ import signal
 from dataclasses import dataclass, field
 from typing import List, Literal, Optional
 
+import torch
+
 from umtrain.config.base import ConfigError
 
 Family = Literal["dense", "moe", "pkm", "ultramem"]
@@ -183,7 +185,8 @@ class MemoryConfig:
                  f"{self.topk} (needs >= 2 m: the mean of the top m of n draws tends to 0 as m nears n, and the "
                  f"query LayerNorm gain is 1/E[y])")
         _require(self.value_lr_multiplier >= 1.0, key("value_lr_multiplier"), "must be >= 1")
-        _require(self.aux_loss_coeff >= 0 and self.aux_loss_tau >= 0, key("aux_loss_coeff"), "must be >= 0")
+        for name in ("aux_loss_coeff", "aux_loss_tau"):
+            _require(getattr(self, name) >= 0, key(name), f"must be >= 0, got {getattr(self, name)}")
         self.parsed_placements(prefix)
 
 
@@ -192,48 +195,85 @@ class MoEConfig:
     """Megatron-Core MoE baseline (every transformer layer's MLP becomes an MoE layer)."""
 
     num_experts: int = 8
+    """Experts per MoE layer."""
     moe_router_topk: int = 2
+    """Experts each token is routed to."""
     moe_ffn_hidden_size: Optional[int] = None
+    """FFN width of one expert (default: model.ffn_hidden_size)."""
     moe_aux_loss_coeff: float = 0.01
+    """Weight of the load-balancing loss."""
     moe_token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
+    """Megatron-Core's token dispatcher (all-to-all or all-gather over the expert-parallel group)."""
 
     def validate(self, prefix: str) -> None:
-        _require(1 <= self.moe_router_topk <= self.num_experts, _join(prefix, "moe_router_topk"),
+        key = lambda name: _join(prefix, name)  # noqa: E731
+        _require(self.num_experts >= 1, key("num_experts"), f"must be >= 1, got {self.num_experts}")
+        _require(1 <= self.moe_router_topk <= self.num_experts, key("moe_router_topk"),
                  f"must be in [1, num_experts={self.num_experts}]")
+        _require(self.moe_ffn_hidden_size is None or self.moe_ffn_hidden_size >= 1, key("moe_ffn_hidden_size"),
+                 f"must be >= 1 when set (null: model.ffn_hidden_size), got {self.moe_ffn_hidden_size}")
+        _require(self.moe_aux_loss_coeff >= 0, key("moe_aux_loss_coeff"),
+                 f"must be >= 0, got {self.moe_aux_loss_coeff}")
 
 
 @dataclass
 class ModelConfig:
     family: Family = "dense"
+    """dense, moe (model.moe), pkm or ultramem (model.memory)."""
     num_layers: int = 4
+    """Transformer blocks L."""
     hidden_size: int = 64
+    """D, the residual width."""
     ffn_hidden_size: Optional[int] = None
     """Default 4 * hidden_size (the paper's GELU MLP)."""
     num_attention_heads: int = 4
+    """Attention heads (must divide hidden_size)."""
     vocab_size: Optional[int] = None
     """Default: the tokenizer's vocabulary, padded to make_vocab_size_divisible_by * TP."""
     make_vocab_size_divisible_by: int = 128
+    """Padding multiple of the vocabulary (times TP), as Megatron-LM."""
     untie_embeddings_and_output_weights: bool = False
+    """A separate output layer instead of the input embedding's transpose."""
     init_method_std: float = 0.02
+    """Standard deviation of the normal init of the linear weights."""
     hidden_dropout: float = 0.0
+    """Dropout on the residual branches."""
     attention_dropout: float = 0.0
+    """Dropout on the attention probabilities."""
     normalization: Literal["LayerNorm", "RMSNorm"] = "LayerNorm"
+    """LayerNorm or RMSNorm in every block."""
     layernorm_epsilon: float = 1e-5
+    """Epsilon of the block norms."""
     add_bias_linear: Optional[bool] = None
     """Biases in the attention and MLP linears. Default: true, false for family 'moe' (umtrain's Megatron-Core MoE
     layers have no expert biases, so true is refused there)."""
     rotary_base: int = 10000
+    """RoPE base frequency."""
     rotary_percent: float = 1.0
+    """Fraction of each attention head's dimensions rotated by RoPE."""
     moe: Optional[MoEConfig] = None
+    """The MoE section (family 'moe')."""
     memory: Optional[MemoryConfig] = None
+    """The memory-layer section (families 'pkm' and 'ultramem')."""
 
     @property
     def ffn_size(self) -> int:
         return self.ffn_hidden_size if self.ffn_hidden_size is not None else 4 * self.hidden_size
 
     @property
+    def moe_ffn_size(self) -> int:
+        """Width of one expert's FFN (family 'moe'): model.moe.moe_ffn_hidden_size, default the dense FFN size."""
+        width = self.moe.moe_ffn_hidden_size
+        return width if width is not None else self.ffn_size
+
+    @property
     def linear_bias(self) -> bool:
         return self.add_bias_linear if self.add_bias_linear is not None else self.family != "moe"
+
+    @property
+    def has_memory(self) -> bool:
+        """The families with memory layers (model.memory): PKM and UltraMem."""
+        return self.family in ("pkm", "ultramem")
 
     def validate(self, prefix: str) -> None:
         key = lambda name: _join(prefix, name)  # noqa: E731
@@ -252,7 +292,7 @@ class ModelConfig:
                  f"{self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}")
         if self.family == "moe":
             _require(self.moe is not None, key("moe"), "family 'moe' needs a model.moe section")
-        if self.family in ("pkm", "ultramem"):
+        if self.has_memory:
             _require(self.memory is not None, key("memory"), f"family '{self.family}' needs a model.memory section")
             self._validate_memory(_join(prefix, "memory"))
 
@@ -266,18 +306,30 @@ class ModelConfig:
                 prev = spans[i - 1]
                 raise ConfigError(f"{prefix}.placements",
                                   f"placements '{prev[0]}:{prev[1]}' and '{a}:{b}' overlap")
-        if not memory.output_projection:
-            _require(memory.value_dim == self.hidden_size, f"{prefix}.value_dim",
-                     f"without output_projection the value width must equal hidden_size={self.hidden_size}")
-            _require(memory.ive_expansion == 1, f"{prefix}.ive_expansion", "IVE needs output_projection: true")
+        check_memory_output_width(memory, self.hidden_size, prefix)
+
+
+def check_memory_output_width(memory: MemoryConfig, hidden_size: int, prefix: str = "model.memory") -> None:
+    """Without the output projection the pooled values are the layer's output: d_v must be the hidden size, and IVE
+    (whose E pooled blocks the projection merges, eq. 15) must be off."""
+    if memory.output_projection:
+        return
+    _require(memory.value_dim == hidden_size, f"{prefix}.value_dim",
+             f"without output_projection the value width {memory.value_dim} must equal hidden_size={hidden_size}")
+    _require(memory.ive_expansion == 1, f"{prefix}.ive_expansion",
+             f"IVE (ive_expansion={memory.ive_expansion}) needs output_projection: true")
 
 
 @dataclass
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
+    """TP: ranks that split each layer's weights."""
     pipeline_model_parallel_size: int = 1
+    """PP: pipeline stages."""
     virtual_pipeline_model_parallel_size: Optional[int] = None
+    """Model chunks per pipeline stage (interleaved schedule; null: none)."""
     sequence_parallel: bool = False
+    """Split the norms, dropouts and memory layers over the sequence within a TP group."""
     expert_model_parallel_size: int = 1
     """Also the memory-parallel size P: value tables are sharded over Megatron's expert-parallel group."""
     memory_parallel_group: Literal["data", "tensor_data"] = "data"
@@ -286,8 +338,11 @@ class ParallelConfig:
     TP group; P = TP: the TP group; P = TP x DP: their product; no table replica across TP ranks), through
     Megatron's expert tensor-parallel size 1. PKM/UltraMem only."""
     use_distributed_optimizer: bool = True
+    """Shard the optimizer state over data-parallel ranks (Megatron's distributed optimizer)."""
     overlap_grad_reduce: bool = False
+    """Overlap the data-parallel gradient reduction with the backward pass."""
     overlap_param_gather: bool = False
+    """Overlap the distributed optimizer's parameter all-gather with the next forward."""
     comm_calibration: Optional[str] = None
     """JSON of measured alpha/beta (`umtrain calibrate-comm`) for the memory-sharding cost model (default: a guess)."""
     distributed_backend: Literal["auto", "nccl", "gloo"] = "auto"
@@ -311,22 +366,32 @@ class DataConfig:
     data_path: List[str] = field(default_factory=list)
     """Megatron blend: ['0.7', 'prefix_a', '0.3', 'prefix_b'] or a single prefix (without .bin/.idx)."""
     split: str = "969,30,1"
+    """Train/validation/test weights of each dataset, as Megatron's '969,30,1'."""
     valid_data_path: Optional[List[str]] = None
     """A separate validation blend (e.g. C4 validation); overrides the split's validation part."""
     seq_length: int = 128
+    """Tokens per sample."""
     tokenizer_type: Literal["sentencepiece", "huggingface"] = "sentencepiece"
+    """Kind of data.tokenizer_model."""
     tokenizer_model: Optional[str] = None
     """A SentencePiece .model or a Hugging Face tokenizer.json."""
     reset_position_ids: bool = False
+    """Restart position ids after every end-of-document token."""
     reset_attention_mask: bool = False
+    """Keep attention within documents (a block-diagonal mask per sample)."""
     eod_mask_loss: bool = False
+    """Leave the end-of-document tokens out of the loss."""
     mock: bool = False
     """Random tokens (no files needed); for smoke tests and benchmarks."""
     mock_vocab_size: int = 256
+    """Vocabulary of data.mock's random tokens (the last id is the end-of-document token)."""
     cache_path: Optional[str] = None
+    """Where Megatron's dataset builders cache their sample indices (default: cache/ under each data prefix)."""
 
     def validate(self, prefix: str) -> None:
         _require(self.seq_length >= 2, _join(prefix, "seq_length"), "must be >= 2")
+        _require(self.mock_vocab_size >= 2, _join(prefix, "mock_vocab_size"),
+                 f"must be >= 2 (the last id is the end-of-document token), got {self.mock_vocab_size}")
         parts = self.split.replace("/", ",").split(",")
         _require(len(parts) == 3 and all(p.strip().replace(".", "", 1).isdigit() for p in parts),
                  _join(prefix, "split"), f"{self.split!r} must be three numbers like '969,30,1'")
@@ -340,13 +405,21 @@ class DataConfig:
 @dataclass
 class OptimizerConfig:
     optimizer: Literal["adamw"] = "adamw"
+    """AdamW (Megatron-Core's Adam with decoupled weight decay); the one choice so far."""
     lr: float = 6e-4
+    """Peak learning rate."""
     min_lr: float = 6e-5
+    """Learning rate at the end of the decay."""
     weight_decay: float = 0.1
+    """Decoupled weight decay (not on biases and norms; value tables: model.memory.value_weight_decay)."""
     adam_beta1: float = 0.9
+    """Adam's first-moment decay."""
     adam_beta2: float = 0.95
+    """Adam's second-moment decay."""
     adam_eps: float = 1e-8
+    """Adam's denominator epsilon."""
     clip_grad: float = 1.0
+    """Global gradient-norm clipping threshold (0: off)."""
 
     def validate(self, prefix: str) -> None:
         _require(self.lr > 0, _join(prefix, "lr"), "must be > 0")
@@ -361,8 +434,11 @@ class OptimizerConfig:
 @dataclass
 class ScheduleConfig:
     lr_decay_style: Literal["cosine", "linear", "constant"] = "cosine"
+    """Learning-rate decay after the warmup."""
     lr_warmup_iters: Optional[int] = None
+    """Linear warmup steps (default: lr_warmup_fraction of the decay steps)."""
     lr_warmup_fraction: float = 0.01
+    """Warmup as a fraction of the decay steps, when lr_warmup_iters is unset."""
     lr_decay_iters: Optional[int] = None
     """Default: training.train_iters."""
 
@@ -388,19 +464,36 @@ def parse_signal(name: str, key: str = "training.exit_signal") -> signal.Signals
 @dataclass
 class TrainingConfig:
     micro_batch_size: int = 4
+    """Samples per rank per forward."""
     global_batch_size: int = 8
+    """Samples per optimizer step (micro-batches accumulate to it)."""
     train_iters: int = 100
+    """Optimizer steps."""
     seed: int = 1234
+    """Seed of the init, the data order and dropout."""
     eval_interval: int = 50
+    """Steps between validation runs."""
     eval_iters: int = 4
+    """Validation batches per run (0: no validation)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """auto: bf16 on GPU, fp32 on CPU."""
     nan_policy: Literal["skip", "stop"] = "stop"
     """On a NaN/Inf loss or grad norm: skip the step, or stop with a checkpoint of the last good state."""
     recompute_granularity: Optional[Literal["full"]] = None
+    """full: recompute the activations of whole blocks in backward (null: keep them)."""
     recompute_num_layers: int = 1
+    """Blocks per recomputed chunk under full recompute."""
     exit_signal: str = "SIGUSR1"
     """Signal that triggers a checkpoint and a requeue exit (SIGTERM always does)."""
+
+    def params_dtype(self, cuda: Optional[bool] = None) -> torch.dtype:
+        """The dtype training runs in (parameters, activations, memory values and scores): `precision`, with auto
+        resolved for the training device. `cuda`: whether that device is a GPU (default: this machine's); a plan for
+        another cluster passes the target's."""
+        precision = self.precision
+        if precision == "auto":
+            precision = "bf16" if (torch.cuda.is_available() if cuda is None else cuda) else "fp32"
+        return torch.bfloat16 if precision == "bf16" else torch.float32
 
     def validate(self, prefix: str) -> None:
         for name in ("micro_batch_size", "global_batch_size", "train_iters"):
@@ -422,10 +515,13 @@ class CheckpointConfig:
     load: Optional[str] = None
     """Where the run starts (a checkpoint or checkpoint directory) while `save` holds no checkpoint of its own."""
     keep_last: int = 3
+    """Checkpoints of the latest steps to keep."""
     keep_every: int = 0
     """Also keep every M-th step's checkpoint forever (0: none)."""
     async_save: bool = False
+    """Write checkpoints in the background (Megatron's asynchronous dist_checkpointing)."""
     no_load_optim: bool = False
+    """On load, take the weights only and start a fresh optimizer."""
 
     def validate(self, prefix: str) -> None:
         _require(self.save_interval >= 0, _join(prefix, "save_interval"), "must be >= 0")
@@ -439,11 +535,17 @@ class CheckpointConfig:
 @dataclass
 class LoggingConfig:
     log_interval: int = 10
+    """Steps between console (and tensorboard/wandb) log lines."""
     tensorboard_dir: Optional[str] = None
+    """Tensorboard event directory (null: off)."""
     wandb_project: Optional[str] = None
+    """Weights & Biases project (null: off)."""
     wandb_mode: Literal["online", "offline", "disabled"] = "offline"
+    """Weights & Biases mode (offline needs no network)."""
     wandb_dir: Optional[str] = None
+    """Weights & Biases run directory (default: ./wandb)."""
     progress_bar: bool = True
+    """A progress bar on an interactive terminal."""
     memory_stats: bool = True
     """Memory-layer health (fraction of values hit, mean top-1 score, output std) per interval."""
 
@@ -454,11 +556,20 @@ class LoggingConfig:
 @dataclass
 class Config:
     run_name: str = "umtrain"
+    """Name of the run in logs and wandb (configs/paper/ names select the paper's figures in `umtrain count`)."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The architecture."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """The parallel layout."""
     data: DataConfig = field(default_factory=DataConfig)
+    """Datasets and tokenizer."""
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    """The optimizer."""
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    """The learning-rate schedule."""
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    """Batch sizes, steps, precision, recompute."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Saving and loading."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """Console, tensorboard and wandb."""

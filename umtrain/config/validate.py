@@ -66,7 +66,7 @@ def _validate_model_parallel(config: Config) -> None:
     if m.family == "moe" and m.moe.num_experts % p.expert_model_parallel_size:
         raise ConfigError("parallel.expert_model_parallel_size",
                           f"EP={p.expert_model_parallel_size} does not divide model.moe.num_experts={m.moe.num_experts}")
-    if m.family in ("pkm", "ultramem"):
+    if m.has_memory:
         _validate_memory_sharding(config)
         _validate_memory_sequence_split(config)
     elif p.memory_parallel_group != "data":
@@ -101,7 +101,7 @@ def _validate_memory_sequence_split(config: Config) -> None:
 
 def _validate_memory_placements(config: Config) -> None:
     m, p, t = config.model, config.parallel, config.training
-    if m.family not in ("pkm", "ultramem"):
+    if not m.has_memory:
         return
     for i, (a, b) in enumerate(m.memory.parsed_placements("model.memory")):
         key = f"model.memory.placements[{i}]"

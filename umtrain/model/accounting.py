@@ -66,7 +66,7 @@ def transformer_components(model: ModelConfig) -> list[Component]:
     components = [_weights("attention", L * 4 * D * D)]
     if model.family == "moe":
         moe = model.moe
-        d_e = moe.moe_ffn_hidden_size if moe.moe_ffn_hidden_size is not None else model.ffn_size
+        d_e = model.moe_ffn_size
         expert = 2 * D * d_e
         components.append(_weights("moe.router", L * D * moe.num_experts))
         components.append(_weights("moe.experts", L * moe.num_experts * expert, sparse=True,
@@ -116,7 +116,7 @@ def count(config: Config) -> Accounting:
     """Dense, sparse, total and activated non-embedding parameters and FLOPs per token of `config`'s model."""
     model = config.model
     components = transformer_components(model)
-    if model.family in ("pkm", "ultramem"):
+    if model.has_memory:
         for _ in model.memory.placements:
             components += memory_layer_components(model.memory, model.hidden_size)
     components = _merge(components)

@@ -46,7 +46,7 @@ def make_memory_factory(config: Config, lookup_factory: Optional[MemoryLookupFac
 def build_model_chunks(config: Config, tconfig: TransformerConfig, vocab_size: int,
                        lookup_factory: Optional[MemoryLookupFactory] = None) -> list[torch.nn.Module]:
     """One chunk per virtual pipeline stage of this rank, on the training device, initialised from the seed."""
-    has_memory = config.model.family in ("pkm", "ultramem")
+    has_memory = config.model.has_memory
     split = memory_sequence_split(has_memory and config.parallel.sequence_parallel)
     factory = make_memory_factory(config, lookup_factory, split) if has_memory else None
     runner = memory_runner(has_memory and config.model.memory.overlap, config.parallel.overlap_grad_reduce,

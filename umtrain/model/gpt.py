@@ -17,13 +17,6 @@ from umtrain.model.specs import layer_specs
 from umtrain.parallel.state import backend_for
 
 
-def params_dtype(config: Config) -> torch.dtype:
-    precision = config.training.precision
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() else "fp32"
-    return torch.bfloat16 if precision == "bf16" else torch.float32
-
-
 def padded_vocab_size(config: Config, tokenizer_vocab: int) -> int:
     """Megatron's padding: a multiple of make_vocab_size_divisible_by x TP (unless model.vocab_size is set)."""
     if config.model.vocab_size is not None:
@@ -37,12 +30,12 @@ def padded_vocab_size(config: Config, tokenizer_vocab: int) -> int:
 
 def transformer_config(config: Config) -> TransformerConfig:
     m, p = config.model, config.parallel
-    dtype = params_dtype(config)
+    dtype = config.training.params_dtype()
     moe = {}
     if m.family == "moe":
         moe = dict(num_moe_experts=m.moe.num_experts, moe_router_topk=m.moe.moe_router_topk,
                    moe_aux_loss_coeff=m.moe.moe_aux_loss_coeff, moe_router_load_balancing_type="aux_loss",
-                   moe_ffn_hidden_size=m.moe.moe_ffn_hidden_size or m.ffn_size,
+                   moe_ffn_hidden_size=m.moe_ffn_size,
                    moe_token_dispatcher_type=m.moe.moe_token_dispatcher_type, moe_grouped_gemm=False)
     recompute = {}
     if config.training.recompute_granularity == "full":

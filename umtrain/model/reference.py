@@ -4,12 +4,13 @@ Pre-LN blocks, RoPE (rotate-half on the first `rotary_percent` of each head), GE
 embeddings, and memory layers (`umtrain.model.memory.MemoryLayer`) at the configured `a:b` placements: block a's
 pre-MLP norm output is the memory input, the memory output is added after block b. With the weights of a Megatron
 checkpoint (through `umtrain.model.state_dict_adapter`) it gives the same logits; no process group, no Megatron.
-Used by portable checkpoints, `umtrain generate` and the Hugging Face comparison.
+Used by portable checkpoints, `umtrain generate` (incremental decoding with a `DecodeCache`) and the Hugging
+Face comparison.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -46,7 +47,7 @@ class ModelArgs:
                    ffn_hidden_size=m.ffn_size, num_heads=m.num_attention_heads, normalization=m.normalization,
                    norm_eps=m.layernorm_epsilon, bias=m.linear_bias, rotary_base=m.rotary_base,
                    rotary_percent=m.rotary_percent, tied_embeddings=not m.untie_embeddings_and_output_weights,
-                   final_norm=final_norm, memory=m.memory if m.family in ("pkm", "ultramem") else None,
+                   final_norm=final_norm, memory=m.memory if m.has_memory else None,
                    seed=config.training.seed)
 
     @property
@@ -86,6 +87,37 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat((rotated, passed), dim=-1)
 
 
+@dataclass
+class DecodeCache:
+    """What incremental decoding keeps between calls: every block's attention keys and values [b, heads, s, d] of
+    the tokens so far, and every memory layer's last k-1 inputs [k-1, b, D] (its query conv's history)."""
+    length: int = 0
+    keys: dict[int, torch.Tensor] = field(default_factory=dict)
+    values: dict[int, torch.Tensor] = field(default_factory=dict)
+    memory_inputs: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def extend_attention(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append this call's keys and values; the whole sequence's come back."""
+        if layer in self.keys:
+            k, v = torch.cat([self.keys[layer], k], dim=2), torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+    def conv_history(self, reader: int, x: torch.Tensor, kernel: int) -> Optional[torch.Tensor]:
+        """The k-1 memory inputs before x [s, b, D] (zeros before the sequence start), and x kept as the next call's."""
+        if kernel < 2:
+            return None
+        history = self.memory_inputs.get(reader, x.new_zeros(kernel - 1, *x.shape[1:]))
+        self.memory_inputs[reader] = torch.cat([history, x])[-(kernel - 1):]
+        return history
+
+
+def causal_mask(queries: int, keys: int, device: torch.device) -> torch.Tensor:
+    """[queries, keys] True where query i (the last `queries` positions of `keys`) may attend."""
+    past = keys - queries
+    return torch.arange(keys, device=device) <= past + torch.arange(queries, device=device)[:, None]
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -95,11 +127,20 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.hidden_size, args.hidden_size, bias=args.bias)
         self.wo = nn.Linear(args.hidden_size, args.hidden_size, bias=args.bias)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: Optional[DecodeCache] = None, layer: int = 0) -> torch.Tensor:
+        """x [b, s, D]; cos/sin of x's positions. With a cache, x follows the cached tokens and attends to them."""
         batch, seq, _ = x.shape
         q, k, v = (w(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2) for w in (self.wq, self.wk, self.wv))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if cache is None or cache.length == 0:
+            if cache is not None:
+                cache.extend_attention(layer, k, v)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            k, v = cache.extend_attention(layer, k, v)
+            mask = None if seq == 1 else causal_mask(seq, k.shape[2], x.device)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.wo(out.transpose(1, 2).reshape(batch, seq, -1))
 
 
@@ -126,15 +167,18 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(args)
         self.memory = memory_layer(args, memory_reader) if memory_reader is not None else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bus: dict[int, torch.Tensor]) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, bus: dict[int, torch.Tensor],
+                cache: Optional[DecodeCache] = None) -> torch.Tensor:
+        h = x + self.attention(self.attention_norm(x), cos, sin, cache, self.number)
         normed = self.ffn_norm(h)
         if self.reads:
             bus[self.number] = normed
         out = h + self.feed_forward(normed)
         if self.memory is not None:
             memory_input = bus.pop(self.memory_reader).transpose(0, 1)       # MemoryLayer is sequence-first
-            out = out + self.memory(memory_input).transpose(0, 1)
+            history = None if cache is None else cache.conv_history(self.memory_reader, memory_input,
+                                                                     self.memory.config.query_conv_kernel)
+            out = out + self.memory(memory_input, history).transpose(0, 1)
         return out
 
 
@@ -160,13 +204,18 @@ class ReferenceGPT(nn.Module):
         self.norm = make_norm(args) if args.final_norm else None
         self.output = None if args.tied_embeddings else nn.Linear(args.hidden_size, args.vocab_size, bias=False)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [b, s] -> logits [b, s, vocab]."""
-        cos, sin = rotary_tables(self.args, tokens.shape[1], tokens.device)
+    def forward(self, tokens: torch.Tensor, cache: Optional[DecodeCache] = None) -> torch.Tensor:
+        """tokens [b, s] -> logits [b, s, vocab]. With a `DecodeCache`, tokens continue the cached ones (positions
+        from `cache.length` on), and the cache is extended by them."""
+        past = 0 if cache is None else cache.length
+        cos, sin = rotary_tables(self.args, past + tokens.shape[1], tokens.device)
+        cos, sin = cos[past:], sin[past:]
         h = self.tok_embeddings(tokens)
         bus: dict[int, torch.Tensor] = {}
         for layer in self.layers:
-            h = layer(h, cos, sin, bus)
+            h = layer(h, cos, sin, bus, cache)
+        if cache is not None:
+            cache.length += tokens.shape[1]
         if self.norm is not None:
             h = self.norm(h)
         weight = self.tok_embeddings.weight if self.output is None else self.output.weight

@@ -49,7 +49,7 @@ def layer_specs(config: Config, transformer_config, vp_stage: Optional[int],
     offset = get_transformer_layer_offset(transformer_config, vp_stage=vp_stage)
     chunks = config.parallel.pipeline_model_parallel_size * (config.parallel.virtual_pipeline_model_parallel_size or 1)
     per_chunk = config.model.num_layers // chunks
-    roles = memory_roles(config) if config.model.family in ("pkm", "ultramem") else {}
+    roles = memory_roles(config) if config.model.has_memory else {}
     specs = []
     for layer in range(offset + 1, offset + per_chunk + 1):
         if layer not in roles:

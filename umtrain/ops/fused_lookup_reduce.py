@@ -10,7 +10,7 @@ sorted by row (torch.argsort) and each gradient row is summed and written once (
 no atomics, deterministic).
 
 The extension is compiled with gcc by `torch.utils.cpp_extension` on first use (20 s to 1.5 min on 2 busy cores) and cached per
-source, flags and CPU; a failed build raises.
+source file (path and contents), flags and CPU; a failed build raises.
 """
 
 from __future__ import annotations
@@ -38,17 +38,21 @@ def extension() -> ModuleType:
 
     logging.getLogger("umtrain").info("loading the fused lookup-reduce extension (the first use after a change of "
                                       "%s compiles it: up to a minute)", SOURCE.name)
-    return load(name=f"umtrain_lookup_reduce_{_cpu_tag()}", sources=[str(SOURCE)], extra_cflags=CFLAGS,
+    return load(name=f"umtrain_lookup_reduce_{_build_tag()}", sources=[str(SOURCE)], extra_cflags=CFLAGS,
                 extra_ldflags=["-fopenmp"])
 
 
-def _cpu_tag() -> str:
-    """Names the build after the CPU's instruction sets, so a cache shared by different CPUs (-march=native) never
-    hands one of them the other's binary."""
+def _build_tag() -> str:
+    """Names the build after the CPU's instruction sets, the source file's path and its contents. A cache shared by
+    different CPUs (-march=native) never hands one of them the other's binary; two checkouts (clones, worktrees,
+    branches) sharing torch's extension cache each keep their own build instead of recompiling in turn, each
+    waiting on the other's lock."""
     cpuinfo = Path("/proc/cpuinfo")
     text = cpuinfo.read_text() if cpuinfo.exists() else platform.processor()
     flags = next((line for line in text.splitlines() if line.startswith("flags")), text)
-    return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:12]
+    source = SOURCE.resolve()
+    key = f"{platform.machine()} {flags} {source} ".encode() + source.read_bytes()
+    return hashlib.sha1(key).hexdigest()[:12]
 
 
 class FusedLookupReduce(torch.autograd.Function):

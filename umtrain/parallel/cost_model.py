@@ -467,20 +467,23 @@ def table_gradient_tp_sum_bytes(config: Config) -> int:
     return 4 * memory.num_values * memory.value_dim // p.expert_model_parallel_size
 
 
-def dims_from_config(config: Config) -> LookupDims:
+def dims_from_config(config: Config, cuda: Optional[bool] = None) -> LookupDims:
+    """Values and scores travel in the training dtype (`TrainingConfig.params_dtype`); `cuda`: whether the ranks
+    train on GPUs (default: this machine's, as at start-up; a plan for another cluster passes the target's)."""
     memory = config.model.memory
     if memory is None:
         raise ConfigError("model.memory", f"family '{config.model.family}' has no memory layers to plan")
-    float_bytes = 4 if config.training.precision == "fp32" else 2
+    float_bytes = config.training.params_dtype(cuda).itemsize
     return LookupDims(value_dim=memory.value_dim, topk=memory.num_heads * memory.topk,
                       num_blocks=memory.ive_expansion, num_cores=memory.num_cores,
                       group_size=config.parallel.expert_model_parallel_size, value_bytes=float_bytes,
                       score_bytes=float_bytes)
 
 
-def plan_config(config: Config, calibration: Calibration = DEFAULT_CALIBRATION) -> list[LayerPlan]:
-    """One plan per entry of model.memory.placements."""
-    dims = dims_from_config(config)
+def plan_config(config: Config, calibration: Calibration = DEFAULT_CALIBRATION,
+                cuda: Optional[bool] = None) -> list[LayerPlan]:
+    """One plan per entry of model.memory.placements; `cuda` as in `dims_from_config`."""
+    dims = dims_from_config(config, cuda)
     tokens = tokens_per_rank(config)
     memory = config.model.memory
     capacity = fixed_capacity(config, dims.group_size)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-
 import torch
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer import optimizer as mcore_optimizer
@@ -13,15 +12,18 @@ from megatron.core.optimizer.optimizer import ChainedOptimizer
 from megatron.core.optimizer.optimizer_config import ParamKey
 
 from umtrain.config import Config
-from umtrain.model.gpt import params_dtype
+
+MEGATRON_OPTIMIZERS = {"adamw": dict(optimizer="adam", decoupled_weight_decay=True)}
+"""optimizer.optimizer -> Megatron-Core's OptimizerConfig fields (its 'adam' with decoupled weight decay is AdamW)."""
 
 
 def megatron_optimizer_config(config: Config) -> OptimizerConfig:
     o = config.optimizer
-    bf16 = params_dtype(config) == torch.bfloat16
+    dtype = config.training.params_dtype()
     return OptimizerConfig(
-        optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay, adam_beta1=o.adam_beta1,
-        adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad, bf16=bf16, params_dtype=params_dtype(config),
+        **MEGATRON_OPTIMIZERS[o.optimizer], lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=o.clip_grad,
+        bf16=dtype == torch.bfloat16, params_dtype=dtype,
         use_distributed_optimizer=config.parallel.use_distributed_optimizer,
         overlap_param_gather_with_optimizer_step=False,
     )
@@ -33,7 +35,7 @@ def param_group_overrides(config: Config, opt_config: OptimizerConfig) -> dict:
 
     overrides = get_standard_config_overrides(opt_config)
     memory = config.model.memory
-    if config.model.family in ("pkm", "ultramem"):
+    if config.model.has_memory:
         overrides[ParamKey(attr="is_memory_value")] = {
             "umtrain_value_lr": True,
             "wd_mult": 1.0 if memory.value_weight_decay else 0.0,

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from memory_reference import naive_memory_forward
+from umtrain.config import load_config
 from umtrain.config.base import ConfigError
 from umtrain.config.schema import MemoryConfig
 from umtrain.model.memory import MemoryLayer
@@ -314,9 +315,19 @@ def test_health_metrics_follow_the_selected_rows() -> None:
     assert layer.health_metrics()["value_hit_fraction"] == 0.0
 
 
-def test_missing_projection_with_wrong_width_names_the_field() -> None:
-    with pytest.raises(ConfigError, match="output_projection"):
-        make_layer(CASES["pkm"][0], hidden=16)
+@pytest.mark.parametrize("overrides, hidden, key", [
+    (PKM, 16, "model.memory.value_dim"),
+    (dict(PKM, ive_expansion=4, num_values=16), 12, "model.memory.ive_expansion"),
+])
+def test_missing_projection_with_wrong_width_names_the_full_key_as_config_loading_does(overrides, hidden, key) -> None:
+    """The layer and the config share one check: the same error, naming the full key of the config."""
+    with pytest.raises(ConfigError) as from_layer:
+        make_layer(overrides, hidden=hidden)
+    assert from_layer.value.key == key and "output_projection" in str(from_layer.value)
+    with pytest.raises(ConfigError) as from_config:
+        load_config(None, ["data.mock=true", "model.family=pkm", f"model.hidden_size={hidden}",
+                           "model.num_attention_heads=2", f"model.memory={dict(overrides)}"])
+    assert str(from_config.value) == str(from_layer.value)
 
 
 INIT_CASES = {

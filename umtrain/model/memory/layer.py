@@ -17,8 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from umtrain.config.base import ConfigError
-from umtrain.config.schema import MemoryConfig
+from umtrain.config.schema import MemoryConfig, check_memory_output_width
 from umtrain.model.memory.conv import causal_depthwise_conv, identity_kernel
 from umtrain.model.memory.init import derive_seed, expected_top_m_mean, improved_value_variance
 from umtrain.model.memory.retrieval import Selection, select_top_m, tdqkr_aux_loss, tdqkr_core_factors
@@ -57,7 +56,7 @@ class MemoryLayer(nn.Module):
         self.sequence_history = sequence_history
         self.keys_per_side = config.keys_per_side
         self.table_shape = self._checked_table_shape(table_shape)
-        self._check_output_width()
+        check_memory_output_width(config, hidden_size)
 
         c, d_k, rank = config, config.key_dim, config.tucker_rank
         self.key_width = d_k // rank if c.key_layout == "B" else d_k
@@ -93,13 +92,6 @@ class MemoryLayer(nn.Module):
         if len(shape) != 2 or not (1 <= shape[0] <= full[0] and 1 <= shape[1] <= full[1]):
             raise ValueError(f"table_shape {table_shape} must be a local [rows, dims] shard of the full table {full}")
         return shape
-
-    def _check_output_width(self) -> None:
-        c = self.config
-        if not c.output_projection and (c.value_dim != self.hidden_size or c.ive_expansion != 1):
-            raise ConfigError("memory.output_projection",
-                              f"off needs value_dim == hidden_size={self.hidden_size} (got {c.value_dim}) "
-                              f"and ive_expansion == 1 (got {c.ive_expansion})")
 
     def _register_buffers(self) -> None:
         c = self.config
@@ -279,11 +271,16 @@ class MemoryLayer(nn.Module):
 
     # ----------------------------------------------------------------------------------------- forward
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, conv_history: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x [S, B, D] -> [S, B, D]. `conv_history` [k-1, B, D]: the inputs before x's first token, for the query
+        conv when x continues a sequence (incremental decoding); by default they come from `sequence_history`, or
+        are zeros."""
         seq, batch, hidden = x.shape
         self.run_pending_tdqkr_refresh()
+        if conv_history is None:
+            conv_history = self._conv_history(x)
         selection = self._select(x, dict(self.named_parameters()), self.tdqkr_row_factor, self.tdqkr_col_factor,
-                                 self._conv_history(x))
+                                 conv_history)
         weights = self._weights(selection)
         rows, blocks = self._physical_address(selection)
         tokens, cores = seq * batch, weights.shape[0]
