@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # One torchrun per node (srun starts this once per node): `launch/torchrun.sh --config CONFIG [key=value ...]`.
 #
-# Rendezvous on the first node of the allocation. SIGUSR1 (SLURM's pre-timeout signal) and SIGTERM go to the
+# Under SLURM the nodes, this node's rank and the first node (the rendezvous) come from SLURM's variables. Elsewhere
+# set them on every node: NNODES, NODE_RANK (0 .. NNODES-1) and MASTER_ADDR (node 0's address); also MASTER_PORT
+# (default 29500) and NPROC_PER_NODE (default: the GPUs nvidia-smi lists).
+# SIGUSR1 (SLURM's pre-timeout signal) and SIGTERM go to the
 # launcher (`python -m umtrain.checkpoint.launch`), which passes them on to the training workers; they checkpoint at
 # the next step boundary and exit with umtrain's requeue code, and this script exits with that code (plain torchrun
 # would turn it into 1). Needs training.exit_signal: SIGUSR1 (default).
@@ -9,8 +12,8 @@ set -uo pipefail
 
 nproc=${NPROC_PER_NODE:-$(nvidia-smi -L 2>/dev/null | wc -l)}
 nproc=$(( nproc > 0 ? nproc : 1 ))
-nnodes=${SLURM_NNODES:-1}
-node_rank=${SLURM_NODEID:-0}
+nnodes=${NNODES:-${SLURM_NNODES:-1}}
+node_rank=${NODE_RANK:-${SLURM_NODEID:-0}}
 master_addr=${MASTER_ADDR:-$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" 2>/dev/null | head -n 1)}
 master_addr=${master_addr:-127.0.0.1}
 master_port=${MASTER_PORT:-29500}
