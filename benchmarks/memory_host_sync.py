@@ -42,6 +42,7 @@ from collections import Counter
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional, Sequence
 
 import torch
@@ -180,8 +181,10 @@ class HostSyncBench:
         return {"in_step": syncs_inside(prof.events(), STEP_RANGE), "in_profile": syncs_inside(prof.events())}
 
     def check_overflow(self) -> None:
-        for lookups in self.lookups:
-            lookups["number_capacity"].check_overflow()
+        """The trainer's check (`check_table_overflow`) on the fixed-capacity variant's lookups."""
+        from umtrain.parallel.memory_tables import check_table_overflow
+
+        check_table_overflow([SimpleNamespace(lookup=lookups["number_capacity"]) for lookups in self.lookups])
 
     def close(self) -> None:
         from megatron.core import parallel_state

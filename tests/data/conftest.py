@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch.distributed as dist
 
 from umtrain.data.demo_corpus import build_demo_corpus
 from umtrain.data.tokenizer import load_tokenizer, train_tokenizer
+from umtrain.parallel.state import process_group_of_one
 
 TOKENIZER_VOCAB = 1000
 
@@ -47,12 +47,7 @@ def sp_tokenizer(sentencepiece_model):
 
 
 @pytest.fixture(scope="session")
-def process_group(tmp_path_factory):
+def process_group():
     """Megatron's dataset builder holds barriers: a 1-process gloo group, unless a test already made one."""
-    if dist.is_initialized():
+    with process_group_of_one():
         yield
-        return
-    store = tmp_path_factory.mktemp("dist") / "store"
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()

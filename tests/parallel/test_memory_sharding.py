@@ -1,11 +1,13 @@
 """Sharded lookups (number-wise, owner-pooled, de-duplicated, dimension-wise) against the single-rank reference
 lookup on the full table: outputs, score gradients and the gathered table gradient, on gloo groups of 2 and 4
-processes; and every counted byte against the cost model."""
+processes; and every counted byte against the cost model. Each rank's shard is cut from the full table here, with
+`torch.tensor_split` (sizes differing by at most one, larger first), not with the lookup's own offsets."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -56,19 +58,21 @@ def inputs(case: Case, world: int, seed: int = 0):
 
 
 def _sharded_worker(rank: int, world: int, cases: list[Case]) -> dict:
-    return {"cases": [_run_case(rank, world, case) for case in cases], "overflow": _overflow_raises(world)}
+    return {"cases": [_run_case(rank, world, case) for case in cases], "overflow": _overflow_flags(rank, world)}
 
 
-def _overflow_raises(world: int) -> bool:
+def _overflow_flags(rank: int, world: int) -> list[bool]:
+    """`take_overflow` after a call where only rank 0 sends more than `capacity` ids to one owner, and again."""
     case = Case("number", (("capacity", 2),))
     _, rows, blocks, scores, _ = inputs(case, world)
     lookup = make_sharded_lookup("number", dist.group.WORLD, NUM_ROWS, VALUE_DIM, lookup_reduce_reference, capacity=2)
-    lookup(rows[:3], blocks[:3], scores[:, :3], torch.zeros(lookup.local_table_shape()), 1)
-    try:
-        lookup.check_overflow()
-    except RuntimeError:
-        return True
-    return False
+    tokens = 3 if rank == 0 else 0
+    lookup(rows[:tokens], blocks[:tokens], scores[:, :tokens], torch.zeros(lookup.local_table_shape()), 1)
+    return [lookup.take_overflow(), lookup.take_overflow()]
+
+
+def shard_of(table: torch.Tensor, lookup, rank: int, world: int) -> torch.Tensor:
+    return torch.tensor_split(table, world, dim=lookup.shard_axis)[rank]
 
 
 def _run_case(rank: int, world: int, case: Case) -> dict:
@@ -81,13 +85,13 @@ def _run_case(rank: int, world: int, case: Case) -> dict:
         options["num_cores"] = case.num_cores
     lookup = make_sharded_lookup(case.mode, dist.group.WORLD, NUM_ROWS, VALUE_DIM, lookup_reduce_reference, comm=comm,
                                  **options)
-    shard = mark_table_shard(torch.nn.Parameter(lookup.shard_of(table).clone()))
+    shard = mark_table_shard(torch.nn.Parameter(shard_of(table, lookup, rank, world).clone()))
     my_scores = scores[:, mine].clone().requires_grad_()
     with record_host_syncs() as host_syncs:
         pooled = lookup(rows[mine], blocks[mine], my_scores, shard, case.num_blocks)
         (pooled * weight[mine]).sum().backward()
     return {"pooled": pooled.detach(), "grad_scores": my_scores.grad, "grad_shard": shard.grad, "host_syncs": host_syncs,
-            "offset": lookup.shard_offset(), "shape": lookup.local_table_shape(), "allreduce": shard.allreduce,
+            "shard_axis": lookup.shard_axis, "allreduce": shard.allreduce,
             "sent": dict(comm.bytes_sent), "received": dict(comm.bytes_received), "calls": dict(comm.calls)}
 
 
@@ -147,12 +151,7 @@ def sharded_runs(request):
 
 
 def _gathered_table_grad(results: list[dict]) -> torch.Tensor:
-    grad = torch.zeros(NUM_ROWS, VALUE_DIM)
-    for result in results:
-        (row, col), (rows, cols) = result["offset"], result["shape"]
-        assert grad[row:row + rows, col:col + cols].abs().sum() == 0, "two ranks claim the same table entries"
-        grad[row:row + rows, col:col + cols] = result["grad_shard"]
-    return grad
+    return torch.cat([result["grad_shard"] for result in results], dim=results[0]["shard_axis"])
 
 
 @pytest.mark.slow
@@ -208,9 +207,25 @@ def test_only_the_exact_size_exchanges_synchronise_the_host(sharded_runs):
 
 
 @pytest.mark.slow
-def test_capacity_overflow_is_reported(sharded_runs):
+def test_capacity_overflow_is_flagged_on_its_rank_until_taken(sharded_runs):
     _, _, _, overflow = sharded_runs
-    assert all(overflow)
+    assert overflow[0] == [True, False]
+    assert all(flags == [False, False] for flags in overflow[1:])
+
+
+def test_table_overflow_check_raises_after_an_overflow_only():
+    from umtrain.parallel.memory_tables import check_table_overflow   # not at the top: spawned ranks import this file
+
+    case = Case("number", (("capacity", 2),))
+    table, rows, blocks, scores, _ = inputs(case, 1)
+    lookup = NumberWiseLookup(None, NUM_ROWS, VALUE_DIM, lookup_reduce_reference, capacity=3 * TOPK)
+    memories = [SimpleNamespace(lookup=lookup)]
+    lookup(rows[:3], blocks[:3], scores[:, :3], table, 1)
+    check_table_overflow(memories)
+    lookup(rows[:4], blocks[:4], scores[:, :4], table, 1)
+    with pytest.raises(RuntimeError, match="sharding_capacity_factor"):
+        check_table_overflow(memories)
+    check_table_overflow(memories)            # the flag was taken: the next check starts clean
 
 
 def test_row_offsets_cover_the_table_evenly():
@@ -220,7 +235,7 @@ def test_row_offsets_cover_the_table_evenly():
 
 def test_shard_shapes_without_a_process_group():
     number = NumberWiseLookup(None, NUM_ROWS, VALUE_DIM, lookup_reduce_reference)
-    assert number.local_table_shape() == (NUM_ROWS, VALUE_DIM) and number.shard_offset() == (0, 0)
+    assert number.local_table_shape() == (NUM_ROWS, VALUE_DIM)
     dimension = DimensionWiseLookup(None, NUM_ROWS, VALUE_DIM, lookup_reduce_reference, num_cores=2)
     assert dimension.local_table_shape() == (NUM_ROWS, VALUE_DIM)
 
@@ -234,7 +249,7 @@ def test_single_rank_lookups_equal_the_reference():
         lookup = make_sharded_lookup(mode, None, NUM_ROWS, VALUE_DIM, lookup_reduce_reference, **options)
         torch.testing.assert_close(lookup(rows, blocks, scores, table, 4), expected, rtol=1e-6, atol=1e-6)
         if options.get("capacity"):
-            lookup.check_overflow()
+            assert not lookup.take_overflow()
 
 
 def test_lookup_from_plan_builds_the_chosen_mode_and_logs_why(caplog):

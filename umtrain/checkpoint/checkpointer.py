@@ -38,7 +38,6 @@ class Checkpointer:
         self.root: Optional[Path] = Path(c.save) if c.save else None
         self.enabled = self.root is not None
         self.last_saved_iteration: Optional[int] = None
-        self.loaded_from: Optional[Path] = None
         self.written: set[int] = set()
         self.async_queue = AsyncCallsQueue() if c.async_save and self.enabled else None
 
@@ -160,7 +159,6 @@ class Checkpointer:
         template = load_state_dict_template(trainer, contents, load_optimizer, load_rng)
         loaded = dist_checkpointing.load(template, str(path))
         restore_trainer(trainer, loaded, load_optimizer, load_rng)
-        self.loaded_from = path
         self.last_saved_iteration = trainer.iteration
         if is_rank0():
             logger.info("resumed from %s at iteration %d (%d samples consumed)", path, trainer.iteration,

@@ -16,7 +16,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
-import torch
 import yaml
 
 from umtrain.checkpoint import manager
@@ -69,26 +68,27 @@ def config_of(data: dict[str, Any]) -> Config:
 # --------------------------------------------------------------------------------------------- megatron
 
 
-def single_process_group() -> None:
-    """dist_checkpointing reads and writes through torch.distributed: a gloo group of one, if none exists."""
+@contextmanager
+def megatron_io() -> Iterator[None]:
+    """What `dist_checkpointing` needs to read or write in one process: Megatron's CPU redirects where CUDA is
+    absent, and a process group (`process_group_of_one`)."""
     from umtrain.parallel import cpu_compat
-    from umtrain.parallel.comm import free_port
+    from umtrain.parallel.state import process_group_of_one
 
     cpu_compat.apply()
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
-                                             world_size=1)
+    with process_group_of_one():
+        yield
 
 
 def read_megatron(path: Path) -> tuple[Tensors, dict[str, Any]]:
     """(full model tensors by canonical Megatron key, the common state) of a checkpoint directory."""
     from megatron.core import dist_checkpointing
 
-    single_process_group()
-    metadata = dist_checkpointing.load_tensors_metadata(str(path))
-    model_keys = {k: v for k, v in metadata.items() if not k.startswith("optimizer.")}
-    loaded = dist_checkpointing.load(model_keys, str(path), validate_access_integrity=False)
-    common = dist_checkpointing.load_common_state_dict(str(path))
+    with megatron_io():
+        metadata = dist_checkpointing.load_tensors_metadata(str(path))
+        model_keys = {k: v for k, v in metadata.items() if not k.startswith("optimizer.")}
+        loaded = dist_checkpointing.load(model_keys, str(path), validate_access_integrity=False)
+        common = dist_checkpointing.load_common_state_dict(str(path))
     return {k: loaded[k] for k in model_keys}, common
 
 
@@ -99,12 +99,11 @@ def write_megatron(out: Path, tensors: Tensors, config: dict[str, Any], meta: di
 
     from umtrain.checkpoint.state import FORMAT_VERSION
 
-    single_process_group()
     state: dict[str, Any] = {k: ShardedTensor.from_rank_offsets(k, v.contiguous(), replica_id=0) for k, v in tensors.items()}
     state.update(format_version=FORMAT_VERSION, iteration=meta["iteration"], consumed_samples=meta["consumed_samples"],
                  config=config, layout=None, contents=["model"], padded_vocab_size=meta["padded_vocab_size"],
                  history={})
-    with manager.staged_output(out) as tmp:
+    with megatron_io(), manager.staged_output(out) as tmp:
         dist_checkpointing.save(state, str(tmp))
         manager.write_file_atomically(tmp / manager.CONFIG_FILE, yaml.safe_dump(config, sort_keys=False))
         manager.write_manifest(tmp, meta["iteration"])

@@ -123,10 +123,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def rng_sharded_object(state: Optional[dict[str, Any]]) -> ShardedObject:
+def rng_sharded_object(state: Optional[dict[str, Any]], world_size: int, rank: int) -> ShardedObject:
     """One object per global rank (restored only under the same layout: other layouts have other streams)."""
-    world, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
-    return ShardedObject("rng_state", state, (world,), (rank,), replica_id=0)
+    return ShardedObject("rng_state", state, (world_size,), (rank,), replica_id=0)
 
 
 # --------------------------------------------------------------------------------------------- common
@@ -149,7 +148,7 @@ def save_state_dict(trainer) -> dict[str, Any]:
     model_state = model_sharded_state_dict(trainer)
     return {**model_state, **common_state(trainer),
             "optimizer": optimizer_sharded_state_dict(trainer, model_state, is_loading=False),
-            "rng_state": rng_sharded_object(rng_state())}
+            "rng_state": rng_sharded_object(rng_state(), trainer.layout.world_size, trainer.layout.rank)}
 
 
 def load_state_dict_template(trainer, contents, load_optimizer: bool, load_rng: bool) -> dict[str, Any]:
@@ -160,7 +159,7 @@ def load_state_dict_template(trainer, contents, load_optimizer: bool, load_rng: 
         prepare_optimizer_for_load(trainer.optimizer)
         template["optimizer"] = optimizer_sharded_state_dict(trainer, model_state, is_loading=True)
     if load_rng:
-        template["rng_state"] = rng_sharded_object(None)
+        template["rng_state"] = rng_sharded_object(None, trainer.layout.world_size, trainer.layout.rank)
     return template
 
 

@@ -96,10 +96,11 @@ class MemoryTransformerLayer(TransformerLayer):
     def memory_with_aux_loss(self, x: torch.Tensor) -> torch.Tensor:
         """The memory output, with the TDQKR auxiliary loss (eq. 12) routed into its backward, scaled like the main
         loss (times `aux_loss_scale`), and tracked: one computation, so that a runner can take it (and its backward)
-        off the main path."""
+        off the main path. The memory is a `MemoryLayer`, whose forward sets `aux_loss`; PKM's (no TDQKR cores) is a
+        constant zero without a graph, and so is skipped like one computed under no_grad."""
         memory_output = self.memory(x)
-        aux_loss = getattr(self.memory, "aux_loss", None)
-        if aux_loss is None or not aux_loss.requires_grad or not self.training:
+        aux_loss = self.memory.aux_loss
+        if not aux_loss.requires_grad or not self.training:
             return memory_output
         save_to_aux_losses_tracker(MEMORY_AUX_LOSS, aux_loss, self.layer_number, self.config.num_layers)
         return MoEAuxLossAutoScaler.apply(memory_output, aux_loss * self.aux_loss_scale)

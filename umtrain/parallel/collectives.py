@@ -6,6 +6,8 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.transformer.moe.moe_utils import (get_moe_layer_wise_logging_tracker,
+                                                     reduce_aux_losses_tracker_across_ranks)
 
 
 def is_rank0() -> bool:
@@ -63,6 +65,20 @@ def union_over_group(names: Iterable[str], group: torch.distributed.ProcessGroup
     gathered: list = [None] * torch.distributed.get_world_size(group)
     torch.distributed.all_gather_object(gathered, sorted(names), group=group)
     return sorted(set().union(*gathered))
+
+
+def aux_losses_over_pipeline(num_layers: int) -> dict[str, float]:
+    """Each auxiliary loss in Megatron's tracker, summed over layers and over the steps tracked since the tracker was
+    last cleared. Megatron sums each loss's per-layer values over the pipeline group (and the groups the loss names),
+    so every stage takes part, with zeros for the losses of layers it does not hold (a stage without memory or MoE
+    layers tracks nothing), and in one order."""
+    tracker = get_moe_layer_wise_logging_tracker()
+    names = union_over_group(tracker, parallel_state.get_pipeline_model_parallel_group())
+    device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    for name in names:
+        tracker.setdefault(name, {"values": torch.zeros(num_layers, device=device)})
+    reduce_aux_losses_tracker_across_ranks(names)
+    return {name: float(tracker[name]["values"].sum()) for name in names}
 
 
 def merged_from_all_ranks(local: dict) -> dict:

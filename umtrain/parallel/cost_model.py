@@ -108,9 +108,6 @@ class Traffic:
     def total_sent(self, phase: Optional[Literal["forward", "backward"]] = None) -> float:
         return sum(v for tag, v in self.sent.items() if _in_phase(tag, phase))
 
-    def total_received(self, phase: Optional[Literal["forward", "backward"]] = None) -> float:
-        return sum(v for tag, v in self.received.items() if _in_phase(tag, phase))
-
 
 def _in_phase(tag: str, phase: Optional[str]) -> bool:
     return phase is None or (phase == "backward") == tag.endswith(GRAD_SUFFIX)

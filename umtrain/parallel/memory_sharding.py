@@ -20,8 +20,8 @@ Host syncs (GPU): an all-to-all of uneven sizes needs its split sizes on the hos
 - Dimension-wise with `tokens_per_rank` (every rank holds that many tokens, known from the config): none.
   Without it, token counts are exchanged and read: one sync per call.
 - Number-wise with `capacity` (ids per owner, e.g. ceil(c * T*K/P) for a factor c > 1): none; padded
-  fixed-size exchanges, and an overflow flag on the device that `check_overflow()` reads where the host syncs
-  anyway. Without it (and always with `dedup` or `owner_pooling`), per-owner request counts are exchanged and
+  fixed-size exchanges, and an overflow flag on the device that `take_overflow()` reads where the host syncs
+  anyway (`umtrain.parallel.memory_tables.check_table_overflow`). Without it (and always with `dedup` or `owner_pooling`), per-owner request counts are exchanged and
   read: one sync per call, which stalls the host until the GPU has computed the indices.
 """
 
@@ -103,16 +103,6 @@ class ShardedLookup:
     def local_table_shape(self) -> tuple[int, int]:
         raise NotImplementedError
 
-    def shard_offset(self) -> tuple[int, int]:
-        """(row, column) of this rank's shard inside the full [N, d_v] table."""
-        raise NotImplementedError
-
-    def shard_of(self, full_table: torch.Tensor) -> torch.Tensor:
-        """This rank's slice of a full table (for initialisation from a full table, and tests)."""
-        rows, cols = self.local_table_shape()
-        row, col = self.shard_offset()
-        return full_table[row:row + rows, col:col + cols]
-
 
 class LocalLookup(ShardedLookup):
     """P = 1: the whole table is local; the lookup is local_impl itself."""
@@ -121,9 +111,6 @@ class LocalLookup(ShardedLookup):
 
     def local_table_shape(self) -> tuple[int, int]:
         return self.num_rows, self.value_dim
-
-    def shard_offset(self) -> tuple[int, int]:
-        return 0, 0
 
     def __call__(self, rows: torch.Tensor, blocks: torch.Tensor, scores: torch.Tensor, table_shard: torch.Tensor,
                  num_blocks: int) -> torch.Tensor:
@@ -157,9 +144,6 @@ class NumberWiseLookup(ShardedLookup):
 
     def local_table_shape(self) -> tuple[int, int]:
         return self.offsets[self.rank + 1] - self.offsets[self.rank], self.value_dim
-
-    def shard_offset(self) -> tuple[int, int]:
-        return self.offsets[self.rank], 0
 
     def offsets_on(self, device: torch.device) -> torch.Tensor:
         """The row offsets on `device`, copied once (a blocking host-to-device copy waits for the GPU)."""
@@ -195,11 +179,6 @@ class NumberWiseLookup(ShardedLookup):
         self.overflow = None
         return overflowed
 
-    def check_overflow(self) -> None:
-        """Raise if a capacity overflowed on this rank since the last check (see `take_overflow`)."""
-        if self.take_overflow():
-            raise RuntimeError(overflow_message(self.capacity))
-
     def _requested_rows(self, flat_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(ascending rows to fetch, position of each request among them); ascending = grouped by owner."""
         if self.dedup:
@@ -222,7 +201,7 @@ class NumberWiseLookup(ShardedLookup):
 
     def _fetch_rows_fixed(self, rows, blocks, scores, table_shard, num_blocks):
         """As _fetch_rows with `capacity` ids per owner (padded with local row 0): sizes known on the host, no count
-        exchange and no host sync; more ids than that to one owner set `overflow` (see check_overflow)."""
+        exchange and no host sync; more ids than that to one owner set `overflow` (see take_overflow)."""
         requested, inverse = self._requested_rows(rows.reshape(-1))
         owners = self.owners(requested)
         counts = self.requests_per_owner(owners)
@@ -288,9 +267,6 @@ class DimensionWiseLookup(ShardedLookup):
 
     def local_table_shape(self) -> tuple[int, int]:
         return self.num_rows, self.cols
-
-    def shard_offset(self) -> tuple[int, int]:
-        return 0, self.rank * self.cols
 
     def cores_of(self, rank: int) -> slice:
         """The MCS cores whose value slices overlap rank's columns."""

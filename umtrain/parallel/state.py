@@ -5,7 +5,9 @@ from __future__ import annotations
 import datetime
 import os
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -13,6 +15,7 @@ from megatron.core import parallel_state, tensor_parallel
 
 from umtrain.config import Config
 from umtrain.parallel import cpu_compat
+from umtrain.parallel.comm import free_port
 from umtrain.parallel.sequence import destroy_memory_sequence_group, ensure_memory_sequence_group
 
 
@@ -63,7 +66,7 @@ def initialize_distributed(config: Config) -> Layout:
             expert_model_parallel_size=p.expert_model_parallel_size,
             expert_tensor_parallel_size=1 if p.memory_parallel_group == "tensor_data" else None,
         )
-    if p.sequence_parallel and config.model.family in ("pkm", "ultramem"):
+    if p.sequence_parallel and config.model.has_memory:
         ensure_memory_sequence_group(PROCESS_GROUP_TIMEOUT)
     return Layout(
         world_size=torch.distributed.get_world_size(),
@@ -73,6 +76,21 @@ def initialize_distributed(config: Config) -> Layout:
         dp=parallel_state.get_data_parallel_world_size(),
         ep=p.expert_model_parallel_size,
     )
+
+
+@contextmanager
+def process_group_of_one() -> Iterator[None]:
+    """A 1-process gloo group for one-process work that goes through torch.distributed (`dist_checkpointing` reads
+    and writes, the barriers of Megatron's dataset builder): made if none exists, and then destroyed on exit; a
+    group that exists is used and kept."""
+    if torch.distributed.is_initialized():
+        yield
+        return
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        torch.distributed.destroy_process_group()
 
 
 def seed_everything(seed: int) -> None:

@@ -8,17 +8,13 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
-from megatron.core.transformer.moe.moe_utils import (
-    MoEAuxLossAutoScaler,
-    clear_aux_losses_tracker,
-    get_moe_layer_wise_logging_tracker,
-    reduce_aux_losses_tracker_across_ranks,
-)
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, clear_aux_losses_tracker
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -27,8 +23,8 @@ from umtrain.config import Config
 from umtrain.model.build import build_model_chunks, unwrap
 from umtrain.model.gpt import padded_vocab_size, transformer_config
 from umtrain.model.memory_block import MEMORY_AUX_LOSS, memory_modules
-from umtrain.parallel.collectives import (loss_on_every_rank, merge_memory_health, merged_from_all_ranks,
-                                         union_over_group)
+from umtrain.parallel.collectives import (aux_losses_over_pipeline, loss_on_every_rank, merge_memory_health,
+                                         merged_from_all_ranks)
 from umtrain.parallel.memory_tables import check_table_overflow, mark_memory_parameters, memory_lookup_factory
 from umtrain.parallel.parallelize import wrap_data_parallel
 from umtrain.parallel.state import Layout, initialize_distributed, seed_everything
@@ -46,6 +42,8 @@ from umtrain.train.schedule import apply_lr, value_lr_multiplier
 
 logger = logging.getLogger("umtrain")
 
+AUX_LOSS_LOG_NAMES = {MEMORY_AUX_LOSS: "aux_loss", "load_balancing_loss": "moe_aux_loss"}
+
 
 @dataclass
 class History:
@@ -56,6 +54,27 @@ class History:
     lr: list[float] = field(default_factory=list)
     value_lr: list[float] = field(default_factory=list)
     valid_loss: dict[int, float] = field(default_factory=dict)
+
+
+class StepResult(NamedTuple):
+    loss: float
+    grad_norm: float
+    applied: bool
+    """False when the update was skipped (non-finite loss or gradient norm)."""
+    lr: float
+
+
+@dataclass
+class StepWindow:
+    """Seconds spent in training steps (evaluation and saving excluded) and the steps taken since the last log line;
+    steps skipped so far in this run."""
+
+    seconds: float = 0.0
+    steps: int = 0
+    skipped: int = 0
+
+    def restart(self) -> None:
+        self.seconds, self.steps = 0.0, 0
 
 
 def masked_mean_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -87,9 +106,8 @@ class Trainer:
         self.tokenizer, self.datasets = self._build_data()
         self.vocab_size = padded_vocab_size(config, self.tokenizer.vocab_size)
         self.tconfig = transformer_config(config)
-        has_memory = config.model.family in ("pkm", "ultramem")
         chunks = build_model_chunks(config, self.tconfig, self.vocab_size,
-                                    memory_lookup_factory(config) if has_memory else None)
+                                    memory_lookup_factory(config) if config.model.has_memory else None)
         for chunk in chunks:
             mark_memory_parameters(memory_modules(chunk), config)
         if self.tconfig.bf16:
@@ -159,7 +177,7 @@ class Trainer:
         """DP-mean of this global batch's micro-batch losses, known on every rank afterwards."""
         return loss_on_every_rank([d["lm loss"] for d in loss_dicts], self.layout.is_logging_rank)
 
-    def train_step(self) -> tuple[float, float, bool]:
+    def train_step(self) -> StepResult:
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -171,12 +189,12 @@ class Trainer:
         self.history.lr.append(lr)
         self.history.value_lr.append(lr * value_lr_multiplier(self.config, self.iteration))
         if not math.isfinite(loss):
-            return loss, math.nan, False
+            return StepResult(loss, math.nan, False, lr)
         result = guarded_step(self.optimizer, self.config.optimizer.clip_grad)
         if result.applied:
             for memory in self.memory_layers:
                 memory.refresh_tdqkr_factors(at_next_forward=self.config.parallel.overlap_param_gather)
-        return loss, result.grad_norm, result.applied
+        return StepResult(loss, result.grad_norm, result.applied, lr)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -193,23 +211,12 @@ class Trainer:
     # ----------------------------------------------------------------------------------------- logging
     def _aux_losses(self, steps: int) -> dict[str, float]:
         """The auxiliary losses tracked over the last `steps` training steps (since the last call), summed over layers
-        and averaged over steps and micro-batches: one step's value, whatever the logging interval.
-        Megatron sums each loss over the pipeline group, so every stage takes part, with zeros for the losses of
-        layers it does not hold (a stage without memory or MoE layers tracks nothing) and in one order."""
-        tracker = get_moe_layer_wise_logging_tracker()
-        names = union_over_group(tracker, parallel_state.get_pipeline_model_parallel_group())
-        if not names:
-            return {}
-        device = torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
-        for name in names:
-            tracker.setdefault(name, {"values": torch.zeros(self.tconfig.num_layers, device=device)})
-        reduce_aux_losses_tracker_across_ranks(names)
-        log_names = {MEMORY_AUX_LOSS: "aux_loss", "load_balancing_loss": "moe_aux_loss"}
-        micro_batches = steps * self.train_batches.num_micro_batches
-        values = {log_names.get(name, name): float(entry["values"].sum()) / micro_batches
-                  for name, entry in tracker.items()}
+        and averaged over steps and micro-batches: one step's value, whatever the logging interval. Collective over
+        the pipeline group."""
+        totals = aux_losses_over_pipeline(self.tconfig.num_layers)
         clear_aux_losses_tracker()
-        return values
+        micro_batches = steps * self.train_batches.num_micro_batches
+        return {AUX_LOSS_LOG_NAMES.get(name, name): total / micro_batches for name, total in totals.items()}
 
     def _memory_health(self) -> dict[str, float]:
         """Per memory layer: fraction of values hit, mean top-1 score, output std (over all TP and DP ranks, gathered
@@ -239,59 +246,88 @@ class Trainer:
             return self._train_loop()
 
     def _train_loop(self) -> History:
-        t, log = self.config.training, self.config.logging
-        tokens_per_step = t.global_batch_size * self.config.data.seq_length
-        peak = peak_flops_per_device()
-        bar = tqdm(total=t.train_iters, initial=self.iteration, desc="train", dynamic_ncols=True,
-                   disable=not (self.layout.is_logging_rank and log.progress_bar and sys.stderr.isatty()))
-        window_seconds, window_steps, skipped = 0.0, 0, 0
-        if self.iteration >= t.train_iters and self.layout.is_logging_rank:
+        train_iters = self.config.training.train_iters
+        bar = self._progress_bar()
+        window = StepWindow()
+        if self.iteration >= train_iters and self.layout.is_logging_rank:
             logger.warning("nothing to train: the run is at iteration %d, training.train_iters is %d (raise it to "
-                           "train on)", self.iteration, t.train_iters)
-        while self.iteration < t.train_iters:
-            step_start = time.perf_counter()
-            loss, grad_norm, applied = self.train_step()
-            window_seconds += time.perf_counter() - step_start   # throughput counts training steps only
-            if not applied:
-                skipped += 1
-                self._handle_bad_step(loss, grad_norm)
-            self.iteration += 1
-            self.consumed_samples += t.global_batch_size
-            window_steps += 1
-            self.history.loss.append(loss)
-            self.history.grad_norm.append(grad_norm)
+                           "train on)", self.iteration, train_iters)
+        while self.iteration < train_iters:
+            step = self._timed_step(window)
             bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
-            if self.iteration % log.log_interval == 0 or self.iteration == t.train_iters:
-                check_table_overflow(self.memory_layers)
-                seconds = window_seconds / window_steps
-                values = {"loss": loss, "lr": self.history.lr[-1], "grad_norm": grad_norm,
-                          "tokens_per_s": tokens_per_step / seconds, "ms_per_step": 1000 * seconds,
-                          "tflops_per_device": self.flops_per_token * tokens_per_step / seconds / self.layout.world_size / 1e12,
-                          "memory_gib": memory_in_use_gib(), "skipped": skipped, **self._aux_losses(window_steps)}
-                if peak:
-                    values["mfu"] = values["tflops_per_device"] * 1e12 / peak
-                if log.memory_stats and self.config.model.family in ("pkm", "ultramem"):
-                    values.update(self._memory_health())
-                self._log(values, bar)
-                window_seconds, window_steps = 0.0, 0
+            bar.set_postfix(loss=f"{step.loss:.4f}")
+            if self._due(self.config.logging.log_interval):
+                self._log_window(step, window, bar)
             if self.checkpointer.should_save(self.iteration):
                 self._save()
-            if self.preemption.requested():
-                self._save()
-                self.checkpointer.finalize()
-                if not self.checkpointer.enabled:
-                    raise Preempted(f"stopped by a signal at step {self.iteration}; nothing saved (no "
-                                    f"checkpoint.save)", saved=False)
-                raise Preempted(f"preempted at step {self.iteration}; checkpoint saved", saved=True)
-            if self.validates and (self.iteration % t.eval_interval == 0 or self.iteration == t.train_iters):
-                valid = self.evaluate()
-                check_table_overflow(self.memory_layers)
-                self.history.valid_loss[self.iteration] = valid
-                self.metrics.scalars({"valid_loss": valid}, self.iteration)
-                if self.layout.is_logging_rank:
-                    bar.write(f"validation at step {self.iteration}: loss {valid:.4f} | ppl {math.exp(min(valid, 50)):.2f}")
+            self._stop_if_preempted()
+            if self.validates and self._due(self.config.training.eval_interval):
+                self._validate(bar)
         bar.close()
+        return self._finish()
+
+    def _progress_bar(self) -> tqdm:
+        t = self.config.training
+        shown = self.layout.is_logging_rank and self.config.logging.progress_bar and sys.stderr.isatty()
+        return tqdm(total=t.train_iters, initial=self.iteration, desc="train", dynamic_ncols=True, disable=not shown)
+
+    def _due(self, interval: int) -> bool:
+        """Whether something done every `interval` steps, and after the last step, is due now."""
+        return self.iteration % interval == 0 or self.iteration == self.config.training.train_iters
+
+    def _timed_step(self, window: StepWindow) -> StepResult:
+        """One training step, counted in `window` and recorded in the history; a skipped one follows nan_policy."""
+        start = time.perf_counter()
+        step = self.train_step()
+        window.seconds += time.perf_counter() - start   # throughput counts training steps only
+        if not step.applied:
+            window.skipped += 1
+            self._handle_bad_step(step.loss, step.grad_norm)
+        self.iteration += 1
+        self.consumed_samples += self.config.training.global_batch_size
+        window.steps += 1
+        self.history.loss.append(step.loss)
+        self.history.grad_norm.append(step.grad_norm)
+        return step
+
+    def _log_window(self, step: StepResult, window: StepWindow, bar: tqdm) -> None:
+        """Log the last step's values and the window's throughput and auxiliary losses; start a new window."""
+        check_table_overflow(self.memory_layers)
+        tokens_per_step = self.config.training.global_batch_size * self.config.data.seq_length
+        seconds = window.seconds / window.steps
+        values = {"loss": step.loss, "lr": step.lr, "grad_norm": step.grad_norm,
+                  "tokens_per_s": tokens_per_step / seconds, "ms_per_step": 1000 * seconds,
+                  "tflops_per_device": self.flops_per_token * tokens_per_step / seconds / self.layout.world_size / 1e12,
+                  "memory_gib": memory_in_use_gib(), "skipped": window.skipped, **self._aux_losses(window.steps)}
+        peak = peak_flops_per_device()
+        if peak:
+            values["mfu"] = values["tflops_per_device"] * 1e12 / peak
+        if self.config.logging.memory_stats and self.config.model.has_memory:
+            values.update(self._memory_health())
+        self._log(values, bar)
+        window.restart()
+
+    def _stop_if_preempted(self) -> None:
+        """On a requested stop (the exit signal): save, and raise `Preempted`."""
+        if not self.preemption.requested():
+            return
+        self._save()
+        self.checkpointer.finalize()
+        if not self.checkpointer.enabled:
+            raise Preempted(f"stopped by a signal at step {self.iteration}; nothing saved (no checkpoint.save)",
+                            saved=False)
+        raise Preempted(f"preempted at step {self.iteration}; checkpoint saved", saved=True)
+
+    def _validate(self, bar: tqdm) -> None:
+        valid = self.evaluate()
+        check_table_overflow(self.memory_layers)
+        self.history.valid_loss[self.iteration] = valid
+        self.metrics.scalars({"valid_loss": valid}, self.iteration)
+        if self.layout.is_logging_rank:
+            bar.write(f"validation at step {self.iteration}: loss {valid:.4f} | ppl {math.exp(min(valid, 50)):.2f}")
+
+    def _finish(self) -> History:
+        """Save the last step unless already saved, wait for an asynchronous save, close the metrics."""
         if self.checkpointer.enabled and self.checkpointer.last_saved_iteration != self.iteration:
             self._save()
         self.checkpointer.finalize()
