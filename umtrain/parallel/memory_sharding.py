@@ -117,10 +117,9 @@ class LocalLookup(ShardedLookup):
         return self.local_impl(rows, blocks, scores, table_shard, num_blocks)
 
 
-def overflow_message(capacity: Optional[int]) -> str:
-    at = f" ({capacity} ids)" if capacity is not None else ""
-    return (f"number-wise sharding: a rank sent more ids to one owner than its fixed capacity{at}, so the memory "
-            f"outputs of the step are wrong; raise model.memory.sharding_capacity_factor")
+def overflow_message() -> str:
+    return ("number-wise sharding: a rank sent more ids to one owner than its fixed capacity, so the memory "
+            "outputs of the step are wrong; raise model.memory.sharding_capacity_factor")
 
 
 class NumberWiseLookup(ShardedLookup):

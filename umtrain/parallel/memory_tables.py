@@ -63,7 +63,7 @@ def check_table_overflow(memories: list[torch.nn.Module]) -> None:
     and before anything is saved from the step's weights)."""
     overflowed = [memory.lookup.take_overflow() for memory in memories if hasattr(memory.lookup, "take_overflow")]
     if any_rank(any(overflowed)):
-        raise RuntimeError(overflow_message(None))
+        raise RuntimeError(overflow_message())
 
 
 TABLE_GRAD_TP_SUM = "umtrain_sum_grad_over_tp"
