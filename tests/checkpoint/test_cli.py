@@ -8,7 +8,8 @@ import pytest
 import torch
 import yaml
 
-from umtrain.checkpoint.convert import config_of, load_portable, read_portable, write_portable
+from umtrain.checkpoint.convert import (config_of, load_portable, portable_to_megatron, read_portable, write_megatron,
+                                        write_portable)
 from umtrain.checkpoint.hf import is_linear_bias
 from umtrain.cli.generate import generate
 from umtrain.cli.main import main
@@ -114,3 +115,41 @@ def test_a_portable_checkpoint_carries_its_tokenizer(demo_dataset, tmp_path, mon
     assert main(["generate", str(portable), "--prompt", "Once upon", "--max-new-tokens", "3"]) == 0, \
         capsys.readouterr().err
     assert (portable / "tokenizer" / "tokenizer.model").read_bytes() == (demo_dataset / "tokenizer.model").read_bytes()
+
+
+def test_a_tied_hugging_face_model_converts_tied_and_keeps_its_logits(tmp_path, capsys):
+    """A GPTNeoX with tie_word_embeddings (no lm_head in its weights) and no exported umtrain config."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    hf_config = GPTNeoXConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                              intermediate_size=64, hidden_act="gelu", use_parallel_residual=False,
+                              tie_word_embeddings=True, max_position_embeddings=16)
+    torch.manual_seed(0)
+    hf_model = GPTNeoXForCausalLM(hf_config).eval()
+    hf_model.save_pretrained(tmp_path / "tied")
+    assert main(["convert", str(tmp_path / "tied"), str(tmp_path / "portable"), "--to", "portable"]) == 0
+    model, config = load_portable(tmp_path / "portable")
+    assert not config.model.untie_embeddings_and_output_weights
+    tokens = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf_model(tokens).logits, rtol=1e-5, atol=1e-5)
+    untied = tmp_path / "untied.yaml"
+    untied.write_text(yaml.safe_dump({"model": {"num_layers": 2, "hidden_size": 32, "num_attention_heads": 4,
+                                                "ffn_hidden_size": 64, "rotary_percent": 0.25,
+                                                "untie_embeddings_and_output_weights": True},
+                                      "data": {"mock": True, "seq_length": 16}}))
+    out = tmp_path / "refused"
+    assert main(["convert", str(tmp_path / "tied"), str(out), "--to", "portable", "--config", str(untied)]) == 2
+    assert "model.untie_embeddings_and_output_weights" in capsys.readouterr().err and not out.exists()
+
+
+def test_convert_names_what_it_cannot_read(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["convert", str(tmp_path / "empty"), str(tmp_path / "out"), "--to", "megatron"]) == 2
+    assert "holds no valid umtrain checkpoint" in capsys.readouterr().err
+    portable, _ = portable_checkpoint(tmp_path / "portable")
+    tensors, config, meta = read_portable(portable)
+    moe = {**config, "model": {**config["model"], "family": "moe", "moe": {"num_experts": 2}}}
+    moe_checkpoint = write_megatron(tmp_path / "moe-megatron", portable_to_megatron(tensors, 4), moe, meta)
+    assert main(["convert", str(moe_checkpoint), str(tmp_path / "moe-out"), "--to", "portable"]) == 2
+    assert "is a MoE model" in capsys.readouterr().err and not (tmp_path / "moe-out").exists()

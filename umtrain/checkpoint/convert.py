@@ -88,8 +88,15 @@ def read_megatron(path: Path) -> tuple[Tensors, dict[str, Any]]:
         metadata = dist_checkpointing.load_tensors_metadata(str(path))
         model_keys = {k: v for k, v in metadata.items() if not k.startswith("optimizer.")}
         loaded = dist_checkpointing.load(model_keys, str(path), validate_access_integrity=False)
-        common = dist_checkpointing.load_common_state_dict(str(path))
-    return {k: loaded[k] for k in model_keys}, common
+    return {k: loaded[k] for k in model_keys}, read_megatron_common(path)
+
+
+def read_megatron_common(path: Path) -> dict[str, Any]:
+    """The common (non-tensor) state of a checkpoint directory: config, iteration, ... (no tensor is read)."""
+    from megatron.core import dist_checkpointing
+
+    with megatron_io():
+        return dist_checkpointing.load_common_state_dict(str(path))
 
 
 def write_megatron(out: Path, tensors: Tensors, config: dict[str, Any], meta: dict[str, Any]) -> Path:
@@ -175,7 +182,12 @@ def load_portable(path: str | Path) -> tuple[ReferenceGPT, Config]:
 
 
 def megatron_to_portable_dir(source: Path, out: Path) -> Path:
-    tensors, common = read_megatron(resolve_megatron(source))
+    checkpoint = resolve_megatron(source)
+    family = config_of(read_megatron_common(checkpoint)["config"]).model.family
+    if family == "moe":
+        raise ValueError(f"{source} is a MoE model: MoE checkpoints convert to no other form (the portable and "
+                         "Hugging Face forms hold dense, pkm and ultramem models); resume from it under any layout")
+    tensors, common = read_megatron(checkpoint)
     config = config_of(common["config"])
     meta = {"iteration": common["iteration"], "consumed_samples": common["consumed_samples"],
             "padded_vocab_size": common["padded_vocab_size"], "source": str(source)}
@@ -199,9 +211,13 @@ def convert(source: str | Path, out: str | Path, to: str, config_path: Optional[
         raise FileNotFoundError(f"{source} does not exist")
     if out.exists():
         raise FileExistsError(f"{out} exists; conversion never overwrites")
-    if form_of(source) == to:
-        raise ValueError(f"{source} is already a {to} checkpoint (to change its parallel layout, resume from it: "
-                         "a Megatron checkpoint loads under any layout)")
+    form = form_of(source)
+    if form == "megatron":
+        resolve_megatron(source)        # anything that is neither portable nor HF must be a Megatron checkpoint
+    if form == to:
+        layout_hint = (" (to change its parallel layout, resume from it: a Megatron checkpoint loads under any "
+                       "layout)") if to == "megatron" else ""
+        raise ValueError(f"{source} is already a {to} checkpoint{layout_hint}")
     if to == "portable":
         if is_hf(source):
             return hf.hf_to_portable_dir(source, out, config_path)

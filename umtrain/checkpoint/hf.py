@@ -109,7 +109,8 @@ def umtrain_config_for(hf_config: dict[str, Any], config_path: Optional[str], hf
             "model": {"family": "dense", "num_layers": hf_config["num_hidden_layers"],
                       "hidden_size": hf_config["hidden_size"], "num_attention_heads": hf_config["num_attention_heads"],
                       "ffn_hidden_size": hf_config["intermediate_size"], "vocab_size": hf_config["vocab_size"],
-                      "layernorm_epsilon": hf_config["layer_norm_eps"], "untie_embeddings_and_output_weights": True,
+                      "layernorm_epsilon": hf_config["layer_norm_eps"],
+                      "untie_embeddings_and_output_weights": not hf_config.get("tie_word_embeddings", False),
                       "rotary_base": int(rope_base), "rotary_percent": rope_fraction},
             "data": {"mock": True, "seq_length": hf_config["max_position_embeddings"]}}, check_files=False)
     if config.model.family != "dense":
@@ -158,6 +159,9 @@ def hf_to_portable_dir(source: Path, out: Path, config_path: Optional[str] = Non
         if head is not None and not torch.equal(head, tensors["tok_embeddings.weight"]):
             raise ConfigError("model.untie_embeddings_and_output_weights", f"{source} has an output head of its own; "
                               "a tied config would drop it: set it to true")
+    elif "output.weight" not in tensors:
+        raise ConfigError("model.untie_embeddings_and_output_weights", f"{source} has no output head of its own "
+                          "(tied embeddings); an untied config would miss it: set it to false")
     if not config.model.linear_bias:
         dropped = [k for k, v in tensors.items() if is_linear_bias(k) and v.any()]
         if dropped:

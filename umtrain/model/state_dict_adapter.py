@@ -57,7 +57,7 @@ def _rename(key: str, rules: list[Rule], forward: bool) -> str:
         match = _regex(source).fullmatch(key)
         if match:
             return target.format(**match.groupdict())
-    raise KeyError(f"no mapping for weight {key!r}")
+    raise ValueError(f"no mapping for weight {key!r}")
 
 
 def split_qkv(fused: torch.Tensor, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
