@@ -6,7 +6,7 @@ Builds the Trainer (AdamW, distributed optimizer) for a dense GPT, takes one tra
 exist, then times two saves per mode: synchronous (returns when published) and asynchronous (the time `save()`
 blocks training, and the time until it is published); then a resume (load + verification) and the manifest check
 alone. Bytes are the files of one checkpoint.
-Results (JSON) go to stdout; docs/checkpoints.md records a run.
+Results (JSON, with the command, date and machine) go to stdout; docs/checkpoints.md records a run.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from common import with_provenance
 
 
 def build_trainer(args, save: Path, async_save: bool):
@@ -86,7 +88,7 @@ def main() -> None:
     finally:
         if args.dir is None:
             shutil.rmtree(scratch, ignore_errors=True)
-    print(json.dumps(results, indent=1))
+    print(json.dumps(with_provenance(results, __file__), indent=1))
 
 
 if __name__ == "__main__":

@@ -15,16 +15,13 @@ for 2 MiB pages on allocations >= 2 MiB) is set unless --small-pages; the JSON r
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Dict, List
 
@@ -34,9 +31,9 @@ if "--small-pages" not in sys.argv:
 import torch                                                          # noqa: E402
 import torch.nn.functional as F                                       # noqa: E402
 
-from umtrain.ops.fused_lookup_reduce import fused_lookup_reduce   # noqa: E402
+from common import machine, make_inputs, write_result                  # noqa: E402
+from umtrain.ops.fused_lookup_reduce import fused_lookup_reduce       # noqa: E402
 from umtrain.ops.lookup_reduce import lookup_reduce_reference         # noqa: E402
-from umtrain.train.metrics import cpu_model_name                      # noqa: E402
 
 COPY_BYTES = 256 << 20
 
@@ -98,16 +95,10 @@ IMPLS: Dict[str, Callable] = {
 BASELINE = "gather_onehot_einsum"
 
 
-def make_inputs(args: argparse.Namespace):
-    gen = torch.Generator().manual_seed(0)
-    dtype = getattr(torch, args.dtype)
-    k = args.top_m * args.heads
-    rows = torch.randint(0, args.rows, (args.tokens, k), generator=gen)
-    blocks = torch.randint(0, args.blocks, (args.tokens, k), generator=gen)
-    scores = torch.randn(args.cores, args.tokens, k, generator=gen, dtype=dtype).requires_grad_()
-    table = torch.randn(args.rows, args.d_v, generator=gen, dtype=dtype).requires_grad_()
-    grad = torch.randn(args.tokens, args.blocks, args.d_v, generator=gen, dtype=dtype)
-    return rows, blocks, scores, table, grad
+def inputs_for(args: argparse.Namespace) -> tuple[torch.Tensor, ...]:
+    """The seeded inputs of the command line's shape (see common.make_inputs)."""
+    return make_inputs(args.tokens, args.top_m * args.heads, args.cores, args.d_v, args.blocks, args.rows,
+                       getattr(torch, args.dtype))
 
 
 def tiny_slice(inputs, tokens: int = 2, rows: int = 16):
@@ -135,7 +126,7 @@ def copy_seconds(src: torch.Tensor, dst: torch.Tensor) -> float:
 
 def time_all(args: argparse.Namespace, impls: List[str]) -> Dict[str, Dict[str, List[float]]]:
     """Interleaved repeats: every repeat times the copy and each implementation back to back."""
-    inputs = make_inputs(args)
+    inputs = inputs_for(args)
     src = torch.randn(COPY_BYTES // 4)
     dst = torch.empty_like(src)
     samples = {name: {"forward_s": [], "forward_backward_s": []} for name in impls}
@@ -167,7 +158,7 @@ def _shape_flags(args: argparse.Namespace) -> List[str]:
 
 def measure_peak_here(args: argparse.Namespace) -> None:
     impl = IMPLS[args.measure_peak]
-    inputs = make_inputs(args)
+    inputs = inputs_for(args)
     run_once(impl, tiny_slice(inputs), args.blocks, args.backward)         # one-time library set-up, not counted
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     run_once(impl, inputs, args.blocks, args.backward)
@@ -204,11 +195,7 @@ def summarise(args: argparse.Namespace, samples, peaks) -> Dict:
                                      ("forward_ms", "forward_backward_ms", "peak_forward_mib",
                                       "peak_forward_backward_mib", "peak_forward_backward_beyond_table_grad_mib")}
     return {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": cpu_model_name(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-                    "platform": platform.platform(), "torch": torch.__version__,
-                    "huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"},
+        "machine": machine() | {"huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"},
         "shape": {"tokens": args.tokens, "top_m": args.top_m, "heads": args.heads, "k": args.top_m * args.heads,
                   "cores": args.cores, "d_v": args.d_v, "blocks": args.blocks, "rows": args.rows,
                   "dtype": args.dtype, "repeats": args.repeats},
@@ -288,9 +275,7 @@ def main() -> None:
     summary = summarise(args, time_all(args, impls), peaks)
     summary["machine"]["load_average_1m_before_after"] = [load_before[0], os.getloadavg()[0]]
     print_table(summary)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, summary, __file__)
 
 
 if __name__ == "__main__":

@@ -14,15 +14,13 @@ Peak memory is `max_memory_allocated` above the inputs.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Dict
 
 import torch
 import triton.testing
 
+from common import machine, make_inputs, write_result
 from lookup_reduce import add_shape_arguments, embedding_bag_autograd, gather_onehot_einsum
 from umtrain.ops.lookup_reduce import get_lookup_reduce
 
@@ -33,17 +31,6 @@ IMPLS: Dict[str, Callable] = {
 }
 BASELINE = "gather_onehot_einsum"
 NO_BF16 = {"embedding_bag_autograd"}
-
-
-def make_inputs(args: argparse.Namespace, tokens: int, dtype: torch.dtype):
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    k = args.top_m * args.heads
-    rows = torch.randint(0, args.rows, (tokens, k), generator=gen, device="cuda")
-    blocks = torch.randint(0, args.blocks, (tokens, k), generator=gen, device="cuda")
-    scores = torch.randn(args.cores, tokens, k, generator=gen, device="cuda").to(dtype).requires_grad_()
-    table = torch.randn(args.rows, args.d_v, generator=gen, device="cuda").to(dtype).requires_grad_()
-    grad = torch.randn(tokens, args.blocks, args.d_v, generator=gen, device="cuda").to(dtype)
-    return rows, blocks, scores, table, grad
 
 
 def bandwidths() -> dict[str, float]:
@@ -78,7 +65,8 @@ def peak_bytes(run: Callable[[], None]) -> int:
 
 
 def measure(args: argparse.Namespace, tokens: int, dtype: torch.dtype, name: str, bandwidth: dict) -> dict:
-    inputs = make_inputs(args, tokens, dtype)
+    inputs = make_inputs(tokens, args.top_m * args.heads, args.cores, args.d_v, args.blocks, args.rows, dtype,
+                         device="cuda")
     fn = IMPLS[name]
     row_bytes = tokens * args.top_m * args.heads * args.d_v * inputs[3].element_size()
     result = {"tokens": tokens, "dtype": str(dtype).removeprefix("torch."), "impl": name}
@@ -122,14 +110,9 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}: copy {bandwidth['copy'] / 1e9:.0f} GB/s (read + written), "
           f"read {bandwidth['read'] / 1e9:.0f} GB/s")
     print_table(rows)
-    summary = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "command": "python benchmarks/lookup_reduce_cuda.py", "shape": vars(args) | {"out": str(args.out)},
-               "machine": {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                           "triton": triton.__version__, "python": platform.python_version()},
+    summary = {"shape": vars(args) | {"out": str(args.out)}, "machine": machine() | {"triton": triton.__version__},
                "bandwidth_bytes_per_s": bandwidth, "baseline": BASELINE, "results": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, summary, __file__)
 
 
 if __name__ == "__main__":

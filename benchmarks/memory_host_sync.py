@@ -33,14 +33,12 @@ relative to it.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
 import time
 from collections import Counter
 from dataclasses import replace
-from datetime import datetime, timezone
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional, Sequence
@@ -51,7 +49,8 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from memory_layer_profile import SYNC_CALLS
-from memory_overlap import forward_backward, machine, quartiles, timed_step
+from common import write_result
+from memory_overlap import forward_backward, quartiles, timed_step
 from umtrain.config import Config, ConfigError, load_config
 from umtrain.parallel.cost_model import fixed_capacity
 from umtrain.parallel.memory_sharding import LocalLookup, ShardedLookup, make_sharded_lookup
@@ -339,20 +338,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     started = time.perf_counter()
     result = measure(config, args.warmup, args.rounds, count_syncs=cuda)
     result.update(
-        date=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        command=" ".join(["python benchmarks/memory_host_sync.py", *argv]),
-        machine=machine(), device="cuda" if cuda else "cpu", note=None if cuda else CPU_NOTE,
+        device="cuda" if cuda else "cpu", note=None if cuda else CPU_NOTE,
         settings={"config": args.config, "preset": args.preset, "overrides": [*PRESETS[args.preset], *args.overrides],
                   "warmup": args.warmup, "rounds": args.rounds, "model": model_summary(config)},
         wall_s=time.perf_counter() - started)
     print(format_table(result))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    record = write_result(Path(args.out), result, __file__, argv)
     if result["host_syncs_error"]:
         raise SystemExit(f"memory_host_sync: counting host syncs failed ({result['host_syncs_error']}); "
-                         f"the timings are in {out}")
-    return result
+                         f"the timings are in {args.out}")
+    return record
 
 
 if __name__ == "__main__":

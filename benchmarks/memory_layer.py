@@ -32,14 +32,12 @@ import argparse
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 import traceback
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -49,12 +47,12 @@ if "--small-pages" not in sys.argv:
 import torch                                                          # noqa: E402
 import torch.nn as nn                                                 # noqa: E402
 
+from common import machine, write_result                              # noqa: E402
 from umtrain.config.base import ConfigError                           # noqa: E402
 from umtrain.config.schema import MemoryConfig                        # noqa: E402
 from umtrain.model.accounting import memory_layer_components          # noqa: E402
 from umtrain.model.memory import MemoryLayer                          # noqa: E402
 from umtrain.ops.lookup_reduce import get_lookup_reduce               # noqa: E402
-from umtrain.train.metrics import cpu_model_name                      # noqa: E402
 
 CASES = ("ultramem_reference", "ultramem_fused", "dense_mlp")
 LOOKUP_OF_CASE = {"ultramem_reference": "reference", "ultramem_fused": "fused"}
@@ -374,7 +372,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def run(args: argparse.Namespace, command: Sequence[str]) -> Dict:
+def run(args: argparse.Namespace) -> Dict:
     """Every point's measurements and the top-m growth, as the JSON summary."""
     fused_error = fused_status()
     cases = [case for case in CASES if not (case == "ultramem_fused" and fused_error)]
@@ -382,12 +380,8 @@ def run(args: argparse.Namespace, command: Sequence[str]) -> Dict:
     peaks = peak_rss_bytes(args, cases)
     points = [benchmark_point(args, point, cases, peaks[str(point)]) for point in args.points]
     return {
-        "command": " ".join(["python", "benchmarks/memory_layer.py", *command]),
-        "date_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpu": cpu_model_name(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-                    "platform": platform.platform(), "torch": torch.__version__,
-                    "huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
-                    "load_average_1m_before_after": [load_before, os.getloadavg()[0]]},
+        "machine": machine() | {"huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
+                                "load_average_1m_before_after": [load_before, os.getloadavg()[0]]},
         "layer": {"hidden": args.hidden, "value_dim": args.value_dim, "key_dim": args.key_dim, "heads": args.heads,
                   "ive_expansion": args.ive_expansion, "tucker_rank": args.tucker_rank, "cores": args.cores,
                   "conv_kernel": args.conv_kernel, "dtype": args.dtype},
@@ -413,14 +407,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict]:
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        summary = run(args, sys.argv[1:] if argv is None else argv)
+        summary = run(args)
     finally:
         torch.set_num_threads(previous_threads)
     print_table(summary)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"wrote {args.out}")
-    return summary
+    return write_result(args.out, summary, __file__, argv)
 
 
 if __name__ == "__main__":

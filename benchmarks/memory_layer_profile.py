@@ -16,18 +16,16 @@ one step that synchronise on CUDA (`umtrain.ops.host_sync`), with where they wer
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
-import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
+from common import write_result
 from umtrain.config.schema import MemoryConfig
 from umtrain.model.memory import MemoryLayer
 from umtrain.ops.host_sync import record_host_syncs
@@ -152,10 +150,8 @@ def main(argv=None) -> dict:
     with record_host_syncs() as sync_operators:
         step(layer, x, grad, backward=True)
     result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join(["python benchmarks/memory_layer_profile.py", *(sys.argv[1:] if argv is None else argv)]),
         "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."), "tokens": args.tokens,
+        "dtype": str(dtype).removeprefix("torch."), "tokens": args.tokens,
         "shape": {k: v for k, v in vars(args).items() if k not in ("out", "rows")},
         "lookup": getattr(layer.lookup, "__name__", type(layer.lookup).__name__),
         "forward_ms": forward, "forward_backward_ms": forward_backward,
@@ -165,10 +161,7 @@ def main(argv=None) -> dict:
         "host_sync_operators": sync_operators,
     }
     print_report(result, args.rows)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
-    return result
+    return write_result(args.out, result, __file__, argv)
 
 
 if __name__ == "__main__":

@@ -30,20 +30,17 @@ time of each process (all threads) per step is recorded too: overlap must not ch
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
+from common import write_result
 from umtrain.config import config_from_dict
 from umtrain.parallel.comm import GRAD_SUFFIX, Communicator, run_local_group
 
@@ -287,17 +284,6 @@ def summarize(ranks: list[dict], setting: Setting) -> dict:
     }
 
 
-def machine() -> dict:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        lscpu = ""
-    fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
-    return {"cpu": fields.get("Model name", platform.processor()).strip(), "cpus": fields.get("CPU(s)", "").strip(),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform()}
-
-
 def format_table(result: dict) -> str:
     ms = lambda seconds: f"{1000 * seconds:.1f}"  # noqa: E731
     header = ("variant", "median ms", "p25 ms", "p75 ms", "fastest ms", "CPU ms/rank", "comm fwd ms", "comm bwd ms")
@@ -383,14 +369,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     backend = backend_for(setting)
     started = time.perf_counter()
     result = summarize(run_local_group(_worker, setting.world_size, setting, backend=backend), setting)
-    result.update(date=datetime.now(timezone.utc).isoformat(timespec="seconds"), machine=machine(),
-                  command=" ".join(["python benchmarks/memory_overlap.py", *argv]),
-                  wall_s=time.perf_counter() - started)
+    result.update(wall_s=time.perf_counter() - started)
     print(format_table(result))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return write_result(Path(args.out), result, __file__, argv)
 
 
 if __name__ == "__main__":

@@ -21,16 +21,17 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import math
 import statistics
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Literal, Sequence
 
 import torch
 import torch.distributed as dist
 
+from common import write_result
 from umtrain.ops.lookup_reduce import lookup_reduce_reference
 from umtrain.parallel.comm import Communicator, run_local_group
 from umtrain.parallel.calibration import calibrate, calibrate_compute, step_seconds, time_lookup_variants
@@ -230,8 +231,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         _print_pooled(report["pooled"])
     print("counted bytes equalled the predicted bytes at every point and rank")
     if args.json:
-        with open(args.json, "w") as out:
-            json.dump(report, out, separators=(",", ":"))      # compact: every repetition's time is in it
+        write_result(Path(args.json), report, __file__, compact=True)     # compact: every repetition's time is in it
     return 0
 
 

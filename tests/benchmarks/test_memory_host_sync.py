@@ -137,7 +137,7 @@ def test_quick_run_writes_the_documented_fields(bench, tmp_path):
     written = json.loads(out.read_text())
     assert written["number_sync_per_layer_s"] == pytest.approx(returned["number_sync_per_layer_s"])
     assert dist.is_initialized() == group_before          # a group the bench made is gone, one it found is kept
-    for key in ("date", "command", "machine", "device", "settings", "variants", "memory_layers", "rounds",
+    for key in ("date_utc", "command", "machine", "device", "settings", "variants", "memory_layers", "rounds",
                 "capacity", "tokens", "table_dtype", "lookup_impl", "number_sync_per_layer_s",
                 "number_sync_per_layer_quartiles_s", "number_sync_fraction_of_step", "max_loss_diff_vs_local",
                 "round_s", "wall_s", "note", "host_syncs_error"):

@@ -19,9 +19,11 @@ CASES = ("ultramem_reference", "ultramem_fused", "dense_mlp")
 
 @pytest.fixture(scope="module")
 def bench():
-    """The script as a module; small pages so that importing it leaves the allocator setting of the session alone."""
+    """The script as a module, with benchmarks/ on sys.path for its sibling imports; small pages so that importing
+    it leaves the allocator setting of the session alone."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("THP_MEM_ALLOC_ENABLE", "0")
+        patch.syspath_prepend(str(SCRIPT.parent))
         spec = importlib.util.spec_from_file_location("memory_layer_benchmark", SCRIPT)
         module = importlib.util.module_from_spec(spec)
         patch.setitem(sys.modules, spec.name, module)   # dataclasses look their module up there

@@ -109,7 +109,7 @@ def test_quick_run_writes_the_documented_fields(bench, tmp_path):
     assert all(written["step_s"][v] > 0 and written["cpu_s"][v] > 0 for v in bench.VARIANTS)
     for key in ("synchronous_s", "exposed_s", "memory_comm_s", "memory_compute_s", "comm_fraction",
                 "expected_ratio_waiting_only", "memory_cpu_s", "exposed_ratio_by_segment", "exposed_ratio_best",
-                "synchronous_best_s", "exposed_best_s", "step_best_s", "round_s", "date", "machine", "command"):
+                "synchronous_best_s", "exposed_best_s", "step_best_s", "round_s", "date_utc", "machine", "command"):
         assert key in written
     assert written["comm_s"]["sync"]["forward"] > 0 and written["comm_s"]["sync"]["backward"] > 0
     assert written["comm_bytes_sent_per_step"] > 0

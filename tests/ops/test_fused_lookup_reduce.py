@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 
+from tests.ops.lookup_inputs import forward_backward, make_inputs
 from umtrain.ops.fused_lookup_reduce import fused_lookup_reduce
 from umtrain.ops.lookup_reduce import get_lookup_reduce, lookup_reduce_reference
 
@@ -19,25 +20,6 @@ SHAPES = [
     (8, 4, 8, 1, 3, 2),
     (300, 5, 4, 3, 7, 2),   # more entries than one parallel chunk of the C++ loops
 ]
-
-
-def make_inputs(tokens, k, d_v, num_blocks, num_rows, num_cores, dtype=torch.float32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    rows = torch.randint(0, num_rows, (tokens, k), generator=gen)
-    blocks = torch.randint(0, num_blocks, (tokens, k), generator=gen)
-    scores = torch.randn(num_cores, tokens, k, generator=gen, dtype=dtype)
-    table = torch.randn(num_rows, d_v, generator=gen, dtype=dtype)
-    return rows, blocks, scores, table
-
-
-def forward_backward(fn, rows, blocks, scores, table, num_blocks):
-    scores = scores.clone().requires_grad_()
-    table = table.clone().requires_grad_()
-    pooled = fn(rows, blocks, scores, table, num_blocks)
-    # bf16-representable, so every dtype sees the same gradient.
-    grad = torch.rand(pooled.shape, generator=torch.Generator().manual_seed(1)).bfloat16().to(pooled)
-    pooled.backward(grad)
-    return pooled.detach(), scores.grad, table.grad
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+from tests.ops.lookup_inputs import forward_backward, make_inputs
 from umtrain.ops.lookup_reduce import lookup_reduce_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -38,7 +39,7 @@ def test_cases_under_interpreter():
 def test_cpu_tensors_without_the_interpreter_name_the_setting():
     from umtrain.ops.lookup_reduce import get_lookup_reduce
     with pytest.raises(ValueError, match="model.memory.lookup_impl: 'triton' runs on GPU, but the table is on cpu"):
-        get_lookup_reduce("triton")(*make_inputs(*SHAPES[0]), 4)
+        get_lookup_reduce("triton")(*make_inputs(*SHAPES[0], device=DEVICE), 4)
 
 
 @pytest.fixture(scope="module")
@@ -47,29 +48,10 @@ def lookup_reduce():
     return get_lookup_reduce("triton")
 
 
-def make_inputs(tokens, k, d_v, num_blocks, num_rows, num_cores, dtype=torch.float32, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    rows = torch.randint(0, num_rows, (tokens, k), generator=gen)
-    blocks = torch.randint(0, num_blocks, (tokens, k), generator=gen)
-    scores = torch.randn(num_cores, tokens, k, generator=gen)
-    table = torch.randn(num_rows, d_v, generator=gen)
-    return tuple(x.to(DEVICE) for x in (rows, blocks, scores.to(dtype), table.to(dtype)))
-
-
-def forward_backward(fn, rows, blocks, scores, table, num_blocks):
-    scores = scores.detach().clone().requires_grad_()
-    table = table.detach().clone().requires_grad_()
-    pooled = fn(rows, blocks, scores, table, num_blocks)
-    # bf16-representable, so every dtype sees the same gradient.
-    grad = torch.randn(pooled.shape, generator=torch.Generator().manual_seed(1)).bfloat16().to(pooled)
-    pooled.backward(grad)
-    return pooled.detach(), scores.grad, table.grad
-
-
 @needs_kernels
 @pytest.mark.parametrize("shape", SHAPES)
 def test_matches_reference(lookup_reduce, shape):
-    inputs = make_inputs(*shape)
+    inputs = make_inputs(*shape, device=DEVICE)
     expected = forward_backward(lookup_reduce_reference, *inputs, shape[3])
     actual = forward_backward(lookup_reduce, *inputs, shape[3])
     for name, want, got in zip(("pooled", "grad scores", "grad table"), expected, actual):
@@ -78,7 +60,7 @@ def test_matches_reference(lookup_reduce, shape):
 
 @needs_kernels
 def test_bf16_table_accumulates_in_fp32(lookup_reduce):
-    inputs = make_inputs(2, 64, 8, 2, 3, 2, dtype=torch.bfloat16)   # ~32 terms per sum
+    inputs = make_inputs(2, 64, 8, 2, 3, 2, dtype=torch.bfloat16, device=DEVICE)   # ~32 terms per sum
     exact = forward_backward(lookup_reduce_reference, *(x.double() if x.is_floating_point() else x for x in inputs), 2)
     actual = forward_backward(lookup_reduce, *inputs, 2)
     for name, want, got in zip(("pooled", "grad scores", "grad table"), exact, actual):
@@ -90,7 +72,7 @@ def test_bf16_table_accumulates_in_fp32(lookup_reduce):
 
 @needs_kernels
 def test_zero_tokens_and_frozen_table(lookup_reduce):
-    rows, blocks, scores, table = make_inputs(0, 4, 8, 2, 5, 2)
+    rows, blocks, scores, table = make_inputs(0, 4, 8, 2, 5, 2, device=DEVICE)
     scores.requires_grad_()
     pooled = lookup_reduce(rows, blocks, scores, table, 2)
     assert pooled.shape == (0, 2, 8)

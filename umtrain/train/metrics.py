@@ -25,17 +25,6 @@ def peak_flops_per_device() -> Optional[float]:
     return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
-def cpu_model_name() -> str:
-    """The processor, as `lscpu` names it (benchmarks record it beside their results)."""
-    import platform
-    import subprocess
-
-    for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
 def memory_in_use_gib() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**30

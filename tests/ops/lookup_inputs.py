@@ -1,0 +1,32 @@
+"""Seeded lookup-reduce inputs and a forward+backward returning what to compare, for the lookup-reduce tests."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+def make_inputs(tokens: int, k: int, d_v: int, num_blocks: int, num_rows: int, num_cores: int,
+                dtype: torch.dtype = torch.float32, seed: int = 0,
+                device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """rows, blocks [T, K]; scores [h, T, K]; table [N, d_v]. Floats are drawn in float32 and then cast, so every
+    dtype sees the same values (rounded)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, num_rows, (tokens, k), generator=gen)
+    blocks = torch.randint(0, num_blocks, (tokens, k), generator=gen)
+    scores = torch.randn(num_cores, tokens, k, generator=gen).to(dtype)
+    table = torch.randn(num_rows, d_v, generator=gen).to(dtype)
+    return tuple(x.to(device) for x in (rows, blocks, scores, table))
+
+
+def forward_backward(fn: Callable, rows: torch.Tensor, blocks: torch.Tensor, scores: torch.Tensor,
+                     table: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """pooled and the gradients of scores and table, for fresh leaves copied from the inputs."""
+    scores = scores.detach().clone().requires_grad_()
+    table = table.detach().clone().requires_grad_()
+    pooled = fn(rows, blocks, scores, table, num_blocks)
+    # Positive, so bf16 sums of positive inputs do not cancel; bf16-representable, so every dtype sees the same one.
+    grad = torch.rand(pooled.shape, generator=torch.Generator().manual_seed(1)).bfloat16().to(pooled)
+    pooled.backward(grad)
+    return pooled.detach(), scores.grad, table.grad
