@@ -44,6 +44,22 @@ def test_stop_and_resume_is_bit_exact(tmp_path, model, tp, world, parallel):
     assert manager.read_latest(tmp_path / "ckpt").name == manager.checkpoint_name(2 * N)
 
 
+MOE = {"family": "moe", "moe": {"num_experts": 4}}
+
+
+@pytest.mark.slow
+def test_a_moe_run_resumes_under_another_expert_parallel_size(tmp_path):
+    """Saved with the experts split over EP=2 (2 processes), resumed on one process (EP=1): the optimizer state
+    loads, and the losses go on as the uninterrupted run's."""
+    ep2 = {"expert_model_parallel_size": 2}
+    reference = train(run_config(2 * N, model=MOE, parallel=ep2), 2)["loss"]
+    first = train(run_config(2 * N, model=MOE, parallel=ep2, save=str(tmp_path / "ckpt")), 2, preempt_at=N)
+    second = train(run_config(2 * N, model=MOE, save=str(tmp_path / "ckpt")), 1)
+    assert first["preempted"] == "saved" and second["start"] == N
+    assert second["loss"] == pytest.approx(reference, rel=1e-5)
+    assert train(run_config(2 * N, model=MOE), 1)["loss"] == pytest.approx(reference, rel=1e-5)   # EP=2 == EP=1
+
+
 @pytest.mark.slow
 def test_a_stop_signal_without_a_save_directory_says_nothing_was_saved(four_steps):
     stopped = train(run_config(4), 1, preempt_at=2)
@@ -129,6 +145,20 @@ def test_a_restarted_run_continues_from_its_own_save_not_from_load(tmp_path):
     assert continued["loss"] == reference, "the restart must keep the run's own optimizer state"
     manager.write_file_atomically(own / manager.LATEST, manager.checkpoint_name(4) + "\n")
     assert train(run_config(8, save=str(own), load=str(own / manager.checkpoint_name(6))), 1)["start"] == 4
+
+
+@pytest.mark.slow
+def test_an_optimizer_saved_by_the_other_optimizer_kind_is_refused_by_name(tmp_path):
+    saved = tmp_path / "distributed"
+    train(run_config(2, save=str(saved)), 1)
+    before = tree_digest(saved)
+    plain = {"use_distributed_optimizer": False}
+    with pytest.raises(RuntimeError, match=r"parallel.use_distributed_optimizer: .* saved with "
+                                           r"use_distributed_optimizer: true, this run has false"):
+        train(run_config(4, save=str(saved), parallel=plain), 1)
+    assert tree_digest(saved) == before
+    fresh = train(run_config(4, save=str(tmp_path / "plain"), load=str(saved), no_load_optim=True, parallel=plain), 1)
+    assert fresh["start"] == 2 and len(fresh["loss"]) == 4
 
 
 def test_shape_error_names_the_field():

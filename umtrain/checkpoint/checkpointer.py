@@ -149,6 +149,8 @@ class Checkpointer:
         check_model_shape(common["config"], common["padded_vocab_size"], trainer.config, trainer.vocab_size, str(path))
         contents = common.get("contents", FULL_CONTENTS)
         load_optimizer = not fresh_optimizer and "optimizer" in contents
+        if load_optimizer:
+            check_optimizer_format(common["config"], trainer.config, path)
         load_rng = "rng" in contents and same_layout(common["layout"], trainer)
         if is_rank0():
             if not fresh_optimizer and not load_optimizer:
@@ -163,3 +165,16 @@ class Checkpointer:
         if is_rank0():
             logger.info("resumed from %s at iteration %d (%d samples consumed)", path, trainer.iteration,
                         trainer.consumed_samples)
+
+
+def check_optimizer_format(saved_config: dict, config: Config, path: Path) -> None:
+    """The distributed optimizer and the plain one store their state in different formats, so a checkpoint's
+    optimizer state loads only under the setting it was saved with (Megatron fails deep inside otherwise)."""
+    saved = (saved_config.get("parallel") or {}).get("use_distributed_optimizer", True)
+    current = config.parallel.use_distributed_optimizer
+    if saved != current:
+        raise ConfigError("parallel.use_distributed_optimizer",
+                          f"{path} was saved with use_distributed_optimizer: {str(saved).lower()}, this run has "
+                          f"{str(current).lower()}; the two store the optimizer state in different formats. Set "
+                          f"it back, or start a new run (new checkpoint.save) from its weights with a fresh "
+                          f"optimizer: --resume {path} checkpoint.no_load_optim=true")

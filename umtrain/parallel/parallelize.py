@@ -2,12 +2,26 @@
 
 from __future__ import annotations
 
+import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.transformer import TransformerConfig
 
 from umtrain.config import Config
 from umtrain.parallel.memory_tables import finalize_model_grads_with_tables
 from umtrain.parallel.overlap import StreamRunner
+
+
+def mark_expert_parameters(chunk: torch.nn.Module) -> None:
+    """Flag the MoE experts' weights expert-parallel (`allreduce = False`) at every expert-parallel size.
+
+    Megatron flags them only when EP > 1. The optimizer then changes structure with EP (one optimizer at EP 1, a
+    dense and an expert one chained above), and a checkpoint's optimizer state saved at one EP does not load at
+    another. At EP 1 the expert-data-parallel group is the data-parallel group, so nothing else changes (the memory
+    tables are flagged the same way at every memory-parallel size)."""
+    for module in chunk.modules():
+        if getattr(module, "is_expert", False):
+            for param in module.parameters(recurse=False):
+                param.allreduce = False
 
 
 def wrap_data_parallel(config: Config, tconfig: TransformerConfig, chunks: list) -> list[DistributedDataParallel]:

@@ -26,7 +26,7 @@ from umtrain.model.memory_block import MEMORY_AUX_LOSS, memory_modules
 from umtrain.parallel.collectives import (aux_losses_over_pipeline, loss_on_every_rank, merge_memory_health,
                                          merged_from_all_ranks)
 from umtrain.parallel.memory_tables import check_table_overflow, mark_memory_parameters, memory_lookup_factory
-from umtrain.parallel.parallelize import wrap_data_parallel
+from umtrain.parallel.parallelize import mark_expert_parameters, wrap_data_parallel
 from umtrain.parallel.state import Layout, initialize_distributed, seed_everything
 from umtrain.train.batches import MicroBatches
 from umtrain.train.metrics import (
@@ -110,6 +110,7 @@ class Trainer:
                                     memory_lookup_factory(config) if config.model.has_memory else None)
         for chunk in chunks:
             mark_memory_parameters(memory_modules(chunk), config)
+            mark_expert_parameters(chunk)
         if self.tconfig.bf16:
             chunks = [Float16Module(self.tconfig, chunk) for chunk in chunks]
         self.model = wrap_data_parallel(config, self.tconfig, chunks)
