@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # What only a GPU can check, in one pass (a few minutes on one H100/H200): the CUDA tests (Triton lookup-reduce,
 # side-stream overlap, single-GPU training vs CPU), then the GPU benchmarks (lookup-reduce, memory-layer profile,
-# overlap, number-wise host sync, training MFU).
+# overlap, number-wise host sync, decode speed, training MFU).
 # Each step runs even if an earlier one failed; logs and JSON go to $OUT (default runs/gpu_check). Exit status:
 # the number of failed steps.
-#   bash scripts/gpu_check.sh [tests] [lookup_reduce] [profile] [overlap] [host_sync] [train]     (default: all)
+#   bash scripts/gpu_check.sh [tests] [lookup_reduce] [profile] [overlap] [host_sync] [decode] [train] (default: all)
 # with umtrain installed, or PYTHONPATH pointing at it and megatron-core.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +12,7 @@ OUT=${OUT:-runs/gpu_check}
 mkdir -p "$OUT"
 export PYTHONPATH=".:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 failed=0
-steps=" ${*:-tests lookup_reduce profile overlap host_sync train} "
+steps=" ${*:-tests lookup_reduce profile overlap host_sync decode train} "
 
 step() {  # step NAME TIMEOUT_S COMMAND...   (runs when NAME, or its prefix before '_', was asked for)
     local name=$1 limit=$2; shift 2
@@ -34,6 +34,7 @@ step overlap 110 python benchmarks/memory_overlap.py --preset gpu --out "$OUT/me
 step overlap_mbs16 110 python benchmarks/memory_overlap.py --preset gpu --micro-batch-size 16 --steps 20 \
     --out "$OUT/memory_overlap_gpu_mbs16.json"
 step host_sync 120 python benchmarks/memory_host_sync.py --warmup 5 --rounds 20 --out "$OUT/memory_host_sync.json"
+step decode 180 python benchmarks/decode.py --batch-sizes 1,16,64,256 --out "$OUT/decode.json"
 for model in dense-680m dense-151m ultramem-151m-x12; do
     step "train_$model" 70 python -m umtrain.cli.main train --config "configs/paper/$model.yaml" \
         training.train_iters=20 training.micro_batch_size=4 training.global_batch_size=8 logging.log_interval=5 \
