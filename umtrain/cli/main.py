@@ -10,7 +10,7 @@ from typing import Optional
 
 from umtrain.config import ConfigError
 
-COMMAND_MODULES = ("train", "data_commands", "count", "plan", "checkpoint_commands", "generate")
+COMMAND_MODULES = ("train", "evaluate", "sweep", "data_commands", "count", "plan", "checkpoint_commands", "generate")
 
 
 def build_parser() -> argparse.ArgumentParser:
