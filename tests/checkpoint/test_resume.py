@@ -224,3 +224,21 @@ def test_nan_stop_saves_the_last_good_state(tmp_path, four_steps):
     assert manager.read_latest(root).name == manager.checkpoint_name(2)
     resumed = train(config, 1)
     assert resumed["start"] == 2 and resumed["loss"] == four_steps
+
+
+def test_optimizer_states_of_another_format_are_refused_by_name(tmp_path):
+    from umtrain.checkpoint.checkpointer import check_optimizer_format
+    from umtrain.config import config_from_dict
+
+    moe = config_from_dict({"model": {"family": "moe", "moe": {"num_experts": 2}}, "data": {"mock": True}})
+
+    def common(format_version, ep, family="moe", distributed=True):
+        return {"format_version": format_version, "layout": {"ep": ep},
+                "config": {"model": {"family": family}, "parallel": {"use_distributed_optimizer": distributed}}}
+
+    with pytest.raises(ConfigError, match="checkpoint.no_load_optim: .*saved at expert_model_parallel_size 1"):
+        check_optimizer_format(common(1, 1), moe, tmp_path)
+    for fine in (common(1, 2), common(2, 1), common(1, 1, family="dense")):
+        check_optimizer_format(fine, moe, tmp_path)
+    with pytest.raises(ConfigError, match="parallel.use_distributed_optimizer"):
+        check_optimizer_format(common(2, 1, distributed=False), moe, tmp_path)

@@ -150,7 +150,7 @@ class Checkpointer:
         contents = common.get("contents", FULL_CONTENTS)
         load_optimizer = not fresh_optimizer and "optimizer" in contents
         if load_optimizer:
-            check_optimizer_format(common["config"], trainer.config, path)
+            check_optimizer_format(common, trainer.config, path)
         load_rng = "rng" in contents and same_layout(common["layout"], trainer)
         if is_rank0():
             if not fresh_optimizer and not load_optimizer:
@@ -167,9 +167,18 @@ class Checkpointer:
                         trainer.consumed_samples)
 
 
-def check_optimizer_format(saved_config: dict, config: Config, path: Path) -> None:
-    """The distributed optimizer and the plain one store their state in different formats, so a checkpoint's
-    optimizer state loads only under the setting it was saved with (Megatron fails deep inside otherwise)."""
+def check_optimizer_format(common: dict, config: Config, path: Path) -> None:
+    """Refuse, by name, an optimizer state that Megatron would fail on deep inside: the distributed optimizer and
+    the plain one store it in different formats, and before format 2 a MoE run at expert-parallel size 1 kept the
+    experts' state with the dense weights' (one optimizer instead of two chained ones)."""
+    saved_config = common["config"]
+    if ((saved_config.get("model") or {}).get("family") == "moe" and common.get("format_version", 1) < 2
+            and common.get("layout", {}).get("ep") == 1):
+        raise ConfigError("checkpoint.no_load_optim",
+                          f"{path} is a MoE checkpoint saved at expert_model_parallel_size 1 by an older umtrain "
+                          f"(format {common.get('format_version', 1)}), whose optimizer state this version cannot "
+                          f"load; start a new run (new checkpoint.save) from its weights with a fresh optimizer: "
+                          f"--resume {path} checkpoint.no_load_optim=true")
     saved = (saved_config.get("parallel") or {}).get("use_distributed_optimizer", True)
     current = config.parallel.use_distributed_optimizer
     if saved != current:

@@ -22,7 +22,8 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from umtrain.config.base import to_dict
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: MoE experts are expert-parallel parameters at every expert-parallel size (their own chained optimizer)."""
 FULL_CONTENTS = ("model", "model_extra_state", "optimizer", "rng")
 """What a training checkpoint holds; a converted one holds only the model's tensors ("model")."""
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
