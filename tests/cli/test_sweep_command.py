@@ -1,0 +1,161 @@
+"""`umtrain sweep`: validation before any write, idempotent re-runs, refusal of a different sweep, the SLURM array
+script (run with fake srun/scontrol/python), and a local sweep whose summary matches its checkpoints."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.checkpoint.helpers import saved_losses, tree_digest
+from tests.distributed import tiny_config
+from tests.launch.test_launch_scripts import fake_bin
+from umtrain.checkpoint import REQUEUE_EXIT_CODE
+from umtrain.cli import sweep as sweep_cli
+from umtrain.cli.main import main
+
+GRID = ["--grid", "optimizer.lr=[1e-3,3e-4]", "--grid", "training.seed=[1,2]"]
+
+
+@pytest.fixture
+def base_yaml(tmp_path: Path) -> Path:
+    config = tiny_config(training={"train_iters": 2})
+    config["run_name"] = "tiny"
+    path = tmp_path / "base.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def sweep(base_yaml: Path, out: Path, *extra: str) -> int:
+    return main(["sweep", "--config", str(base_yaml), *GRID, "--out", str(out), *extra])
+
+
+@pytest.mark.parametrize("grid, words", [
+    ("model.memry.topk=[4,8]", "model.memry: unknown key (did you mean 'memory'?)"),
+    ("training.train_iters=[2,0]", "training.train_iters: must be >= 1 (sweep point 'train-iters0'"),
+])
+def test_a_bad_key_or_value_is_named_before_anything_is_written(base_yaml, tmp_path, capsys, grid, words):
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--config", str(base_yaml), "--grid", grid, "--out", str(out)]) == 2
+    assert words in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_files_and_idempotent_rerun(base_yaml, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert sweep(base_yaml, out, "training.eval_iters=2") == 0
+    record = json.loads((out / "sweep.json").read_text())
+    names = ["lr1e-3_seed1", "lr1e-3_seed2", "lr3e-4_seed1", "lr3e-4_seed2"]
+    assert [r["name"] for r in record["runs"]] == names
+    assert [r["point"] for r in record["runs"]] == [{"optimizer.lr": lr, "training.seed": s}
+                                                    for lr in (1e-3, 3e-4) for s in (1, 2)]
+    for name in names:
+        config = yaml.safe_load((out / name / "config.yaml").read_text())
+        assert config["run_name"] == f"tiny-{name}" and config["training"]["eval_iters"] == 2
+        assert config["checkpoint"]["save"] == str(out / name / "checkpoints")
+    commands = (out / "commands.txt").read_text().splitlines()
+    assert commands == [f"umtrain train --config {out / name / 'config.yaml'}" for name in names]
+    assert "umtrain train --config" in capsys.readouterr().out
+
+    before = tree_digest(out)
+    assert sweep(base_yaml, out, "training.eval_iters=2") == 0          # the same sweep again: nothing changes
+    assert tree_digest(out) == before
+
+    assert sweep(base_yaml, out, "training.eval_iters=3") == 2          # a different sweep: refused, untouched
+    assert "holds a different sweep" in capsys.readouterr().err
+    assert tree_digest(out) == before
+
+
+def test_a_directory_that_is_not_a_sweep_is_refused(base_yaml, tmp_path, capsys):
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert sweep(base_yaml, out) == 2
+    assert "not a sweep directory" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+
+
+def test_summary_of_runs_not_started(base_yaml, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert sweep(base_yaml, out) == 0
+    assert main(["sweep", "--summarize", str(out)]) == 0
+    runs = json.loads((out / "summary.json").read_text())["runs"]
+    assert [r["status"] for r in runs] == ["not started"] * 4 and runs[0]["train_loss"] is None
+    assert "not started" in capsys.readouterr().out
+
+
+def run_array_task(tmp_path: Path, script: Path, task: int, exit_code: int) -> tuple[int, list[list[str]], str]:
+    """The generated sbatch file as SLURM would run array task `task` (fake python, srun and scontrol)."""
+    task_dir = tmp_path / f"task{task}"
+    task_dir.mkdir()
+    bin_dir = fake_bin(task_dir, exit_code)
+    log, requeues = bin_dir.parent / "args.log", bin_dir.parent / "scontrol.log"
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "ARGS_LOG": str(log), "SCONTROL_LOG": str(requeues),
+           "SLURM_ARRAY_TASK_ID": str(task), "SLURM_ARRAY_JOB_ID": "77", "SLURM_JOB_NODELIST": "node-a"}
+    proc = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=60)
+    calls = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+    return proc.returncode, calls, requeues.read_text() if requeues.exists() else ""
+
+
+def test_slurm_array_script(base_yaml, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert sweep(base_yaml, out, "--launch", "slurm", "--nproc-per-node", "2") == 0
+    script = out / "sweep.sbatch"
+    assert f"sbatch {script}" in capsys.readouterr().out
+    text = script.read_text()
+    assert "#SBATCH --array=0-3\n" in text and not re.search(r"@[A-Z_]{2,}@", text)
+    configs = [r["config"] for r in json.loads((out / "sweep.json").read_text())["runs"]]
+    assert f"CONFIGS=({' '.join(configs)})" in text
+
+    rc, calls, requeued = run_array_task(tmp_path, script, task=2, exit_code=0)
+    assert rc == 0 and requeued == "" and len(calls) == 1
+    args = calls[0]
+    assert args[args.index("--nproc-per-node") + 1] == "2"
+    assert args[-5:] == ["-m", "umtrain.cli.main", "train", "--config", configs[2]]
+
+    rc, calls, requeued = run_array_task(tmp_path, script, task=3, exit_code=REQUEUE_EXIT_CODE)
+    assert rc == 0 and requeued == "requeue 77_3\n" and calls[0][-1] == configs[3]
+
+
+def test_local_launch_goes_on_after_a_failed_run(base_yaml, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "sweep"
+    started = []
+
+    def fake_train(command, **kwargs):
+        started.append(command[command.index("--config") + 1])
+        return subprocess.CompletedProcess(command, 1 if len(started) == 1 else 0)
+
+    monkeypatch.setattr(sweep_cli.subprocess, "run", fake_train)
+    assert sweep(base_yaml, out, "--launch", "local") == 1
+    assert len(started) == 4
+    statuses = {r["name"]: r["status"] for r in json.loads((out / "summary.json").read_text())["runs"]}
+    assert statuses == {"lr1e-3_seed1": "failed (exit 1)", "lr1e-3_seed2": "not started",
+                        "lr3e-4_seed1": "not started", "lr3e-4_seed2": "not started"}
+
+
+@pytest.mark.slow
+def test_local_sweep_summary_matches_the_checkpoints(base_yaml, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    args = ["sweep", "--config", str(base_yaml), "--grid", "optimizer.lr=[3e-3,1e-4]", "--out", str(out),
+            "--launch", "local"]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())["runs"]
+    expected = []
+    for name in ("lr3e-3", "lr1e-4"):
+        latest = out / name / "checkpoints" / "iter_0000002"
+        common = torch.load(latest / "common.pt", weights_only=False)
+        expected.append({"name": name, "status": "done", "iteration": 2, "train_loss": saved_losses(latest)[-1],
+                         "valid_loss": common["history"]["valid_loss"][2]})
+    expected.sort(key=lambda r: r["valid_loss"])
+    assert [{k: r[k] for k in expected[0]} for r in summary] == expected
+    assert expected[0]["valid_loss"] < expected[1]["valid_loss"]
+    table = capsys.readouterr().out.split("run ", 1)[1].splitlines()
+    assert [line.split()[0] for line in table[1:3]] == [r["name"] for r in expected]
+
+    assert main(args) == 0                                              # re-run: both done, nothing trains
+    assert capsys.readouterr().out.count("already done") == 2

@@ -1,0 +1,122 @@
+"""Sweep grid expansion, run names, value typing and per-point validation (umtrain/config/sweep.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.distributed import tiny_config
+from umtrain.config import ConfigError, load_config
+from umtrain.config.base import to_dict
+from umtrain.config.sweep import Axis, check_axes, expand, number_text, parse_axis, point_names, resolve_sweep
+
+ULTRAMEM = {"family": "ultramem", "memory": {"placements": ["2:3"], "num_values": 64, "value_dim": 32, "key_dim": 16,
+                                             "num_heads": 2, "topk": 4, "ive_expansion": 4, "tucker_rank": 2,
+                                             "num_cores": 2}}
+
+
+@pytest.fixture
+def base_yaml(tmp_path: Path) -> Path:
+    config = tiny_config(model=ULTRAMEM, logging={"tensorboard_dir": "tb"})
+    config["run_name"] = "base"
+    path = tmp_path / "base.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_values_are_typed_as_yaml():
+    assert parse_axis("optimizer.lr=[1e-3, 3e-4]") == Axis("optimizer.lr", (0.001, 0.0003))
+    assert parse_axis("model.memory.softmax=[true,false]").values == (True, False)
+    assert parse_axis("model.memory.placements=[[1:2],[1:2,3:4]]").values == (["1:2"], ["1:2", "3:4"])
+    assert parse_axis("run_name=[007, a]").values == ("007", "a")          # YAML 1.2: no octal surprise
+    assert parse_axis("model.memory.num_candidates=[null, 8]").values == (None, 8)
+
+
+@pytest.mark.parametrize("text, key, words", [
+    ("optimizer.lrr=[1,2]", "optimizer.lrr", "did you mean 'lr'"),
+    ("optimizer.lr=3e-4", "optimizer.lr", "non-empty YAML list"),
+    ("optimizer.lr=[]", "optimizer.lr", "non-empty YAML list"),
+    ("optimizer.lr=[1e-3,1e-3]", "optimizer.lr", "listed twice"),
+    ("optimizer.lr", "optimizer.lr", "key.path=[v1,v2,...]"),
+])
+def test_bad_axes_name_the_key(text, key, words):
+    with pytest.raises(ConfigError) as err:
+        parse_axis(text)
+    assert err.value.key == key and words in str(err.value)
+
+
+def test_product_and_zip_against_nested_loops():
+    grid = [Axis("optimizer.lr", (1e-3, 3e-4)), Axis("model.memory.topk", (16, 32, 64))]
+    zipped = [Axis("model.memory.value_dim", (32, 64)), Axis("model.memory.num_cores", (2, 4))]
+    expected = [{"optimizer.lr": lr, "model.memory.topk": m, "model.memory.value_dim": dv,
+                 "model.memory.num_cores": h}
+                for lr in (1e-3, 3e-4) for m in (16, 32, 64) for dv, h in ((32, 2), (64, 4))]
+    points = expand(grid, zipped)
+    assert points == expected and len(points) == 2 * 3 * 2
+    assert [list(p) for p in points] == [list(expected[0])] * len(points)     # keys in axis order
+    assert expand([], zipped) == [{"model.memory.value_dim": 32, "model.memory.num_cores": 2},
+                                  {"model.memory.value_dim": 64, "model.memory.num_cores": 4}]
+
+
+@pytest.mark.parametrize("value, text", [(0.0003, "3e-4"), (0.001, "1e-3"), (1e-5, "1e-5"), (2.5e-4, "2.5e-4"),
+                                         (0.5, "0.5"), (32, "32"), (1.0, "1"), (1234.5, "1234.5")])
+def test_number_text(value, text):
+    assert number_text(value) == text
+
+
+def test_names_are_readable_unique_and_stable():
+    points = expand([Axis("optimizer.lr", (1e-3, 3e-4)), Axis("model.memory.topk", (16, 32))])
+    assert point_names(points) == ["lr1e-3_topk16", "lr1e-3_topk32", "lr3e-4_topk16", "lr3e-4_topk32"]
+    assert point_names(expand([Axis("model.memory.softmax", (True, False)),
+                               Axis("model.memory.placements", (["1:2"], ["1:2", "3:4"]))])) == [
+        "softmax-on_placements1-2", "softmax-on_placements1-2+3-4",
+        "softmax-off_placements1-2", "softmax-off_placements1-2+3-4"]
+    assert point_names(expand([Axis("model.memory.topk", (8,)), Axis("model.moe.topk", (2,))])) == \
+        ["model.memory.topk8_model.moe.topk2"]                                  # a shared last segment: full keys
+    clash = point_names(expand([Axis("data.cache_path", ("a/b", "a b", "c"))]))
+    assert clash == ["cache-path-a-b-p0", "cache-path-a-b-p1", "cache-path-c"]   # `_` separates keys only
+    assert len(set(clash)) == 3
+
+
+def test_axis_conflicts_are_refused():
+    lr = Axis("optimizer.lr", (1e-3, 3e-4))
+    with pytest.raises(ConfigError, match="swept twice"):
+        check_axes([lr], [lr])
+    with pytest.raises(ConfigError, match="both swept and fixed"):
+        check_axes([lr], [], ["optimizer.lr=1e-2"])
+    with pytest.raises(ConfigError, match="set per run by the sweep") as err:
+        check_axes([lr], [], ["checkpoint.save=/x"])
+    assert err.value.key == "checkpoint.save"
+    with pytest.raises(ConfigError, match="same number of values"):
+        check_axes([], [lr, Axis("training.seed", (1, 2, 3))])
+    with pytest.raises(ConfigError, match="at least one"):
+        check_axes([], [])
+
+
+def test_each_run_is_the_base_config_with_its_overrides(base_yaml, tmp_path):
+    out = tmp_path / "sweep"
+    zipped = [parse_axis("model.memory.value_dim=[32,64]"), parse_axis("model.memory.softmax=[false,true]")]
+    runs = resolve_sweep(base_yaml, [parse_axis("optimizer.lr=[1e-3,3e-4]")], zipped,
+                         ["training.train_iters=3", "model.memory.num_cores=1", "model.memory.tucker_rank=1"], out)
+    assert [r.name for r in runs] == ["lr1e-3_value-dim32_softmax-off", "lr1e-3_value-dim64_softmax-on",
+                                      "lr3e-4_value-dim32_softmax-off", "lr3e-4_value-dim64_softmax-on"]
+    for run, (lr, dv, softmax) in zip(runs, [("1e-3", 32, "false"), ("1e-3", 64, "true"),
+                                             ("3e-4", 32, "false"), ("3e-4", 64, "true")]):
+        run_dir = out / run.name
+        reference = load_config(base_yaml, [
+            "training.train_iters=3", "model.memory.num_cores=1", "model.memory.tucker_rank=1",
+            f"optimizer.lr={lr}", f"model.memory.value_dim={dv}", f"model.memory.softmax={softmax}",
+            f"run_name=base-{run.name}", f"checkpoint.save={run_dir / 'checkpoints'}",
+            f"logging.tensorboard_dir={run_dir / 'tensorboard'}"])
+        assert to_dict(run.config) == to_dict(reference)
+    assert not out.exists()
+
+
+def test_a_bad_value_names_the_key_and_the_point(base_yaml, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        resolve_sweep(base_yaml, [parse_axis("model.memory.topk=[4,0]")], [], [], tmp_path / "sweep")
+    assert err.value.key == "model.memory.topk"
+    assert "sweep point 'topk0'" in str(err.value) and "model.memory.topk=0" in str(err.value)
+    assert not (tmp_path / "sweep").exists()

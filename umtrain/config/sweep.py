@@ -1,0 +1,200 @@
+"""Config sweeps as pure functions: `--grid key=[v1,v2]` axes -> points -> named runs -> resolved, validated configs.
+
+A sweep is the Cartesian product of its grid axes, times (optionally) one group of zipped axes that vary together.
+Each point gets a readable, unique, stable name (`lr3e-4_topk32`) built from the values it sets, and its own
+`checkpoint.save` (and `logging.tensorboard_dir` when the base config logs to tensorboard) under `OUT/<name>/`.
+Nothing here touches the filesystem except reading the base YAML; `umtrain.cli.sweep` writes and launches.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import yaml
+
+from umtrain.config.base import ConfigError, set_dotted
+from umtrain.config.loader import apply_overrides, config_from_dict, parse_yaml, read_yaml
+from umtrain.config.schema import Config
+
+RUN_CHECKPOINTS = "checkpoints"
+"""Each run's checkpoint.save: OUT/<name>/checkpoints."""
+SWEEP_OWNED_KEYS = ("run_name", "checkpoint.save", "logging.tensorboard_dir")
+"""Keys the sweep sets per run (so each run has its own name and directories): not sweepable or fixable."""
+
+
+@dataclass(frozen=True)
+class Axis:
+    """One swept key and the values it takes, in the order given."""
+
+    key: str
+    values: tuple
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    """One point of the sweep: its name, the swept values it sets, and its resolved config."""
+
+    name: str
+    point: dict[str, Any]
+    config: Config
+
+
+def parse_axis(text: str) -> Axis:
+    """`key.path=[v1, v2, ...]` (a YAML list; each value parsed as YAML like an override value) -> Axis."""
+    if "=" not in text:
+        raise ConfigError(text, "a sweep axis must look like key.path=[v1,v2,...]")
+    key, raw = (part.strip() for part in text.split("=", 1))
+    try:
+        values = parse_yaml(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(key, f"cannot parse the sweep values {raw!r}: {err}") from err
+    if not isinstance(values, list) or not values:
+        raise ConfigError(key, f"sweep values must be a non-empty YAML list like [1e-3,3e-4], got {raw!r}")
+    seen = []
+    for value in values:
+        if value in seen:
+            raise ConfigError(key, f"sweep value {value!r} is listed twice")
+        seen.append(value)
+    set_dotted({}, key, None, Config)   # an unknown key is named now, before any config is built
+    return Axis(key, tuple(values))
+
+
+def check_axes(grid: list[Axis], zipped: list[Axis], fixed_overrides: Iterable[str] = ()) -> None:
+    """Each key swept once, not also fixed, not a key the sweep sets itself; zipped axes of equal length."""
+    fixed = {text.split("=", 1)[0].strip() for text in fixed_overrides}
+    seen: set[str] = set()
+    for axis in [*grid, *zipped]:
+        if axis.key in seen:
+            raise ConfigError(axis.key, "is swept twice")
+        if axis.key in fixed:
+            raise ConfigError(axis.key, "is both swept and fixed by an override")
+        if axis.key in SWEEP_OWNED_KEYS:
+            raise ConfigError(axis.key, "is set per run by the sweep (under --out); it cannot be swept")
+        seen.add(axis.key)
+    owned = sorted(fixed & set(SWEEP_OWNED_KEYS))
+    if owned:
+        raise ConfigError(owned[0], "is set per run by the sweep (under --out); it cannot be overridden")
+    lengths = {len(axis.values) for axis in zipped}
+    if len(lengths) > 1:
+        described = ", ".join(f"{axis.key} has {len(axis.values)}" for axis in zipped)
+        raise ConfigError(zipped[0].key, f"zipped axes must have the same number of values ({described})")
+    if not grid and not zipped:
+        raise ConfigError("--grid", "a sweep needs at least one --grid or --zip axis")
+
+
+def expand(grid: list[Axis], zipped: list[Axis] = ()) -> list[dict[str, Any]]:
+    """The sweep's points: the product of the grid axes (first axis slowest) and, as one more factor, the zipped
+    axes taken together. Each point maps the swept keys, in axis order, to their values."""
+    factors = [[{axis.key: value} for value in axis.values] for axis in grid]
+    if zipped:
+        factors.append([{axis.key: value for axis, value in zip(zipped, values)}
+                        for values in zip(*(axis.values for axis in zipped))])
+    points = []
+    for combination in itertools.product(*factors):
+        point: dict[str, Any] = {}
+        for part in combination:
+            point.update(part)
+        points.append(point)
+    return points
+
+
+# --------------------------------------------------------------------------------------------- names
+
+
+def number_text(value: float | int) -> str:
+    """The shorter of plain and scientific notation: 0.0003 -> '3e-4', 0.001 -> '1e-3', 32 -> '32', 0.5 -> '0.5'."""
+    if isinstance(value, int) or (math.isfinite(value) and value.is_integer() and abs(value) < 1e6):
+        return str(int(value))
+    if not math.isfinite(value):
+        return str(value)
+    plain = repr(value)
+    mantissa, exponent = f"{value:e}".split("e")
+    mantissa = mantissa.rstrip("0").rstrip(".")
+    scientific = f"{mantissa}e{int(exponent)}"
+    return scientific if len(scientific) < len(plain) else plain
+
+
+def value_text(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if value is None:
+        return "none"
+    if isinstance(value, (int, float)):
+        return number_text(value)
+    if isinstance(value, list):
+        return "+".join(value_text(item) for item in value)
+    if isinstance(value, dict):
+        return "+".join(f"{k}-{value_text(v)}" for k, v in value.items())
+    return str(value)
+
+
+def sanitize(text: str) -> str:
+    """Letters, digits and `.+-` only (safe in paths, shells and tensorboard/wandb names)."""
+    return re.sub(r"-{2,}", "-", re.sub(r"[^A-Za-z0-9.+-]", "-", text)).strip("-") or "x"
+
+
+def short_keys(keys: list[str]) -> dict[str, str]:
+    """Each key's last segment (`optimizer.lr` -> `lr`), or its whole dotted path where two keys share one."""
+    last = [key.rsplit(".", 1)[-1] for key in keys]
+    return {key: (tail if last.count(tail) == 1 else key) for key, tail in zip(keys, last)}
+
+
+def point_token(short: str, value: Any) -> str:
+    """`lr` 3e-4 -> `lr3e-4`; `softmax` false -> `softmax-off` (a separator unless the value starts with a digit)."""
+    text = sanitize(value_text(value))
+    return sanitize(short + (text if text[0].isdigit() else "-" + text))
+
+
+def point_names(points: list[dict[str, Any]]) -> list[str]:
+    """Readable names joined by `_` (`lr3e-4_topk32`); points whose names coincide get `-p<index>` appended."""
+    shorts = short_keys(list(points[0]))
+    names = ["_".join(point_token(shorts[key], value) for key, value in point.items()) for point in points]
+    return [f"{name}-p{i}" if names.count(name) > 1 else name for i, name in enumerate(names)]
+
+
+def describe(point: dict[str, Any]) -> str:
+    return ", ".join(f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+                     for key, value in point.items())
+
+
+# --------------------------------------------------------------------------------------------- configs
+
+
+def run_directories(run_dir: Path, base: dict) -> dict[str, str]:
+    """The per-run keys under `OUT/<name>/`: checkpoints always (resume and the summary need them), tensorboard
+    when the base config has it on."""
+    keys = {"checkpoint.save": str(run_dir / RUN_CHECKPOINTS)}
+    if (base.get("logging") or {}).get("tensorboard_dir") is not None:
+        keys["logging.tensorboard_dir"] = str(run_dir / "tensorboard")
+    return keys
+
+
+def point_config(base: dict, point: dict[str, Any], name: str, run_dir: Path, world_size: Optional[int]) -> Config:
+    """The validated config of one point; a bad key or value raises a ConfigError naming the key and the point."""
+    data = copy.deepcopy(base)
+    try:
+        for key, value in point.items():
+            set_dotted(data, key, copy.deepcopy(value), Config)
+        for key, value in run_directories(run_dir, base).items():
+            set_dotted(data, key, value, Config)
+        set_dotted(data, "run_name", f"{base.get('run_name', Config.run_name)}-{name}", Config)
+        return config_from_dict(data, world_size=world_size)
+    except ConfigError as err:
+        message = str(err).removeprefix(f"{err.key}: ")
+        raise ConfigError(err.key, f"{message} (sweep point '{name}': {describe(point)})") from err
+
+
+def resolve_sweep(config_path: str | Path, grid: list[Axis], zipped: list[Axis], fixed_overrides: list[str],
+                  out: Path, world_size: Optional[int] = None) -> list[SweepRun]:
+    """Every point's config, fully resolved and validated (nothing is written)."""
+    check_axes(grid, zipped, fixed_overrides)
+    base = apply_overrides(read_yaml(config_path), fixed_overrides)
+    points = expand(grid, zipped)
+    return [SweepRun(name, point, point_config(base, point, name, out / name, world_size))
+            for name, point in zip(point_names(points), points)]
