@@ -74,6 +74,11 @@ def pass_on_to_workers(signum: int, frame) -> None:
             continue
 
 
+def run_local(nproc_per_node: int, command: list[str]) -> int:
+    """`umtrain <command>` on this machine under torchrun with N processes (rendezvous on a free local port)."""
+    return run_torchrun(["--standalone", f"--nproc-per-node={nproc_per_node}", "-m", WORKER_MODULE, *command])
+
+
 def run_torchrun(argv: list[str]) -> int:
     from torch.distributed.run import main as torchrun
 
@@ -87,7 +92,7 @@ def run_torchrun(argv: list[str]) -> int:
     except Exception as err:  # ChildFailedError carries every failed worker's exit code
         code = exit_code_of(err, workers_save_checkpoints(argv))
         if code != REQUEUE_EXIT_CODE:
-            print(f"umtrain: training failed: {err}", file=sys.stderr)
+            print(f"umtrain: a worker failed: {err}", file=sys.stderr)
         return code
     return 0
 

@@ -41,9 +41,7 @@ def run(args) -> int:
 
 
 def launch_local(args) -> int:
-    """Re-run this command under torchrun with N local processes (rendezvous on a free local port)."""
-    from umtrain.checkpoint.launch import run_torchrun
+    """Re-run this command under torchrun with N local processes."""
+    from umtrain.checkpoint.launch import run_local
 
-    command = ["--standalone", f"--nproc-per-node={args.nproc_per_node}", "-m", "umtrain.cli.main", "train",
-               "--config", args.config, *args.overrides]
-    return run_torchrun(command)
+    return run_local(args.nproc_per_node, ["train", "--config", args.config, *args.overrides])

@@ -8,7 +8,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from megatron.core import parallel_state
@@ -198,13 +198,16 @@ class Trainer:
         return StepResult(loss, result.grad_norm, result.applied, lr)
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self, batches: Optional[MicroBatches] = None) -> float:
+        """Mean loss of the first `training.eval_iters` global batches of `batches` (default: the validation
+        split's), in eval mode."""
+        batches = self.valid_batches if batches is None else batches
         for chunk in self.model:
             chunk.eval()
         losses = []
         batch_size = self.config.training.global_batch_size
         for i in range(self.config.training.eval_iters):
-            losses.append(self._mean_loss(self._run_schedule(self.valid_batches, i * batch_size, forward_only=True)))
+            losses.append(self._mean_loss(self._run_schedule(batches, i * batch_size, forward_only=True)))
         for chunk in self.model:
             chunk.train()
         return sum(losses) / len(losses)
