@@ -18,8 +18,8 @@ from typing import Optional, Sequence
 import torch
 
 
-def make_inputs(tokens: int, k: int, cores: int, d_v: int, blocks: int, rows: int, dtype: torch.dtype,
-                device: str = "cpu") -> tuple[torch.Tensor, ...]:
+def lookup_reduce_benchmark_inputs(*, tokens: int, k: int, cores: int, d_v: int, blocks: int, rows: int,
+                                   dtype: torch.dtype, device: str = "cpu") -> tuple[torch.Tensor, ...]:
     """Seeded lookup-reduce inputs: rows, blocks [T, K]; scores [h, T, K] and table [N, d_v] as leaves; the
     output gradient [T, E, d_v].
 

@@ -31,7 +31,7 @@ if "--small-pages" not in sys.argv:
 import torch                                                          # noqa: E402
 import torch.nn.functional as F                                       # noqa: E402
 
-from common import machine, make_inputs, write_result                  # noqa: E402
+from common import lookup_reduce_benchmark_inputs, machine, write_result  # noqa: E402
 from umtrain.ops.fused_lookup_reduce import fused_lookup_reduce       # noqa: E402
 from umtrain.ops.lookup_reduce import lookup_reduce_reference         # noqa: E402
 
@@ -96,9 +96,10 @@ BASELINE = "gather_onehot_einsum"
 
 
 def inputs_for(args: argparse.Namespace) -> tuple[torch.Tensor, ...]:
-    """The seeded inputs of the command line's shape (see common.make_inputs)."""
-    return make_inputs(args.tokens, args.top_m * args.heads, args.cores, args.d_v, args.blocks, args.rows,
-                       getattr(torch, args.dtype))
+    """The seeded inputs of the command line's shape (see common.lookup_reduce_benchmark_inputs)."""
+    return lookup_reduce_benchmark_inputs(tokens=args.tokens, k=args.top_m * args.heads, cores=args.cores,
+                                          d_v=args.d_v, blocks=args.blocks, rows=args.rows,
+                                          dtype=getattr(torch, args.dtype))
 
 
 def tiny_slice(inputs, tokens: int = 2, rows: int = 16):

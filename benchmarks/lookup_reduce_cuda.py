@@ -20,7 +20,7 @@ from typing import Callable, Dict
 import torch
 import triton.testing
 
-from common import machine, make_inputs, write_result
+from common import lookup_reduce_benchmark_inputs, machine, write_result
 from lookup_reduce import add_shape_arguments, embedding_bag_autograd, gather_onehot_einsum
 from umtrain.ops.lookup_reduce import get_lookup_reduce
 
@@ -65,8 +65,8 @@ def peak_bytes(run: Callable[[], None]) -> int:
 
 
 def measure(args: argparse.Namespace, tokens: int, dtype: torch.dtype, name: str, bandwidth: dict) -> dict:
-    inputs = make_inputs(tokens, args.top_m * args.heads, args.cores, args.d_v, args.blocks, args.rows, dtype,
-                         device="cuda")
+    inputs = lookup_reduce_benchmark_inputs(tokens=tokens, k=args.top_m * args.heads, cores=args.cores, d_v=args.d_v,
+                                            blocks=args.blocks, rows=args.rows, dtype=dtype, device="cuda")
     fn = IMPLS[name]
     row_bytes = tokens * args.top_m * args.heads * args.d_v * inputs[3].element_size()
     result = {"tokens": tokens, "dtype": str(dtype).removeprefix("torch."), "impl": name}

@@ -231,7 +231,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         _print_pooled(report["pooled"])
     print("counted bytes equalled the predicted bytes at every point and rank")
     if args.json:
-        write_result(Path(args.json), report, __file__, compact=True)     # compact: every repetition's time is in it
+        write_result(Path(args.json), report, __file__, args.argv, compact=True)   # compact: every repetition's time
     return 0
 
 
@@ -387,6 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     crossover.add_argument("--png", default="docs/memory_sharding_crossover.png")
     crossover.set_defaults(func=run_crossover)
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv     # the JSON's command
     return args.func(args)
 
 

@@ -12,9 +12,19 @@ set -uo pipefail
 
 nproc=${NPROC_PER_NODE:-$(nvidia-smi -L 2>/dev/null | wc -l)}
 nproc=$(( nproc > 0 ? nproc : 1 ))
-nnodes=${NNODES:-${SLURM_NNODES:-1}}
-node_rank=${NODE_RANK:-${SLURM_NODEID:-0}}
-master_addr=${MASTER_ADDR:-$(scontrol show hostnames "${SLURM_JOB_NODELIST:-localhost}" 2>/dev/null | head -n 1)}
+if [ -n "${SLURM_JOB_ID:-}" ]; then   # SLURM's own values win over any NNODES/NODE_RANK the job inherited
+    nnodes=${SLURM_NNODES:-1}
+    node_rank=${SLURM_NODEID:-0}
+    master_addr=${MASTER_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null | head -n 1)}
+else
+    nnodes=${NNODES:-1}
+    node_rank=${NODE_RANK:-0}
+    master_addr=${MASTER_ADDR:-}
+    if [ "$nnodes" -gt 1 ] && [ -z "$master_addr" ]; then
+        echo "launch/torchrun.sh: NNODES=$nnodes needs MASTER_ADDR (node 0's address) on every node" >&2
+        exit 2
+    fi
+fi
 master_addr=${master_addr:-127.0.0.1}
 master_port=${MASTER_PORT:-29500}
 

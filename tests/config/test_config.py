@@ -168,6 +168,8 @@ def test_bad_memory_values(override, key):
     (["parallel.tensor_model_parallel_size=2", "model.vocab_size=257"], "model.vocab_size"),
     (["parallel.tensor_model_parallel_size=2", "parallel.sequence_parallel=true", "model.family=moe",
       "model.moe={num_experts: 4, moe_ffn_hidden_size: 129}"], "model.moe.moe_ffn_hidden_size"),
+    (["checkpoint.save="], "checkpoint.save"),
+    (["checkpoint.load=''"], "checkpoint.load"),
 ])
 def test_out_of_range_values_name_their_key(overrides, key):
     with pytest.raises(ConfigError) as info:

@@ -59,9 +59,16 @@ def test_torchrun_sh_outside_slurm_takes_the_nodes_from_the_environment(tmp_path
     assert args[-6:] == ["-m", "umtrain.cli.main", "train", "--config", "my run.yaml", "training.train_iters=5"]
 
 
+def test_torchrun_sh_outside_slurm_needs_the_rendezvous_address_for_several_nodes(tmp_path):
+    rc, calls, _ = run_script(tmp_path, "launch/torchrun.sh", {"NNODES": "2", "NODE_RANK": "1"})
+    assert rc == 2 and calls == []
+
+
 def test_torchrun_sh_under_slurm_rendezvous_on_the_first_node(tmp_path):
+    """SLURM's values win over NNODES/NODE_RANK the job inherited from the submitting shell."""
     rc, calls, _ = run_script(tmp_path, "launch/torchrun.sh",
-                              {"SLURM_NNODES": "3", "SLURM_NODEID": "2", "SLURM_JOB_NODELIST": "node-[a-b]"})
+                              {"SLURM_JOB_ID": "5", "SLURM_NNODES": "3", "SLURM_NODEID": "2",
+                               "SLURM_JOB_NODELIST": "node-[a-b]", "NNODES": "2", "NODE_RANK": "0"})
     assert rc == 0
     args = calls[0]
     assert (option(args, "--nnodes"), option(args, "--node-rank"), option(args, "--nproc-per-node")) == ("3", "2", "1")

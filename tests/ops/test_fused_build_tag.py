@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import os
+import subprocess
+import sys
 import time
 
 import umtrain.ops.fused_lookup_reduce as fused
@@ -22,11 +23,21 @@ def test_each_checkout_and_version_of_the_source_gets_its_own_build(tmp_path, mo
     assert fused._build_tag() == tags[2]
 
 
-def test_a_lock_left_by_a_killed_build_is_removed_and_a_live_one_kept(tmp_path):
-    lock = tmp_path / "lock"
-    assert not fused.remove_stale_build_lock(lock)
-    lock.touch()
-    assert not fused.remove_stale_build_lock(lock) and lock.exists()          # a build in progress
-    old = time.time() - fused.STALE_BUILD_LOCK_S - 1
-    os.utime(lock, (old, old))
-    assert fused.remove_stale_build_lock(lock) and not lock.exists()
+def test_a_lock_left_by_a_killed_build_is_removed_under_the_os_lock(tmp_path):
+    (tmp_path / "lock").touch()                       # torch's lock file, its builder gone
+    with fused.exclusive_build(tmp_path):
+        assert not (tmp_path / "lock").exists()
+
+
+def test_a_second_builder_waits_for_the_first(tmp_path):
+    script = ("import sys, time; from pathlib import Path; import umtrain.ops.fused_lookup_reduce as f\n"
+              "with f.exclusive_build(Path(sys.argv[1])):\n"
+              "    print('inside', flush=True); time.sleep(3); print('leaving', flush=True)\n")
+    holder = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "inside"
+    (tmp_path / "lock").touch()                       # the holder's build in progress
+    start = time.monotonic()
+    with fused.exclusive_build(tmp_path):
+        waited = time.monotonic() - start
+        assert holder.stdout.readline().strip() == "leaving"      # entered only once the holder had left
+    assert waited > 1.0 and holder.wait() == 0

@@ -87,6 +87,11 @@ def planned_dtype(config) -> str:
     return {torch.bfloat16: "bf16", torch.float32: "fp32"}[config.training.params_dtype(TARGET_HAS_CUDA)]
 
 
+def _precision_source(config) -> str:
+    precision = config.training.precision
+    return "training.precision auto, as on GPUs" if precision == "auto" else f"training.precision {precision}"
+
+
 def _group_ranks(memory_parallel_group: str, tp: int) -> str:
     if memory_parallel_group == "tensor_data":
         return f"consecutive ranks in TP-then-DP order, TP={tp}"
@@ -104,8 +109,8 @@ def format_plan(plans: list[LayerPlan], config, world: int, calibration: Calibra
         f"world {world}: {groups} memory-parallel group(s) of P={dims.group_size} per pipeline stage "
         f"({_group_ranks(p.memory_parallel_group, p.tensor_model_parallel_size)}); "
         f"K={dims.topk}, E={dims.num_blocks}, h={dims.num_cores}, d_v={dims.value_dim}, "
-        f"{planned_dtype(config)} ({dims.value_bytes}-byte) values and scores (training.precision "
-        f"{config.training.precision}, as on GPUs; --dtype sets it)",
+        f"{planned_dtype(config)} ({dims.value_bytes}-byte) values and scores ({_precision_source(config)}; "
+        f"--dtype sets it)",
         f"calibration: alpha {calibration.alpha_s * 1e6:.1f} us, {1 / calibration.beta_s_per_byte / 1e9:.2f} GB/s "
         f"({calibration.source})",
         _describe_compute(calibration) if calibration.compute.calibrated else

@@ -10,11 +10,12 @@ from __future__ import annotations
 import math
 import signal
 from dataclasses import dataclass, field
-from typing import List, Literal, Optional
-
-import torch
+from typing import TYPE_CHECKING, List, Literal, Optional
 
 from umtrain.config.base import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 Family = Literal["dense", "moe", "pkm", "ultramem"]
 
@@ -490,6 +491,8 @@ class TrainingConfig:
         """The dtype training runs in (parameters, activations, memory values and scores): `precision`, with auto
         resolved for the training device. `cuda`: whether that device is a GPU (default: this machine's); a plan for
         another cluster passes the target's."""
+        import torch   # here, so that reading a config (launchers, sweeps) does not import torch
+
         precision = self.precision
         if precision == "auto":
             precision = "bf16" if (torch.cuda.is_available() if cuda is None else cuda) else "fp32"
@@ -524,6 +527,9 @@ class CheckpointConfig:
     """On load, take the weights only and start a fresh optimizer."""
 
     def validate(self, prefix: str) -> None:
+        for name in ("save", "load"):
+            _require(getattr(self, name) is None or getattr(self, name).strip() != "", _join(prefix, name),
+                     "is empty: give a directory, or null to leave it unset")
         _require(self.save_interval >= 0, _join(prefix, "save_interval"), "must be >= 0")
         _require(self.keep_last >= 1, _join(prefix, "keep_last"), "must be >= 1")
         _require(self.keep_every >= 0, _join(prefix, "keep_every"), "must be >= 0 (0: none)")

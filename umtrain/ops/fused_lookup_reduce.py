@@ -15,14 +15,15 @@ source file (path and contents), flags and CPU; a failed build raises.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import logging
 import platform
-import time
 from pathlib import Path
 from types import ModuleType
-from typing import Optional, Tuple
+from typing import Iterator, Optional, Tuple
 
 import torch
 
@@ -32,36 +33,37 @@ SOURCE = Path(__file__).parent / "csrc" / "lookup_reduce.cpp"
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
 
 
-STALE_BUILD_LOCK_S = 600
-"""A build lock older than this is left by a process killed while compiling (a build takes a few minutes at most)."""
-
-
 @functools.lru_cache(maxsize=None)
 def extension() -> ModuleType:
     """The compiled kernels; built on first call, then loaded from torch's extension cache."""
     from torch.utils.cpp_extension import _get_build_directory, load
 
     name = f"umtrain_lookup_reduce_{_build_tag()}"
-    lock = Path(_get_build_directory(name, verbose=False)) / "lock"
-    remove_stale_build_lock(lock)
+    build_dir = Path(_get_build_directory(name, verbose=False))
     logging.getLogger("umtrain").info("loading the fused lookup-reduce extension (the first use after a change of "
-                                      "%s compiles it: up to a minute; while %s exists another process is "
-                                      "compiling it)", SOURCE.name, lock)
-    return load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"])
+                                      "%s compiles it: up to a minute; it waits while another process builds it)",
+                                      SOURCE.name)
+    with exclusive_build(build_dir):
+        return load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"])
 
 
-def remove_stale_build_lock(lock: Path, max_age_s: float = STALE_BUILD_LOCK_S) -> bool:
-    """torch waits for as long as a build's lock file exists, and a process killed while compiling leaves its lock
-    behind: every later run would hang. Remove a lock older than `max_age_s` (with a warning)."""
-    try:
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
-        return False
-    if age < max_age_s:
-        return False
-    logging.getLogger("umtrain").warning("removing %s, left %.0f s ago by a build that did not finish", lock, age)
-    lock.unlink(missing_ok=True)
-    return True
+@contextlib.contextmanager
+def exclusive_build(build_dir: Path) -> Iterator[None]:
+    """Hold an OS lock on the build directory while torch builds or loads the extension in it.
+
+    torch's own lock is a file that waits as long as it exists, and a process killed while compiling leaves it
+    behind: every later run would hang. The OS lock is released when its holder dies, and every umtrain process
+    builds under it, so a torch lock file found while holding it was left by a killed build: it is removed."""
+    with open(build_dir / "umtrain.flock", "w") as guard:
+        fcntl.flock(guard, fcntl.LOCK_EX)
+        stale = build_dir / "lock"
+        if stale.exists():
+            logging.getLogger("umtrain").warning("removing %s, left by a build that did not finish", stale)
+            stale.unlink(missing_ok=True)
+        try:
+            yield
+        finally:
+            fcntl.flock(guard, fcntl.LOCK_UN)
 
 
 def _build_tag() -> str:

@@ -15,7 +15,6 @@ from megatron.core import parallel_state, tensor_parallel
 
 from umtrain.config import Config
 from umtrain.parallel import cpu_compat
-from umtrain.parallel.comm import free_port
 from umtrain.parallel.sequence import destroy_memory_sequence_group, ensure_memory_sequence_group
 
 
@@ -86,7 +85,7 @@ def process_group_of_one() -> Iterator[None]:
     if torch.distributed.is_initialized():
         yield
         return
-    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
     try:
         yield
     finally:
