@@ -242,3 +242,14 @@ def test_optimizer_states_of_another_format_are_refused_by_name(tmp_path):
         check_optimizer_format(fine, moe, tmp_path)
     with pytest.raises(ConfigError, match="parallel.use_distributed_optimizer"):
         check_optimizer_format(common(2, 1, distributed=False), moe, tmp_path)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_holds_the_validation_loss_of_its_own_step(tmp_path):
+    """Validation runs before the save of the same step: the final checkpoint of a finished run (the one
+    `umtrain sweep --summarize` reads) holds its last validation loss."""
+    config = run_config(4, save=str(tmp_path / "ckpt"), save_interval=2)
+    config["training"].update(eval_interval=2, eval_iters=1)
+    train(config, 1)
+    common = torch.load(tmp_path / "ckpt" / manager.checkpoint_name(4) / "common.pt", weights_only=False)
+    assert sorted(common["history"]["valid_loss"]) == [2, 4]

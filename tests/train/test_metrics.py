@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from umtrain.config import load_config
-from umtrain.train.metrics import MetricsWriter, format_line, format_memory_health, training_flops_per_token
+from umtrain.train.metrics import (MetricsWriter, format_line, format_memory_health, training_flops_per_token,
+                                   wandb_resume)
 
 
 def test_format_line_shows_every_known_value():
@@ -34,3 +35,39 @@ def test_tensorboard_and_offline_wandb(tmp_path):
     writer.close()
     assert list(Path(tmp_path, "tb").glob("events.out.tfevents.*"))
     assert list(Path(tmp_path, "wandb").rglob("offline-run-*"))
+
+
+def scalar_steps(log_dir, tag: str) -> list[int]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(log_dir))
+    events.Reload()
+    return [event.step for event in events.Scalars(tag)]
+
+
+def test_a_resumed_run_continues_its_tensorboard_and_wandb_records(tmp_path, monkeypatch):
+    """The first attempt logged steps 1-6 but its last checkpoint is at step 4 (a crash, or a rollback): the
+    resumed run's steps 5 and 6 replace the old ones, each step once; wandb resumes the same run."""
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    c = load_config(None, ["data.mock=true", f"logging.tensorboard_dir={tmp_path}/tb", f"checkpoint.save={tmp_path}/ck",
+                           "logging.wandb_project=umtrain-test", f"logging.wandb_dir={tmp_path}/wandb"])
+    first = MetricsWriter(c, enabled=True)
+    for step in range(1, 7):
+        first.scalars({"loss": float(step)}, step=step)
+    first.close()
+    resumed = MetricsWriter(c, enabled=True, start_step=4)
+    for step in (5, 6):
+        resumed.scalars({"loss": 10.0 + step}, step=step)
+    resumed.close()
+    assert scalar_steps(tmp_path / "tb", "loss") == [1, 2, 3, 4, 5, 6]
+    runs = sorted(p.name for p in Path(tmp_path, "wandb").rglob("offline-run-*"))
+    run_id = wandb_resume(c)["id"]
+    assert len(runs) == 2 and all(run_id in run for run in runs)           # two attempts of one run
+
+
+def test_wandb_mode_from_the_environment_wins(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    c = load_config(None, ["data.mock=true", "logging.wandb_project=umtrain-test", f"logging.wandb_dir={tmp_path}/w"])
+    writer = MetricsWriter(c, enabled=True)
+    assert writer.wandb is None
+    writer.close()

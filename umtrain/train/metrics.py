@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import resource
@@ -40,9 +41,13 @@ def training_flops_per_token(config: Config, activated_flops_per_token: float, v
 
 
 class MetricsWriter:
-    """Console (via the progress bar), tensorboard and wandb, on the logging rank only."""
+    """Console (via the progress bar), tensorboard and wandb, on the logging rank only.
 
-    def __init__(self, config: Config, enabled: bool):
+    A resumed run (`start_step` > 0) continues the same records: tensorboard drops the events after `start_step`
+    that an earlier attempt wrote past its last checkpoint (a crash, a rollback), and wandb resumes the run of the
+    same `checkpoint.save`."""
+
+    def __init__(self, config: Config, enabled: bool, start_step: int = 0):
         self.enabled = enabled
         self.tensorboard = None
         self.wandb = None
@@ -52,14 +57,15 @@ class MetricsWriter:
         if log.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(log_dir=log.tensorboard_dir)
-            self.tensorboard.add_text("config", "```\n" + dump_config(config) + "\n```")
-        if log.wandb_project and log.wandb_mode != "disabled":
+            self.tensorboard = SummaryWriter(log_dir=log.tensorboard_dir, purge_step=start_step + 1 if start_step else None)
+            self.tensorboard.add_text("config", "```\n" + dump_config(config) + "\n```", global_step=start_step)
+        mode = os.environ.get("WANDB_MODE", log.wandb_mode)
+        if log.wandb_project and mode != "disabled":
             import wandb
 
             os.makedirs(log.wandb_dir or "wandb", exist_ok=True)
-            self.wandb = wandb.init(project=log.wandb_project, name=config.run_name, mode=log.wandb_mode,
-                                    dir=log.wandb_dir, config=to_dict(config))
+            self.wandb = wandb.init(project=log.wandb_project, name=config.run_name, mode=mode, dir=log.wandb_dir,
+                                    config=to_dict(config), **wandb_resume(config))
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         if not self.enabled:
@@ -75,6 +81,14 @@ class MetricsWriter:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def wandb_resume(config: Config) -> dict:
+    """A run that saves checkpoints has one wandb run, whatever its restarts: its id follows `checkpoint.save`."""
+    if config.checkpoint.save is None:
+        return {}
+    digest = hashlib.sha1(os.path.abspath(config.checkpoint.save).encode()).hexdigest()[:16]
+    return {"id": f"umtrain-{digest}", "resume": "allow"}
 
 
 def format_line(step: int, total: int, values: dict[str, float]) -> str:

@@ -123,10 +123,10 @@ class Trainer:
         self.iteration = 0
         self.consumed_samples = 0
         self.history = History()
-        self.metrics = MetricsWriter(config, enabled=self.layout.is_logging_rank)
         self.flops_per_token = self._training_flops_per_token()
         self.checkpointer = Checkpointer(config)
         self.checkpointer.resume(self)
+        self.metrics = MetricsWriter(config, enabled=self.layout.is_logging_rank, start_step=self.iteration)
 
     # ----------------------------------------------------------------------------------------- setup
     def _build_data(self):
@@ -262,11 +262,11 @@ class Trainer:
             bar.set_postfix(loss=f"{step.loss:.4f}")
             if self._due(self.config.logging.log_interval):
                 self._log_window(step, window, bar)
+            if self.validates and self._due(self.config.training.eval_interval):
+                self._validate(bar)      # before saving, so that the step's checkpoint holds its validation loss
             if self.checkpointer.should_save(self.iteration):
                 self._save()
             self._stop_if_preempted()
-            if self.validates and self._due(self.config.training.eval_interval):
-                self._validate(bar)
         bar.close()
         return self._finish()
 
