@@ -137,8 +137,9 @@ class Trainer:
         tokenizer = (MockTokenizer(c.data.mock_vocab_size) if c.data.mock
                      else load_tokenizer(c.data.tokenizer_type, c.data.tokenizer_model))
         t = c.training
-        evals = t.train_iters // t.eval_interval + 1
-        samples = (t.train_iters * t.global_batch_size, evals * t.eval_iters * t.global_batch_size,
+        # Every validation reads the same first eval_iters batches: asking for just those keeps them the same
+        # whatever train_iters and eval_interval are (Megatron's sample order changes with the epochs it covers).
+        samples = (t.train_iters * t.global_batch_size, t.eval_iters * t.global_batch_size,
                    t.eval_iters * t.global_batch_size)
         return tokenizer, build_gpt_datasets(c, tokenizer, *samples)
 
