@@ -4,8 +4,13 @@ script (run with fake srun/scontrol/python), and a local sweep whose summary mat
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -126,11 +131,11 @@ def test_local_launch_goes_on_after_a_failed_run(base_yaml, tmp_path, monkeypatc
     out = tmp_path / "sweep"
     started = []
 
-    def fake_train(command, **kwargs):
+    def fake_train(command, log):
         started.append(command[command.index("--config") + 1])
-        return subprocess.CompletedProcess(command, 1 if len(started) == 1 else 0)
+        return (1 if len(started) == 1 else 0), False
 
-    monkeypatch.setattr(sweep_cli.subprocess, "run", fake_train)
+    monkeypatch.setattr(sweep_cli, "run_training", fake_train)
     assert sweep(base_yaml, out, "--launch", "local") == 1
     assert len(started) == 4
     statuses = {r["name"]: r["status"] for r in json.loads((out / "summary.json").read_text())["runs"]}
@@ -159,3 +164,18 @@ def test_local_sweep_summary_matches_the_checkpoints(base_yaml, tmp_path, capsys
 
     assert main(args) == 0                                              # re-run: both done, nothing trains
     assert capsys.readouterr().out.count("already done") == 2
+
+
+def test_a_stop_signal_reaches_the_training_process(tmp_path):
+    """A SIGTERM to the sweep (scancel, a supervisor) is passed on to the run it trains, which exits (with the
+    requeue code, as training does after its checkpoint) instead of training on alone."""
+    child = ("import signal, sys, time\n"
+             "signal.signal(signal.SIGTERM, lambda *_: sys.exit(42))\n"
+             "time.sleep(60)\n")
+    before = signal.getsignal(signal.SIGTERM)
+    threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    start = time.monotonic()
+    with open(tmp_path / "train.log", "w") as log:
+        assert sweep_cli.run_training([sys.executable, "-c", child], log) == (42, True)
+    assert time.monotonic() - start < 30
+    assert signal.getsignal(signal.SIGTERM) == before

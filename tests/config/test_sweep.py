@@ -10,7 +10,8 @@ import yaml
 from tests.distributed import tiny_config
 from umtrain.config import ConfigError, load_config
 from umtrain.config.base import to_dict
-from umtrain.config.sweep import Axis, check_axes, expand, number_text, parse_axis, point_names, resolve_sweep
+from umtrain.config.sweep import (MAX_NAME, Axis, check_axes, expand, number_text, parse_axis, point_names,
+                                  resolve_sweep)
 
 ULTRAMEM = {"family": "ultramem", "memory": {"placements": ["2:3"], "num_values": 64, "value_dim": 32, "key_dim": 16,
                                              "num_heads": 2, "topk": 4, "ive_expansion": 4, "tucker_rank": 2,
@@ -120,3 +121,14 @@ def test_a_bad_value_names_the_key_and_the_point(base_yaml, tmp_path):
     assert err.value.key == "model.memory.topk"
     assert "sweep point 'topk0'" in str(err.value) and "model.memory.topk=0" in str(err.value)
     assert not (tmp_path / "sweep").exists()
+
+
+def test_long_values_give_bounded_distinct_names():
+    prefix = "/lustre/fsw/portfolios/llm/projects/pretraining/tokenized/demo_sentencepiece_4k"
+    blends = [["0.5", f"{prefix}/a_text_document", "0.5", f"{prefix}/b_text_document"],
+              ["0.2", f"{prefix}/a_text_document", "0.8", f"{prefix}/b_text_document"]]
+    names = point_names([{"data.data_path": blend, "optimizer.lr": lr} for blend in blends for lr in (1e-3, 3e-4)])
+    assert len(set(names)) == 4 and all(len(name) <= MAX_NAME for name in names)
+    assert point_names([{"data.data_path": blends[0]}]) == point_names([{"data.data_path": blends[0]}])
+    many = {f"model.memory.key{i}": "x" * 40 for i in range(12)}
+    assert len(point_names([many])[0]) <= MAX_NAME

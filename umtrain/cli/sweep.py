@@ -8,6 +8,7 @@ import json
 import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -134,8 +135,11 @@ def write_sweep(out: Path, files: dict[str, str]) -> None:
     for name, text in files.items():
         path = out / name
         if not path.is_file():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_file_atomically(path, text)   # an interrupted write leaves no truncated file to conflict with
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                write_file_atomically(path, text)   # an interrupted write leaves no truncated file to conflict with
+            except OSError as err:
+                raise SweepDirError(f"cannot write {path}: {err.strerror}") from None
 
 
 def sbatch_script(runs: list[SweepRun], out: Path, nproc_per_node: Optional[int]) -> str:
@@ -180,12 +184,37 @@ def launch_local(out: Path, nproc_per_node: Optional[int]) -> int:
         _, *train_args = train_command(Path(entry["config"]), nproc_per_node)
         command = [sys.executable, "-m", "umtrain.cli.main", *train_args]
         with open(log, "a") as f:
-            exit_codes[entry["name"]] = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT,
-                                                       env=this_umtrain_env()).returncode
+            exit_codes[entry["name"]], stopped = run_training(command, f)
+        if stopped:
+            print(f"[{i}/{len(runs)}] {entry['name']}: stopped by a signal (exit code {exit_codes[entry['name']]}); "
+                  f"re-run the same command to resume the sweep")
+            return exit_codes[entry["name"]] or 1
         if exit_codes[entry["name"]]:
             print(f"[{i}/{len(runs)}] {entry['name']}: failed with exit code {exit_codes[entry['name']]} (see {log})")
     print_summary(out, exit_codes)
     return int(any(exit_codes.values()))
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+def run_training(command: list[str], log) -> tuple[int, bool]:
+    """One run's training process, with the stop signals this process gets passed on to it (it checkpoints and
+    exits; without this a killed sweep would leave it training, and a re-run would train the same run twice).
+    Returns its exit code and whether a stop signal came."""
+    child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=this_umtrain_env())
+    received: list[int] = []
+
+    def pass_on(signum, frame) -> None:
+        received.append(signum)
+        child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, pass_on) for sig in STOP_SIGNALS}
+    try:
+        return child.wait(), bool(received)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 # --------------------------------------------------------------------------------------------- summary

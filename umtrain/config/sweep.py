@@ -9,6 +9,7 @@ Nothing here touches the filesystem except reading the base YAML; `umtrain.cli.s
 from __future__ import annotations
 
 import copy
+import hashlib
 import itertools
 import math
 import re
@@ -145,17 +146,34 @@ def short_keys(keys: list[str]) -> dict[str, str]:
     return {key: (tail if last.count(tail) == 1 else key) for key, tail in zip(keys, last)}
 
 
+MAX_VALUE_TEXT = 24
+"""Longer value texts (paths, blends) are cut and end in a hash of the value, so that run names stay file names."""
+
+
 def point_token(short: str, value: Any) -> str:
     """`lr` 3e-4 -> `lr3e-4`; `softmax` false -> `softmax-off` (a separator unless the value starts with a digit)."""
     text = sanitize(value_text(value))
+    if len(text) > MAX_VALUE_TEXT:
+        digest = hashlib.sha1(repr(value).encode()).hexdigest()[:8]
+        text = f"{text[:MAX_VALUE_TEXT - 9].rstrip('-.+')}-{digest}"
     return sanitize(short + (text if text[0].isdigit() else "-" + text))
+
+
+MAX_NAME = 120
+"""Run names (directory names) longer than this are cut and end in a hash of the whole name."""
 
 
 def point_names(points: list[dict[str, Any]]) -> list[str]:
     """Readable names joined by `_` (`lr3e-4_topk32`); points whose names coincide get `-p<index>` appended."""
     shorts = short_keys(list(points[0]))
-    names = ["_".join(point_token(shorts[key], value) for key, value in point.items()) for point in points]
+    names = [_capped("_".join(point_token(shorts[key], value) for key, value in point.items())) for point in points]
     return [f"{name}-p{i}" if names.count(name) > 1 else name for i, name in enumerate(names)]
+
+
+def _capped(name: str) -> str:
+    if len(name) <= MAX_NAME:
+        return name
+    return f"{name[:MAX_NAME - 9]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
 
 def describe(point: dict[str, Any]) -> str:
