@@ -198,12 +198,12 @@ def nan_at_step_two_worker(rank, world_size, config_dict):
     from megatron.core import parallel_state
 
     from umtrain.config import config_from_dict
-    from umtrain.train.trainer import StepResult, Trainer
+    from umtrain.train.trainer import TrainStep, Trainer
 
     torch.set_num_threads(1)  # as every other run of these tests (see helpers.trainer_worker)
     trainer = Trainer(config_from_dict(config_dict, world_size=world_size))
     real_step = trainer.train_step
-    trainer.train_step = (lambda: StepResult(float("nan"), float("nan"), False, 0.0) if trainer.iteration == 2
+    trainer.train_step = (lambda: TrainStep(float("nan"), float("nan"), False, 0.0) if trainer.iteration == 2
                           else real_step())
     try:
         trainer.train()

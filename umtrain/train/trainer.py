@@ -56,7 +56,8 @@ class History:
     valid_loss: dict[int, float] = field(default_factory=dict)
 
 
-class StepResult(NamedTuple):
+class TrainStep(NamedTuple):
+    """What one training step reports."""
     loss: float
     grad_norm: float
     applied: bool
@@ -179,7 +180,7 @@ class Trainer:
         """DP-mean of this global batch's micro-batch losses, known on every rank afterwards."""
         return loss_on_every_rank([d["lm loss"] for d in loss_dicts], self.layout.is_logging_rank)
 
-    def train_step(self) -> StepResult:
+    def train_step(self) -> TrainStep:
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -191,12 +192,12 @@ class Trainer:
         self.history.lr.append(lr)
         self.history.value_lr.append(lr * value_lr_multiplier(self.config, self.iteration))
         if not math.isfinite(loss):
-            return StepResult(loss, math.nan, False, lr)
+            return TrainStep(loss, math.nan, False, lr)
         result = guarded_step(self.optimizer, self.config.optimizer.clip_grad)
         if result.applied:
             for memory in self.memory_layers:
                 memory.refresh_tdqkr_factors(at_next_forward=self.config.parallel.overlap_param_gather)
-        return StepResult(loss, result.grad_norm, result.applied, lr)
+        return TrainStep(loss, result.grad_norm, result.applied, lr)
 
     @torch.no_grad()
     def evaluate(self, batches: Optional[MicroBatches] = None) -> float:
@@ -280,7 +281,7 @@ class Trainer:
         """Whether something done every `interval` steps, and after the last step, is due now."""
         return self.iteration % interval == 0 or self.iteration == self.config.training.train_iters
 
-    def _timed_step(self, window: StepWindow) -> StepResult:
+    def _timed_step(self, window: StepWindow) -> TrainStep:
         """One training step, counted in `window` and recorded in the history; a skipped one follows nan_policy."""
         start = time.perf_counter()
         step = self.train_step()
@@ -295,7 +296,7 @@ class Trainer:
         self.history.grad_norm.append(step.grad_norm)
         return step
 
-    def _log_window(self, step: StepResult, window: StepWindow, bar: tqdm) -> None:
+    def _log_window(self, step: TrainStep, window: StepWindow, bar: tqdm) -> None:
         """Log the last step's values and the window's throughput and auxiliary losses; start a new window."""
         check_table_overflow(self.memory_layers)
         tokens_per_step = self.config.training.global_batch_size * self.config.data.seq_length
