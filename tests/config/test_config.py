@@ -324,17 +324,3 @@ def test_every_optimizer_choice_reaches_megatron_as_adamw(monkeypatch):
     monkeypatch.setitem(optimizer.MEGATRON_OPTIMIZERS, choices[0], dict(optimizer="sgd"))
     assert optimizer.megatron_optimizer_config(load(MOCK)).optimizer == "sgd"
 
-
-def test_checkpointing_a_pipeline_stage_without_memory_layers_is_refused():
-    ultramem = ["model.family=ultramem", "model.num_layers=8", "model.hidden_size=64",
-                "model.num_attention_heads=4", "parallel.pipeline_model_parallel_size=2"]
-    one_stage = ultramem + ["model.memory.placements=['1:2']"]
-    load_config(None, MOCK + one_stage, world_size=2, check_files=False)       # without checkpoints: trains
-    for checkpointing in ("checkpoint.save=/tmp/x", "checkpoint.load=/tmp/x"):
-        with pytest.raises(ConfigError, match=r"model.memory.placements: pipeline stage\(s\) \[1\] of 2"):
-            load_config(None, MOCK + one_stage + [checkpointing], world_size=2, check_files=False)
-    virtual = one_stage[:-1] + ["parallel.virtual_pipeline_model_parallel_size=2", "model.memory.placements=['1:2','5:6']"]
-    with pytest.raises(ConfigError, match=r"stage\(s\) \[1\]"):    # chunks 0 and 2 both sit on stage 0
-        load_config(None, MOCK + virtual + ["checkpoint.save=/tmp/x"], world_size=2, check_files=False)
-    both = ultramem + ["model.memory.placements=['1:2','7:8']", "checkpoint.save=/tmp/x"]
-    load_config(None, MOCK + both, world_size=2, check_files=False)

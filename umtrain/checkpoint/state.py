@@ -8,10 +8,11 @@ vocabulary and the per-step history. The LR schedule is a pure function of the i
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import random
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
@@ -89,7 +90,8 @@ def load_optimizer_state(optimizer, loaded: Any) -> None:
     for inner in inners:
         inner._set_main_param_and_optimizer_states = functools.partial(_set_states_except_step, inner)
     try:
-        optimizer.load_state_dict(loaded)
+        with parameterless_optimizers_stated(optimizer):
+            optimizer.load_state_dict(loaded)
     finally:
         for inner in inners:
             del inner._set_main_param_and_optimizer_states
@@ -100,7 +102,31 @@ def load_optimizer_state(optimizer, loaded: Any) -> None:
 
 
 def optimizer_sharded_state_dict(trainer, model_state: dict[str, Any], is_loading: bool) -> Any:
-    return trainer.optimizer.sharded_state_dict(model_state, is_loading=is_loading, metadata=dict(OPTIMIZER_METADATA))
+    with parameterless_optimizers_stated(trainer.optimizer):
+        return trainer.optimizer.sharded_state_dict(model_state, is_loading=is_loading,
+                                                    metadata=dict(OPTIMIZER_METADATA))
+
+
+@contextlib.contextmanager
+def parameterless_optimizers_stated(optimizer) -> Iterator[None]:
+    """A pipeline stage without memory layers holds a memory-table optimizer without parameters, and without TE or
+    apex Megatron's `DistributedOptimizer.state_dict` asserts on it (it takes `step` from the parameters' states,
+    and there are none). While a checkpoint is saved or loaded, such an optimizer states its param groups at step 0."""
+    empty = [inner for inner in distributed_optimizers(optimizer)
+             if not any(group["params"] for group in inner.optimizer.param_groups)]
+    for inner in empty:
+        inner.state_dict = functools.partial(_state_dict_without_parameters, inner)
+    try:
+        yield
+    finally:
+        for inner in empty:
+            del inner.state_dict
+
+
+def _state_dict_without_parameters(inner: DistributedOptimizer) -> dict[str, Any]:
+    torch_state = inner.optimizer.state_dict()
+    groups = [{**{k: v for k, v in group.items() if k != "params"}, "step": 0} for group in torch_state["param_groups"]]
+    return {"optimizer": {"param_groups": groups}}
 
 
 # --------------------------------------------------------------------------------------------- RNG

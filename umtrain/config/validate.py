@@ -27,7 +27,6 @@ def pipeline_chunk_of_layer(config: Config, layer: int) -> int:
 def validate_config(config: Config, world_size: Optional[int] = None, check_files: bool = True) -> None:
     _validate_model_parallel(config)
     _validate_memory_placements(config)
-    _validate_checkpointed_pipeline_stages(config)
     if world_size is not None:
         _validate_world(config, world_size)
     if check_files:
@@ -117,23 +116,6 @@ def _validate_memory_placements(config: Config) -> None:
             if (a - 1) // n != (b - 1) // n:
                 raise ConfigError("training.recompute_num_layers",
                                   f"full recompute in chunks of {n} layers splits memory placement '{a}:{b}'")
-
-
-def _validate_checkpointed_pipeline_stages(config: Config) -> None:
-    """A pipeline stage without a memory layer has an empty memory-table optimizer, whose state Megatron-Core 0.16
-    (without Transformer Engine or Apex) can neither save nor load: refuse checkpointing such a layout up front
-    instead of failing at the first save."""
-    m, p, c = config.model, config.parallel, config.checkpoint
-    stages = p.pipeline_model_parallel_size
-    if not m.has_memory or stages == 1 or (c.save is None and c.load is None):
-        return
-    holding = {pipeline_chunk_of_layer(config, a) % stages for a, _ in m.memory.parsed_placements("model.memory")}
-    empty = sorted(set(range(stages)) - holding)
-    if empty:
-        raise ConfigError("model.memory.placements",
-                          f"pipeline stage(s) {empty} of {stages} hold no memory layer; the checkpoints of such a "
-                          f"layout cannot be saved or loaded (the stage's memory-table optimizer is empty): place a "
-                          f"memory layer on every stage, or train it without checkpoint.save and checkpoint.load")
 
 
 def _validate_world(config: Config, world_size: int) -> None:
