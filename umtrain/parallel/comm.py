@@ -145,7 +145,7 @@ def run_local_group(fn: Callable, world_size: int, *args: Any, backend: str = "g
         except ProcessException as err:
             reports = [f"--- rank {r} ---\n" + report for r in range(world_size)
                        if (report := _read_report(os.path.join(out_dir, f"rank{r}.err")))]
-            failure = f"{fn.__name__} failed on a {world_size}-process group:\n" + "\n".join(reports)
+            failure = f"{fn.__name__} failed on a {world_size}-process group ({err}):\n" + "\n".join(reports)
             if not all(os.path.exists(path) for path in results):
                 raise RuntimeError(failure) from err
             warnings.warn(f"every rank returned its result, then a process died in teardown ({err}); {failure}")
