@@ -45,6 +45,15 @@ def test_a_native_abort_leaves_the_python_stack():
         run_local_group(_rank_one_aborts, 2)
 
 
+def _exits_without_a_word(rank: int, world: int) -> None:
+    os._exit(3)
+
+
+def test_a_process_that_exits_without_a_report_is_named_with_its_exit_code():
+    with pytest.raises(RuntimeError, match=r"failed on a 1-process group \(process 0 terminated with exit code 3\)"):
+        run_local_group(_exits_without_a_word, 1)
+
+
 def _rank_one_aborts_after_returning(rank: int, world: int) -> int:
     if rank == 1:
         import atexit

@@ -127,6 +127,16 @@ def _local_worker(rank: int, world_size: int, port: int, backend: str, fn: Calla
             faulthandler.disable()
 
 
+def _spawn_detail(err: Exception, reports: list[str]) -> str:
+    """What the ranks' own reports cannot say: a process that exited or was killed (exit code, signal), or one
+    that failed before it could write its report (its traceback is in the spawn's error)."""
+    from torch.multiprocessing.spawn import ProcessExitedException
+
+    if isinstance(err, ProcessExitedException) or not reports:
+        return f" ({err})"
+    return ""
+
+
 def run_local_group(fn: Callable, world_size: int, *args: Any, backend: str = "gloo") -> list:
     """Run fn(rank, world_size, *args) on world_size spawned processes of one local process group.
 
@@ -145,7 +155,8 @@ def run_local_group(fn: Callable, world_size: int, *args: Any, backend: str = "g
         except ProcessException as err:
             reports = [f"--- rank {r} ---\n" + report for r in range(world_size)
                        if (report := _read_report(os.path.join(out_dir, f"rank{r}.err")))]
-            failure = f"{fn.__name__} failed on a {world_size}-process group ({err}):\n" + "\n".join(reports)
+            failure = f"{fn.__name__} failed on a {world_size}-process group{_spawn_detail(err, reports)}:\n" + \
+                "\n".join(reports)
             if not all(os.path.exists(path) for path in results):
                 raise RuntimeError(failure) from err
             warnings.warn(f"every rank returned its result, then a process died in teardown ({err}); {failure}")
