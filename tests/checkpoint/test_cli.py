@@ -58,6 +58,11 @@ def test_generate_is_greedy_and_stops_at_eod(tmp_path):
     assert ids == expected
     assert generate(loaded, prompt, 5, 16, top_k=1, generator=torch.Generator().manual_seed(0)) == expected
     assert generate(loaded, prompt, 5, 16, eod=expected[3]) == expected[:4]
+    window = list(prompt)                     # past a context of 4 tokens: each from the last 4, recomputed
+    with torch.no_grad():
+        for _ in range(8):
+            window.append(int(model(torch.tensor([window[-4:]]))[0, -1].argmax()))
+    assert generate(loaded, prompt, max_new_tokens=8, context=4) == window
 
 
 @pytest.mark.parametrize("extra,message", [(["--max-new-tokens", "0"], "--max-new-tokens"),
