@@ -179,3 +179,12 @@ def test_a_stop_signal_reaches_the_training_process(tmp_path):
         assert sweep_cli.run_training([sys.executable, "-c", child], log) == (42, True)
     assert time.monotonic() - start < 30
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def test_a_local_sweep_checks_the_layout_against_its_process_count(base_yaml, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    args = ["sweep", "--config", str(base_yaml), "--grid", "optimizer.lr=[1e-3]", "--out", str(out),
+            "--launch", "local", "parallel.tensor_model_parallel_size=2"]
+    assert main(args) == 2
+    assert "world size 1 is not divisible by TP x PP = 2 x 1" in capsys.readouterr().err
+    assert not out.exists()

@@ -66,7 +66,8 @@ def sweep(args: argparse.Namespace) -> int:
         return 2
     out = Path(args.out).resolve()
     grid, zipped = [parse_axis(t) for t in args.grid], [parse_axis(t) for t in args.zip]
-    runs = resolve_sweep(args.config, grid, zipped, args.overrides, out, world_size=args.nproc_per_node)
+    world_size = (args.nproc_per_node or 1) if args.launch == "local" else args.nproc_per_node   # checked up front
+    runs = resolve_sweep(args.config, grid, zipped, args.overrides, out, world_size=world_size)
     files = sweep_files(runs, out, canonical_command(args, grid, zipped, out), args.nproc_per_node)
     if args.launch == "slurm":
         files["sweep.sbatch"] = sbatch_script(runs, out, args.nproc_per_node)
