@@ -4,6 +4,7 @@ between checkpoints resumes from the last one; either way the resumed run reprod
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -33,6 +34,17 @@ def wait_for_checkpoint(proc, root: Path, timeout: float = 300.0) -> None:
         time.sleep(0.02)
 
 
+def wait_for_logged_step(proc, step: int) -> str:
+    """Read the run's output until it logs `step` (a run with logging.log_interval=1); returns what was read."""
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        logged = re.search(r"step +(\d+)/", line)
+        if logged and int(logged.group(1)) >= step:
+            return "".join(seen)
+    raise AssertionError(f"training exited with {proc.wait()} before logging step {step}:\n" + "".join(seen))
+
+
 def finish(proc, timeout: float = 300.0) -> tuple[int, str]:
     output, _ = proc.communicate(timeout=timeout)
     return proc.returncode, output
@@ -48,10 +60,11 @@ def test_sigterm_saves_exits_with_requeue_code_and_resumes_exactly(tmp_path):
     config = run_config(ITERS, save=str(root), save_interval=INTERVAL)
     reference = train(run_config(ITERS), 2)["loss"]
 
-    proc = launch_cli(tmp_path, config, 2)
-    wait_for_checkpoint(proc, root)
+    proc = launch_cli(tmp_path, {**config, "logging": {**config["logging"], "log_interval": 1}}, 2)
+    before = wait_for_logged_step(proc, INTERVAL + 1)   # past the first interval checkpoint, whatever the load
     training_workers(proc)[-1].send_signal(signal.SIGTERM)   # one rank only: the flag is all-reduced
     code, output = finish(proc)
+    output = before + output
     assert code == REQUEUE_EXIT_CODE, output
     stopped = manager.iteration_of(manager.read_latest(root))
     assert INTERVAL < stopped < ITERS, "the signal should stop the run between two interval checkpoints"
