@@ -4,6 +4,7 @@ script (run with fake srun/scontrol/python), and a local sweep whose summary mat
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -85,6 +86,84 @@ def test_a_directory_that_is_not_a_sweep_is_refused(base_yaml, tmp_path, capsys)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
 
 
+def test_the_unlabelled_zip_group_keeps_its_command_names_and_order(base_yaml, tmp_path):
+    """A sweep written before zip groups existed is still the same sweep: same runs, same sweep.json command."""
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--config", str(base_yaml), "--grid", "training.eval_iters=[1,2]",
+                 "--zip", "optimizer.lr=[1e-3,3e-4]", "--zip", "training.seed=[1,2]", "--out", str(out)]) == 0
+    record = json.loads((out / "sweep.json").read_text())
+    assert [r["name"] for r in record["runs"]] == ["eval-iters1_lr1e-3_seed1", "eval-iters1_lr3e-4_seed2",
+                                                   "eval-iters2_lr1e-3_seed1", "eval-iters2_lr3e-4_seed2"]
+    assert record["command"] == (f"umtrain sweep --config {base_yaml} --grid 'training.eval_iters=[1,2]' "
+                                 f"--zip 'optimizer.lr=[0.001,0.0003]' --zip 'training.seed=[1,2]' --out {out}")
+
+
+def test_independent_zip_groups(base_yaml, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    command = ["sweep", "--config", str(base_yaml), "--zip", "sched:optimizer.lr=[1e-3,3e-4]",
+               "--zip", "data:training.seed=[1,2,3]", "--zip", "sched:optimizer.min_lr=[1e-4,3e-5]",
+               "--zip", "data:training.eval_iters=[1,2,3]", "--out", str(out)]
+    assert main(command) == 0
+    record = json.loads((out / "sweep.json").read_text())
+    assert [r["point"] for r in record["runs"]] == [
+        {"optimizer.lr": lr, "optimizer.min_lr": min_lr, "training.seed": seed, "training.eval_iters": seed}
+        for lr, min_lr in ((1e-3, 1e-4), (3e-4, 3e-5)) for seed in (1, 2, 3)]
+    assert record["runs"][0]["name"] == "lr1e-3_min-lr1e-4_seed1_eval-iters1"
+    assert "--zip 'sched:optimizer.min_lr=[0.0001,3e-05]' --zip 'data:training.seed=[1,2,3]'" in record["command"]
+    for entry in record["runs"]:
+        config = yaml.safe_load(Path(entry["config"]).read_text())
+        assert config["optimizer"]["min_lr"] == entry["point"]["optimizer.min_lr"]
+        assert config["training"]["eval_iters"] == config["training"]["seed"] == entry["point"]["training.seed"]
+
+    before = tree_digest(out)
+    regrouped = [*command[:5], *command[7:9], *command[5:7], *command[9:]]    # group by group
+    assert regrouped != command and main(regrouped) == 0             # the same groups given in another order
+    assert tree_digest(out) == before
+
+    other = tmp_path / "other"
+    assert main([*command[:-2], "--zip", "data:training.train_iters=[2,3]", "--out", str(other)]) == 2
+    assert ("zip group 'data' must have the same number of values (training.seed has 3, training.eval_iters has 3, "
+            "training.train_iters has 2)") in capsys.readouterr().err
+    assert not other.exists()
+
+
+def fake_checkpoints(out: Path, commons: dict[str, dict], monkeypatch) -> None:
+    """Each named run gets a `latest` checkpoint whose common state is `commons[name]`."""
+    from umtrain.checkpoint import convert
+
+    for name in commons:
+        (out / name / "checkpoints" / "iter_0000150").mkdir(parents=True)
+        (out / name / "checkpoints" / "latest").write_text("iter_0000150\n")
+    monkeypatch.setattr(convert, "read_megatron_common", lambda path: commons[path.parent.parent.name])
+
+
+def test_summary_ranks_by_the_best_validation_loss(base_yaml, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--config", str(base_yaml), "--grid", "training.seed=[1,2,3,4,5,6]", "--out", str(out)]) == 0
+    valid = {"seed1": {50: 4.5, 100: 4.2, 150: 4.3},       # best 4.2@100, last 4.3
+             "seed2": {50: 4.4, 100: 4.25},                  # a better last than seed1's, a worse best
+             "seed3": {},                                    # trained, never validated
+             "seed5": {100: 4.6, 50: 4.2, 150: 4.2},         # best 4.2 ties seed1's; its last 4.2 ranks it first
+             "seed6": {50: math.nan}}
+    fake_checkpoints(out, {name: {"iteration": 2, "history": {"loss": [5.0, 4.0 + i], "valid_loss": losses}}
+                           for i, (name, losses) in enumerate(valid.items())}, monkeypatch)
+    capsys.readouterr()
+    assert main(["sweep", "--summarize", str(out)]) == 0
+    runs = json.loads((out / "summary.json").read_text())["runs"]
+    assert [r["name"] for r in runs] == ["seed5", "seed1", "seed2", "seed6", "seed3", "seed4"]
+    by_name = {r["name"]: r for r in runs}
+    assert {k: by_name["seed1"][k] for k in ("valid_loss", "valid_iteration", "best_valid_loss",
+                                             "best_valid_iteration", "train_loss", "status")} == \
+        {"valid_loss": 4.3, "valid_iteration": 150, "best_valid_loss": 4.2, "best_valid_iteration": 100,
+         "train_loss": 4.0, "status": "done"}
+    assert (by_name["seed5"]["best_valid_iteration"], by_name["seed5"]["valid_iteration"]) == (50, 150)
+    assert by_name["seed3"]["best_valid_loss"] is None and by_name["seed3"]["train_loss"] == 6.0
+    assert by_name["seed4"]["status"] == "not started" and by_name["seed4"]["best_valid_iteration"] is None
+    table = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines()[1:7]}
+    assert table["seed1"] == ["done", "2/2", "4.0000", "4.3000", "4.2000@100"]
+    assert table["seed3"][-2:] == ["-", "-"] and table["seed6"][-1] == "nan@50"
+
+
 def test_summary_of_runs_not_started(base_yaml, tmp_path, capsys):
     out = tmp_path / "sweep"
     assert sweep(base_yaml, out) == 0
@@ -154,8 +233,9 @@ def test_local_sweep_summary_matches_the_checkpoints(base_yaml, tmp_path, capsys
     for name in ("lr3e-3", "lr1e-4"):
         latest = out / name / "checkpoints" / "iter_0000002"
         common = torch.load(latest / "common.pt", weights_only=False)
+        valid = common["history"]["valid_loss"][2]              # one validation: the last step's
         expected.append({"name": name, "status": "done", "iteration": 2, "train_loss": saved_losses(latest)[-1],
-                         "valid_loss": common["history"]["valid_loss"][2]})
+                         "valid_loss": valid, "best_valid_loss": valid, "best_valid_iteration": 2})
     expected.sort(key=lambda r: r["valid_loss"])
     assert [{k: r[k] for k in expected[0]} for r in summary] == expected
     assert expected[0]["valid_loss"] < expected[1]["valid_loss"]

@@ -10,8 +10,8 @@ import yaml
 from tests.distributed import tiny_config
 from umtrain.config import ConfigError, load_config
 from umtrain.config.base import to_dict
-from umtrain.config.sweep import (MAX_NAME, Axis, check_axes, expand, number_text, parse_axis, point_names,
-                                  resolve_sweep)
+from umtrain.config.sweep import (MAX_NAME, Axis, ZipGroup, check_axes, expand, number_text, parse_axis, parse_zip,
+                                  point_names, resolve_sweep)
 
 ULTRAMEM = {"family": "ultramem", "memory": {"placements": ["2:3"], "num_values": 64, "value_dim": 32, "key_dim": 16,
                                              "num_heads": 2, "topk": 4, "ive_expansion": 4, "tucker_rank": 2,
@@ -41,6 +41,7 @@ def test_values_are_typed_as_yaml():
     ("optimizer.lr=[]", "optimizer.lr", "non-empty YAML list"),
     ("optimizer.lr=[1e-3,1e-3]", "optimizer.lr", "listed twice"),
     ("optimizer.lr", "optimizer.lr", "key.path=[v1,v2,...]"),
+    ("sched:optimizer.lr=[1,2]", "sched:optimizer.lr", "only for --zip"),
 ])
 def test_bad_axes_name_the_key(text, key, words):
     with pytest.raises(ConfigError) as err:
@@ -50,7 +51,7 @@ def test_bad_axes_name_the_key(text, key, words):
 
 def test_product_and_zip_against_nested_loops():
     grid = [Axis("optimizer.lr", (1e-3, 3e-4)), Axis("model.memory.topk", (16, 32, 64))]
-    zipped = [Axis("model.memory.value_dim", (32, 64)), Axis("model.memory.num_cores", (2, 4))]
+    zipped = [ZipGroup("", (Axis("model.memory.value_dim", (32, 64)), Axis("model.memory.num_cores", (2, 4))))]
     expected = [{"optimizer.lr": lr, "model.memory.topk": m, "model.memory.value_dim": dv,
                  "model.memory.num_cores": h}
                 for lr in (1e-3, 3e-4) for m in (16, 32, 64) for dv, h in ((32, 2), (64, 4))]
@@ -59,6 +60,42 @@ def test_product_and_zip_against_nested_loops():
     assert [list(p) for p in points] == [list(expected[0])] * len(points)     # keys in axis order
     assert expand([], zipped) == [{"model.memory.value_dim": 32, "model.memory.num_cores": 2},
                                   {"model.memory.value_dim": 64, "model.memory.num_cores": 4}]
+
+
+def test_zip_groups_are_independent_factors_against_nested_loops():
+    grid = [Axis("model.memory.topk", (16, 32))]
+    groups = parse_zip(["cores:model.memory.value_dim=[32,64,128]", "sched:optimizer.lr=[1e-3,3e-4]",
+                        "cores:model.memory.num_cores=[2,4,8]", "sched:optimizer.min_lr=[1e-4,3e-5]"])
+    assert [g.label for g in groups] == ["cores", "sched"]                   # in order of first appearance
+    assert [[a.key for a in g.axes] for g in groups] == [["model.memory.value_dim", "model.memory.num_cores"],
+                                                         ["optimizer.lr", "optimizer.min_lr"]]
+    expected = [{"model.memory.topk": m, "model.memory.value_dim": dv, "model.memory.num_cores": h,
+                 "optimizer.lr": lr, "optimizer.min_lr": min_lr}
+                for m in (16, 32) for dv, h in ((32, 2), (64, 4), (128, 8)) for lr, min_lr in ((1e-3, 1e-4),
+                                                                                           (3e-4, 3e-5))]
+    points = expand(grid, groups)
+    assert points == expected and len(points) == 2 * 3 * 2
+    assert all(list(p) == list(expected[0]) for p in points)
+    check_axes(grid, groups)
+
+
+def test_unlabelled_zip_arguments_form_one_group_as_before():
+    texts = ["model.memory.value_dim=[32,64]", "model.memory.num_cores=[2,4]"]
+    assert parse_zip(texts) == [ZipGroup("", tuple(parse_axis(t) for t in texts))]
+    assert parse_zip([]) == []
+    mixed = parse_zip(["sched:optimizer.lr=[1e-3,3e-4]", "model.memory.value_dim=[32,64]",
+                       "model.memory.num_cores=[2,4]", " sched : optimizer.min_lr=[1e-4,3e-5]"])
+    assert [(g.label, len(g.axes)) for g in mixed] == [("sched", 2), ("", 2)]
+    assert mixed[0].axes[1] == Axis("optimizer.min_lr", (1e-4, 3e-5))
+    assert parse_zip(["model.memory.placements=[[1:2],[3:4]]"])[0].axes[0].values == (["1:2"], ["3:4"])
+
+
+@pytest.mark.parametrize("text, key", [(":optimizer.lr=[1,2]", ":optimizer.lr"),
+                                       ("my group:optimizer.lr=[1,2]", "my group:optimizer.lr")])
+def test_a_bad_zip_label_is_named(text, key):
+    with pytest.raises(ConfigError, match="zip group label") as err:
+        parse_zip([text])
+    assert err.value.key == key
 
 
 @pytest.mark.parametrize("value, text", [(0.0003, "3e-4"), (0.001, "1e-3"), (1e-5, "1e-5"), (2.5e-4, "2.5e-4"),
@@ -84,21 +121,32 @@ def test_names_are_readable_unique_and_stable():
 def test_axis_conflicts_are_refused():
     lr = Axis("optimizer.lr", (1e-3, 3e-4))
     with pytest.raises(ConfigError, match="swept twice"):
-        check_axes([lr], [lr])
+        check_axes([lr], [ZipGroup("", (lr,))])
+    with pytest.raises(ConfigError, match="swept twice"):
+        check_axes([], parse_zip(["a:optimizer.lr=[1,2]", "b:optimizer.lr=[3,4]"]))
     with pytest.raises(ConfigError, match="both swept and fixed"):
         check_axes([lr], [], ["optimizer.lr=1e-2"])
     with pytest.raises(ConfigError, match="set per run by the sweep") as err:
         check_axes([lr], [], ["checkpoint.save=/x"])
     assert err.value.key == "checkpoint.save"
-    with pytest.raises(ConfigError, match="same number of values"):
-        check_axes([], [lr, Axis("training.seed", (1, 2, 3))])
+    with pytest.raises(ConfigError) as err:
+        check_axes([], [ZipGroup("", (lr, Axis("training.seed", (1, 2, 3))))])
+    assert "the unlabelled zip group must have the same number of values (optimizer.lr has 2, training.seed has 3)" \
+        in str(err.value)
+    groups = parse_zip(["a:optimizer.lr=[1,2]", "b:training.seed=[1,2,3]", "b:model.memory.topk=[4,8]",
+                        "a:optimizer.min_lr=[0,1]"])
+    with pytest.raises(ConfigError) as err:
+        check_axes([], groups)
+    assert err.value.key == "training.seed"
+    assert "zip group 'b' must have the same number of values (training.seed has 3, model.memory.topk has 2)" \
+        in str(err.value)
     with pytest.raises(ConfigError, match="at least one"):
         check_axes([], [])
 
 
 def test_each_run_is_the_base_config_with_its_overrides(base_yaml, tmp_path):
     out = tmp_path / "sweep"
-    zipped = [parse_axis("model.memory.value_dim=[32,64]"), parse_axis("model.memory.softmax=[false,true]")]
+    zipped = parse_zip(["model.memory.value_dim=[32,64]", "model.memory.softmax=[false,true]"])
     runs = resolve_sweep(base_yaml, [parse_axis("optimizer.lr=[1e-3,3e-4]")], zipped,
                          ["training.train_iters=3", "model.memory.num_cores=1", "model.memory.tucker_rank=1"], out)
     assert [r.name for r in runs] == ["lr1e-3_value-dim32_softmax-off", "lr1e-3_value-dim64_softmax-on",

@@ -16,7 +16,8 @@ from typing import Any, Optional
 
 from umtrain.checkpoint.manager import write_file_atomically
 from umtrain.config import dump_config
-from umtrain.config.sweep import RUN_CHECKPOINTS, Axis, SweepRun, parse_axis, resolve_sweep, sanitize
+from umtrain.config.sweep import (RUN_CHECKPOINTS, Axis, SweepRun, ZipGroup, parse_axis, parse_zip, resolve_sweep,
+                                  sanitize)
 
 REPO = Path(__file__).resolve().parents[2]
 SBATCH_TEMPLATE = REPO / "launch" / "sweep.sbatch"
@@ -39,8 +40,9 @@ def register(subparsers) -> None:
     p.add_argument("--config", help="base YAML config")
     p.add_argument("--grid", action="append", default=[], metavar="KEY=[V1,V2,...]",
                    help="a swept key and its values (a YAML list); several --grid form their Cartesian product")
-    p.add_argument("--zip", action="append", default=[], metavar="KEY=[V1,V2,...]",
-                   help="keys that vary together (equal-length lists), one more factor of the product")
+    p.add_argument("--zip", action="append", default=[], metavar="[GROUP:]KEY=[V1,V2,...]",
+                   help="keys that vary together (equal-length lists): the --zip keys with the same GROUP label (or "
+                        "none) form one group, one more factor of the product")
     p.add_argument("overrides", nargs="*", help="fixed key.path=value overrides for every run")
     p.add_argument("--out", help="sweep directory (OUT/<run>/, sweep.json, commands.txt)")
     p.add_argument("--launch", choices=("print", "local", "slurm"), default="print",
@@ -65,10 +67,10 @@ def sweep(args: argparse.Namespace) -> int:
         print("umtrain sweep: --config and --out are required (or --summarize OUT)", file=sys.stderr)
         return 2
     out = Path(args.out).resolve()
-    grid, zipped = [parse_axis(t) for t in args.grid], [parse_axis(t) for t in args.zip]
+    grid, zip_groups = [parse_axis(t) for t in args.grid], parse_zip(args.zip)
     world_size = (args.nproc_per_node or 1) if args.launch == "local" else args.nproc_per_node   # checked up front
-    runs = resolve_sweep(args.config, grid, zipped, args.overrides, out, world_size=world_size)
-    files = sweep_files(runs, out, canonical_command(args, grid, zipped, out), args.nproc_per_node)
+    runs = resolve_sweep(args.config, grid, zip_groups, args.overrides, out, world_size=world_size)
+    files = sweep_files(runs, out, canonical_command(args, grid, zip_groups, out), args.nproc_per_node)
     if args.launch == "slurm":
         files["sweep.sbatch"] = sbatch_script(runs, out, args.nproc_per_node)
     write_sweep(out, files)
@@ -89,15 +91,25 @@ def nproc_option(nproc_per_node: Optional[int]) -> list[str]:
     return ["--nproc-per-node", str(nproc_per_node)] if nproc_per_node else []
 
 
-def axis_options(option: str, axes: list[Axis]) -> list[str]:
-    return [text for axis in axes
-            for text in (option, f"{axis.key}={json.dumps(list(axis.values), separators=(',', ':'))}")]
+def axis_text(axis: Axis) -> str:
+    return f"{axis.key}={json.dumps(list(axis.values), separators=(',', ':'))}"
 
 
-def canonical_command(args: argparse.Namespace, grid: list[Axis], zipped: list[Axis], out: Path) -> list[str]:
+def grid_options(grid: list[Axis]) -> list[str]:
+    return [text for axis in grid for text in ("--grid", axis_text(axis))]
+
+
+def zip_options(zip_groups: list[ZipGroup]) -> list[str]:
+    """Group by group (so `--zip a:x --zip b:y --zip a:z`, the same sweep as `--zip a:x --zip a:z --zip b:y`, is
+    written as the latter)."""
+    return [text for group in zip_groups for axis in group.axes
+            for text in ("--zip", f"{group.label}:{axis_text(axis)}" if group.label else axis_text(axis))]
+
+
+def canonical_command(args: argparse.Namespace, grid: list[Axis], zip_groups: list[ZipGroup], out: Path) -> list[str]:
     """The sweep as a command (without --launch, which does not change the runs), values in a fixed notation."""
-    return ["umtrain", "sweep", "--config", str(Path(args.config).resolve()), *axis_options("--grid", grid),
-            *axis_options("--zip", zipped), "--out", str(out), *nproc_option(args.nproc_per_node), *args.overrides]
+    return ["umtrain", "sweep", "--config", str(Path(args.config).resolve()), *grid_options(grid),
+            *zip_options(zip_groups), "--out", str(out), *nproc_option(args.nproc_per_node), *args.overrides]
 
 
 def train_command(config_path: Path, nproc_per_node: Optional[int]) -> list[str]:
@@ -228,11 +240,16 @@ def read_sweep(out: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def last_validation(valid_loss: dict) -> tuple[Optional[int], Optional[float]]:
-    if not valid_loss:
+def validation_losses(valid_loss: dict) -> list[tuple[int, float]]:
+    """The history's {iteration: validation loss} as (iteration, loss) pairs in iteration order."""
+    return sorted((int(iteration), float(loss)) for iteration, loss in valid_loss.items())
+
+
+def best_validation(losses: list[tuple[int, float]]) -> tuple[Optional[int], Optional[float]]:
+    """The lowest validation loss and its iteration (the earliest on a tie; a NaN only when every loss is NaN)."""
+    if not losses:
         return None, None
-    iteration = max(valid_loss, key=int)
-    return int(iteration), float(valid_loss[iteration])
+    return min(losses, key=lambda pair: (math.isnan(pair[1]), pair[1], pair[0]))
 
 
 def run_result(out: Path, entry: dict[str, Any], exit_code: Optional[int] = None) -> dict[str, Any]:
@@ -242,14 +259,17 @@ def run_result(out: Path, entry: dict[str, Any], exit_code: Optional[int] = None
     from umtrain.checkpoint.manager import read_latest
 
     result = {"name": entry["name"], "point": entry["point"], "train_iters": entry["train_iters"],
-              "iteration": None, "train_loss": None, "valid_loss": None, "valid_iteration": None}
+              "iteration": None, "train_loss": None, "valid_loss": None, "valid_iteration": None,
+              "best_valid_loss": None, "best_valid_iteration": None}
     latest = read_latest(out / entry["name"] / RUN_CHECKPOINTS)
     if latest is not None and latest.is_dir():
         common = read_megatron_common(latest)
         history = common.get("history") or {}
         result["iteration"] = int(common["iteration"])
         result["train_loss"] = float(history["loss"][-1]) if history.get("loss") else None
-        result["valid_iteration"], result["valid_loss"] = last_validation(history.get("valid_loss") or {})
+        losses = validation_losses(history.get("valid_loss") or {})
+        result["valid_iteration"], result["valid_loss"] = losses[-1] if losses else (None, None)
+        result["best_valid_iteration"], result["best_valid_loss"] = best_validation(losses)
     result["status"] = run_status(result["iteration"], entry["train_iters"], exit_code)
     return result
 
@@ -263,27 +283,34 @@ def run_status(iteration: Optional[int], train_iters: int, exit_code: Optional[i
 
 
 def summarize(out: Path, exit_codes: Optional[dict[str, int]] = None) -> list[dict[str, Any]]:
-    """Every run's result, best validation loss first (then train loss; runs without either last); also written to
-    OUT/summary.json."""
+    """Every run's result, lowest best validation loss first (then last validation loss, then train loss; a missing
+    or NaN loss ranks last); also written to OUT/summary.json."""
     exit_codes = exit_codes or {}
     results = [run_result(out, entry, exit_codes.get(entry["name"])) for entry in read_sweep(out)["runs"]]
-
-    def rank(r: dict) -> tuple:
-        return (r["valid_loss"] is None, r["valid_loss"] if r["valid_loss"] is not None else math.inf,
-                r["train_loss"] is None, r["train_loss"] if r["train_loss"] is not None else math.inf)
-
-    results.sort(key=rank)
+    results.sort(key=lambda r: (*loss_rank(r["best_valid_loss"]), *loss_rank(r["valid_loss"]),
+                                *loss_rank(r["train_loss"])))
     (out / SUMMARY_JSON).write_text(json.dumps({"runs": results}, indent=1) + "\n")
     return results
+
+
+def loss_rank(loss: Optional[float]) -> tuple[int, float]:
+    """A sort key: a loss, then NaN, then no loss (NaN compares false with everything and would scramble a sort)."""
+    if loss is None:
+        return 2, 0.0
+    return (1, 0.0) if math.isnan(loss) else (0, loss)
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
     def number(value: Optional[float]) -> str:
         return "-" if value is None else f"{value:.4f}"
 
-    header = ("run", "status", "iteration", "train loss", "valid loss")
+    def at(value: Optional[float], iteration: Optional[int]) -> str:
+        return number(value) if value is None else f"{number(value)}@{iteration}"
+
+    header = ("run", "status", "iteration", "train loss", "valid loss", "best valid")
     rows = [(r["name"], r["status"], f"{r['iteration'] if r['iteration'] is not None else '-'}/{r['train_iters']}",
-             number(r["train_loss"]), number(r["valid_loss"])) for r in results]
+             number(r["train_loss"]), number(r["valid_loss"]), at(r["best_valid_loss"], r["best_valid_iteration"]))
+            for r in results]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows])
 

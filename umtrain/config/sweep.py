@@ -1,6 +1,7 @@
 """Config sweeps as pure functions: `--grid key=[v1,v2]` axes -> points -> named runs -> resolved, validated configs.
 
-A sweep is the Cartesian product of its grid axes, times (optionally) one group of zipped axes that vary together.
+A sweep is the Cartesian product of its grid axes, times its zip groups: axes that vary together, each group one
+more factor.
 Each point gets a readable, unique, stable name (`lr3e-4_topk32`) built from the values it sets, and its own
 `checkpoint.save` (and `logging.tensorboard_dir` when the base config logs to tensorboard) under `OUT/<name>/`.
 Nothing here touches the filesystem except reading the base YAML; `umtrain.cli.sweep` writes and launches.
@@ -38,6 +39,18 @@ class Axis:
 
 
 @dataclass(frozen=True)
+class ZipGroup:
+    """Axes that vary together (the i-th values of each form the group's i-th point): one factor of the product.
+    `label` is the GROUP of `--zip GROUP:KEY=[...]`; '' for the unlabelled group."""
+
+    label: str
+    axes: tuple[Axis, ...]
+
+    def describe(self) -> str:
+        return f"zip group {self.label!r}" if self.label else "the unlabelled zip group"
+
+
+@dataclass(frozen=True)
 class SweepRun:
     """One point of the sweep: its name, the swept values it sets, and its resolved config."""
 
@@ -51,6 +64,8 @@ def parse_axis(text: str) -> Axis:
     if "=" not in text:
         raise ConfigError(text, "a sweep axis must look like key.path=[v1,v2,...]")
     key, raw = (part.strip() for part in text.split("=", 1))
+    if ":" in key:
+        raise ConfigError(key, "a GROUP: label is only for --zip GROUP:KEY=[...]")
     try:
         values = parse_yaml(raw)
     except yaml.YAMLError as err:
@@ -66,11 +81,31 @@ def parse_axis(text: str) -> Axis:
     return Axis(key, tuple(values))
 
 
-def check_axes(grid: list[Axis], zipped: list[Axis], fixed_overrides: Iterable[str] = ()) -> None:
-    """Each key swept once, not also fixed, not a key the sweep sets itself; zipped axes of equal length."""
+ZIP_LABEL = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def parse_zip(texts: Iterable[str]) -> list[ZipGroup]:
+    """`--zip [GROUP:]KEY=[...]` arguments -> their groups, in the order each group first appears; the keys of a
+    group in the order given. Unlabelled arguments form one group, as labelled ones with the same GROUP do."""
+    groups: dict[str, list[Axis]] = {}
+    for text in texts:
+        label, axis_text = "", text
+        head = text.split("=", 1)[0]
+        if ":" in head:
+            label, axis_text = (part.strip() for part in text.split(":", 1))
+            if not ZIP_LABEL.match(label):
+                raise ConfigError(head.strip(), f"a zip group label (GROUP in --zip GROUP:KEY=[...]) is letters, "
+                                                f"digits, '_' or '-', got {label!r}")
+        groups.setdefault(label, []).append(parse_axis(axis_text))
+    return [ZipGroup(label, tuple(axes)) for label, axes in groups.items()]
+
+
+def check_axes(grid: list[Axis], zip_groups: list[ZipGroup], fixed_overrides: Iterable[str] = ()) -> None:
+    """Each key swept once, not also fixed, not a key the sweep sets itself; the axes of a zip group of equal
+    length."""
     fixed = {text.split("=", 1)[0].strip() for text in fixed_overrides}
     seen: set[str] = set()
-    for axis in [*grid, *zipped]:
+    for axis in [*grid, *(axis for group in zip_groups for axis in group.axes)]:
         if axis.key in seen:
             raise ConfigError(axis.key, "is swept twice")
         if axis.key in fixed:
@@ -81,21 +116,21 @@ def check_axes(grid: list[Axis], zipped: list[Axis], fixed_overrides: Iterable[s
     owned = sorted(fixed & set(SWEEP_OWNED_KEYS))
     if owned:
         raise ConfigError(owned[0], "is set per run by the sweep (under --out); it cannot be overridden")
-    lengths = {len(axis.values) for axis in zipped}
-    if len(lengths) > 1:
-        described = ", ".join(f"{axis.key} has {len(axis.values)}" for axis in zipped)
-        raise ConfigError(zipped[0].key, f"zipped axes must have the same number of values ({described})")
-    if not grid and not zipped:
+    for group in zip_groups:
+        if len({len(axis.values) for axis in group.axes}) > 1:
+            described = ", ".join(f"{axis.key} has {len(axis.values)}" for axis in group.axes)
+            raise ConfigError(group.axes[0].key, f"the keys of {group.describe()} must have the same number of "
+                                                 f"values ({described})")
+    if not grid and not zip_groups:
         raise ConfigError("--grid", "a sweep needs at least one --grid or --zip axis")
 
 
-def expand(grid: list[Axis], zipped: list[Axis] = ()) -> list[dict[str, Any]]:
-    """The sweep's points: the product of the grid axes (first axis slowest) and, as one more factor, the zipped
-    axes taken together. Each point maps the swept keys, in axis order, to their values."""
+def expand(grid: list[Axis], zip_groups: list[ZipGroup] = ()) -> list[dict[str, Any]]:
+    """The sweep's points: the product of the grid axes, then the zip groups (each group's axes taken together),
+    first factor slowest. Each point maps the swept keys, in that order, to their values."""
     factors = [[{axis.key: value} for value in axis.values] for axis in grid]
-    if zipped:
-        factors.append([{axis.key: value for axis, value in zip(zipped, values)}
-                        for values in zip(*(axis.values for axis in zipped))])
+    factors += [[dict(zip((axis.key for axis in group.axes), values))
+                 for values in zip(*(axis.values for axis in group.axes))] for group in zip_groups]
     points = []
     for combination in itertools.product(*factors):
         point: dict[str, Any] = {}
@@ -208,11 +243,11 @@ def point_config(base: dict, point: dict[str, Any], name: str, run_dir: Path, wo
         raise ConfigError(err.key, f"{message} (sweep point '{name}': {describe(point)})") from err
 
 
-def resolve_sweep(config_path: str | Path, grid: list[Axis], zipped: list[Axis], fixed_overrides: list[str],
+def resolve_sweep(config_path: str | Path, grid: list[Axis], zip_groups: list[ZipGroup], fixed_overrides: list[str],
                   out: Path, world_size: Optional[int] = None) -> list[SweepRun]:
     """Every point's config, fully resolved and validated (nothing is written)."""
-    check_axes(grid, zipped, fixed_overrides)
+    check_axes(grid, zip_groups, fixed_overrides)
     base = apply_overrides(read_yaml(config_path), fixed_overrides)
-    points = expand(grid, zipped)
+    points = expand(grid, zip_groups)
     return [SweepRun(name, point, point_config(base, point, name, out / name, world_size))
             for name, point in zip(point_names(points), points)]
