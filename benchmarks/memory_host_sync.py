@@ -138,7 +138,8 @@ class HostSyncBench:
     def __init__(self, config: Config):
         from megatron.core import parallel_state
 
-        from umtrain.train.trainer import Trainer, to_device
+        from umtrain.train.runner import to_device
+        from umtrain.train.trainer import Trainer
 
         if dist.is_initialized() and dist.get_world_size() != 1:
             raise RuntimeError(f"this benchmark runs in one process; the process group has {dist.get_world_size()}")

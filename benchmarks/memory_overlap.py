@@ -140,7 +140,7 @@ def time_communication(trainer, added_latency_s: float) -> TimedCommunicator:
 
 def forward_backward(model, batch: dict[str, torch.Tensor]) -> float:
     """One micro-batch through Megatron's DDP-wrapped chunk and back (gradients land in its grad buffer)."""
-    from umtrain.train.trainer import forward_step
+    from umtrain.train.runner import forward_step
 
     model.zero_grad_buffer()
     output, loss_fn = forward_step(iter([batch]), model)
@@ -169,7 +169,7 @@ def timed_step(model, batch: dict[str, torch.Tensor]) -> tuple[float, float, flo
 def _time_rounds(trainers: dict, comms: dict[str, TimedCommunicator], setting: Setting) -> dict:
     """Warm-up, then timed rounds of one step per variant (order rotating per round); per variant and round:
     group step time, this process's CPU time, loss, and the memory layer's communication time."""
-    from umtrain.train.trainer import to_device
+    from umtrain.train.runner import to_device
 
     batch = to_device(next(trainers["dense"].train_batches.iterators(0, 1)[0]))
     times = {v: [] for v in VARIANTS}

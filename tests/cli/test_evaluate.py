@@ -94,6 +94,20 @@ def test_evaluate_repeats_the_runs_validation_and_matches_a_reference(trained, t
     assert tree_digest(trained) == before
 
 
+def test_evaluate_allocates_no_optimizer_or_gradient_buffers(trained, tmp_path, one_process, monkeypatch):
+    """Evaluation needs the weights alone: a model's optimizer (fp32 main params, Adam moments) and gradient
+    buffers would take several times its memory."""
+    import umtrain.train.trainer as trainer_module
+
+    def refuse(*_, **__):
+        raise AssertionError("evaluation built a training-only part")
+
+    monkeypatch.setattr(trainer_module, "build_optimizer", refuse)
+    monkeypatch.setattr(trainer_module, "wrap_data_parallel", refuse)
+    result = evaluate_in_process(trained, tmp_path / "valid.json")
+    assert result["loss"] == pytest.approx(training_valid_loss(trained), rel=1e-6)
+
+
 def test_evaluate_test_split_and_fewer_iters(trained, tmp_path, one_process):
     result = evaluate_in_process(trained / "iter_0000003", tmp_path / "test.json", "--split", "test")
     assert result["split"] == "test"

@@ -101,13 +101,25 @@ class Checkpointer:
                 logger.warning("checkpoint.load=%s passed over: %s already holds %s, and a run continues from its "
                                "own latest (to roll back, point %s at an older iter_N)", load,
                                self.root, own.path.name, self.root / manager.LATEST)
-            self._load(trainer, own.path, fresh_optimizer=False)
+            self._load_into_trainer(trainer, own.path, fresh_optimizer=False)
             return True
         start = self._start_checkpoint()
         if start is None:
             return False
-        self._load(trainer, start.path, fresh_optimizer=self.config.checkpoint.no_load_optim)
+        self._load_into_trainer(trainer, start.path, fresh_optimizer=self.config.checkpoint.no_load_optim)
         return True
+
+    def load_weights(self, runner) -> None:
+        """`checkpoint.load`'s weights, iteration and history into `runner`, a `ModelRunner` without an optimizer
+        (evaluation). The checkpoint is verified as for a resume."""
+        start = self._start_checkpoint()
+        if start is None:
+            raise ConfigError("checkpoint.load", "is unset: there are no weights to load")
+        self._load(runner, start.path, fresh_optimizer=True)
+
+    def _load_into_trainer(self, trainer, path: Path, fresh_optimizer: bool) -> None:
+        if not self._load(trainer, path, fresh_optimizer):
+            trainer.optimizer.reload_model_params()  # fresh optimizer: its main (fp32) params follow the loaded model
 
     def _start_checkpoint(self) -> Optional[manager.Checkpoint]:
         """`checkpoint.load`, where a run without checkpoints of its own starts (pretrained weights, another run)."""
@@ -144,7 +156,8 @@ class Checkpointer:
                 logger.warning(warning)
         return checkpoint, skipped
 
-    def _load(self, trainer, path: Path, fresh_optimizer: bool) -> None:
+    def _load(self, trainer, path: Path, fresh_optimizer: bool) -> bool:
+        """Load `path` into `trainer` (its optimizer state too unless `fresh_optimizer`); whether it did."""
         common = dist_checkpointing.load_common_state_dict(str(path))
         check_model_shape(common["config"], common["padded_vocab_size"], trainer.config, trainer.vocab_size, str(path))
         contents = common.get("contents", FULL_CONTENTS)
@@ -165,6 +178,7 @@ class Checkpointer:
         if is_rank0():
             logger.info("resumed from %s at iteration %d (%d samples consumed)", path, trainer.iteration,
                         trainer.consumed_samples)
+        return load_optimizer
 
 
 def check_optimizer_format(common: dict, config: Config, path: Path) -> None:

@@ -191,13 +191,11 @@ def load_state_dict_template(trainer, contents, load_optimizer: bool, load_rng: 
 
 
 def restore_trainer(trainer, loaded: dict[str, Any], load_optimizer: bool, load_rng: bool) -> None:
-    from umtrain.train.trainer import History
+    from umtrain.train.runner import History
 
     load_model_state(trainer, loaded)
     if load_optimizer:
         load_optimizer_state(trainer.optimizer, loaded["optimizer"])
-    else:
-        trainer.optimizer.reload_model_params()  # fresh optimizer: its main (fp32) params follow the loaded model
     if load_rng:
         set_rng_state(loaded["rng_state"])
     trainer.iteration = int(loaded["iteration"])

@@ -1,7 +1,8 @@
 """Evaluation of a saved checkpoint: loss and perplexity on the validation or test split, under any parallel layout.
 
-The weights load through the trainer's own resume path (`checkpoint.load`, weights only: `no_load_optim`), so a
-checkpoint saved under one (TP, PP, DP) layout evaluates under another. The batches are the trainer's validation
+The weights load through the trainer's own checkpoint code (`checkpoint.load`, verified, weights only) into the
+model alone (no gradient buffers or optimizer state are allocated), so a checkpoint saved under one (TP, PP, DP)
+layout evaluates under another. The batches are the trainer's validation
 batches: global batches 0..iters-1 of the split, in Megatron's sample order, so `iters = training.eval_iters` on
 the validation split repeats the training run's own validation exactly. Nothing is saved or logged to disk.
 """
@@ -109,23 +110,20 @@ def perplexity_of(loss: float) -> float:
 
 
 def evaluate_checkpoint(config: Config, split: str) -> Evaluation:
-    """Build the model under this process group's layout, load `checkpoint.load` into it, evaluate
-    `training.eval_iters` global batches of `split` in eval mode (no dropout). Collective; every rank returns the
-    same result. The caller tears the process group down."""
+    """Build the model under this process group's layout (no gradient buffers, no optimizer), load
+    `checkpoint.load`'s weights into it, evaluate `training.eval_iters` global batches of `split` in eval mode (no
+    dropout). Collective; every rank returns the same result. The caller tears the process group down."""
+    from umtrain.checkpoint import Checkpointer
     from umtrain.checkpoint.state import layout_of
     from umtrain.parallel.memory_tables import check_table_overflow
-    from umtrain.train.batches import MicroBatches
-    from umtrain.train.trainer import Trainer
+    from umtrain.train.runner import ModelRunner
 
-    trainer = Trainer(config)
-    trainer.preemption.restore()   # nothing to save on a stop signal: let it end the evaluation
-    batches = trainer.valid_batches
-    if split == "test":
-        batches = MicroBatches(trainer.datasets[2], batches.global_batch_size, batches.micro_batch_size,
-                               batches.dp_rank, batches.dp_size, batches.vocab_size)
-    loss = trainer.evaluate(batches)
-    check_table_overflow(trainer.memory_layers)   # a fixed-capacity lookup that overflowed gave wrong outputs
+    runner = ModelRunner(config, train_samples=0)
+    Checkpointer(config).load_weights(runner)
+    batches = runner.valid_batches if split == "valid" else runner.batches_of(runner.datasets[2])
+    loss = runner.evaluate(batches)
+    check_table_overflow(runner.memory_layers)   # a fixed-capacity lookup that overflowed gave wrong outputs
     t = config.training
-    return Evaluation(checkpoint=config.checkpoint.load, iteration=trainer.iteration, split=split,
+    return Evaluation(checkpoint=config.checkpoint.load, iteration=runner.iteration, split=split,
                       iters=t.eval_iters, loss=loss, perplexity=perplexity_of(loss),
-                      tokens=t.eval_iters * t.global_batch_size * config.data.seq_length, layout=layout_of(trainer))
+                      tokens=t.eval_iters * t.global_batch_size * config.data.seq_length, layout=layout_of(runner))

@@ -2,33 +2,26 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import NamedTuple, Optional
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, clear_aux_losses_tracker
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from umtrain.checkpoint import Checkpointer, PreemptionHandler, Preempted
 from umtrain.config import Config
-from umtrain.model.build import build_model_chunks, unwrap
-from umtrain.model.gpt import padded_vocab_size, transformer_config
-from umtrain.model.memory_block import MEMORY_AUX_LOSS, memory_modules
-from umtrain.parallel.collectives import (aux_losses_over_pipeline, loss_on_every_rank, merge_memory_health,
-                                         merged_from_all_ranks)
-from umtrain.parallel.memory_tables import check_table_overflow, mark_memory_parameters, memory_lookup_factory
-from umtrain.parallel.parallelize import mark_expert_parameters, wrap_data_parallel
-from umtrain.parallel.state import Layout, initialize_distributed, seed_everything
-from umtrain.train.batches import MicroBatches
+from umtrain.model.build import unwrap
+from umtrain.model.memory_block import MEMORY_AUX_LOSS
+from umtrain.parallel.collectives import aux_losses_over_pipeline, merge_memory_health, merged_from_all_ranks
+from umtrain.parallel.memory_tables import check_table_overflow
+from umtrain.parallel.parallelize import wrap_data_parallel
 from umtrain.train.metrics import (
     MetricsWriter,
     format_line,
@@ -38,22 +31,12 @@ from umtrain.train.metrics import (
     training_flops_per_token,
 )
 from umtrain.train.optimizer import build_optimizer, guarded_step
+from umtrain.train.runner import History, ModelRunner
 from umtrain.train.schedule import apply_lr, value_lr_multiplier
 
 logger = logging.getLogger("umtrain")
 
 AUX_LOSS_LOG_NAMES = {MEMORY_AUX_LOSS: "aux_loss", "load_balancing_loss": "moe_aux_loss"}
-
-
-@dataclass
-class History:
-    """Per-step values every rank agrees on (tests compare them across layouts)."""
-
-    loss: list[float] = field(default_factory=list)
-    grad_norm: list[float] = field(default_factory=list)
-    lr: list[float] = field(default_factory=list)
-    value_lr: list[float] = field(default_factory=list)
-    valid_loss: dict[int, float] = field(default_factory=dict)
 
 
 class TrainStep(NamedTuple):
@@ -78,71 +61,17 @@ class StepWindow:
         self.seconds, self.steps = 0.0, 0
 
 
-def masked_mean_loss(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    """Token-mean cross entropy of one micro-batch (Megatron divides it by the micro-batch count in place)."""
-    losses = output_tensor.float().view(-1)
-    mask = loss_mask.float().view(-1)
-    loss = torch.sum(losses * mask) / mask.sum().clamp(min=1.0)
-    return loss, {"lm loss": loss.detach().clone()}
-
-
-def forward_step(data_iterator, model):
-    batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
-    return output, functools.partial(masked_mean_loss, batch["loss_mask"])
-
-
-def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    if not torch.cuda.is_available():
-        return batch
-    return {k: v.cuda(non_blocking=True) for k, v in batch.items()}
-
-
-class Trainer:
+class Trainer(ModelRunner):
     def __init__(self, config: Config):
-        self.config = config
         self.preemption = PreemptionHandler(config.training.exit_signal)   # first: a signal during setup is kept
-        self.layout: Layout = initialize_distributed(config)
-        seed_everything(config.training.seed)
-        self.tokenizer, self.datasets = self._build_data()
-        self.vocab_size = padded_vocab_size(config, self.tokenizer.vocab_size)
-        self.tconfig = transformer_config(config)
-        chunks = build_model_chunks(config, self.tconfig, self.vocab_size,
-                                    memory_lookup_factory(config) if config.model.has_memory else None)
-        for chunk in chunks:
-            mark_memory_parameters(memory_modules(chunk), config)
-            mark_expert_parameters(chunk)
-        if self.tconfig.bf16:
-            chunks = [Float16Module(self.tconfig, chunk) for chunk in chunks]
-        self.model = wrap_data_parallel(config, self.tconfig, chunks)
+        super().__init__(config, train_samples=config.training.train_iters * config.training.global_batch_size)
+        self.model = wrap_data_parallel(config, self.tconfig, self.model)
         self.optimizer = build_optimizer(config, self.model)
-        dp_rank, dp = parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size()
-        t = config.training
-        vocab = self.tokenizer.vocab_size
-        self.train_batches = MicroBatches(self.datasets[0], t.global_batch_size, t.micro_batch_size, dp_rank, dp, vocab)
-        self.valid_batches = MicroBatches(self.datasets[1], t.global_batch_size, t.micro_batch_size, dp_rank, dp, vocab)
-        self.iteration = 0
-        self.consumed_samples = 0
-        self.history = History()
+        self.train_batches = self.batches_of(self.datasets[0])
         self.flops_per_token = self._training_flops_per_token()
         self.checkpointer = Checkpointer(config)
         self.checkpointer.resume(self)
         self.metrics = MetricsWriter(config, enabled=self.layout.is_logging_rank, start_step=self.iteration)
-
-    # ----------------------------------------------------------------------------------------- setup
-    def _build_data(self):
-        from umtrain.data.datasets import build_gpt_datasets
-        from umtrain.data.tokenizer import MockTokenizer, load_tokenizer
-
-        c = self.config
-        tokenizer = (MockTokenizer(c.data.mock_vocab_size) if c.data.mock
-                     else load_tokenizer(c.data.tokenizer_type, c.data.tokenizer_model))
-        t = c.training
-        # Every validation reads the same first eval_iters batches: asking for just those keeps them the same
-        # whatever train_iters and eval_interval are (Megatron's sample order changes with the epochs it covers).
-        samples = (t.train_iters * t.global_batch_size, t.eval_iters * t.global_batch_size,
-                   t.eval_iters * t.global_batch_size)
-        return tokenizer, build_gpt_datasets(c, tokenizer, *samples)
 
     def _training_flops_per_token(self) -> float:
         from umtrain.model.accounting import count
@@ -150,36 +79,11 @@ class Trainer:
         return training_flops_per_token(self.config, count(self.config).flops_per_token, self.vocab_size)
 
     @property
-    def num_chunks(self) -> int:
-        return len(self.model)
-
-    @property
     def validates(self) -> bool:
         """Validation runs unless `training.eval_iters` is 0 or the split leaves no validation data."""
         return self.config.training.eval_iters > 0 and self.datasets[1] is not None
 
-    @property
-    def memory_layers(self) -> list[torch.nn.Module]:
-        return [m for chunk in self.model for m in memory_modules(unwrap(chunk))]
-
     # ----------------------------------------------------------------------------------------- steps
-    def _run_schedule(self, batches: MicroBatches, consumed: int, forward_only: bool) -> list[dict]:
-        t = self.config.training
-        iterators = [map(to_device, it) for it in batches.iterators(consumed, self.num_chunks)]
-        return get_forward_backward_func()(
-            forward_step_func=forward_step,
-            data_iterator=iterators if self.num_chunks > 1 else iterators[0],
-            model=self.model if self.num_chunks > 1 else self.model[0],
-            num_microbatches=batches.num_micro_batches,
-            seq_length=self.config.data.seq_length,
-            micro_batch_size=t.micro_batch_size,
-            forward_only=forward_only,
-        )
-
-    def _mean_loss(self, loss_dicts: list[dict]) -> float:
-        """DP-mean of this global batch's micro-batch losses, known on every rank afterwards."""
-        return loss_on_every_rank([d["lm loss"] for d in loss_dicts], self.layout.is_logging_rank)
-
     def train_step(self) -> TrainStep:
         for chunk in self.model:
             chunk.zero_grad_buffer()
@@ -198,21 +102,6 @@ class Trainer:
             for memory in self.memory_layers:
                 memory.refresh_tdqkr_factors(at_next_forward=self.config.parallel.overlap_param_gather)
         return TrainStep(loss, result.grad_norm, result.applied, lr)
-
-    @torch.no_grad()
-    def evaluate(self, batches: Optional[MicroBatches] = None) -> float:
-        """Mean loss of the first `training.eval_iters` global batches of `batches` (default: the validation
-        split's), in eval mode."""
-        batches = self.valid_batches if batches is None else batches
-        for chunk in self.model:
-            chunk.eval()
-        losses = []
-        batch_size = self.config.training.global_batch_size
-        for i in range(self.config.training.eval_iters):
-            losses.append(self._mean_loss(self._run_schedule(batches, i * batch_size, forward_only=True)))
-        for chunk in self.model:
-            chunk.train()
-        return sum(losses) / len(losses)
 
     # ----------------------------------------------------------------------------------------- logging
     def _aux_losses(self, steps: int) -> dict[str, float]:
