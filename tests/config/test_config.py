@@ -129,6 +129,40 @@ def test_missing_data_path_and_tokenizer(tmp_path):
     raises_key("data.tokenizer_model", [f"data.data_path=['{prefix}']", f"data.tokenizer_model={tmp_path}/t.model"])
 
 
+def empty_prefix(tmp_path):
+    """A prefix whose .bin and .idx exist: enough for the checks at load."""
+    (tmp_path / "corpus.bin").write_bytes(b"")
+    (tmp_path / "corpus.idx").write_bytes(b"")
+    return tmp_path / "corpus"
+
+
+def test_huggingface_tokenizer_folder_is_accepted_as_load_tokenizer_accepts_it(tmp_path):
+    prefix = empty_prefix(tmp_path)
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    overrides = [f"data.data_path=['{prefix}']", "data.tokenizer_type=huggingface", f"data.tokenizer_model={folder}"]
+    raises_key("data.tokenizer_model", overrides, match="hf is a directory without tokenizer.json")
+    (folder / "tokenizer.json").write_text("{}")
+    assert load(overrides).data.tokenizer_model == str(folder)
+    raises_key("data.tokenizer_model", overrides[:1] + [f"data.tokenizer_model={folder}"],
+               match="is a directory, not a sentencepiece model file")
+
+
+@pytest.mark.parametrize("weight", ["nan", "inf", "-inf", "1e400", "0", "-1"])
+@pytest.mark.parametrize("key", ["data.data_path", "data.valid_data_path"])
+def test_blend_weights_must_be_finite_and_positive_at_load(tmp_path, key, weight):
+    prefix = empty_prefix(tmp_path)
+    blend = f"['1', '{prefix}', '{weight}', '{prefix}']"
+    overrides = [f"data.data_path=['{prefix}']", f"{key}={blend}", f"data.tokenizer_model={tmp_path}/corpus.bin"]
+    raises_key(key, overrides, match=f"got '{weight}' for {prefix}")
+
+
+def test_blend_weights_whose_sum_overflows_are_refused(tmp_path):
+    prefix = empty_prefix(tmp_path)
+    raises_key("data.data_path", [f"data.data_path=['1e308', '{prefix}', '1e308', '{prefix}']",
+                                  f"data.tokenizer_model={tmp_path}/corpus.bin"], match="overflow")
+
+
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(tmp_path / "missing.yaml")

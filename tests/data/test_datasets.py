@@ -149,6 +149,16 @@ def test_bad_blends_are_named(sp_tokenizer, tmp_path):
     assert parse_blend([prefix], "k") == ([prefix], None)
 
 
+@pytest.mark.parametrize("weight", ["nan", "inf", "1e400", "-2"])
+def test_blend_weights_that_megatron_cannot_normalise_are_named(sp_tokenizer, tmp_path, weight):
+    """Megatron-Core would stop on a bare AssertionError (the normalised weights do not sum to 1)."""
+    prefix = one_token_per_document(tmp_path / "docs", 100, 5, sp_tokenizer.eod)
+    with pytest.raises(ConfigError, match=rf"data.data_path: blend weights must be > 0 and finite, got '{weight}'"):
+        build_gpt_datasets(make_config(["1", prefix, weight, prefix]), sp_tokenizer, 10, 0, 0)
+    with pytest.raises(ConfigError, match=rf"data.valid_data_path: .* got '{weight}' for .*docs"):
+        build_gpt_datasets(make_config([prefix], valid_data_path=[weight, prefix]), sp_tokenizer, 10, 2, 0)
+
+
 def test_data_tokenised_with_a_larger_vocabulary_is_refused_at_load(sp_tokenizer, tmp_path):
     fits = one_token_per_document(tmp_path / "fits", 100, 20, sp_tokenizer.eod)
     too_large = one_token_per_document(tmp_path / "too_large", sp_tokenizer.vocab_size - 5, 20, sp_tokenizer.eod)

@@ -10,6 +10,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from umtrain.config.base import ConfigError
 from umtrain.data.preprocess import preprocess
 from umtrain.data.readers import DataInputError
+from umtrain.data.tokenizer import load_tokenizer
 
 
 def write_jsonl(path, records):
@@ -157,6 +158,23 @@ def test_sigterm_leaves_no_partial_output(small_inputs, sentencepiece_model, tmp
     finally:
         signal.signal(signal.SIGTERM, before)
     assert list(out_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_lone_surrogate_is_named_with_its_position(bpe_json, tmp_path, workers):
+    """JSON can escape half of a surrogate pair (a truncated emoji in a tweet dump), which no tokenizer can encode;
+    a whole escaped pair is one character and reads fine."""
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"text": "emoji \\ud83d\\ude00"}\n')
+    preprocess([str(good)], str(tmp_path / "good"), "huggingface", bpe_json, workers=workers, progress=False)
+    [document] = documents_of(tmp_path / "good")
+    assert load_tokenizer("huggingface", bpe_json).detokenize(document[:-1]) == "emoji \U0001F600"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "hello"}\n{"text": "\u00e9\\ude00b"}\n', encoding="utf-8")
+    with pytest.raises(DataInputError, match=r"bad\.jsonl, line 2: 'text' holds a lone surrogate \\ude00 at "
+                                             r"character 2$"):
+        preprocess([str(bad)], str(tmp_path / "out"), "huggingface", bpe_json, workers=workers, progress=False)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("out")] == []
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".jsonl.gz"])

@@ -125,3 +125,32 @@ def test_sentencepiece_learns_from_documents_of_long_lines(tmp_path):
     tokenizer = load_tokenizer("sentencepiece", train_tokenizer([str(corpus)], str(tmp_path / "cjk.model"),
                                                                 "sentencepiece", 400))
     assert len(tokenizer.tokenize(alphabet[:10])) < 10 * 3, "CJK characters became byte pieces"
+
+
+@pytest.mark.parametrize("kind, output", [("sentencepiece", "spm.model"), ("bpe", "tokenizer.json")])
+def test_training_on_a_lone_surrogate_names_its_line_and_writes_nothing(tmp_path, capsys, kind, output):
+    from umtrain.cli.main import main
+
+    corpus = tmp_path / "tweets.jsonl"
+    corpus.write_text('{"text": "hello"}\n{"text": "a\\ud800b"}\n')
+    status = main(["train-tokenizer", "--input", str(corpus), "--output", str(tmp_path / "tok" / output),
+                   "--kind", kind, "--vocab-size", "300"])
+    assert status == 2
+    assert capsys.readouterr().err.strip().endswith(
+        "tweets.jsonl, line 2: 'text' holds a lone surrogate \\ud800 at character 2")
+    assert not any((tmp_path / "tok").iterdir())
+
+
+def test_a_tokenizer_folder_passes_the_config_check_and_loads(bpe_json, tmp_path):
+    """`umtrain train` checks data.tokenizer_model at load; it accepts the folder that load_tokenizer reads."""
+    from umtrain.config import load_config
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    shutil.copy(bpe_json, folder / "tokenizer.json")
+    for suffix in (".bin", ".idx"):
+        (tmp_path / f"corpus{suffix}").write_bytes(b"")
+    config = load_config(None, [f"data.data_path=['{tmp_path / 'corpus'}']", "data.tokenizer_type=huggingface",
+                                f"data.tokenizer_model={folder}"])
+    assert load_tokenizer("huggingface", config.data.tokenizer_model).vocab == load_tokenizer("huggingface",
+                                                                                              bpe_json).vocab

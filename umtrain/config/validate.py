@@ -153,8 +153,19 @@ def _validate_files(config: Config) -> None:
     parse_blend(d.data_path, "data.data_path")
     if d.valid_data_path:
         parse_blend(d.valid_data_path, "data.valid_data_path")
-    if d.tokenizer_model and not Path(d.tokenizer_model).is_file():
-        raise ConfigError("data.tokenizer_model", f"{d.tokenizer_model} not found")
+    if d.tokenizer_model:
+        _check_tokenizer_model(d.tokenizer_type, Path(d.tokenizer_model))
+
+
+def _check_tokenizer_model(tokenizer_type: str, path: Path) -> None:
+    """What `umtrain.data.tokenizer.load_tokenizer` opens: a file, or for Hugging Face a folder with tokenizer.json."""
+    if tokenizer_type == "huggingface" and path.is_dir():
+        if not (path / "tokenizer.json").is_file():
+            raise ConfigError("data.tokenizer_model", f"{path} is a directory without tokenizer.json")
+    elif path.is_dir():
+        raise ConfigError("data.tokenizer_model", f"{path} is a directory, not a {tokenizer_type} model file")
+    elif not path.is_file():
+        raise ConfigError("data.tokenizer_model", f"{path} not found")
 
 
 def _check_calibration(path: str) -> None:

@@ -43,8 +43,12 @@ def parse_blend(paths: list[str], key: str) -> Blend:
             raise ConfigError(key, f"a blend must alternate weight and prefix: [w, prefix, w, prefix, ...], "
                                    f"got {paths}")
         weights = [float(w) for w in paths[0::2]]
-        if any(w <= 0 for w in weights):
-            raise ConfigError(key, f"blend weights must be > 0, got {weights}")
+        for text, weight, prefix in zip(paths[0::2], weights, prefixes):
+            if not (np.isfinite(weight) and weight > 0):
+                raise ConfigError(key, f"blend weights must be > 0 and finite, got {text!r} for {prefix}")
+        if not np.isfinite(sum(weights)):
+            raise ConfigError(key, f"blend weights {paths[0::2]} overflow when summed (Megatron normalises them); "
+                                   f"scale them down")
     for prefix in prefixes:
         for suffix in (".bin", ".idx"):
             if not Path(prefix + suffix).is_file():

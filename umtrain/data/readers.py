@@ -140,6 +140,20 @@ def parse_row(path: str, fmt: Format, number: int, raw: Any, text_key: str) -> s
     text = record[text_key]
     if not isinstance(text, str):
         raise DataInputError(path, location, f"{text_key!r} is {type(text).__name__}, not a string")
+    return _encodable(text, path, location, text_key)
+
+
+def _encodable(text: str, path: str, location: str, text_key: str) -> str:
+    """`text`, if it is valid Unicode. JSON can escape half of a surrogate pair (`"\\ud800"`, a truncated emoji
+    in crawl and tweet dumps), which no tokenizer can encode. (A Parquet string cannot hold one: Arrow strings are
+    UTF-8.)"""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise DataInputError(path, location, f"{text_key!r} holds a lone surrogate \\u{ord(text[err.start]):04x} "
+                                             f"at character {err.start + 1}") from None
     return text
 
 
