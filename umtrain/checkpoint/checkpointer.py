@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
@@ -22,9 +23,26 @@ from umtrain.checkpoint.state import (
 )
 from umtrain.config import Config, dump_config
 from umtrain.config.base import ConfigError
+from umtrain.data.datasets import sample_fingerprint
 from umtrain.parallel.collectives import barrier, is_rank0, on_rank0
 
 logger = logging.getLogger("umtrain")
+
+
+_UNRESOLVED = object()
+
+
+@dataclass(frozen=True)
+class ResumeSource:
+    path: Path
+    own: bool
+    """A checkpoint of this run's `checkpoint.save` (it continues), not `checkpoint.load` (a run starting from it)."""
+    common: dict[str, Any]
+    """Its common state: iteration, consumed_samples, train_samples, config, history, ..."""
+
+    @classmethod
+    def of(cls, path: Path, own: bool) -> ResumeSource:
+        return cls(path, own, dist_checkpointing.load_common_state_dict(str(path)))
 
 
 class Checkpointer:
@@ -40,6 +58,7 @@ class Checkpointer:
         self.last_saved_iteration: Optional[int] = None
         self.written: set[int] = set()
         self.async_queue = AsyncCallsQueue() if c.async_save and self.enabled else None
+        self._resume_source: Optional[ResumeSource] | object = _UNRESOLVED
 
     # ----------------------------------------------------------------------------------------- save
     def should_save(self, iteration: int) -> bool:
@@ -92,8 +111,14 @@ class Checkpointer:
             self.async_queue.maybe_finalize_async_calls(blocking=True)
 
     # ----------------------------------------------------------------------------------------- resume
-    def resume(self, trainer) -> bool:
-        """Load model, optimizer, RNG, iteration and data position; False when there is nothing to resume."""
+    def resume_source(self) -> Optional[ResumeSource]:
+        """The checkpoint a resume loads, resolved and verified once (collective): the `latest` of `checkpoint.save`
+        once the run has saved, else `checkpoint.load`; None for a fresh start."""
+        if self._resume_source is _UNRESOLVED:
+            self._resume_source = self._resolve_resume_source()
+        return self._resume_source
+
+    def _resolve_resume_source(self) -> Optional[ResumeSource]:
         own = self._own_checkpoint()
         if own is not None:
             load = self.config.checkpoint.load
@@ -101,12 +126,19 @@ class Checkpointer:
                 logger.warning("checkpoint.load=%s passed over: %s already holds %s, and a run continues from its "
                                "own latest (to roll back, point %s at an older iter_N)", load,
                                self.root, own.path.name, self.root / manager.LATEST)
-            self._load_into_trainer(trainer, own.path, fresh_optimizer=False)
-            return True
+            return ResumeSource.of(own.path, own=True)
         start = self._start_checkpoint()
-        if start is None:
+        return None if start is None else ResumeSource.of(start.path, own=False)
+
+    def resume(self, trainer) -> bool:
+        """Load model, optimizer, RNG, iteration and data position; False when there is nothing to resume."""
+        source = self.resume_source()
+        if source is None:
             return False
-        self._load_into_trainer(trainer, start.path, fresh_optimizer=self.config.checkpoint.no_load_optim)
+        fresh_optimizer = not source.own and self.config.checkpoint.no_load_optim
+        if not self._load(trainer, source, fresh_optimizer):
+            trainer.optimizer.reload_model_params()  # fresh optimizer: its main (fp32) params follow the loaded model
+        warn_if_data_order_changed(trainer, source)
         return True
 
     def load_weights(self, runner) -> None:
@@ -115,11 +147,7 @@ class Checkpointer:
         start = self._start_checkpoint()
         if start is None:
             raise ConfigError("checkpoint.load", "is unset: there are no weights to load")
-        self._load(runner, start.path, fresh_optimizer=True)
-
-    def _load_into_trainer(self, trainer, path: Path, fresh_optimizer: bool) -> None:
-        if not self._load(trainer, path, fresh_optimizer):
-            trainer.optimizer.reload_model_params()  # fresh optimizer: its main (fp32) params follow the loaded model
+        self._load(runner, ResumeSource.of(start.path, own=False), fresh_optimizer=True)
 
     def _start_checkpoint(self) -> Optional[manager.Checkpoint]:
         """`checkpoint.load`, where a run without checkpoints of its own starts (pretrained weights, another run)."""
@@ -156,9 +184,9 @@ class Checkpointer:
                 logger.warning(warning)
         return checkpoint, skipped
 
-    def _load(self, trainer, path: Path, fresh_optimizer: bool) -> bool:
-        """Load `path` into `trainer` (its optimizer state too unless `fresh_optimizer`); whether it did."""
-        common = dist_checkpointing.load_common_state_dict(str(path))
+    def _load(self, trainer, source: ResumeSource, fresh_optimizer: bool) -> bool:
+        """Load `source` into `trainer` (its optimizer state too unless `fresh_optimizer`); whether it did."""
+        path, common = source.path, source.common
         check_model_shape(common["config"], common["padded_vocab_size"], trainer.config, trainer.vocab_size, str(path))
         contents = common.get("contents", FULL_CONTENTS)
         load_optimizer = not fresh_optimizer and "optimizer" in contents
@@ -201,3 +229,19 @@ def check_optimizer_format(common: dict, config: Config, path: Path) -> None:
                           f"{str(current).lower()}; the two store the optimizer state in different formats. Set "
                           f"it back, or start a new run (new checkpoint.save) from its weights with a fresh "
                           f"optimizer: --resume {path} checkpoint.no_load_optim=true")
+
+
+def warn_if_data_order_changed(trainer, source: ResumeSource) -> None:
+    """Warn when the next training sample differs from the one the saved run would have read next: its data, blend,
+    `seq_length`, seed or split changed, or a larger sample budget (more `train_iters`, another global batch) changed
+    Megatron's sample order. A deliberate change (a new data mixture) is allowed; a silent one is not."""
+    saved = source.common.get("next_sample")
+    if saved is None or not is_rank0():
+        return
+    current = sample_fingerprint(trainer.datasets[0], trainer.consumed_samples)
+    if current != saved:
+        logger.warning("the training data after %s is not what that run would have read next (sample %d differs): "
+                       "its data, data.split, seq_length, seed, or its sample budget (train_iters x global batch: "
+                       "Megatron's sample order depends on it, %d samples then, %d now) changed; training goes on "
+                       "with the new order", source.path, trainer.consumed_samples,
+                       source.common.get("train_samples", 0), trainer.train_samples)

@@ -9,12 +9,14 @@ is no test set.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 
+from megatron.core.datasets.blended_dataset import BlendedDataset
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.indexed_dataset import IndexedDataset
@@ -179,3 +181,23 @@ def _is_number(text: str) -> bool:
         return True
     except ValueError:
         return False
+
+
+def sample_fingerprint(dataset, index: int) -> Optional[str]:
+    """What sample `index` of a split is, whatever order the split was built in: its tokens, the blend source it
+    comes from and the documents and offsets it spans (mock documents are token ranges, and real corpora repeat
+    boilerplate: tokens alone do not tell samples apart). None past the split."""
+    if dataset is None or index >= len(dataset):
+        return None
+    sample = dataset[index]   # also maps a blend's lazily loaded indices
+    parts = [np.ascontiguousarray(np.asarray(sample["tokens"])).tobytes()]
+    if isinstance(dataset, BlendedDataset):
+        source = int(dataset.dataset_index[index])
+        parts.append(f"source {source}".encode())
+        dataset, index = dataset.datasets[source], int(dataset.dataset_sample_index[index])
+    if isinstance(dataset, GPTDataset):
+        j = int(dataset.shuffle_index[index])
+        (begin, begin_offset), (end, end_offset) = dataset.sample_index[j], dataset.sample_index[j + 1]
+        parts.append(f"documents {int(dataset.document_index[begin])}+{int(begin_offset)}.."
+                     f"{int(dataset.document_index[end])}+{int(end_offset)}".encode())
+    return hashlib.sha1(b"|".join(parts)).hexdigest()

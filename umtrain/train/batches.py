@@ -55,7 +55,10 @@ class MicroBatches:
 
     def micro_batch(self, consumed_samples: int, micro: int) -> dict[str, torch.Tensor]:
         samples = self.micro_batch_indices(consumed_samples, micro)
-        batch = collate([self.dataset[i % len(self.dataset)] for i in samples])
+        if samples.stop > len(self.dataset):
+            raise RuntimeError(f"samples {samples.start}..{samples.stop - 1} are past the {len(self.dataset)} the "
+                               f"split was built for")
+        batch = collate([self.dataset[i] for i in samples])
         if self.vocab_size is not None:
             check_token_ids(batch, self.vocab_size, samples)
         return batch

@@ -118,7 +118,7 @@ def evaluate_checkpoint(config: Config, split: str) -> Evaluation:
     from umtrain.parallel.memory_tables import check_table_overflow
     from umtrain.train.runner import ModelRunner
 
-    runner = ModelRunner(config, train_samples=0)
+    runner = ModelRunner(config)
     Checkpointer(config).load_weights(runner)
     batches = runner.valid_batches if split == "valid" else runner.batches_of(runner.datasets[2])
     loss = runner.evaluate(batches)

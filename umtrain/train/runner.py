@@ -55,15 +55,16 @@ def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 class ModelRunner:
-    """Builds the process groups, the data splits (`train_samples` samples of the training split: 0 when only
-    evaluating) and the model chunks, unwrapped: no gradient buffers, no optimizer. `iteration`, `consumed_samples`
-    and `history` are the progress a loaded checkpoint restores."""
+    """Builds the process groups, the data splits (the training split for `_training_samples()` samples: none when
+    only evaluating) and the model chunks, unwrapped: no gradient buffers, no optimizer. `iteration`,
+    `consumed_samples` and `history` are the progress a loaded checkpoint restores."""
 
-    def __init__(self, config: Config, train_samples: int):
+    def __init__(self, config: Config):
         self.config = config
         self.layout: Layout = initialize_distributed(config)
         seed_everything(config.training.seed)
-        self.tokenizer, self.datasets = self._build_data(train_samples)
+        self.train_samples = self._training_samples()
+        self.tokenizer, self.datasets = self._build_data(self.train_samples)
         self.vocab_size = padded_vocab_size(config, self.tokenizer.vocab_size)
         self.tconfig = transformer_config(config)
         self.model = self._build_model()
@@ -71,6 +72,11 @@ class ModelRunner:
         self.iteration = 0
         self.consumed_samples = 0
         self.history = History()
+
+    def _training_samples(self) -> int:
+        """Samples to build the training split for (after the process groups exist; Megatron builds every split
+        of a blend, and 0 builds one epoch's index)."""
+        return 0
 
     def _build_data(self, train_samples: int):
         from umtrain.data.datasets import build_gpt_datasets

@@ -61,17 +61,32 @@ class StepWindow:
         self.seconds, self.steps = 0.0, 0
 
 
+def resumed_sample_budget(train_iters: int, global_batch_size: int, common: dict) -> int:
+    """Training samples to build for a run resumed from a checkpoint with `common` state: enough for the steps
+    left after its `consumed_samples` (also when the global batch changed), and at least the saved run's own budget,
+    since Megatron's sample order depends on the budget: keeping it keeps the order."""
+    remaining = max(train_iters - int(common["iteration"]), 0) * global_batch_size
+    return max(int(common.get("train_samples", 0)), int(common["consumed_samples"]) + remaining)
+
+
 class Trainer(ModelRunner):
     def __init__(self, config: Config):
         self.preemption = PreemptionHandler(config.training.exit_signal)   # first: a signal during setup is kept
-        super().__init__(config, train_samples=config.training.train_iters * config.training.global_batch_size)
+        self.checkpointer = Checkpointer(config)
+        super().__init__(config)
         self.model = wrap_data_parallel(config, self.tconfig, self.model)
         self.optimizer = build_optimizer(config, self.model)
         self.train_batches = self.batches_of(self.datasets[0])
         self.flops_per_token = self._training_flops_per_token()
-        self.checkpointer = Checkpointer(config)
         self.checkpointer.resume(self)
         self.metrics = MetricsWriter(config, enabled=self.layout.is_logging_rank, start_step=self.iteration)
+
+    def _training_samples(self) -> int:
+        t = self.config.training
+        source = self.checkpointer.resume_source()
+        if source is None:
+            return t.train_iters * t.global_batch_size
+        return resumed_sample_budget(t.train_iters, t.global_batch_size, source.common)
 
     def _training_flops_per_token(self) -> float:
         from umtrain.model.accounting import count
