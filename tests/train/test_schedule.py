@@ -37,9 +37,10 @@ def test_linear_and_constant():
     assert base_lr(constant, 80) == pytest.approx(1.0)
 
 
-def test_warmup_fraction():
-    c = load_config(None, ["data.mock=true", "training.train_iters=1000", "schedule.lr_warmup_fraction=0.01"])
-    assert warmup_iters(c) == 10
+@pytest.mark.parametrize("train_iters,expected", [(50, 1), (150, 2), (250, 3), (350, 4), (1000, 10)])
+def test_warmup_fraction_rounds_half_up(train_iters, expected):
+    c = load_config(None, ["data.mock=true", f"training.train_iters={train_iters}", "schedule.lr_warmup_fraction=0.01"])
+    assert warmup_iters(c) == expected
 
 
 def test_a_decay_horizon_shorter_than_training_ends_at_min_lr():

@@ -93,11 +93,14 @@ def process_group_of_one() -> Iterator[None]:
 
 
 def seed_everything(seed: int) -> None:
-    """Same data/init seed on every rank; distinct dropout streams per TP rank (Megatron's RNG tracker)."""
+    """Python and NumPy seeded alike on every rank; torch's dropout streams distinct per pipeline stage (`seed + 100
+    x stage`, as Megatron-LM: the stages would otherwise draw the same masks for different layers) and per TP rank
+    (Megatron's RNG tracker). Weights do not depend on it: they come from per-parameter generators."""
     random.seed(seed)
     np.random.seed(seed)
-    torch.manual_seed(seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    torch.manual_seed(stage_seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(stage_seed)
 
 
 def destroy() -> None:

@@ -13,11 +13,12 @@ def decay_iters(config: Config) -> int:
 
 
 def warmup_iters(config: Config) -> int:
-    """`lr_warmup_iters`, or `lr_warmup_fraction` of the decay horizon (Megatron-LM's reading)."""
+    """`lr_warmup_iters`, or `lr_warmup_fraction` of the decay horizon (Megatron-LM's reading), rounded half up
+    (Python's `round` halves to even: 1% of 50 steps would be no warmup at all, of 250 steps 2)."""
     s = config.schedule
     if s.lr_warmup_iters is not None:
         return s.lr_warmup_iters
-    return int(round(s.lr_warmup_fraction * decay_iters(config)))
+    return math.floor(s.lr_warmup_fraction * decay_iters(config) + 0.5)
 
 
 def base_lr(config: Config, step: int) -> float:
