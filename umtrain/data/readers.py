@@ -97,6 +97,9 @@ def stream_rows(path: Path, text_key: str) -> Iterator[list[tuple[int, Any]]]:
             yield list(enumerate(values, start=number + 1))
             number += len(values)
     except UnicodeDecodeError as err:
+        if fmt == "parquet":   # a binary file: there are no lines to search
+            raise DataInputError(str(path), f"after row {number}",
+                                 f"{text_key!r} is not valid UTF-8 ({err.reason})") from err
         raise _first_undecodable_line(path, after=number) from err
     except (EOFError, OSError, zlib.error, zstandard.ZstdError, pyarrow.ArrowException) as err:   # damaged data
         raise DataInputError(str(path), f"after {'line' if fmt == 'jsonl' else 'row'} {number}",
