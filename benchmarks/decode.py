@@ -111,8 +111,6 @@ def decode_step_times(model: ReferenceGPT, batch: int, args: argparse.Namespace,
 def run(args: argparse.Namespace) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     configs = {name: model_config(name, args) for name in args.models}
     models = {}
     for name, config in configs.items():
@@ -155,7 +153,13 @@ def print_table(result: dict) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    result = run(args)
+    previous_threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        result = run(args)
+    finally:
+        torch.set_num_threads(previous_threads)
     print_table(result)
     return write_result(args.out, result, __file__, argv)
 

@@ -189,6 +189,7 @@ class HostSyncBench:
     def close(self) -> None:
         from megatron.core import parallel_state
 
+        self.trainer.preemption.restore()
         if self.owns["parallel_state"]:
             parallel_state.destroy_model_parallel()
         if self.owns["process_group"] and dist.is_initialized():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -92,7 +93,8 @@ def train(config_dict: dict, world_size: int, logits: bool = False, preempt_at: 
 
 
 def launch_cli(tmp_path: Path, config_dict: dict, nproc: int, *extra: str) -> subprocess.Popen:
-    """`umtrain train --nproc-per-node N` in its own session (so tests can signal its workers)."""
+    """`umtrain train --nproc-per-node N` in its own session (so tests can signal its workers). Tests launch through
+    the `launch_cli` fixture (tests/checkpoint/conftest.py), which kills the session whatever the test's outcome."""
     config_path = tmp_path / f"config-{len(list(tmp_path.glob('config-*')))}.yaml"
     config_path.write_text(yaml.safe_dump(config_dict))
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
@@ -100,6 +102,17 @@ def launch_cli(tmp_path: Path, config_dict: dict, nproc: int, *extra: str) -> su
                "--nproc-per-node", str(nproc), *extra]
     return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             start_new_session=True, text=True)
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL every process of a `launch_cli` session still running (launcher and workers) and reap the launcher."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
 
 
 def saved_losses(checkpoint_dir: Path) -> list[float]:

@@ -3,8 +3,10 @@ between checkpoints resumes from the last one; either way the resumed run reprod
 
 from __future__ import annotations
 
+import codecs
 import os
 import re
+import selectors
 import signal
 import time
 from pathlib import Path
@@ -15,7 +17,7 @@ import pytest
 import yaml
 from torch.distributed.elastic.multiprocessing.api import SignalException
 
-from tests.checkpoint.helpers import launch_cli, run_config, saved_losses, train
+from tests.checkpoint.helpers import run_config, saved_losses, train
 from umtrain.checkpoint import REQUEUE_EXIT_CODE, PreemptionHandler, manager
 from umtrain.checkpoint.launch import exit_code_of, workers_save_checkpoints
 from umtrain.checkpoint.signals import parse_signal
@@ -34,15 +36,25 @@ def wait_for_checkpoint(proc, root: Path, timeout: float = 300.0) -> None:
         time.sleep(0.02)
 
 
-def wait_for_logged_step(proc, step: int) -> str:
-    """Read the run's output until it logs `step` (a run with logging.log_interval=1); returns what was read."""
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        logged = re.search(r"step +(\d+)/", line)
-        if logged and int(logged.group(1)) >= step:
-            return "".join(seen)
-    raise AssertionError(f"training exited with {proc.wait()} before logging step {step}:\n" + "".join(seen))
+def wait_for_logged_step(proc, step: int, timeout: float = 300.0) -> str:
+    """Read the run's output until it logs `step` (a run with logging.log_interval=1); returns what was read. Reads
+    the pipe itself (no buffer of proc.stdout's), so `finish` reads on from there."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    seen = ""
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        selector.register(proc.stdout.fileno(), selectors.EVENT_READ)
+        while not any(int(logged) >= step for logged in re.findall(r"step +(\d+)/", seen)):
+            left = deadline - time.monotonic()
+            assert left > 0, f"training logged no step {step} in {timeout:.0f} s:\n{seen}"
+            if not selector.select(left):
+                continue
+            chunk = os.read(proc.stdout.fileno(), 1 << 16)
+            if not chunk:
+                raise AssertionError(f"training exited with {proc.wait(timeout=60)} before logging step {step}:\n"
+                                     + seen)
+            seen += decoder.decode(chunk)
+    return seen
 
 
 def finish(proc, timeout: float = 300.0) -> tuple[int, str]:
@@ -55,12 +67,12 @@ def training_workers(proc) -> list[psutil.Process]:
 
 
 @pytest.mark.slow
-def test_sigterm_saves_exits_with_requeue_code_and_resumes_exactly(tmp_path):
+def test_sigterm_saves_exits_with_requeue_code_and_resumes_exactly(tmp_path, launch_cli):
     root = tmp_path / "ckpt"
     config = run_config(ITERS, save=str(root), save_interval=INTERVAL)
     reference = train(run_config(ITERS), 2)["loss"]
 
-    proc = launch_cli(tmp_path, {**config, "logging": {**config["logging"], "log_interval": 1}}, 2)
+    proc = launch_cli({**config, "logging": {**config["logging"], "log_interval": 1}}, 2)
     before = wait_for_logged_step(proc, INTERVAL + 1)   # past the first interval checkpoint, whatever the load
     training_workers(proc)[-1].send_signal(signal.SIGTERM)   # one rank only: the flag is all-reduced
     code, output = finish(proc)
@@ -69,19 +81,19 @@ def test_sigterm_saves_exits_with_requeue_code_and_resumes_exactly(tmp_path):
     stopped = manager.iteration_of(manager.read_latest(root))
     assert INTERVAL < stopped < ITERS, "the signal should stop the run between two interval checkpoints"
 
-    code, output = finish(launch_cli(tmp_path, config, 2))
+    code, output = finish(launch_cli(config, 2))
     assert code == 0, output
     assert saved_losses(manager.read_latest(root)) == reference
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", [signal.SIGUSR1, signal.SIGTERM], ids=["SIGUSR1", "SIGTERM"])
-def test_the_launcher_passes_stop_signals_on_to_its_workers(tmp_path, stop):
+def test_the_launcher_passes_stop_signals_on_to_its_workers(tmp_path, launch_cli, stop):
     """SLURM's `--signal=USR1@300` and its SIGTERM reach the launcher too; torchrun's agent alone would die of SIGUSR1
     and orphan the workers (SIGTERM it passes on itself). Here only the launcher gets the signal, so the workers can
     only have it from the launcher."""
     root = tmp_path / "ckpt"
-    proc = launch_cli(tmp_path, run_config(ITERS, save=str(root), save_interval=INTERVAL), 2)
+    proc = launch_cli(run_config(ITERS, save=str(root), save_interval=INTERVAL), 2)
     wait_for_checkpoint(proc, root)
     workers = training_workers(proc)
     proc.send_signal(stop)
@@ -92,17 +104,17 @@ def test_the_launcher_passes_stop_signals_on_to_its_workers(tmp_path, stop):
 
 
 @pytest.mark.slow
-def test_sigkill_between_checkpoints_resumes_from_the_last_one(tmp_path):
+def test_sigkill_between_checkpoints_resumes_from_the_last_one(tmp_path, launch_cli):
     root = tmp_path / "ckpt"
     config = run_config(ITERS, save=str(root), save_interval=INTERVAL, keep_last=2)
-    proc = launch_cli(tmp_path, config, 1)
+    proc = launch_cli(config, 1)
     wait_for_checkpoint(proc, root)
     os.killpg(proc.pid, signal.SIGKILL)
     finish(proc)
     killed_at = manager.iteration_of(manager.read_latest(root))
     assert killed_at < ITERS
 
-    code, output = finish(launch_cli(tmp_path, config, 1))
+    code, output = finish(launch_cli(config, 1))
     assert code == 0, output
     assert f"resumed from {root / manager.checkpoint_name(killed_at)}" in output
     assert saved_losses(manager.read_latest(root)) == train(run_config(ITERS), 1)["loss"]

@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -246,18 +245,33 @@ def test_local_sweep_summary_matches_the_checkpoints(base_yaml, tmp_path, capsys
     assert capsys.readouterr().out.count("already done") == 2
 
 
+def _sigterm_self_once_both_handlers_are_set(ready: Path, before, stop: threading.Event) -> None:
+    """SIGTERM this process once the child has its handler (it wrote `ready`) and run_training has its own (a
+    signal before either would end the child, or this process, on the default action)."""
+    while not stop.wait(0.01):
+        if ready.exists() and signal.getsignal(signal.SIGTERM) != before:
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+
+
 def test_a_stop_signal_reaches_the_training_process(tmp_path):
     """A SIGTERM to the sweep (scancel, a supervisor) is passed on to the run it trains, which exits (with the
     requeue code, as training does after its checkpoint) instead of training on alone."""
-    child = ("import signal, sys, time\n"
+    child = ("import pathlib, signal, sys, time\n"
              "signal.signal(signal.SIGTERM, lambda *_: sys.exit(42))\n"
+             "pathlib.Path(sys.argv[1]).touch()\n"
              "time.sleep(60)\n")
+    ready = tmp_path / "child_ready"
     before = signal.getsignal(signal.SIGTERM)
-    threading.Timer(3.0, os.kill, (os.getpid(), signal.SIGTERM)).start()
-    start = time.monotonic()
-    with open(tmp_path / "train.log", "w") as log:
-        assert sweep_cli.run_training([sys.executable, "-c", child], log) == (42, True)
-    assert time.monotonic() - start < 30
+    stop = threading.Event()
+    sender = threading.Thread(target=_sigterm_self_once_both_handlers_are_set, args=(ready, before, stop))
+    sender.start()
+    try:
+        with open(tmp_path / "train.log", "w") as log:
+            assert sweep_cli.run_training([sys.executable, "-c", child, str(ready)], log) == (42, True)
+    finally:
+        stop.set()
+        sender.join()
     assert signal.getsignal(signal.SIGTERM) == before
 
 

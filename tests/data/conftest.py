@@ -46,8 +46,9 @@ def sp_tokenizer(sentencepiece_model):
     return load_tokenizer("sentencepiece", sentencepiece_model)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def process_group():
-    """Megatron's dataset builder holds barriers: a 1-process gloo group, unless a test already made one."""
+    """Megatron's dataset builder holds barriers: a 1-process gloo group, unless a test already made one. Module
+    scope: the group is gone before the next test file runs (making one takes milliseconds)."""
     with process_group_of_one():
         yield

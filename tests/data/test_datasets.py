@@ -127,7 +127,7 @@ def test_mock_data_needs_no_files_or_tokenizer():
     assert tokens.shape == (32,) and int(tokens.max()) < 64
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(60, func_only=True)   # the session fixtures' corpus and tokenizer are not the test
 def test_split_part_without_documents_is_refused(sp_tokenizer, tmp_path):
     """Megatron-Core would loop forever building the test part: 0.001 of 300 documents rounds to none."""
     prefix = one_token_per_document(tmp_path / "docs", 100, 300, sp_tokenizer.eod)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 
 import umtrain.ops.fused_lookup_reduce as fused
 
@@ -30,14 +29,23 @@ def test_a_lock_left_by_a_killed_build_is_removed_under_the_os_lock(tmp_path):
 
 
 def test_a_second_builder_waits_for_the_first(tmp_path):
+    """The holder keeps the lock until this test is about to ask for it, and marks its release just before it lets
+    go: a waiter that got in while the holder still held the lock would find no mark."""
     script = ("import sys, time; from pathlib import Path; import umtrain.ops.fused_lookup_reduce as f\n"
-              "with f.exclusive_build(Path(sys.argv[1])):\n"
-              "    print('inside', flush=True); time.sleep(3); print('leaving', flush=True)\n")
+              "build = Path(sys.argv[1])\n"
+              "with f.exclusive_build(build):\n"
+              "    print('inside', flush=True)\n"
+              "    while not (build / 'waiter_asks').exists(): time.sleep(0.01)\n"
+              "    time.sleep(0.5)\n"
+              "    (build / 'holder_releases').touch()\n")
     holder = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "inside"
-    (tmp_path / "lock").touch()                       # the holder's build in progress
-    start = time.monotonic()
-    with fused.exclusive_build(tmp_path):
-        waited = time.monotonic() - start
-        assert holder.stdout.readline().strip() == "leaving"      # entered only once the holder had left
-    assert waited > 1.0 and holder.wait() == 0
+    try:
+        assert holder.stdout.readline().strip() == "inside"
+        (tmp_path / "lock").touch()                       # the holder's build in progress
+        (tmp_path / "waiter_asks").touch()
+        with fused.exclusive_build(tmp_path):
+            assert (tmp_path / "holder_releases").exists()
+        assert holder.wait(timeout=60) == 0
+    finally:
+        holder.kill()
+        holder.wait()

@@ -3,8 +3,13 @@ traceback, or the stack of a native abort) in the error raised to the test."""
 
 from __future__ import annotations
 
+import _thread
 import os
+import threading
+import time
+from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import torch.distributed as dist
@@ -65,3 +70,32 @@ def _rank_one_aborts_after_returning(rank: int, world: int) -> int:
 def test_an_abort_after_every_result_is_saved_is_a_warning():
     with pytest.warns(UserWarning, match="every rank returned its result, then a process died in teardown"):
         assert run_local_group(_rank_one_aborts_after_returning, 2) == [0, 1]
+
+
+def _sleep_forever_after_writing_pid(rank: int, world: int, pid_dir: str) -> None:
+    (Path(pid_dir) / f"{os.getpid()}.pid").touch()
+    time.sleep(10_000)   # a hang outside any gloo call: nothing times it out but the caller
+
+
+def _interrupt_main_once_ranks_run(pid_dir: Path, world: int, stop: threading.Event) -> None:
+    while not stop.wait(0.05):
+        if len(list(pid_dir.glob("*.pid"))) == world:
+            _thread.interrupt_main()   # as pytest-timeout's SIGALRM (or a Ctrl-C): an exception in the caller
+            return
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_no_rank_outlives_an_interrupted_call(tmp_path):
+    stop = threading.Event()
+    interrupter = threading.Thread(target=_interrupt_main_once_ranks_run, args=(tmp_path, 2, stop))
+    interrupter.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_local_group(_sleep_forever_after_writing_pid, 2, str(tmp_path))
+    finally:
+        stop.set()
+        interrupter.join()
+    ranks = [int(path.stem) for path in tmp_path.glob("*.pid")]
+    assert len(ranks) == 2
+    assert not [pid for pid in ranks if psutil.pid_exists(pid)]

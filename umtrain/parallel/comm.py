@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 GRAD_SUFFIX = ".grad"
+_JOIN_POLL_S = 1.0
 
 
 class Communicator:
@@ -137,21 +138,38 @@ def _spawn_detail(err: Exception, reports: list[str]) -> str:
     return ""
 
 
+def _start_and_join(worker_args: tuple, world_size: int) -> None:
+    """mp.spawn, but no rank outlives this call: the ranks are not daemons (they may start workers of their own),
+    so a rank left running by an exception here (a test's timeout, a Ctrl-C) would keep its parent from exiting.
+    The join polls, so that such an exception can come in while the ranks run."""
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(_local_worker, args=worker_args, nprocs=world_size, join=False,
+                                 start_method="spawn")
+    try:
+        while not context.join(timeout=_JOIN_POLL_S):
+            pass
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+            process.join()
+
+
 def run_local_group(fn: Callable, world_size: int, *args: Any, backend: str = "gloo") -> list:
     """Run fn(rank, world_size, *args) on world_size spawned processes of one local process group.
 
     fn must be importable (a module-level function); returns each rank's result, in rank order. When a rank
     fails, the error names every failed rank with its traceback (not only the first to exit). A process that dies
     after every rank has saved its result (gloo can abort in teardown) is reported as a warning, not an error.
+    No rank outlives the call, whatever ends it (a test's timeout included).
     """
-    import torch.multiprocessing as mp
     from torch.multiprocessing.spawn import ProcessException
 
     with tempfile.TemporaryDirectory() as out_dir:
         results = [os.path.join(out_dir, f"rank{r}.pt") for r in range(world_size)]
         try:
-            mp.spawn(_local_worker, args=(world_size, free_port(), backend, fn, args, out_dir), nprocs=world_size,
-                     join=True)
+            _start_and_join((world_size, free_port(), backend, fn, args, out_dir), world_size)
         except ProcessException as err:
             reports = [f"--- rank {r} ---\n" + report for r in range(world_size)
                        if (report := _read_report(os.path.join(out_dir, f"rank{r}.err")))]

@@ -151,9 +151,13 @@ class Trainer(ModelRunner):
 
     # ----------------------------------------------------------------------------------------- loop
     def train(self) -> History:
-        """Train to `training.train_iters`; log records go through the progress bar (not into its line)."""
-        with logging_redirect_tqdm():
-            return self._train_loop()
+        """Train to `training.train_iters`; log records go through the progress bar (not into its line). The stop
+        signals' handlers are given back at the end, however it ends."""
+        try:
+            with logging_redirect_tqdm():
+                return self._train_loop()
+        finally:
+            self.preemption.restore()
 
     def _train_loop(self) -> History:
         train_iters = self.config.training.train_iters
