@@ -56,7 +56,7 @@ def main() -> None:
     parser.add_argument("--dir", default=None, help="scratch directory (default: a temporary one, removed)")
     args = parser.parse_args()
 
-    from umtrain.checkpoint import manager
+    from umtrain.checkpoint import Checkpointer, manager
     from umtrain.parallel.state import destroy
 
     scratch = Path(args.dir or tempfile.mkdtemp(prefix="umtrain-ckpt-bench-"))
@@ -78,7 +78,7 @@ def main() -> None:
             timing["bytes_written"] = manager.bytes_of(latest)
             timing["write_mb_per_s"] = timing["bytes_written"] / 1e6 / timing["save2"]["published_s"]
             start = time.perf_counter()
-            trainer.checkpointer.resume(trainer)
+            Checkpointer(trainer.config).resume(trainer)   # a restarted run's: it resolves `latest` anew
             timing["load_s"] = time.perf_counter() - start
             start = time.perf_counter()
             manager.verification_error(latest)

@@ -96,16 +96,33 @@ def test_evaluate_repeats_the_runs_validation_and_matches_a_reference(trained, t
 
 def test_evaluate_allocates_no_optimizer_or_gradient_buffers(trained, tmp_path, one_process, monkeypatch):
     """Evaluation needs the weights alone: a model's optimizer (fp32 main params, Adam moments) and gradient
-    buffers would take several times its memory."""
-    import umtrain.train.trainer as trainer_module
+    buffers would take several times its memory. The classes themselves refuse, however they would be reached."""
+    from megatron.core.distributed import DistributedDataParallel
 
     def refuse(*_, **__):
         raise AssertionError("evaluation built a training-only part")
 
-    monkeypatch.setattr(trainer_module, "build_optimizer", refuse)
-    monkeypatch.setattr(trainer_module, "wrap_data_parallel", refuse)
+    monkeypatch.setattr(DistributedDataParallel, "__init__", refuse)
+    monkeypatch.setattr(torch.optim.AdamW, "__init__", refuse)
+    monkeypatch.setattr(torch.optim.Adam, "__init__", refuse)
     result = evaluate_in_process(trained, tmp_path / "valid.json")
     assert result["loss"] == pytest.approx(training_valid_loss(trained), rel=1e-6)
+
+
+def test_evaluate_reuses_the_training_runs_cached_data_index(demo_dataset, tmp_path, one_process):
+    """The training split is built for the size the run built it for, whose index is in the cache: evaluating
+    writes nothing there (another size would build and write another index)."""
+    from tests.conftest import demo_config
+
+    cache = tmp_path / "cache"
+    config = demo_config(demo_dataset, model=MODEL, parallel={"tensor_model_parallel_size": 1},
+                         training={"train_iters": 2, "global_batch_size": 8, "micro_batch_size": 4, "eval_iters": 1},
+                         schedule={"lr_warmup_iters": 1}, checkpoint={"save": str(tmp_path / "ckpt")})
+    config["data"]["cache_path"] = str(cache)
+    train(config, 1)
+    before = sorted(p.name for p in cache.rglob("*"))
+    evaluate_in_process(tmp_path / "ckpt", tmp_path / "valid.json")
+    assert sorted(p.name for p in cache.rglob("*")) == before
 
 
 def test_evaluate_test_split_and_fewer_iters(trained, tmp_path, one_process):

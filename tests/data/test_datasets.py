@@ -7,7 +7,8 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatase
 
 from umtrain.config.base import ConfigError
 from umtrain.config.schema import Config
-from umtrain.data.datasets import build_gpt_datasets, parse_blend, token_count
+from umtrain.data.datasets import (build_gpt_datasets, next_samples_fingerprint, parse_blend, sample_fingerprint,
+                                  token_count)
 
 pytestmark = pytest.mark.usefixtures("process_group")
 
@@ -189,3 +190,19 @@ def test_load_time_checks_open_each_source_once_and_see_it_rewritten(sp_tokenize
     assert token_count(first) == sum(3 + i % 7 + 1 for i in range(20))
     one_token_per_document(tmp_path / "a", 100, 5, sp_tokenizer.eod)     # rewritten by a new preprocess run
     assert token_count(first) == sum(3 + i % 7 + 1 for i in range(5))
+
+
+def test_the_next_samples_fingerprint_sees_a_source_reordered_by_a_larger_budget(sp_tokenizer, tmp_path):
+    """A small source that a larger budget takes to several epochs gets another order (Megatron shuffles across
+    the epochs it builds), while the large source and the blend's choice of source keep theirs: a fingerprint of
+    the next sample alone, which comes from the large source, would not see it."""
+    rng = np.random.default_rng(0)
+    small = write_indexed(tmp_path / "small", [rng.integers(10, 300, rng.integers(20, 80)) for _ in range(5)],
+                          sp_tokenizer.eod)
+    config = make_config(["9", blend_source(tmp_path / "large", 1, sp_tokenizer.eod, rng), "1", small])
+    saved, same, larger = (build_gpt_datasets(config, sp_tokenizer, budget, 0, 0)[0] for budget in (32, 64, 400))
+    index = next(i for i in range(8, 32) if int(saved.dataset_index[i]) == 0)   # a sample of the large source next
+    assert sample_fingerprint(larger, index) == sample_fingerprint(saved, index)
+    assert next_samples_fingerprint(same, index, end=32) == next_samples_fingerprint(saved, index, end=32)
+    assert next_samples_fingerprint(larger, index, end=32) != next_samples_fingerprint(saved, index, end=32)
+    assert next_samples_fingerprint(saved, 32, end=32) is None

@@ -37,9 +37,11 @@ def test_linear_and_constant():
     assert base_lr(constant, 80) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("train_iters,expected", [(50, 1), (150, 2), (250, 3), (350, 4), (1000, 10)])
-def test_warmup_fraction_rounds_half_up(train_iters, expected):
-    c = load_config(None, ["data.mock=true", f"training.train_iters={train_iters}", "schedule.lr_warmup_fraction=0.01"])
+@pytest.mark.parametrize("fraction,train_iters,expected", [(0.01, 50, 1), (0.01, 150, 2), (0.01, 250, 3),
+                                                            (0.01, 350, 4), (0.01, 1000, 10), (0.29, 50, 15)])
+def test_warmup_fraction_rounds_half_up(fraction, train_iters, expected):
+    c = load_config(None, ["data.mock=true", f"training.train_iters={train_iters}",
+                           f"schedule.lr_warmup_fraction={fraction}"])
     assert warmup_iters(c) == expected
 
 

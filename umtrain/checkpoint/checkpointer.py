@@ -23,7 +23,7 @@ from umtrain.checkpoint.state import (
 )
 from umtrain.config import Config, dump_config
 from umtrain.config.base import ConfigError
-from umtrain.data.datasets import sample_fingerprint
+from umtrain.data.datasets import next_samples_fingerprint
 from umtrain.parallel.collectives import barrier, is_rank0, on_rank0
 
 logger = logging.getLogger("umtrain")
@@ -232,16 +232,17 @@ def check_optimizer_format(common: dict, config: Config, path: Path) -> None:
 
 
 def warn_if_data_order_changed(trainer, source: ResumeSource) -> None:
-    """Warn when the next training sample differs from the one the saved run would have read next: its data, blend,
-    `seq_length`, seed or split changed, or a larger sample budget (more `train_iters`, another global batch) changed
-    Megatron's sample order. A deliberate change (a new data mixture) is allowed; a silent one is not."""
+    """Warn when the samples a resumed run reads next differ from those the saved run would have read (its next one,
+    and each blend source's next one): its data, blend, `seq_length`, seed or split changed, or a larger sample
+    budget (more `train_iters`, another global batch) changed Megatron's sample order. A deliberate change (a new
+    data mixture) is allowed; a silent one is not."""
     saved = source.common.get("next_sample")
     if saved is None or not is_rank0():
         return
-    current = sample_fingerprint(trainer.datasets[0], trainer.consumed_samples)
+    current = next_samples_fingerprint(trainer.datasets[0], trainer.consumed_samples, source.common["train_samples"])
     if current != saved:
-        logger.warning("the training data after %s is not what that run would have read next (sample %d differs): "
-                       "its data, data.split, seq_length, seed, or its sample budget (train_iters x global batch: "
-                       "Megatron's sample order depends on it, %d samples then, %d now) changed; training goes on "
-                       "with the new order", source.path, trainer.consumed_samples,
-                       source.common.get("train_samples", 0), trainer.train_samples)
+        logger.warning("the training data after %s is not what that run would have read next (the samples from %d "
+                       "on differ): its data, data.split, seq_length, seed, or its sample budget (train_iters x "
+                       "global batch: Megatron's sample order depends on it, %d samples then, %d now) changed; "
+                       "training goes on with the new order", source.path, trainer.consumed_samples,
+                       source.common["train_samples"], trainer.train_samples)

@@ -22,7 +22,7 @@ from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_f
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from umtrain.config.base import to_dict
-from umtrain.data.datasets import sample_fingerprint
+from umtrain.data.datasets import next_samples_fingerprint
 
 FORMAT_VERSION = 2
 """2: MoE experts are expert-parallel parameters at every expert-parallel size (their own chained optimizer)."""
@@ -170,7 +170,8 @@ def common_state(trainer) -> dict[str, Any]:
             "consumed_samples": trainer.consumed_samples, "config": to_dict(trainer.config),
             "layout": layout_of(trainer), "padded_vocab_size": trainer.vocab_size,
             "history": dataclasses.asdict(trainer.history), "train_samples": trainer.train_samples,
-            "next_sample": sample_fingerprint(trainer.datasets[0], trainer.consumed_samples)}
+            "next_sample": next_samples_fingerprint(trainer.datasets[0], trainer.consumed_samples,
+                                                     trainer.train_samples)}
 
 
 def save_state_dict(trainer) -> dict[str, Any]:

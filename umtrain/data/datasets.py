@@ -183,12 +183,42 @@ def _is_number(text: str) -> bool:
         return False
 
 
-def sample_fingerprint(dataset, index: int) -> Optional[str]:
-    """What sample `index` of a split is, whatever order the split was built in: its tokens, the blend source it
-    comes from and the documents and offsets it spans (mock documents are token ranges, and real corpora repeat
-    boilerplate: tokens alone do not tell samples apart). None past the split."""
-    if dataset is None or index >= len(dataset):
+def next_samples_fingerprint(dataset, index: int, end: int) -> Optional[str]:
+    """What a run reading a split from sample `index` on reads next, whatever order the split was built in: the
+    fingerprint of its next sample, and for a blend of each source's next sample before `end` (a source whose order
+    changed, say by a second epoch, changes its next sample, even when the split's very next sample comes from
+    another source). `end`: the split's size when the fingerprint was first taken (a blend rebuilt larger has later
+    samples the first one did not). None at or past the end."""
+    stop = min(end, len(dataset)) if dataset is not None else 0
+    if index >= stop:
         return None
+    positions = [index]
+    if isinstance(dataset, BlendedDataset):
+        positions += next_position_of_each_source(dataset, index, stop)
+    digest = hashlib.sha1()
+    for position in positions:
+        digest.update(sample_fingerprint(dataset, position).encode())
+    return digest.hexdigest()
+
+
+def next_position_of_each_source(blend: BlendedDataset, start: int, stop: int, chunk: int = 1 << 16) -> list[int]:
+    """For each source with a sample in [start, stop), the position of its first one; the blend's index is read a
+    chunk at a time, until every source is found (a run's index can hold hundreds of millions of samples)."""
+    blend[start]   # maps the lazily loaded blend indices
+    found: dict[int, int] = {}
+    for chunk_start in range(start, stop, chunk):
+        sources = np.asarray(blend.dataset_index[chunk_start:min(chunk_start + chunk, stop)])
+        for source in np.unique(sources):
+            found.setdefault(int(source), chunk_start + int(np.argmax(sources == source)))
+        if len(found) == len(blend.datasets):
+            break
+    return [found[source] for source in sorted(found)]
+
+
+def sample_fingerprint(dataset, index: int) -> str:
+    """What sample `index` of a split is: its tokens, the blend source it comes from and the documents and offsets
+    it spans (mock documents are token ranges, and real corpora repeat boilerplate: tokens alone do not tell samples
+    apart)."""
     sample = dataset[index]   # also maps a blend's lazily loaded indices
     parts = [np.ascontiguousarray(np.asarray(sample["tokens"])).tobytes()]
     if isinstance(dataset, BlendedDataset):

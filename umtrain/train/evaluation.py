@@ -116,9 +116,9 @@ def evaluate_checkpoint(config: Config, split: str) -> Evaluation:
     from umtrain.checkpoint import Checkpointer
     from umtrain.checkpoint.state import layout_of
     from umtrain.parallel.memory_tables import check_table_overflow
-    from umtrain.train.runner import ModelRunner
+    from umtrain.train.runner import CheckpointRunner
 
-    runner = ModelRunner(config)
+    runner = CheckpointRunner(config)
     Checkpointer(config).load_weights(runner)
     batches = runner.valid_batches if split == "valid" else runner.batches_of(runner.datasets[2])
     loss = runner.evaluate(batches)

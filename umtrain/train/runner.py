@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from megatron.core import parallel_state
+from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
@@ -55,9 +55,9 @@ def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 class ModelRunner:
-    """Builds the process groups, the data splits (the training split for `_training_samples()` samples: none when
-    only evaluating) and the model chunks, unwrapped: no gradient buffers, no optimizer. `iteration`,
-    `consumed_samples` and `history` are the progress a loaded checkpoint restores."""
+    """Builds the process groups, the data splits (the training split for `_training_samples()` samples) and the
+    model chunks, unwrapped: no gradient buffers, no optimizer. `iteration`, `consumed_samples` and `history` are
+    the progress a loaded checkpoint restores."""
 
     def __init__(self, config: Config):
         self.config = config
@@ -74,9 +74,10 @@ class ModelRunner:
         self.history = History()
 
     def _training_samples(self) -> int:
-        """Samples to build the training split for (after the process groups exist; Megatron builds every split
-        of a blend, and 0 builds one epoch's index)."""
-        return 0
+        """Samples to build the training split for (called once the process groups exist): the run's own
+        `train_iters x global_batch_size`. Megatron builds every split of a blend, and caches each split's index
+        under its size: asking for the size the training run asked for finds its index in the cache."""
+        return self.config.training.train_iters * self.config.training.global_batch_size
 
     def _build_data(self, train_samples: int):
         from umtrain.data.datasets import build_gpt_datasets
@@ -146,3 +147,12 @@ class ModelRunner:
         for chunk in self.model:
             chunk.train()
         return sum(losses) / len(losses)
+
+
+class CheckpointRunner(ModelRunner):
+    """The runner of `checkpoint.load`'s weights (evaluation): its training split is built for the sample budget
+    the checkpoint's run built it for, whose index is in the cache (another size would build, and write, another)."""
+
+    def _training_samples(self) -> int:
+        common = dist_checkpointing.load_common_state_dict(self.config.checkpoint.load)
+        return common.get("train_samples") or super()._training_samples()

@@ -18,7 +18,7 @@ def warmup_iters(config: Config) -> int:
     s = config.schedule
     if s.lr_warmup_iters is not None:
         return s.lr_warmup_iters
-    return math.floor(s.lr_warmup_fraction * decay_iters(config) + 0.5)
+    return math.floor(round(s.lr_warmup_fraction * decay_iters(config), 9) + 0.5)   # 0.29 x 50 = 14.4999...
 
 
 def base_lr(config: Config, step: int) -> float:

@@ -82,10 +82,10 @@ class Trainer(ModelRunner):
         self.metrics = MetricsWriter(config, enabled=self.layout.is_logging_rank, start_step=self.iteration)
 
     def _training_samples(self) -> int:
-        t = self.config.training
         source = self.checkpointer.resume_source()
         if source is None:
-            return t.train_iters * t.global_batch_size
+            return super()._training_samples()
+        t = self.config.training
         return resumed_sample_budget(t.train_iters, t.global_batch_size, source.common)
 
     def _training_flops_per_token(self) -> float:
