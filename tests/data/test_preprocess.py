@@ -110,7 +110,7 @@ def test_bad_files_are_named_and_leave_no_output(small_inputs, sentencepiece_mod
     (tmp_path / "notes.txt").write_text("text")
     pyarrow.parquet.write_table(pyarrow.table({"body": ["x"]}), tmp_path / "nocol.parquet")
     pyarrow.parquet.write_table(pyarrow.table({"meta": [{"text": "x"}]}), tmp_path / "nested.parquet")
-    undecodable = pyarrow.array([b"a\xed\xa0\x80b"], pyarrow.binary()).view(pyarrow.string())
+    undecodable = pyarrow.array([b"good"] * 2500 + [b"a\xed\xa0\x80b"], pyarrow.binary()).view(pyarrow.string())
     pyarrow.parquet.write_table(pyarrow.table({"text": undecodable}), tmp_path / "bytes.parquet")
     cases = {
         str(tmp_path / "empty.jsonl"): (ConfigError, r"empty\.jsonl: the file is empty"),
@@ -118,7 +118,7 @@ def test_bad_files_are_named_and_leave_no_output(small_inputs, sentencepiece_mod
         str(tmp_path / "notes.txt"): (ConfigError, r"notes\.txt: unsupported input file type"),
         str(tmp_path / "nocol.parquet"): (ConfigError, r"nocol\.parquet: has no column 'text'"),
         str(tmp_path / "nested.parquet"): (ConfigError, r"nested\.parquet: has no column 'text' \(columns: \['meta'\]\)"),
-        str(tmp_path / "bytes.parquet"): (DataInputError, r"bytes\.parquet, after row 0: 'text' is not valid UTF-8"),
+        str(tmp_path / "bytes.parquet"): (DataInputError, r"bytes\.parquet, row 2501: 'text' is not valid UTF-8 at byte 2"),
         str(tmp_path / "missing.jsonl"): (ConfigError, r"missing\.jsonl: input file not found"),
         str(tmp_path / "*.nothing"): (ConfigError, r"matches no files"),
     }

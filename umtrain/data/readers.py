@@ -97,9 +97,8 @@ def stream_rows(path: Path, text_key: str) -> Iterator[list[tuple[int, Any]]]:
             yield list(enumerate(values, start=number + 1))
             number += len(values)
     except UnicodeDecodeError as err:
-        if fmt == "parquet":   # a binary file: there are no lines to search
-            raise DataInputError(str(path), f"after row {number}",
-                                 f"{text_key!r} is not valid UTF-8 ({err.reason})") from err
+        if fmt == "parquet":
+            raise _first_undecodable_row(path, text_key, after=number) from err
         raise _first_undecodable_line(path, after=number) from err
     except (EOFError, OSError, zlib.error, zstandard.ZstdError, pyarrow.ArrowException) as err:   # damaged data
         raise DataInputError(str(path), f"after {'line' if fmt == 'jsonl' else 'row'} {number}",
@@ -121,6 +120,24 @@ def _first_undecodable_line(path: Path, after: int) -> DataInputError:
                 return DataInputError(str(path), f"line {number}", f"not valid UTF-8 at byte {err.start + 1} "
                                                                    f"({err.reason})")
     return DataInputError(str(path), f"after line {after}", "not valid UTF-8")
+
+
+def _first_undecodable_row(path: Path, text_key: str, after: int) -> DataInputError:
+    """The Parquet counterpart of `_first_undecodable_line`: read the column as bytes after the last good batch and
+    decode row by row."""
+    rows = pyarrow.parquet.ParquetFile(path).iter_batches(columns=[text_key])
+    number = 0
+    for batch in rows:
+        for value in batch.column(0).cast(pyarrow.binary()).to_pylist():
+            number += 1
+            if number <= after or value is None:
+                continue
+            try:
+                value.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return DataInputError(str(path), f"row {number}", f"{text_key!r} is not valid UTF-8 at byte "
+                                                                  f"{err.start + 1} ({err.reason})")
+    return DataInputError(str(path), f"after row {after}", f"{text_key!r} is not valid UTF-8")
 
 
 def parse_row(path: str, fmt: Format, number: int, raw: Any, text_key: str) -> str | None:
