@@ -358,3 +358,73 @@ def test_every_optimizer_choice_reaches_megatron_as_adamw(monkeypatch):
     monkeypatch.setitem(optimizer.MEGATRON_OPTIMIZERS, choices[0], dict(optimizer="sgd"))
     assert optimizer.megatron_optimizer_config(load(MOCK)).optimizer == "sgd"
 
+
+
+@pytest.mark.parametrize("hidden, heads, percent, key", [
+    (64, 4, 1.0, None), (64, 4, 0.5, None), (64, 4, 0.3, None),
+    (60, 4, 1.0, "model.hidden_size"),           # head width 15: Megatron's 16 frequencies do not fit (crash)
+    (48, 16, 1.0, "model.hidden_size"),          # head width 3
+    (60, 4, 0.5, "model.rotary_percent"),        # 7 of 15 dimensions: Megatron rotates 8, the reference model 7
+    (64, 16, 0.1, "model.rotary_percent"),       # 0 of 4 dimensions: no rotation at all
+])
+def test_rope_needs_an_even_number_of_rotated_dimensions_as_megatron_applies_it(hidden, heads, percent, key):
+    """Reference: Megatron-Core's own RotaryEmbedding applied to one head, which must rotate exactly the head's
+    int(head_dim * rotary_percent) (all of it at 1.0) dimensions, and some."""
+    import torch
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    from umtrain.parallel.cpu_compat import apply
+    apply()
+    head_dim = hidden // heads
+    expected = head_dim if percent == 1.0 else int(head_dim * percent)
+    freqs = RotaryEmbedding(head_dim, percent, use_cpu_initialization=True)(3)
+    try:
+        _apply_rotary_pos_emb_bshd(torch.randn(3, 1, 1, head_dim), freqs)
+        megatron_applies_it = 0 < freqs.shape[-1] == expected
+    except RuntimeError:
+        megatron_applies_it = False
+    overrides = MOCK + [f"model.hidden_size={hidden}", f"model.num_attention_heads={heads}",
+                        f"model.rotary_percent={percent}"]
+    assert megatron_applies_it == (key is None)
+    if key is None:
+        assert load(overrides).model.rotary_dim == expected
+    else:
+        raises_key(key, overrides, match="RoPE rotates pairs")
+
+
+def megatron_interleaved_schedule_accepts(microbatches: int, pp: int) -> bool:
+    """forward_backward_pipelining_with_interleaving's two checks, with microbatch_group_size_per_vp_stage N = PP
+    (Megatron's default; umtrain does not set it)."""
+    group = pp
+    if group > microbatches or group < pp:
+        return False
+    return not 0 < microbatches % group < pp
+
+
+@pytest.mark.parametrize("global_batch", [1, 2, 3, 4, 5, 6, 8])
+@pytest.mark.parametrize("vpp", [None, 2])
+def test_interleaved_pipeline_needs_micro_batches_in_multiples_of_pp(global_batch, vpp):
+    pp, dp, micro = 2, 1, 1
+    overrides = MOCK + ["model.num_layers=8", f"parallel.pipeline_model_parallel_size={pp}",
+                        f"parallel.virtual_pipeline_model_parallel_size={'null' if vpp is None else vpp}",
+                        f"training.micro_batch_size={micro}", f"training.global_batch_size={global_batch}"]
+    if vpp is None or megatron_interleaved_schedule_accepts(global_batch // (micro * dp), pp):
+        assert load(overrides, world_size=pp * dp).training.global_batch_size == global_batch
+    else:
+        raises_key("training.global_batch_size", overrides, world_size=pp * dp, match="multiple of PP=2")
+
+
+def test_interleaved_pipeline_counts_micro_batches_per_data_parallel_rank():
+    """DP=2, micro 1: a global batch of 4 is 2 micro-batches per rank (fine for PP=2), of 2 only 1."""
+    base = MOCK + ["model.num_layers=8", "parallel.pipeline_model_parallel_size=2",
+                   "parallel.virtual_pipeline_model_parallel_size=2", "training.micro_batch_size=1"]
+    assert load(base + ["training.global_batch_size=4"], world_size=4)
+    raises_key("training.global_batch_size", base + ["training.global_batch_size=2"], world_size=4, match="= 1,")
+
+
+@pytest.mark.parametrize("value", ["''", "'  '"])
+@pytest.mark.parametrize("mock", ["true", "false"])
+def test_an_empty_tokenizer_model_is_refused(value, mock):
+    overrides = [f"data.mock={mock}", "data.data_path=[prefix]", f"data.tokenizer_model={value}"]
+    raises_key("data.tokenizer_model", overrides, match="is empty: give a path, or null")

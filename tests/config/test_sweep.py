@@ -163,6 +163,16 @@ def test_each_run_is_the_base_config_with_its_overrides(base_yaml, tmp_path):
     assert not out.exists()
 
 
+def test_a_mapping_value_merges_into_the_base_section(base_yaml, tmp_path):
+    """`--grid 'model.memory=[{topk: 2},{topk: 8}]'` sets topk and keeps the base config's other memory keys."""
+    out = tmp_path / "sweep"
+    runs = resolve_sweep(base_yaml, [parse_axis("model.memory=[{topk: 2},{topk: 8, num_heads: 4}]")], [], [], out)
+    for run, (topk, heads) in zip(runs, [(2, 2), (8, 4)]):
+        expected = {**ULTRAMEM["memory"], "topk": topk, "num_heads": heads}
+        memory = to_dict(run.config.model.memory)
+        assert {key: memory[key] for key in expected} == expected
+
+
 def test_a_bad_value_names_the_key_and_the_point(base_yaml, tmp_path):
     with pytest.raises(ConfigError) as err:
         resolve_sweep(base_yaml, [parse_axis("model.memory.topk=[4,0]")], [], [], tmp_path / "sweep")

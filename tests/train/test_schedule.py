@@ -7,7 +7,7 @@ import math
 import pytest
 
 from umtrain.config import load_config
-from umtrain.train.schedule import apply_lr, base_lr, value_lr_multiplier, warmup_iters
+from umtrain.train.schedule import apply_lr, base_lr, value_lr_multiplier, warmup_iters, warmup_overrun
 
 
 def config(**overrides):
@@ -74,3 +74,21 @@ def test_apply_lr_sets_groups_by_kind():
     apply_lr(c, groups, step=0)
     assert [g["lr"] for g in groups] == pytest.approx([1.0, 10.0, 0.5])
     assert [g["weight_decay"] for g in groups] == pytest.approx([0.0, 0.1, 0.1])
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["training.train_iters=10", "schedule.lr_warmup_iters=10"], "schedule.lr_warmup_iters"),
+    (["training.train_iters=100", "schedule.lr_decay_iters=20", "schedule.lr_warmup_iters=30"],
+     "schedule.lr_warmup_iters"),
+    (["training.train_iters=10", "schedule.lr_warmup_fraction=1.0"], "schedule.lr_warmup_fraction"),
+    (["training.train_iters=1", "schedule.lr_warmup_fraction=0.5"], "schedule.lr_warmup_fraction"),  # rounds to 1
+    (["training.train_iters=10", "schedule.lr_warmup_iters=9"], None),
+    (["training.train_iters=3", "schedule.lr_warmup_fraction=0.1"], None),                          # rounds to 0
+    (["training.train_iters=10", "schedule.lr_warmup_iters=30", "schedule.lr_decay_style=constant"], None),
+])
+def test_a_warmup_that_does_not_end_before_the_decay_is_reported(overrides, key):
+    message = warmup_overrun(load_config(None, ["data.mock=true", "optimizer.lr=1.0", *overrides]))
+    if key is None:
+        assert message is None
+    else:
+        assert message.startswith(key) and "never decays" in message

@@ -7,6 +7,7 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
+from umtrain.cli.main import positive_int
 from umtrain.cli.train import world_size_from
 from umtrain.config import ConfigError
 from umtrain.train.evaluation import (SPLITS, Evaluation, check_split_has_data, checkpoint_to_evaluate,
@@ -23,7 +24,7 @@ def register(subparsers) -> None:
     p.add_argument("--split", choices=SPLITS, default="valid", help="data split to evaluate (default: valid)")
     p.add_argument("--iters", type=int, default=None,
                    help="global batches to evaluate (default: training.eval_iters, the training run's validation)")
-    p.add_argument("--nproc-per-node", type=int, default=None,
+    p.add_argument("--nproc-per-node", type=positive_int, default=None,
                    help="spawn this many local processes (torchrun --standalone); omit under torchrun/SLURM")
     p.add_argument("--json", metavar="OUT.json", default=None, help="also write the result as JSON here")
     p.set_defaults(func=run)

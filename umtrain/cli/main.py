@@ -13,6 +13,14 @@ from umtrain.config import ConfigError
 COMMAND_MODULES = ("train", "evaluate", "sweep", "data_commands", "count", "plan", "checkpoint_commands", "generate")
 
 
+def positive_int(text: str) -> int:
+    """argparse type of counts that must be >= 1 (processes, iterations)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="umtrain", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from umtrain.cli.main import positive_int
 from umtrain.config import load_config
 from umtrain.config.base import ConfigError
 from umtrain.parallel.comm import Communicator, run_local_group
@@ -25,13 +26,6 @@ from umtrain.parallel.cost_model import (DEFAULT_CALIBRATION, VARIANTS, Calibrat
 
 TARGET_HAS_CUDA = True
 """The plan is for a GPU cluster, whatever machine it runs on: training.precision auto means bf16 there."""
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -54,7 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cal.add_argument("--backend", choices=["auto", "gloo", "nccl"], default="auto",
                      help="auto: nccl when CUDA is available, gloo otherwise")
     cal.add_argument("--nproc", type=int, default=2, help="local processes to spawn when not launched by torchrun")
-    cal.add_argument("--iters", type=_positive_int, default=5, help="timed repetitions per message size and lookup size")
+    cal.add_argument("--iters", type=positive_int, default=5, help="timed repetitions per message size and lookup size")
     cal.add_argument("--lookup-impl", choices=["auto", "reference", "fused", "triton"], default="auto",
                      help="lookup-reduce the compute term is measured with, as model.memory.lookup_impl (auto: triton "
                           "on GPU, fused on CPU)")

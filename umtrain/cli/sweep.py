@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from umtrain.checkpoint.manager import write_file_atomically
+from umtrain.cli.main import positive_int
 from umtrain.config import dump_config
 from umtrain.config.sweep import (RUN_CHECKPOINTS, Axis, SweepRun, ZipGroup, parse_axis, parse_zip, resolve_sweep,
                                   sanitize)
@@ -47,7 +48,8 @@ def register(subparsers) -> None:
     p.add_argument("--out", help="sweep directory (OUT/<run>/, sweep.json, commands.txt)")
     p.add_argument("--launch", choices=("print", "local", "slurm"), default="print",
                    help="print the commands (default); run them here one after the other; or write OUT/sweep.sbatch")
-    p.add_argument("--nproc-per-node", type=int, default=None, help="processes per run (umtrain train's option)")
+    p.add_argument("--nproc-per-node", type=positive_int, default=None,
+                   help="processes per run (umtrain train's option)")
     p.add_argument("--summarize", metavar="OUT", help="only summarize the runs of the sweep in OUT")
     p.set_defaults(func=run)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+from umtrain.cli.main import positive_int
 from umtrain.config import dump_config, load_config
 
 
@@ -12,7 +13,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="pretrain a model (dense, MoE, PKM or UltraMem)")
     p.add_argument("--config", required=True, help="YAML config")
     p.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. training.train_iters=10")
-    p.add_argument("--nproc-per-node", type=int, default=None,
+    p.add_argument("--nproc-per-node", type=positive_int, default=None,
                    help="spawn this many local processes (torchrun --standalone); omit under torchrun/SLURM")
     p.add_argument("--resume", metavar="PATH", help="start from this checkpoint or checkpoint directory (sets "
                    "checkpoint.load; once checkpoint.save holds a checkpoint, the run continues from its latest)")

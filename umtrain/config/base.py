@@ -23,10 +23,12 @@ class ConfigError(ValueError):
         super().__init__(f"{key}: {message}")
 
 
-def closest_key(name: str, candidates) -> str:
-    """A ' (did you mean X?)' hint for a misspelt key, or '' when nothing is close."""
-    match = difflib.get_close_matches(name, list(candidates), n=1, cutoff=0.6)
-    return f" (did you mean '{match[0]}'?)" if match else ""
+def closest_key(name: Any, candidates) -> str:
+    """A ' (did you mean X?)' hint for a misspelt key or value, or '' when nothing is close. Case is ignored
+    (`rmsnorm` suggests `RMSNorm`); `name` may be any YAML key (`12`)."""
+    by_lower = {str(c).lower(): str(c) for c in candidates}
+    match = difflib.get_close_matches(str(name).lower(), list(by_lower), n=1, cutoff=0.6)
+    return f" (did you mean '{by_lower[match[0]]}'?)" if match else ""
 
 
 def _type_name(tp) -> str:
@@ -149,7 +151,7 @@ def build(cls, data: dict | None, prefix: str = ""):
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     for name in data:
         if name not in fields:
-            full = f"{prefix}.{name}" if prefix else name
+            full = f"{prefix}.{name}" if prefix else str(name)
             raise ConfigError(full, "unknown key" + closest_key(name, fields))
     kwargs = {}
     for name, f in fields.items():
@@ -174,8 +176,25 @@ def to_dict(obj) -> Any:
     return obj
 
 
+def _is_mapping_type(hint) -> bool:
+    """Whether a field of type `hint` holds a mapping: a section (Optional or not) or a dict."""
+    return any(dataclasses.is_dataclass(a) or get_origin(a) in (dict, typing.Dict) or a is dict
+               for a in (get_args(hint) if get_origin(hint) in (Union, types.UnionType) else (hint,)))
+
+
+def merged(base: dict, update: dict) -> dict:
+    """`update` deep-merged into a copy of `base` (as OmegaConf and Hydra merge): nested mappings merge, anything
+    else (a list, a scalar, null) replaces. Copies, so that a mapping YAML shares through an alias stays intact."""
+    result = dict(base)
+    for name, item in update.items():
+        both_mappings = isinstance(item, dict) and isinstance(result.get(name), dict)
+        result[name] = merged(result[name], item) if both_mappings else item
+    return result
+
+
 def set_dotted(data: dict, dotted: str, value: Any, root_cls) -> None:
-    """Set `a.b.c = value` in the nested dict `data`, checking each segment against `root_cls`."""
+    """Set `a.b.c = value` in the nested dict `data`, checking each segment against `root_cls`. A mapping set on a
+    section (or dict) that `data` already holds is merged into it, keeping its other keys; `null` clears it."""
     parts = dotted.split(".")
     cls = root_cls
     node = data
@@ -184,10 +203,13 @@ def set_dotted(data: dict, dotted: str, value: Any, root_cls) -> None:
         field_names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else None
         if field_names is not None and part not in field_names:
             raise ConfigError(path, "unknown key" + closest_key(part, field_names))
-        if depth == len(parts) - 1:
-            node[part] = value
-            return
         hint = get_type_hints(cls)[part]
+        if depth == len(parts) - 1:
+            if isinstance(value, dict) and isinstance(node.get(part), dict) and _is_mapping_type(hint):
+                node[part] = merged(node[part], value)
+            else:
+                node[part] = value
+            return
         nested = [a for a in (get_args(hint) or (hint,)) if dataclasses.is_dataclass(a)]
         if not nested:
             raise ConfigError(path, "is not a section; cannot set a sub-key of it")

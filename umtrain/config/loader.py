@@ -67,6 +67,18 @@ ConfigLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 ConfigLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
 
 
+class ConfigDumper(yaml.SafeDumper):
+    """`yaml.safe_dump` that quotes every string a reader could take for another type: those `ConfigLoader` reads as
+    numbers (YAML 1.2: a run name `1e3`) as well as those `yaml.safe_load` does (YAML 1.1: `1:30`, `0755`), so that
+    a dumped config reads back the same through either."""
+
+
+ConfigDumper.yaml_implicit_resolvers = {
+    first: [*yaml.SafeDumper.yaml_implicit_resolvers.get(first, []),
+            *ConfigLoader.yaml_implicit_resolvers.get(first, [])]
+    for first in {*yaml.SafeDumper.yaml_implicit_resolvers, *ConfigLoader.yaml_implicit_resolvers}}
+
+
 def parse_yaml(text: str):
     return yaml.load(text, Loader=ConfigLoader)
 
@@ -137,4 +149,4 @@ def load_config(
 
 
 def dump_config(config: Config) -> str:
-    return yaml.safe_dump(to_dict(config), sort_keys=False)
+    return yaml.dump(to_dict(config), Dumper=ConfigDumper, sort_keys=False)

@@ -291,11 +291,35 @@ class ModelConfig:
                  "family 'moe' has no linear biases (its experts have none): leave it unset or false")
         _require(self.hidden_size % self.num_attention_heads == 0, key("hidden_size"),
                  f"{self.hidden_size} is not divisible by num_attention_heads={self.num_attention_heads}")
+        self._validate_rotary_dim(prefix)
         if self.family == "moe":
             _require(self.moe is not None, key("moe"), "family 'moe' needs a model.moe section")
         if self.has_memory:
             _require(self.memory is not None, key("memory"), f"family '{self.family}' needs a model.memory section")
             self._validate_memory(_join(prefix, "memory"))
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head (Megatron's default kv_channels)."""
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        """Dimensions of each head RoPE rotates, as Megatron-Core's RotaryEmbedding computes them."""
+        return int(self.head_dim * self.rotary_percent) if self.rotary_percent < 1.0 else self.head_dim
+
+    def _validate_rotary_dim(self, prefix: str) -> None:
+        """RoPE (umtrain's one position embedding) rotates pairs of dimensions: Megatron-Core builds rotary_dim / 2
+        frequencies, rounded up, and an odd rotary_dim gives a one-wider rotation than the head's slice (a shape
+        error when it is the whole head)."""
+        if self.rotary_dim >= 2 and self.rotary_dim % 2 == 0:
+            return
+        cause = "hidden_size" if self.rotary_percent == 1.0 else "rotary_percent"
+        raise ConfigError(_join(prefix, cause),
+                          f"RoPE rotates pairs of dimensions, but rotates {self.rotary_dim} of each head's "
+                          f"{self.head_dim} (hidden_size={self.hidden_size} / num_attention_heads="
+                          f"{self.num_attention_heads}, rotary_percent={self.rotary_percent}): the rotated dimensions "
+                          f"must be even and >= 2")
 
     def _validate_memory(self, prefix: str) -> None:
         memory = self.memory
@@ -401,6 +425,8 @@ class DataConfig:
         if not self.mock:
             _require(bool(self.data_path), _join(prefix, "data_path"), "is empty (set data.mock: true for random tokens)")
             _require(self.tokenizer_model is not None, _join(prefix, "tokenizer_model"), "is not set")
+        _require(self.tokenizer_model is None or self.tokenizer_model.strip() != "", _join(prefix, "tokenizer_model"),
+                 "is empty: give a path, or null")
 
 
 @dataclass

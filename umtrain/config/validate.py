@@ -140,6 +140,15 @@ def _validate_world(config: Config, world_size: int) -> None:
         raise ConfigError("training.global_batch_size",
                           f"{t.global_batch_size} is not divisible by micro_batch_size x DP = "
                           f"{t.micro_batch_size} x {dp}")
+    # Megatron's interleaved schedule takes micro-batches in groups of N = microbatch_group_size_per_vp_stage (default
+    # PP, as umtrain leaves it) and refuses N > M and a last group of 0 < M % N < PP: with N = PP, any M % PP != 0
+    microbatches = t.global_batch_size // (t.micro_batch_size * dp)
+    if p.virtual_pipeline_model_parallel_size and microbatches % pp:
+        raise ConfigError("training.global_batch_size",
+                          f"the interleaved pipeline schedule (virtual_pipeline_model_parallel_size="
+                          f"{p.virtual_pipeline_model_parallel_size}) needs the micro-batches per step, "
+                          f"global_batch_size / (micro_batch_size x DP) = {t.global_batch_size} / "
+                          f"({t.micro_batch_size} x {dp}) = {microbatches}, to be a multiple of PP={pp} (at least PP)")
 
 
 def _validate_files(config: Config) -> None:
@@ -157,10 +166,15 @@ def _validate_files(config: Config) -> None:
         _check_tokenizer_model(d.tokenizer_type, Path(d.tokenizer_model))
 
 
+def tokenizer_json(path: Path) -> Path:
+    """The tokenizer.json a Hugging Face `data.tokenizer_model` names: the file itself, or the one in a folder."""
+    return path / "tokenizer.json" if path.is_dir() else path
+
+
 def _check_tokenizer_model(tokenizer_type: str, path: Path) -> None:
     """What `umtrain.data.tokenizer.load_tokenizer` opens: a file, or for Hugging Face a folder with tokenizer.json."""
     if tokenizer_type == "huggingface" and path.is_dir():
-        if not (path / "tokenizer.json").is_file():
+        if not tokenizer_json(path).is_file():
             raise ConfigError("data.tokenizer_model", f"{path} is a directory without tokenizer.json")
     elif path.is_dir():
         raise ConfigError("data.tokenizer_model", f"{path} is a directory, not a {tokenizer_type} model file")

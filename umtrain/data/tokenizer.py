@@ -19,6 +19,7 @@ import tokenizers
 from megatron.core.tokenizers import MegatronTokenizerBase
 
 from umtrain.config.base import ConfigError
+from umtrain.config.validate import tokenizer_json
 from umtrain.data.readers import iter_texts, resolve_inputs
 
 TokenizerType = Literal["sentencepiece", "huggingface"]
@@ -84,9 +85,7 @@ class HuggingFaceTokenizer(Tokenizer):
     tokenizer_config.json beside it, else the first of `EOD_CANDIDATES` in the vocabulary."""
 
     def __init__(self, path: str | os.PathLike):
-        path = Path(path)
-        if path.is_dir():
-            path = path / "tokenizer.json"
+        path = tokenizer_json(Path(path))
         try:
             self._model = tokenizers.Tokenizer.from_file(str(path))
         except Exception as err:

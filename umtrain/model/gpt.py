@@ -36,7 +36,10 @@ def transformer_config(config: Config) -> TransformerConfig:
         moe = dict(num_moe_experts=m.moe.num_experts, moe_router_topk=m.moe.moe_router_topk,
                    moe_aux_loss_coeff=m.moe.moe_aux_loss_coeff, moe_router_load_balancing_type="aux_loss",
                    moe_ffn_hidden_size=m.moe_ffn_size,
-                   moe_token_dispatcher_type=m.moe.moe_token_dispatcher_type, moe_grouped_gemm=False)
+                   moe_token_dispatcher_type=m.moe.moe_token_dispatcher_type, moe_grouped_gemm=False,
+                   # top-1 routing needs the softmax before the top-k: a softmax over one selected logit is 1 and
+                   # gives the router no gradient (Megatron-Core refuses top-1 without it)
+                   moe_router_pre_softmax=m.moe.moe_router_topk == 1)
     recompute = {}
     if config.training.recompute_granularity == "full":
         recompute = dict(recompute_granularity="full", recompute_method="uniform",

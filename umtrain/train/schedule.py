@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 from umtrain.config import Config
 
@@ -19,6 +20,21 @@ def warmup_iters(config: Config) -> int:
     if s.lr_warmup_iters is not None:
         return s.lr_warmup_iters
     return math.floor(round(s.lr_warmup_fraction * decay_iters(config), 9) + 0.5)   # 0.29 x 50 = 14.4999...
+
+
+def warmup_overrun(config: Config) -> Optional[str]:
+    """A warning when the warmup does not end before the decay horizon (Megatron-LM refuses it): the LR then never
+    decays, nor reaches `optimizer.lr` when the warmup is longer. Not an error: a short smoke test of a real config
+    (`training.train_iters=5` with its 2000-step warmup) is a reason to run it so. A constant schedule has no decay."""
+    s = config.schedule
+    warmup, horizon = warmup_iters(config), decay_iters(config)
+    if s.lr_decay_style == "constant" or warmup < horizon:
+        return None
+    source = "lr_warmup_iters" if s.lr_warmup_iters is not None else "lr_warmup_fraction"
+    horizon_source = "schedule.lr_decay_iters" if s.lr_decay_iters else "training.train_iters"
+    return (f"schedule.{source}: the warmup of {warmup} steps does not end before the {s.lr_decay_style} decay "
+            f"horizon of {horizon} steps ({horizon_source}): the LR peaks at {base_lr(config, horizon - 1):.3g} "
+            f"(optimizer.lr {config.optimizer.lr:.3g}) and never decays")
 
 
 def base_lr(config: Config, step: int) -> float:

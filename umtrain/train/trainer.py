@@ -32,7 +32,7 @@ from umtrain.train.metrics import (
 )
 from umtrain.train.optimizer import build_optimizer, guarded_step
 from umtrain.train.runner import History, ModelRunner
-from umtrain.train.schedule import apply_lr, value_lr_multiplier
+from umtrain.train.schedule import apply_lr, value_lr_multiplier, warmup_overrun
 
 logger = logging.getLogger("umtrain")
 
@@ -80,6 +80,9 @@ class Trainer(ModelRunner):
         self.flops_per_token = self._training_flops_per_token()
         self.checkpointer.resume(self)
         self.metrics = MetricsWriter(config, enabled=self.layout.is_logging_rank, start_step=self.iteration)
+        overrun = warmup_overrun(config)
+        if overrun and self.layout.is_logging_rank:
+            logger.warning(overrun)
 
     def _training_samples(self) -> int:
         source = self.checkpointer.resume_source()
