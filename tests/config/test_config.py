@@ -428,3 +428,25 @@ def test_interleaved_pipeline_counts_micro_batches_per_data_parallel_rank():
 def test_an_empty_tokenizer_model_is_refused(value, mock):
     overrides = [f"data.mock={mock}", "data.data_path=[prefix]", f"data.tokenizer_model={value}"]
     raises_key("data.tokenizer_model", overrides, match="is empty: give a path, or null")
+
+
+def test_a_pkm_memory_section_starts_from_pkm_switches():
+    """`family: pkm` with a partial memory section is Lample et al.'s PKM, not an UltraMem layer under that name;
+    the switches the config sets win, and the same section under `ultramem` keeps UltraMem's defaults."""
+    from umtrain.config.schema import PKM_MEMORY_DEFAULTS
+
+    section = "model.memory={value_dim: 64, num_values: 1024}"
+    pkm = load(MOCK + ["model.family=pkm", section]).model.memory
+    assert {key: getattr(pkm, key) for key in PKM_MEMORY_DEFAULTS} == PKM_MEMORY_DEFAULTS
+    assert (pkm.value_dim, pkm.num_values) == (64, 1024)
+    explicit = load(MOCK + ["model.family=pkm", "model.memory={value_dim: 32, num_values: 1024, "
+                                                "output_projection: true, query_conv_kernel: 3}"]).model.memory
+    assert explicit.output_projection and explicit.query_conv_kernel == 3 and explicit.tucker_rank == 1
+    ultramem = load(MOCK + ["model.family=ultramem", section]).model.memory
+    assert (ultramem.tucker_rank, ultramem.num_cores, ultramem.softmax) == (2, 2, False)
+
+
+def test_candidates_past_the_keys_per_side_name_the_key_the_config_set():
+    small = ULTRAMEM + ["model.memory.num_values=256", "model.memory.ive_expansion=1"]   # 16 keys per side
+    raises_key("model.memory.topk", small + ["model.memory.topk=20"], match="num_candidates, unset, is top-m")
+    raises_key("model.memory.num_candidates", small + ["model.memory.topk=8", "model.memory.num_candidates=20"])

@@ -16,7 +16,7 @@ FAMILIES = {
     "ultramem-conv5": {"family": "ultramem", "memory": {**MEMORY, "ive_expansion": 4, "tucker_rank": 2,
                                                         "num_cores": 2, "query_conv_kernel": 5,
                                                         "placements": ["1:2", "3:3"]}},
-    "pkm": {"family": "pkm", "memory": {**MEMORY, "placements": ["2:2"]}},
+    "pkm": {"family": "pkm", "memory": {**MEMORY, "value_dim": 32, "placements": ["2:2"]}},   # PKM: d_v = hidden
 }
 
 

@@ -10,8 +10,8 @@ from typing import Iterable, Optional
 
 import yaml
 
-from umtrain.config.base import ConfigError, build, set_dotted, to_dict
-from umtrain.config.schema import Config
+from umtrain.config.base import ConfigError, build, merged, set_dotted, to_dict
+from umtrain.config.schema import PKM_MEMORY_DEFAULTS, Config
 from umtrain.config.validate import validate_config
 
 logger = logging.getLogger("umtrain")
@@ -130,8 +130,17 @@ def drop_removed_keys(data: dict) -> dict:
     return data
 
 
+def with_family_defaults(data: dict) -> dict:
+    """A PKM model's memory section starts from PKM's switches (`PKM_MEMORY_DEFAULTS`), not UltraMem's: `family:
+    pkm` with a partial memory section would otherwise train an UltraMem layer under the PKM name."""
+    model = data.get("model")
+    if not isinstance(model, dict) or model.get("family") != "pkm" or not isinstance(model.get("memory"), dict):
+        return data   # no PKM memory section to complete (`build` and the checks name what is wrong)
+    return {**data, "model": {**model, "memory": merged(PKM_MEMORY_DEFAULTS, model["memory"])}}
+
+
 def config_from_dict(data: dict, world_size: Optional[int] = None, check_files: bool = True) -> Config:
-    config = build(Config, drop_removed_keys(data))
+    config = build(Config, drop_removed_keys(with_family_defaults(data)))
     validate_config(config, world_size=world_size, check_files=check_files)
     return config
 

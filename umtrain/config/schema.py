@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import signal
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, List, Literal, Optional
+from typing import TYPE_CHECKING, Any, List, Literal, Optional
 
 from umtrain.config.base import ConfigError
 
@@ -161,8 +161,9 @@ class MemoryConfig:
         grid_side = self.candidates_per_side
         _require(self.topk <= grid_side ** 2, key("topk"),
                  f"top-m={self.topk} exceeds the {grid_side}x{grid_side} candidate grid")
-        _require(self.candidates <= self.keys_per_side, key("num_candidates"),
-                 f"{self.candidates} candidates exceed the {self.keys_per_side} keys per side")
+        _require(self.candidates <= self.keys_per_side, key("num_candidates" if self.num_candidates else "topk"),
+                 f"{self.candidates} candidates exceed the {self.keys_per_side} keys per side"
+                 + ("" if self.num_candidates else " (num_candidates, unset, is top-m)"))
         _require(self.num_cores == 1 or self.tucker_rank > 1, key("num_cores"), "MCS (num_cores > 1) needs TDQKR (tucker_rank > 1)")
         _require(self.query_conv_kernel >= 0, key("query_conv_kernel"), "must be >= 0")
         _require(self.sharding_capacity_factor is None or 1.0 <= self.sharding_capacity_factor < math.inf,
@@ -332,6 +333,15 @@ class ModelConfig:
                 raise ConfigError(f"{prefix}.placements",
                                   f"placements '{prev[0]}:{prev[1]}' and '{a}:{b}' overlap")
         check_memory_output_width(memory, self.hidden_size, prefix)
+
+
+PKM_MEMORY_DEFAULTS: dict[str, Any] = {
+    "softmax": True, "output_projection": False, "share_query": False, "query_key_layernorm": False,
+    "ive_expansion": 1, "tucker_rank": 1, "num_cores": 1, "improved_init": False, "query_conv_kernel": 0,
+    "value_lr_multiplier": 1.0,
+}
+"""The memory switches of a `family: pkm` model that the config leaves unset (Lample et al.'s product-key memory:
+Table 2's first row). `MemoryConfig`'s own defaults are UltraMem's."""
 
 
 def check_memory_output_width(memory: MemoryConfig, hidden_size: int, prefix: str = "model.memory") -> None:

@@ -13,9 +13,12 @@ against this interface only.
 
 from __future__ import annotations
 
+import os
 from typing import Callable, Dict
 
 import torch
+
+from umtrain.config.base import ConfigError
 
 LookupReduce = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
 
@@ -66,6 +69,14 @@ def _check_range(name: str, index: torch.Tensor, size: int) -> None:
 LOOKUP_REDUCE_IMPLS: Dict[str, LookupReduce] = {"reference": lookup_reduce_reference}
 
 
+def check_triton_can_run() -> None:
+    """Triton kernels run on a GPU, or on CPU tensors under its interpreter (how CI tests them): refuse `triton` on
+    a machine with neither when the model is built, not at its first forward."""
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ConfigError("model.memory.lookup_impl", "'triton' runs on GPU, and this machine has none (use 'fused' "
+                                                      "on CPU, or set TRITON_INTERPRET=1 to interpret the kernels)")
+
+
 def get_lookup_reduce(name: str) -> LookupReduce:
     """The implementation registered under `name` (fused and Triton ones register on import); "auto" is the
     Triton kernel on a GPU and the fused CPU one elsewhere."""
@@ -74,6 +85,7 @@ def get_lookup_reduce(name: str) -> LookupReduce:
     if name == "fused":
         import umtrain.ops.fused_lookup_reduce  # noqa: F401  (registers "fused")
     if name == "triton":
+        check_triton_can_run()
         import umtrain.ops.triton_lookup_reduce  # noqa: F401  (registers "triton")
     if name not in LOOKUP_REDUCE_IMPLS:
         raise KeyError(f"no lookup-reduce implementation named {name!r}; have {sorted(LOOKUP_REDUCE_IMPLS)}")

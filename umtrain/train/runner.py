@@ -63,11 +63,12 @@ class ModelRunner:
         self.config = config
         self.layout: Layout = initialize_distributed(config)
         seed_everything(config.training.seed)
-        self.train_samples = self._training_samples()
-        self.tokenizer, self.datasets = self._build_data(self.train_samples)
+        self.tokenizer = self._load_tokenizer()
         self.vocab_size = padded_vocab_size(config, self.tokenizer.vocab_size)
         self.tconfig = transformer_config(config)
-        self.model = self._build_model()
+        self.model = self._build_model()   # before the data: a model that cannot run here fails before any index build
+        self.train_samples = self._training_samples()
+        self.datasets = self._build_datasets(self.train_samples)
         self.valid_batches = self.batches_of(self.datasets[1])
         self.iteration = 0
         self.consumed_samples = 0
@@ -79,17 +80,19 @@ class ModelRunner:
         under its size: asking for the size the training run asked for finds its index in the cache."""
         return self.config.training.train_iters * self.config.training.global_batch_size
 
-    def _build_data(self, train_samples: int):
-        from umtrain.data.datasets import build_gpt_datasets
+    def _load_tokenizer(self):
         from umtrain.data.tokenizer import MockTokenizer, load_tokenizer
 
-        c = self.config
-        tokenizer = (MockTokenizer(c.data.mock_vocab_size) if c.data.mock
-                     else load_tokenizer(c.data.tokenizer_type, c.data.tokenizer_model))
+        d = self.config.data
+        return MockTokenizer(d.mock_vocab_size) if d.mock else load_tokenizer(d.tokenizer_type, d.tokenizer_model)
+
+    def _build_datasets(self, train_samples: int):
+        from umtrain.data.datasets import build_gpt_datasets
+
         # Every validation reads the same first eval_iters batches: asking for just those keeps them the same
         # whatever train_iters and eval_interval are (Megatron's sample order changes with the epochs it covers).
-        eval_samples = c.training.eval_iters * c.training.global_batch_size
-        return tokenizer, build_gpt_datasets(c, tokenizer, train_samples, eval_samples, eval_samples)
+        eval_samples = self.config.training.eval_iters * self.config.training.global_batch_size
+        return build_gpt_datasets(self.config, self.tokenizer, train_samples, eval_samples, eval_samples)
 
     def _build_model(self) -> list[torch.nn.Module]:
         config = self.config
