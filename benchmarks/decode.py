@@ -57,6 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown:
         p.error(f"--models: unknown {unknown}; choose from {sorted(CONFIGS)}")
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    repeated = sorted({b for b in args.batch_sizes if args.batch_sizes.count(b) > 1})
+    if repeated:
+        p.error(f"--batch-sizes: {repeated} given more than once (each size is one result row)")
     if not 0 < args.value_fraction <= 1:
         p.error(f"--value-fraction must be in (0, 1], got {args.value_fraction}")
     return args

@@ -44,3 +44,10 @@ def test_decode_benchmark_names_a_bad_argument():
         bench.parse_args(["--models", "dense,moe"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--value-fraction", "0"])
+
+
+
+def test_decode_benchmark_refuses_a_repeated_batch_size(capsys):
+    with pytest.raises(SystemExit):
+        load_benchmark().parse_args(["--batch-sizes", "3,1,3"])
+    assert "--batch-sizes: [3] given more than once" in capsys.readouterr().err

@@ -62,6 +62,9 @@ class StopAt:
     def requested(self) -> bool:
         return self.trainer.iteration >= self.iteration
 
+    def restore(self) -> None:
+        """The stand-in installed no signal handler: nothing to give back."""
+
 
 def trainer_worker(rank: int, world_size: int, config_dict: dict, logits: bool = False,
                    preempt_at: int | None = None) -> dict:

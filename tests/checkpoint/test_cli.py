@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import json
+import logging
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from umtrain.checkpoint.convert import (config_of, load_portable, portable_to_megatron, read_portable, write_megatron,
-                                        write_portable)
+from umtrain.checkpoint import manager
+from umtrain.checkpoint.state import with_absolute_data_paths
+from umtrain.checkpoint.convert import (config_of, load_portable, portable_to_megatron, read_megatron_common,
+                                        read_portable, write_megatron, write_portable)
 from umtrain.checkpoint.hf import is_linear_bias
 from umtrain.cli.generate import generate
 from umtrain.cli.main import main
 from umtrain.config import config_from_dict
 from umtrain.config.base import to_dict
-from umtrain.data.tokenizer import MockTokenizer
+from umtrain.data.tokenizer import MockTokenizer, load_tokenizer
 from umtrain.model.reference import ModelArgs, ReferenceGPT
 
 
@@ -158,3 +163,76 @@ def test_convert_names_what_it_cannot_read(tmp_path, capsys):
     moe_checkpoint = write_megatron(tmp_path / "moe-megatron", portable_to_megatron(tensors, 4), moe, meta)
     assert main(["convert", str(moe_checkpoint), str(tmp_path / "moe-out"), "--to", "portable"]) == 2
     assert "is a MoE model" in capsys.readouterr().err and not (tmp_path / "moe-out").exists()
+
+
+def relative_demo_config(demo_dataset):
+    """A config naming the demo data and tokenizer relative to demo_dataset's parent (the run's directory)."""
+    return config_from_dict({"model": {"num_layers": 1, "hidden_size": 32, "num_attention_heads": 4},
+                             "data": {"data_path": ["0.5", f"{demo_dataset.name}/api_docs_text_document", "1",
+                                                    f"{demo_dataset.name}/api_docs_text_document"],
+                                      "tokenizer_model": f"{demo_dataset.name}/tokenizer.model",
+                                      "cache_path": "cache", "seq_length": 16}}, check_files=False)
+
+
+def test_a_checkpoints_saved_config_names_its_data_files_absolutely(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = relative_demo_config(Path("demo"))
+    data = with_absolute_data_paths(config).data
+    prefix = str(tmp_path / "demo" / "api_docs_text_document")
+    assert data.data_path == ["0.5", prefix, "1", prefix]
+    assert data.tokenizer_model == str(tmp_path / "demo" / "tokenizer.model")
+    assert data.cache_path == str(tmp_path / "cache") and data.valid_data_path is None
+    unweighted = config_from_dict({"data": {"data_path": ["a", "/b"], "valid_data_path": ["v"], "mock": False,
+                                            "tokenizer_model": "t.model"}}, check_files=False)
+    data = with_absolute_data_paths(unweighted).data
+    assert data.data_path == [str(tmp_path / "a"), "/b"] and data.valid_data_path == [str(tmp_path / "v")]
+    assert config.data.tokenizer_model == "demo/tokenizer.model"        # the run's own config is left alone
+
+
+def test_converting_from_another_directory_ships_the_tokenizer(demo_dataset, tmp_path, monkeypatch, caplog):
+    """A run's relative data paths are saved absolute (its common state and config.yaml, as the trainer saves them),
+    so conversion from another directory finds the tokenizer. A tokenizer that is nowhere is named in a warning."""
+    monkeypatch.chdir(demo_dataset.parent)
+    config = relative_demo_config(demo_dataset)
+    torch.manual_seed(0)
+    model = ReferenceGPT(ModelArgs.from_config(config, vocab_size=1024))
+    meta = {"iteration": 3, "consumed_samples": 24, "padded_vocab_size": 1024}
+    saved = to_dict(with_absolute_data_paths(config))
+    checkpoint = write_megatron(tmp_path / "iter_3", portable_to_megatron(model.state_dict(), 4), saved, meta)
+    manager.write_file_atomically(checkpoint / manager.CONFIG_FILE, yaml.safe_dump(saved, sort_keys=False))
+    manager.write_manifest(checkpoint, 3)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert main(["convert", str(checkpoint), str(tmp_path / "portable"), "--to", "portable"]) == 0
+    shipped = tmp_path / "portable" / "tokenizer" / "tokenizer.model"
+    assert shipped.read_bytes() == (demo_dataset / "tokenizer.model").read_bytes()
+    tensors, config_dict, _ = read_portable(tmp_path / "portable")
+    with caplog.at_level(logging.WARNING, logger="umtrain"):
+        write_portable(tmp_path / "without", tensors, to_dict(config), {"iteration": 3})
+    assert f"the config names tokenizer {config.data.tokenizer_model}, which is not here" in caplog.text
+    assert not (tmp_path / "without" / "tokenizer").exists()
+
+
+def test_a_moved_portable_keeps_its_tokenizer_through_megatron_and_hf(demo_dataset, tmp_path, monkeypatch):
+    monkeypatch.chdir(demo_dataset.parent)
+    config = relative_demo_config(demo_dataset)
+    model = ReferenceGPT(ModelArgs.from_config(config, vocab_size=1024))
+    write_portable(tmp_path / "portable", model.state_dict(), to_dict(config), {"iteration": 1})
+    moved = Path(shutil.move(tmp_path / "portable", tmp_path / "moved"))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    original = (demo_dataset / "tokenizer.model").read_bytes()
+    eod = load_tokenizer("sentencepiece", demo_dataset / "tokenizer.model").eod
+    assert eod != 0
+
+    assert main(["convert", str(moved), str(tmp_path / "megatron"), "--to", "megatron"]) == 0
+    in_megatron = tmp_path / "megatron" / "tokenizer" / "tokenizer.model"
+    assert in_megatron.read_bytes() == original
+    assert read_megatron_common(tmp_path / "megatron")["config"]["data"]["tokenizer_model"] == str(in_megatron)
+    assert main(["convert", str(tmp_path / "megatron"), str(tmp_path / "again"), "--to", "portable"]) == 0
+    assert (tmp_path / "again" / "tokenizer" / "tokenizer.model").read_bytes() == original
+
+    assert main(["convert", str(moved), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert hf_config["eos_token_id"] == hf_config["bos_token_id"] == eod
+    assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == original

@@ -195,14 +195,16 @@ def test_load_time_checks_open_each_source_once_and_see_it_rewritten(sp_tokenize
 def test_the_next_samples_fingerprint_sees_a_source_reordered_by_a_larger_budget(sp_tokenizer, tmp_path):
     """A small source that a larger budget takes to several epochs gets another order (Megatron shuffles across
     the epochs it builds), while the large source and the blend's choice of source keep theirs: a fingerprint of
-    the next sample alone, which comes from the large source, would not see it."""
+    the next sample alone, which comes from the large source, would not see it. At the end of the blend (a
+    finished run, extended) there is still a next sample of each source to compare."""
     rng = np.random.default_rng(0)
     small = write_indexed(tmp_path / "small", [rng.integers(10, 300, rng.integers(20, 80)) for _ in range(5)],
                           sp_tokenizer.eod)
     config = make_config(["9", blend_source(tmp_path / "large", 1, sp_tokenizer.eod, rng), "1", small])
     saved, same, larger = (build_gpt_datasets(config, sp_tokenizer, budget, 0, 0)[0] for budget in (32, 64, 400))
     index = next(i for i in range(8, 32) if int(saved.dataset_index[i]) == 0)   # a sample of the large source next
-    assert sample_fingerprint(larger, index) == sample_fingerprint(saved, index)
-    assert next_samples_fingerprint(same, index, end=32) == next_samples_fingerprint(saved, index, end=32)
-    assert next_samples_fingerprint(larger, index, end=32) != next_samples_fingerprint(saved, index, end=32)
-    assert next_samples_fingerprint(saved, 32, end=32) is None
+    large_next = int(saved.dataset_sample_index[index])
+    assert sample_fingerprint(larger.datasets[0], large_next) == sample_fingerprint(saved.datasets[0], large_next)
+    for at in (index, 32):
+        assert next_samples_fingerprint(same, at) == next_samples_fingerprint(saved, at) is not None
+        assert next_samples_fingerprint(larger, at) != next_samples_fingerprint(saved, at)

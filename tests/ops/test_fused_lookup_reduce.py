@@ -113,3 +113,15 @@ def test_registered_without_importing_triton():
             "assert 'triton' not in sys.modules, 'fused path imported triton'")
     subprocess.run([sys.executable, "-c", code], check=True)
     assert get_lookup_reduce("fused") is fused_lookup_reduce
+
+
+def test_auto_dispatches_on_the_table_device(monkeypatch):
+    """A model built with `auto` on a CUDA machine still runs a CPU table (a portable checkpoint decoded on CPU):
+    the choice is per call, on the table's device, and a CPU table never imports the Triton kernel."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delitem(sys.modules, "umtrain.ops.triton_lookup_reduce", raising=False)
+    lookup = get_lookup_reduce("auto")
+    rows, blocks, scores, table = make_inputs(5, 4, 8, 2, 6, 2)
+    torch.testing.assert_close(lookup(rows, blocks, scores, table, 2),
+                               lookup_reduce_reference(rows, blocks, scores, table, 2), rtol=1e-5, atol=1e-5)
+    assert "umtrain.ops.triton_lookup_reduce" not in sys.modules

@@ -18,6 +18,7 @@ from umtrain.checkpoint.state import (
     load_state_dict_template,
     restore_trainer,
     same_layout,
+    with_absolute_data_paths,
     save_state_dict,
     sync_params_before_save,
 )
@@ -95,7 +96,7 @@ class Checkpointer:
             logger.info("saved checkpoint %s", final)
 
     def _publish(self, tmp: Path, iteration: int) -> Path:
-        manager.write_file_atomically(tmp / manager.CONFIG_FILE, dump_config(self.config))
+        manager.write_file_atomically(tmp / manager.CONFIG_FILE, dump_config(with_absolute_data_paths(self.config)))
         final = self.root / manager.checkpoint_name(iteration)
         if final.exists() and iteration not in self.written:
             manager.set_aside(final)
@@ -239,7 +240,7 @@ def warn_if_data_order_changed(trainer, source: ResumeSource) -> None:
     saved = source.common.get("next_sample")
     if saved is None or not is_rank0():
         return
-    current = next_samples_fingerprint(trainer.datasets[0], trainer.consumed_samples, source.common["train_samples"])
+    current = next_samples_fingerprint(trainer.datasets[0], trainer.consumed_samples)
     if current != saved:
         logger.warning("the training data after %s is not what that run would have read next (the samples from %d "
                        "on differ): its data, data.split, seq_length, seed, or its sample budget (train_iters x "

@@ -99,8 +99,10 @@ def read_megatron_common(path: Path) -> dict[str, Any]:
         return dist_checkpointing.load_common_state_dict(str(path))
 
 
-def write_megatron(out: Path, tensors: Tensors, config: dict[str, Any], meta: dict[str, Any]) -> Path:
-    """A model-only checkpoint directory (no optimizer, no RNG) that `--resume` loads under any layout."""
+def write_megatron(out: Path, tensors: Tensors, config: dict[str, Any], meta: dict[str, Any],
+                   tokenizer: Optional[Path] = None) -> Path:
+    """A model-only checkpoint directory (no optimizer, no RNG) that `--resume` loads under any layout; `tokenizer`
+    is copied into its tokenizer/ directory."""
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
@@ -113,6 +115,7 @@ def write_megatron(out: Path, tensors: Tensors, config: dict[str, Any], meta: di
     with megatron_io(), manager.staged_output(out) as tmp:
         dist_checkpointing.save(state, str(tmp))
         manager.write_file_atomically(tmp / manager.CONFIG_FILE, yaml.safe_dump(config, sort_keys=False))
+        copy_tokenizer(tokenizer, tmp)
         manager.write_manifest(tmp, meta["iteration"])
     return out
 
@@ -120,37 +123,61 @@ def write_megatron(out: Path, tensors: Tensors, config: dict[str, Any], meta: di
 # --------------------------------------------------------------------------------------------- portable
 
 
-def write_portable(out: Path, tensors: Tensors, config: dict[str, Any], meta: dict[str, Any]) -> Path:
+def write_portable(out: Path, tensors: Tensors, config: dict[str, Any], meta: dict[str, Any],
+                   tokenizer: Optional[Path] = None) -> Path:
+    """`tokenizer`: the one to ship (default: the config's data.tokenizer_model)."""
     from safetensors.torch import save_file
 
     with manager.staged_output(out) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS))
         (tmp / manager.CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
-        tokenizer = copy_tokenizer((config.get("data") or {}).get("tokenizer_model"), tmp)
-        (tmp / PORTABLE_META).write_text(json.dumps({**meta, "tokenizer": tokenizer}, indent=1))
+        source = tokenizer or (config.get("data") or {}).get("tokenizer_model")
+        shipped = copy_tokenizer(source, tmp)
+        (tmp / PORTABLE_META).write_text(json.dumps({**meta, "tokenizer": shipped}, indent=1))
     return out
 
 
-def copy_tokenizer(source: Optional[str], out: Path) -> Optional[str]:
-    """Copy the run's tokenizer into `out/tokenizer/`, so that a portable checkpoint does not depend on the directory
-    it was converted from (the saved config may name a path relative to the run's); its path relative to `out`, or
-    None when the config names no tokenizer that exists here."""
-    if not source or not Path(source).exists():
-        return None
-    source = Path(source)
+def tokenizer_files(source: Path) -> list[Path]:
+    """The files of a tokenizer: a SentencePiece .model, or a tokenizer.json (a directory: its tokenizer.json) with
+    its tokenizer_config.json when there is one (it names the end-of-document token)."""
     main = source / "tokenizer.json" if source.is_dir() else source
-    files = [main] + [main.parent / "tokenizer_config.json"] * (main.suffix == ".json")
-    (out / TOKENIZER_DIR).mkdir()
+    extra = main.parent / "tokenizer_config.json"
+    return [main] + [extra] * (main.suffix == ".json" and extra.is_file())
+
+
+def copy_tokenizer(source: Optional[str | Path], out: Path, directory: str = TOKENIZER_DIR) -> Optional[str]:
+    """Copy a tokenizer into `out/<directory>/` (`directory` "": into `out` itself), so that the checkpoint does not
+    depend on the directory it was converted from; its path relative to `out`, or None (with a warning when a
+    tokenizer is named but missing) when there is none to copy."""
+    if not source:
+        return None
+    files = tokenizer_files(Path(source))
+    if not files[0].is_file():
+        logger.warning("the config names tokenizer %s, which is not here (resolved from %s): the converted "
+                       "checkpoint carries no tokenizer; pass one to `umtrain generate --tokenizer`",
+                       source, Path.cwd())
+        return None
+    target = out / directory
+    target.mkdir(exist_ok=True)
     for path in files:
-        if path.is_file():
-            shutil.copy2(path, out / TOKENIZER_DIR / path.name)
-    return f"{TOKENIZER_DIR}/{main.name}"
+        shutil.copy2(path, target / path.name)
+    return str(Path(directory) / files[0].name)
+
+
+def tokenizer_type_of(path: str | Path, default: str) -> str:
+    """'huggingface' for a tokenizer.json or a directory, 'sentencepiece' for a .model, else `default` (the
+    config's data.tokenizer_type)."""
+    path = Path(path)
+    if path.suffix == ".json" or path.is_dir():
+        return "huggingface"
+    return "sentencepiece" if path.suffix == ".model" else default
 
 
 def portable_tokenizer(path: Path) -> Optional[Path]:
-    """The tokenizer a portable checkpoint carries (`copy_tokenizer`), if any."""
+    """The tokenizer a portable checkpoint carries (`copy_tokenizer`); None when it names none or the file is
+    missing (a portable copied without its tokenizer/ directory)."""
     name = json.loads((path / PORTABLE_META).read_text()).get("tokenizer")
-    return path / name if name else None
+    return path / name if name and (path / name).is_file() else None
 
 
 def read_portable(path: Path) -> tuple[Tensors, dict[str, Any], dict[str, Any]]:
@@ -171,10 +198,19 @@ def reference_model(tensors: Tensors, config: Config) -> ReferenceGPT:
     return model.eval()
 
 
+def device_agnostic(config: dict[str, Any]) -> dict[str, Any]:
+    """The config with `model.memory.lookup_impl: auto`: the kernel is a speed choice of the training run, not part of
+    the model, and a portable model runs on whatever device it is moved to."""
+    model = config.get("model") or {}
+    if not model.get("memory"):
+        return config
+    return {**config, "model": {**model, "memory": {**model["memory"], "lookup_impl": "auto"}}}
+
+
 def load_portable(path: str | Path) -> tuple[ReferenceGPT, Config]:
-    """One process, no Megatron: the model (eval mode) and its config."""
+    """One process, no Megatron: the model (eval mode, on CPU; move it anywhere) and its config."""
     tensors, config_dict, _ = read_portable(Path(path))
-    config = config_of(config_dict)
+    config = config_of(device_agnostic(config_dict))
     return reference_model(tensors, config), config
 
 
@@ -191,15 +227,21 @@ def megatron_to_portable_dir(source: Path, out: Path) -> Path:
     config = config_of(common["config"])
     meta = {"iteration": common["iteration"], "consumed_samples": common["consumed_samples"],
             "padded_vocab_size": common["padded_vocab_size"], "source": str(source)}
-    return write_portable(out, megatron_to_portable(tensors, config.model.num_attention_heads), common["config"], meta)
+    return write_portable(out, megatron_to_portable(tensors, config.model.num_attention_heads), common["config"],
+                          meta)
 
 
 def portable_to_megatron_dir(source: Path, out: Path) -> Path:
+    """The Megatron checkpoint carries the portable's tokenizer in tokenizer/, and its config names it there."""
     tensors, config_dict, meta = read_portable(source)
     heads = config_of(config_dict).model.num_attention_heads
     meta = {"padded_vocab_size": tensors["tok_embeddings.weight"].shape[0], "iteration": 0, "consumed_samples": 0,
             **meta}
-    return write_megatron(out, portable_to_megatron(tensors, heads), config_dict, meta)
+    tokenizer = portable_tokenizer(source)
+    if tokenizer is not None:
+        shipped = (out / TOKENIZER_DIR / tokenizer.name).resolve()
+        config_dict = {**config_dict, "data": {**(config_dict.get("data") or {}), "tokenizer_model": str(shipped)}}
+    return write_megatron(out, portable_to_megatron(tensors, heads), config_dict, meta, tokenizer)
 
 
 def convert(source: str | Path, out: str | Path, to: str, config_path: Optional[str] = None) -> Path:

@@ -11,7 +11,8 @@ from typing import Any, Optional
 import torch
 
 from umtrain.checkpoint import manager
-from umtrain.checkpoint.convert import config_of, read_portable, write_portable
+from umtrain.checkpoint.convert import (config_of, copy_tokenizer, portable_tokenizer, read_portable, tokenizer_type_of,
+                                        write_portable)
 from umtrain.config import Config, config_from_dict, load_config
 from umtrain.config.base import ConfigError, to_dict
 from umtrain.model.state_dict_adapter import Tensors, hf_to_portable, portable_to_hf
@@ -27,12 +28,14 @@ def check_exportable(config: Config, tensors: Tensors) -> None:
         raise ValueError("the model has no final LayerNorm, which GPTNeoX always applies")
 
 
-def end_of_document_id(config: Config) -> Optional[int]:
-    """The training tokenizer's end-of-document id (HF's eos and bos, so that `generate` stops there); None when
-    the tokenizer file is not at hand."""
+def end_of_document_id(config: Config, tokenizer: Optional[Path] = None) -> Optional[int]:
+    """The training tokenizer's end-of-document id (HF's eos and bos, so that `generate` stops there): of
+    `tokenizer` (the one a portable checkpoint ships), else of the config's; None when no tokenizer is at hand."""
     from umtrain.data.tokenizer import MockTokenizer, load_tokenizer
 
     d = config.data
+    if tokenizer is not None:
+        return load_tokenizer(tokenizer_type_of(tokenizer, d.tokenizer_type), str(tokenizer)).eod
     if d.mock:
         return MockTokenizer(d.mock_vocab_size).eod
     if d.tokenizer_model and Path(d.tokenizer_model).is_file():
@@ -40,11 +43,11 @@ def end_of_document_id(config: Config) -> Optional[int]:
     return None
 
 
-def gpt_neox_config(config: Config, vocab_size: int):
+def gpt_neox_config(config: Config, vocab_size: int, tokenizer: Optional[Path] = None):
     from transformers import GPTNeoXConfig
 
     m = config.model
-    eod = end_of_document_id(config)
+    eod = end_of_document_id(config, tokenizer)
     if eod is None:
         logging.getLogger("umtrain").warning("tokenizer %s not found: the HF config keeps GPTNeoX's default eos/bos "
                                              "ids", config.data.tokenizer_model)
@@ -77,6 +80,8 @@ def is_linear_bias(key: str) -> bool:
 
 
 def portable_to_hf_dir(source: Path, out: Path) -> Path:
+    """The HF directory carries the portable's tokenizer beside the weights (tokenizer.json and its
+    tokenizer_config.json, or the SentencePiece .model)."""
     from transformers import GPTNeoXForCausalLM
 
     tensors, config_dict, _ = read_portable(source)
@@ -85,13 +90,15 @@ def portable_to_hf_dir(source: Path, out: Path) -> Path:
     if out.exists():
         raise FileExistsError(f"{out} exists; conversion never overwrites")
     tensors = with_explicit_biases_and_head(tensors, config)
-    hf_config = gpt_neox_config(config, tensors["tok_embeddings.weight"].shape[0])
+    tokenizer = portable_tokenizer(source)
+    hf_config = gpt_neox_config(config, tensors["tok_embeddings.weight"].shape[0], tokenizer)
     model = GPTNeoXForCausalLM(hf_config)
     hf_tensors = {k: v.clone() for k, v in portable_to_hf(tensors, config.model.num_attention_heads).items()}
     model.load_state_dict(hf_tensors, strict=True)
     with manager.staged_output(out) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         (tmp / "umtrain_config.json").write_text(json.dumps(config_dict))
+        copy_tokenizer(tokenizer, tmp, directory="")
     return out
 
 
@@ -170,4 +177,16 @@ def hf_to_portable_dir(source: Path, out: Path, config_path: Optional[str] = Non
         tensors = {k: v for k, v in tensors.items() if not is_linear_bias(k)}
     meta = {"iteration": 0, "consumed_samples": 0, "padded_vocab_size": tensors["tok_embeddings.weight"].shape[0],
             "source": str(source)}
-    return write_portable(out, tensors, to_dict(config), meta)
+    tokenizer = hf_tokenizer(source)
+    config_dict = to_dict(config)
+    if tokenizer is not None:
+        config_dict["data"] = {**config_dict["data"], "tokenizer_model": str(tokenizer.resolve()),
+                               "tokenizer_type": tokenizer_type_of(tokenizer, config.data.tokenizer_type)}
+    return write_portable(out, tensors, config_dict, meta, tokenizer)
+
+
+def hf_tokenizer(hf_dir: Path) -> Optional[Path]:
+    """The tokenizer of an HF model directory: its tokenizer.json, else a SentencePiece .model (an umtrain export of
+    a SentencePiece-trained model); None when it has neither."""
+    candidates = [hf_dir / "tokenizer.json"] + sorted(hf_dir.glob("*.model"))
+    return next((path for path in candidates if path.is_file()), None)

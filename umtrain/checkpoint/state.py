@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import os
 import random
 from typing import Any, Iterator, Optional
 
@@ -21,8 +22,9 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_factories
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
+from umtrain.config import Config
 from umtrain.config.base import to_dict
-from umtrain.data.datasets import next_samples_fingerprint
+from umtrain.data.datasets import is_number, next_samples_fingerprint
 
 FORMAT_VERSION = 2
 """2: MoE experts are expert-parallel parameters at every expert-parallel size (their own chained optimizer)."""
@@ -165,13 +167,32 @@ def layout_of(trainer) -> dict[str, int]:
             "vpp": trainer.config.parallel.virtual_pipeline_model_parallel_size or 1}
 
 
+def with_absolute_data_paths(config: Config) -> Config:
+    """The config with its data files (blend prefixes, tokenizer, cache) resolved against the working directory,
+    where training validated them: the checkpoint's configs (config.yaml and the common state's) then name them
+    from anywhere (`umtrain convert` or `umtrain evaluate` run elsewhere find the tokenizer and data)."""
+    d = config.data
+
+    def absolute(path: str | None) -> str | None:
+        return os.path.abspath(path) if path else path
+
+    def blend(paths: list[str] | None) -> list[str] | None:
+        if not paths:
+            return paths
+        weighted = any(is_number(p) for p in paths)
+        return [p if weighted and i % 2 == 0 else absolute(p) for i, p in enumerate(paths)]
+
+    data = dataclasses.replace(d, data_path=blend(d.data_path), valid_data_path=blend(d.valid_data_path),
+                   tokenizer_model=absolute(d.tokenizer_model), cache_path=absolute(d.cache_path))
+    return dataclasses.replace(config, data=data)
+
+
 def common_state(trainer) -> dict[str, Any]:
     return {"format_version": FORMAT_VERSION, "contents": list(FULL_CONTENTS), "iteration": trainer.iteration,
-            "consumed_samples": trainer.consumed_samples, "config": to_dict(trainer.config),
+            "consumed_samples": trainer.consumed_samples, "config": to_dict(with_absolute_data_paths(trainer.config)),
             "layout": layout_of(trainer), "padded_vocab_size": trainer.vocab_size,
             "history": dataclasses.asdict(trainer.history), "train_samples": trainer.train_samples,
-            "next_sample": next_samples_fingerprint(trainer.datasets[0], trainer.consumed_samples,
-                                                     trainer.train_samples)}
+            "next_sample": next_samples_fingerprint(trainer.datasets[0], trainer.consumed_samples)}
 
 
 def save_state_dict(trainer) -> dict[str, Any]:

@@ -37,11 +37,11 @@ def parse_blend(paths: list[str], key: str) -> Blend:
     """
     if not paths:
         raise ConfigError(key, "is empty")
-    weighted = any(_is_number(p) for p in paths)
+    weighted = any(is_number(p) for p in paths)
     prefixes = list(paths[1::2]) if weighted else list(paths)
     weights = None
     if weighted:
-        if len(paths) % 2 or not all(_is_number(w) for w in paths[0::2]) or any(_is_number(p) for p in prefixes):
+        if len(paths) % 2 or not all(is_number(w) for w in paths[0::2]) or any(is_number(p) for p in prefixes):
             raise ConfigError(key, f"a blend must alternate weight and prefix: [w, prefix, w, prefix, ...], "
                                    f"got {paths}")
         weights = [float(w) for w in paths[0::2]]
@@ -175,7 +175,7 @@ def _check_token_ids_fit(dataset_config: GPTDatasetConfig, vocab_size: int) -> N
                                                       f"another tokenizer (re-run `umtrain preprocess` with this one)")
 
 
-def _is_number(text: str) -> bool:
+def is_number(text: str) -> bool:
     try:
         float(text)
         return True
@@ -183,51 +183,48 @@ def _is_number(text: str) -> bool:
         return False
 
 
-def next_samples_fingerprint(dataset, index: int, end: int) -> Optional[str]:
-    """What a run reading a split from sample `index` on reads next, whatever order the split was built in: the
-    fingerprint of its next sample, and for a blend of each source's next sample before `end` (a source whose order
-    changed, say by a second epoch, changes its next sample, even when the split's very next sample comes from
-    another source). `end`: the split's size when the fingerprint was first taken (a blend rebuilt larger has later
-    samples the first one did not). None at or past the end."""
-    stop = min(end, len(dataset)) if dataset is not None else 0
-    if index >= stop:
+def next_samples_fingerprint(dataset, index: int) -> Optional[str]:
+    """What a run that has read samples [0, index) of a split reads next, whatever order the split was built in:
+    the fingerprint of sample `index`; for a blend, of each source's next sample (one past the last the blend took
+    from it), so that a source whose order changed (a larger budget gave it a second epoch) is seen even when the
+    blend's next sample comes from another source, and also at the very end of the blend (a finished run, extended).
+    None when there is nothing to read."""
+    if dataset is None:
         return None
-    positions = [index]
-    if isinstance(dataset, BlendedDataset):
-        positions += next_position_of_each_source(dataset, index, stop)
+    if not isinstance(dataset, BlendedDataset):
+        return sample_fingerprint(dataset, index) if index < len(dataset) else None
     digest = hashlib.sha1()
-    for position in positions:
-        digest.update(sample_fingerprint(dataset, position).encode())
+    for source, (part, next_index) in enumerate(zip(dataset.datasets, next_index_of_each_source(dataset, index))):
+        taken = sample_fingerprint(part, next_index) if next_index < len(part) else "exhausted"
+        digest.update(f"{source}:{taken}|".encode())
     return digest.hexdigest()
 
 
-def next_position_of_each_source(blend: BlendedDataset, start: int, stop: int, chunk: int = 1 << 16) -> list[int]:
-    """For each source with a sample in [start, stop), the position of its first one; the blend's index is read a
-    chunk at a time, until every source is found (a run's index can hold hundreds of millions of samples)."""
-    blend[start]   # maps the lazily loaded blend indices
-    found: dict[int, int] = {}
-    for chunk_start in range(start, stop, chunk):
-        sources = np.asarray(blend.dataset_index[chunk_start:min(chunk_start + chunk, stop)])
+def next_index_of_each_source(blend: BlendedDataset, index: int, chunk: int = 1 << 16) -> list[int]:
+    """For each source, the index in its own dataset of the next sample the blend takes from it after its first
+    `index` samples: one past the last one taken before `index` (0 if none). The blend's index is read backwards a
+    chunk at a time until every source is seen (a run's index can hold hundreds of millions of samples)."""
+    if index == 0:
+        return [0] * len(blend.datasets)
+    blend[0]   # maps the lazily loaded blend indices
+    next_index: dict[int, int] = {}
+    for stop in range(index, 0, -chunk):
+        start = max(stop - chunk, 0)
+        sources = np.asarray(blend.dataset_index[start:stop])[::-1]
+        taken = np.asarray(blend.dataset_sample_index[start:stop])[::-1]
         for source in np.unique(sources):
-            found.setdefault(int(source), chunk_start + int(np.argmax(sources == source)))
-        if len(found) == len(blend.datasets):
+            next_index.setdefault(int(source), int(taken[np.argmax(sources == source)]) + 1)
+        if len(next_index) == len(blend.datasets):
             break
-    return [found[source] for source in sorted(found)]
+    return [next_index.get(source, 0) for source in range(len(blend.datasets))]
 
 
-def sample_fingerprint(dataset, index: int) -> str:
-    """What sample `index` of a split is: its tokens, the blend source it comes from and the documents and offsets
-    it spans (mock documents are token ranges, and real corpora repeat boilerplate: tokens alone do not tell samples
-    apart)."""
-    sample = dataset[index]   # also maps a blend's lazily loaded indices
-    parts = [np.ascontiguousarray(np.asarray(sample["tokens"])).tobytes()]
-    if isinstance(dataset, BlendedDataset):
-        source = int(dataset.dataset_index[index])
-        parts.append(f"source {source}".encode())
-        dataset, index = dataset.datasets[source], int(dataset.dataset_sample_index[index])
-    if isinstance(dataset, GPTDataset):
-        j = int(dataset.shuffle_index[index])
-        (begin, begin_offset), (end, end_offset) = dataset.sample_index[j], dataset.sample_index[j + 1]
-        parts.append(f"documents {int(dataset.document_index[begin])}+{int(begin_offset)}.."
-                     f"{int(dataset.document_index[end])}+{int(end_offset)}".encode())
-    return hashlib.sha1(b"|".join(parts)).hexdigest()
+def sample_fingerprint(dataset: GPTDataset, index: int) -> str:
+    """What sample `index` of a GPTDataset is: its tokens and the documents and offsets it spans (mock documents are
+    token ranges, and real corpora repeat boilerplate: tokens alone do not tell samples apart)."""
+    tokens = np.ascontiguousarray(np.asarray(dataset[index]["tokens"])).tobytes()   # also maps lazy indices
+    j = int(dataset.shuffle_index[index])
+    (begin, begin_offset), (end, end_offset) = dataset.sample_index[j], dataset.sample_index[j + 1]
+    span = (f"documents {int(dataset.document_index[begin])}+{int(begin_offset)}.."
+            f"{int(dataset.document_index[end])}+{int(end_offset)}")
+    return hashlib.sha1(tokens + b"|" + span.encode()).hexdigest()

@@ -77,11 +77,20 @@ def check_triton_can_run() -> None:
                                                       "on CPU, or set TRITON_INTERPRET=1 to interpret the kernels)")
 
 
+def lookup_reduce_auto(rows: torch.Tensor, blocks: torch.Tensor, scores: torch.Tensor, table: torch.Tensor,
+                       num_blocks: int) -> torch.Tensor:
+    """The Triton kernel for a CUDA table, the fused CPU one otherwise, chosen per call: a model built with
+    `lookup_impl: auto` runs wherever its table is moved (a portable checkpoint decodes on CPU on a GPU machine)."""
+    name = "triton" if table.is_cuda else "fused"
+    impl = LOOKUP_REDUCE_IMPLS.get(name) or get_lookup_reduce(name)
+    return impl(rows, blocks, scores, table, num_blocks)
+
+
 def get_lookup_reduce(name: str) -> LookupReduce:
-    """The implementation registered under `name` (fused and Triton ones register on import); "auto" is the
-    Triton kernel on a GPU and the fused CPU one elsewhere."""
+    """The implementation registered under `name` (fused and Triton ones register on import, when first asked
+    for); "auto" picks per call on the table's device (`lookup_reduce_auto`)."""
     if name == "auto":
-        name = "triton" if torch.cuda.is_available() else "fused"
+        return lookup_reduce_auto
     if name == "fused":
         import umtrain.ops.fused_lookup_reduce  # noqa: F401  (registers "fused")
     if name == "triton":

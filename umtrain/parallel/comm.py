@@ -111,8 +111,9 @@ def _local_worker(rank: int, world_size: int, port: int, backend: str, fn: Calla
     connections while a peer is still reading the last collective from them."""
     with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as err:
         faulthandler.enable(file=err, all_threads=True)
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=120))
+        timeout = datetime.timedelta(seconds=120)
+        store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=timeout)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
         try:
             result = fn(rank, world_size, *args)
             path = os.path.join(out_dir, f"rank{rank}.pt")
@@ -168,8 +169,11 @@ def run_local_group(fn: Callable, world_size: int, *args: Any, backend: str = "g
 
     with tempfile.TemporaryDirectory() as out_dir:
         results = [os.path.join(out_dir, f"rank{r}.pt") for r in range(world_size)]
+        # The parent serves the ranks' rendezvous store on a port the OS picks and holds for the whole run: a port
+        # merely found free could be taken by another process before rank 0 bound it.
+        store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
         try:
-            _start_and_join((world_size, free_port(), backend, fn, args, out_dir), world_size)
+            _start_and_join((world_size, store.port, backend, fn, args, out_dir), world_size)
         except ProcessException as err:
             reports = [f"--- rank {r} ---\n" + report for r in range(world_size)
                        if (report := _read_report(os.path.join(out_dir, f"rank{r}.err")))]

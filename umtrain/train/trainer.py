@@ -108,7 +108,10 @@ class Trainer(ModelRunner):
         self.optimizer.zero_grad()
         lr = apply_lr(self.config, self.optimizer.param_groups, self.iteration)
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        MoEAuxLossAutoScaler.set_loss_scale(torch.tensor([1.0 / self.train_batches.num_micro_batches], device=device))
+        # Assigned, not `set_loss_scale`'s in-place copy: a backward through an aux loss before any scale was set
+        # (another model in this process) leaves a 0-d tensor there, into which no [1]-shaped scale can be copied.
+        MoEAuxLossAutoScaler.main_loss_backward_scale = torch.tensor([1.0 / self.train_batches.num_micro_batches],
+                                                                     device=device)
         loss_dicts = self._run_schedule(self.train_batches, self.consumed_samples, forward_only=False)
         loss = self._mean_loss(loss_dicts)
         self.history.lr.append(lr)
