@@ -10,7 +10,7 @@ import glob
 import json
 import zlib
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal, Optional
 
 import pyarrow.parquet
 import zstandard
@@ -111,33 +111,28 @@ def _first_undecodable_line(path: Path, after: int) -> DataInputError:
     import fsspec
 
     with fsspec.open(str(path), "rb", compression="infer") as f:
-        for number, line in enumerate(f, start=1):
-            if number <= after:
-                continue
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError as err:
-                return DataInputError(str(path), f"line {number}", f"not valid UTF-8 at byte {err.start + 1} "
-                                                                   f"({err.reason})")
-    return DataInputError(str(path), f"after line {after}", "not valid UTF-8")
+        return _first_undecodable(path, f, "line", after, "")
 
 
 def _first_undecodable_row(path: Path, text_key: str, after: int) -> DataInputError:
-    """The Parquet counterpart of `_first_undecodable_line`: read the column as bytes after the last good batch and
-    decode row by row."""
-    rows = pyarrow.parquet.ParquetFile(path).iter_batches(columns=[text_key])
-    number = 0
-    for batch in rows:
-        for value in batch.column(0).cast(pyarrow.binary()).to_pylist():
-            number += 1
-            if number <= after or value is None:
-                continue
-            try:
-                value.decode("utf-8")
-            except UnicodeDecodeError as err:
-                return DataInputError(str(path), f"row {number}", f"{text_key!r} is not valid UTF-8 at byte "
-                                                                  f"{err.start + 1} ({err.reason})")
-    return DataInputError(str(path), f"after row {after}", f"{text_key!r} is not valid UTF-8")
+    """The same for a Parquet column: its values as bytes, row by row."""
+    batches = pyarrow.parquet.ParquetFile(path).iter_batches(columns=[text_key])
+    values = (value for batch in batches for value in batch.column(0).cast(pyarrow.binary()).to_pylist())
+    return _first_undecodable(path, values, "row", after, f"{text_key!r} is ")
+
+
+def _first_undecodable(path: Path, records: Iterable[Optional[bytes]], unit: str, after: int,
+                       subject: str) -> DataInputError:
+    """The first of `records` (lines or values, numbered from 1) past the first `after` that is not UTF-8."""
+    for number, record in enumerate(records, start=1):
+        if number <= after or record is None:
+            continue
+        try:
+            record.decode("utf-8")
+        except UnicodeDecodeError as err:
+            return DataInputError(str(path), f"{unit} {number}", f"{subject}not valid UTF-8 at byte {err.start + 1} "
+                                                                 f"({err.reason})")
+    return DataInputError(str(path), f"after {unit} {after}", f"{subject}not valid UTF-8")
 
 
 def parse_row(path: str, fmt: Format, number: int, raw: Any, text_key: str) -> str | None:
