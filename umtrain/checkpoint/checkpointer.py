@@ -18,9 +18,9 @@ from umtrain.checkpoint.state import (
     load_state_dict_template,
     restore_trainer,
     same_layout,
-    with_absolute_data_paths,
     save_state_dict,
     sync_params_before_save,
+    with_absolute_data_paths,
 )
 from umtrain.config import Config, dump_config
 from umtrain.config.base import ConfigError

@@ -20,6 +20,7 @@ import yaml
 
 from umtrain.checkpoint import manager
 from umtrain.config import Config, config_from_dict
+from umtrain.config.validate import tokenizer_json
 from umtrain.model.reference import ModelArgs, ReferenceGPT
 from umtrain.model.state_dict_adapter import Tensors, megatron_to_portable, portable_to_megatron
 
@@ -140,7 +141,7 @@ def write_portable(out: Path, tensors: Tensors, config: dict[str, Any], meta: di
 def tokenizer_files(source: Path) -> list[Path]:
     """The files of a tokenizer: a SentencePiece .model, or a tokenizer.json (a directory: its tokenizer.json) with
     its tokenizer_config.json when there is one (it names the end-of-document token)."""
-    main = source / "tokenizer.json" if source.is_dir() else source
+    main = tokenizer_json(source)
     extra = main.parent / "tokenizer_config.json"
     return [main] + [extra] * (main.suffix == ".json" and extra.is_file())
 
@@ -167,10 +168,10 @@ def copy_tokenizer(source: Optional[str | Path], out: Path, directory: str = TOK
 def tokenizer_type_of(path: str | Path, default: str) -> str:
     """'huggingface' for a tokenizer.json or a directory, 'sentencepiece' for a .model, else `default` (the
     config's data.tokenizer_type)."""
-    path = Path(path)
-    if path.suffix == ".json" or path.is_dir():
+    suffix = tokenizer_json(Path(path)).suffix
+    if suffix == ".json":
         return "huggingface"
-    return "sentencepiece" if path.suffix == ".model" else default
+    return "sentencepiece" if suffix == ".model" else default
 
 
 def portable_tokenizer(path: Path) -> Optional[Path]:
