@@ -104,7 +104,9 @@ def test_plan_handles_infeasible_forced_and_single_rank_groups():
     with pytest.raises(ConfigError, match="sharding_mode"):
         plan_layer(big(3), 1024, UNIT, requested="dimension")
     assert plan_layer(big(8), 1024, UNIT, requested="number").mode == "number"
-    assert plan_layer(big(1), 1024, UNIT).mode == "local"
+    local = plan_layer(big(1), 1024, UNIT)
+    assert local.mode == "local" and local.bytes_number_wise == local.bytes_dimension_wise == 0
+    assert local.seconds_number_wise is None and local.seconds_dimension_wise is None   # no time to predict
 
 
 def test_calibration_time_and_file_round_trip(tmp_path):
@@ -289,6 +291,39 @@ def test_plan_command_text_overrides_and_errors(plan_yaml, capsys, tmp_path):
     assert _cli(["plan", str(plan_yaml), "--world", "500"]) == 2
     assert "expert_model_parallel_size" in capsys.readouterr().err
     assert _cli(["plan", str(plan_yaml), "--world", "512", "--calibration", str(tmp_path / "none.json")]) == 2
+
+
+def test_plan_prices_with_the_calibration_the_run_uses(plan_yaml, tmp_path, capsys):
+    """`parallel.comm_calibration` is what a run's `auto` prices with, so the plan reads it too; `--calibration`
+    replaces it, with a warning."""
+    configured, other = tmp_path / "configured.json", tmp_path / "other.json"
+    Calibration(alpha_s=20e-6, beta_s_per_byte=1 / 25e9, compute=KNOWN).save(configured)
+    Calibration(alpha_s=1e-3, beta_s_per_byte=1e-9).save(other)
+    dims = LookupDims(**{**BIG, "group_size": 8})
+    override = f"parallel.comm_calibration={configured}"
+    assert _cli(["plan", str(plan_yaml), override, "--world", "512", "--json"]) == 0
+    entry = json.loads(capsys.readouterr().out)[0]
+    assert entry["compute_seconds_dimension_wise"] == pytest.approx(KNOWN.seconds("dimension", dims, 2048))
+    assert _cli(["plan", str(plan_yaml), override, "--world", "512", "--json", "--calibration", str(other)]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)[0]["compute_seconds_dimension_wise"] == 0
+    assert "replaces the config's parallel.comm_calibration" in err
+    assert _cli(["plan", str(plan_yaml), f"parallel.comm_calibration={tmp_path / 'none.json'}", "--world", "512"]) == 2
+    assert "parallel.comm_calibration" in capsys.readouterr().err
+
+
+def test_calibrate_comm_refuses_bad_options_before_measuring(tmp_path, monkeypatch, capsys):
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("measured before checking the options")
+
+    monkeypatch.setattr(plan_cli, "run_local_group", no_measuring)
+    assert _cli(["calibrate-comm", "--output", str(tmp_path), "--iters", "1"]) == 2
+    assert "--output" in capsys.readouterr().err
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _cli(["calibrate-comm", "--output", str(tmp_path / "c.json"), "--lookup-impl", "triton"]) == 2
+    assert "--lookup-impl: 'triton' runs on GPU" in capsys.readouterr().err
+    assert not (tmp_path / "c.json").exists()
 
 
 def number_rows_bytes(value_bytes: int) -> int:

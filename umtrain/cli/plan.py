@@ -35,7 +35,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     plan.add_argument("--world", type=int, required=True, help="world size to plan for (nothing is launched)")
     plan.add_argument("--json", action="store_true", help="print a JSON list, one object per memory layer")
     plan.add_argument("--calibration", default=None,
-                      help="alpha/beta (and compute) JSON from `umtrain calibrate-comm`")
+                      help="alpha/beta (and compute) JSON from `umtrain calibrate-comm` (default: the config's "
+                           "parallel.comm_calibration, as the run uses, else an assumed NCCL-over-InfiniBand guess)")
     plan.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
                       help="training dtype of the planned run, which sets the bytes of the values and scores sent "
                            "(auto: training.precision, its auto taken as on the GPU cluster planned for: bf16; "
@@ -63,7 +64,7 @@ def run_plan(args: argparse.Namespace) -> int:
             raise ConfigError("--world", f"must be >= 1, got {args.world}")
         overrides = list(args.overrides) + ([f"training.precision={args.dtype}"] if args.dtype != "auto" else [])
         config = load_config(args.config, overrides, world_size=args.world, check_files=False)
-        calibration = Calibration.load(args.calibration) if args.calibration else DEFAULT_CALIBRATION
+        calibration = planned_calibration(args.calibration, config.parallel.comm_calibration)
         plans = plan_config(config, calibration, cuda=TARGET_HAS_CUDA)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -74,6 +75,21 @@ def run_plan(args: argparse.Namespace) -> int:
     else:
         print(format_plan(plans, config, args.world, calibration))
     return 0
+
+
+def planned_calibration(option: str | None, configured: str | None) -> Calibration:
+    """`--calibration`, else the file the run itself prices with (`parallel.comm_calibration`), else the guess."""
+    if option is not None:
+        if configured is not None and Path(option).resolve() != Path(configured).resolve():
+            print(f"warning: --calibration {option} replaces the config's parallel.comm_calibration {configured}, "
+                  f"which the run itself will use", file=sys.stderr)
+        return Calibration.load(option)
+    if configured is not None:
+        try:
+            return Calibration.load(configured)
+        except ConfigError as err:
+            raise ConfigError("parallel.comm_calibration", str(err)) from None
+    return DEFAULT_CALIBRATION
 
 
 def planned_dtype(config) -> str:
@@ -148,7 +164,11 @@ def _ms(seconds) -> str:
 def run_calibrate(args: argparse.Namespace) -> int:
     backend = args.backend if args.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
     options = (args.iters, args.lookup_impl if args.compute else None)
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)       # before measuring, not after
+    try:
+        check_calibrate_options(args)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         calibration = _calibrate_worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), *options, backend)
         if int(os.environ["RANK"]) != 0:
@@ -165,6 +185,24 @@ def run_calibrate(args: argparse.Namespace) -> int:
     if calibration.compute.calibrated:
         print(_describe_compute(calibration))
     return 0
+
+
+def check_calibrate_options(args: argparse.Namespace) -> None:
+    """Before measuring, not after: a writable --output file and a lookup-reduce this machine can run."""
+    output = Path(args.output)
+    if output.is_dir():
+        raise ConfigError("--output", f"{output} is a directory; name the JSON file to write")
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError("--output", f"cannot create {output.parent}: {err.strerror}") from None
+    if not os.access(output.parent, os.W_OK) or (output.exists() and not os.access(output, os.W_OK)):
+        raise ConfigError("--output", f"{output} is not writable")
+    if args.compute:
+        try:
+            get_lookup_reduce(args.lookup_impl)
+        except ConfigError as err:
+            raise ConfigError("--lookup-impl", str(err).removeprefix(f"{err.key}: ")) from None
 
 
 def _calibrate_worker(rank: int, world_size: int, iters: int, lookup_impl: str | None,

@@ -362,12 +362,13 @@ class LayerPlan:
     bytes_number_pooled: int
     bytes_dimension_wise: Optional[int]
     """None when d_v cannot be split over P."""
-    seconds_number_wise: float
-    """Predicted communication + local compute of the better number-wise variant."""
+    seconds_number_wise: Optional[float]
+    """Predicted communication + local compute of the better number-wise variant; None at P = 1 (`local`)."""
     seconds_dimension_wise: Optional[float]
+    """None at P = 1 and when d_v cannot be split over P."""
     reason: str
-    compute_seconds_number_wise: float = 0.0
-    """The local-compute part of seconds_number_wise (0 without a compute calibration)."""
+    compute_seconds_number_wise: Optional[float] = 0.0
+    """The local-compute part of seconds_number_wise (0 without a compute calibration; None at P = 1)."""
     compute_seconds_dimension_wise: Optional[float] = None
     capacity: Optional[int] = None
     """Fixed ids per owner when the layer runs number-wise rows with `sharding_capacity_factor` (bytes and seconds
@@ -388,6 +389,14 @@ def variant_traffic(variant: Variant, dims: LookupDims, tokens_per_rank: int,
     return dimension_wise_traffic(dims, tokens, 0, static_tokens=True)
 
 
+def local_plan(dims: LookupDims, tokens_per_rank: int, layer: int, placement: str) -> LayerPlan:
+    """P = 1: no mode to choose and nothing sent, so no time to predict (the seconds are None)."""
+    return LayerPlan(layer=layer, placement=placement, group_size=1, tokens_per_rank=tokens_per_rank, mode="local",
+                     owner_pooling=False, bytes_number_wise=0, bytes_number_rows=0, bytes_number_pooled=0,
+                     bytes_dimension_wise=0, seconds_number_wise=None, seconds_dimension_wise=None,
+                     compute_seconds_number_wise=None, reason="the whole table is local, nothing to communicate")
+
+
 def plan_layer(dims: LookupDims, tokens_per_rank: int, calibration: Calibration,
                requested: Literal["auto", "number", "dimension"] = "auto", layer: int = 0,
                placement: str = "", capacity: Optional[int] = None, dedup: bool = False) -> LayerPlan:
@@ -395,6 +404,8 @@ def plan_layer(dims: LookupDims, tokens_per_rank: int, calibration: Calibration,
     mode), saying why. `capacity`: number-wise runs as rows with that many ids per owner (padded, no host sync;
     owner pooling, which exchanges counts, is then not a candidate: the capacity was asked for to avoid that sync).
     `dedup`: number-wise runs as rows with distinct requests (priced without de-duplication, an upper bound)."""
+    if dims.group_size == 1:
+        return local_plan(dims, tokens_per_rank, layer, placement)
     traffic = {v: variant_traffic(v, dims, tokens_per_rank, capacity) for v in VARIANTS}
     compute = {v: calibration.compute.seconds(v, dims, tokens_per_rank, capacity) for v in VARIANTS}
     seconds = {v: calibration.seconds(t) + compute[v] for v, t in traffic.items()}
@@ -402,9 +413,7 @@ def plan_layer(dims: LookupDims, tokens_per_rank: int, calibration: Calibration,
     problem = dimension_wise_problem(dims.value_dim, dims.num_cores, dims.group_size)
     rows_only = capacity is not None or dedup
     number = "pooled" if not rows_only and seconds["pooled"] < seconds["number"] else "number"
-    if dims.group_size == 1:
-        mode, reason = "local", "the whole table is local, nothing to communicate"
-    elif requested == "dimension" and problem:
+    if requested == "dimension" and problem:
         raise ConfigError("model.memory.sharding_mode", problem)
     elif requested != "auto":
         mode, reason = requested, f"{requested}-wise requested by model.memory.sharding_mode"
