@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
-import pytest
+import subprocess
+import sys
 
+import pytest
+import yaml
+
+from tests.checkpoint.helpers import REPO
+from tests.distributed import tiny_config
 from umtrain.checkpoint import manager
+from umtrain.cli.main import main
+from umtrain.parallel.comm import free_port
 
 
 def fake_save(root, iteration: int, payload: bytes = b"weights") -> None:
@@ -95,3 +103,61 @@ def test_staged_output_never_touches_a_directory_it_did_not_create(tmp_path):
     with pytest.raises(FileExistsError):
         with manager.staged_output(out):
             pass
+
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from umtrain.checkpoint import manager
+manager.claim(Path(sys.argv[1]))
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.fixture
+def other_run(tmp_path):
+    """`other_run(root)`: another live process that has claimed `root`; killed (SIGKILL) in teardown."""
+    holders: list[subprocess.Popen] = []
+
+    def start(root):
+        holders.append(subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(root)], stdout=subprocess.PIPE,
+                                        text=True, cwd=REPO))
+        assert holders[-1].stdout.readline().strip() == "held"
+        return holders[-1]
+
+    yield start
+    for holder in holders:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_directory_another_live_run_saves_into_is_refused_until_it_dies(tmp_path, other_run):
+    holder = other_run(tmp_path / "run")
+    with pytest.raises(manager.DirectoryInUse, match=f"pid {holder.pid} on"):
+        manager.claim(tmp_path / "run")
+    holder.kill()                                 # a killed run leaves no stale lock behind
+    holder.wait()
+    manager.claim(tmp_path / "run")
+    manager.claim(tmp_path / "run")               # this process holds it: claiming again is a no-op
+    manager.release(tmp_path / "run")
+    other_run(tmp_path / "run")                   # released: another process can claim it
+
+
+def test_train_refuses_a_save_directory_in_use_and_touches_nothing(tmp_path, other_run, monkeypatch, capsys):
+    """Two runs saving into one directory removed each other's saves in progress as stale."""
+    save = tmp_path / "run"
+    other_run(save)
+    in_progress = manager.prepare_temporary(save, 5)
+    (in_progress / "__0_0.distcp").write_bytes(b"being written")
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(checkpoint={"save": str(save), "save_interval": 1},
+                                               training={"train_iters": 1})))
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
+                       "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    assert main(["train", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "checkpoint.save" in err and "is in use by another run (pid" in err
+    assert (in_progress / "__0_0.distcp").read_bytes() == b"being written"
+    assert sorted(p.name for p in save.iterdir()) == [".lock", "iter_0000005.tmp"]

@@ -120,6 +120,7 @@ class Checkpointer:
         return self._resume_source
 
     def _resolve_resume_source(self) -> Optional[ResumeSource]:
+        self._claim_save_directory()
         own = self._own_checkpoint()
         if own is not None:
             load = self.config.checkpoint.load
@@ -130,6 +131,21 @@ class Checkpointer:
             return ResumeSource.of(own.path, own=True)
         start = self._start_checkpoint()
         return None if start is None else ResumeSource.of(start.path, own=False)
+
+    def _claim_save_directory(self) -> None:
+        """Before reading `latest` or touching anything in `checkpoint.save`: no other live run saves there."""
+        if not self.enabled:
+            return
+        try:
+            on_rank0(manager.claim, self.root)
+        except manager.DirectoryInUse as err:
+            raise ConfigError("checkpoint.save", str(err)) from None
+
+    def release(self) -> None:
+        """Give up `checkpoint.save` for another run (once training has ended, its saves finalized); rank 0 holds
+        it, on other ranks this does nothing."""
+        if self.enabled:
+            manager.release(self.root)
 
     def resume(self, trainer) -> bool:
         """Load model, optimizer, RNG, iteration and data position; False when there is nothing to resume."""

@@ -4,6 +4,7 @@ the `latest` marker, retention. Pure filesystem code, run by one process (global
     <save>/iter_0000100/          a complete, verified checkpoint (dist_checkpointing files + config.yaml + manifest)
     <save>/iter_0000200.tmp/      being written; never read; replaced when the same iteration is saved again
     <save>/latest                 "iter_0000200", replaced atomically after the rename
+    <save>/.lock                  held (flock) by the one run that saves here; names its host and pid
 
 A checkpoint becomes visible by one `rename` of its temporary directory, after its manifest (every file's size and
 CRC-32) has been written; resuming re-checks the manifest, so a truncated or corrupted file is detected.
@@ -11,23 +12,27 @@ CRC-32) has been written; resuming re-checks the manifest, so a truncated or cor
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
 import time
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Optional
+from typing import IO, Iterable, Iterator, Optional
 
 logger = logging.getLogger("umtrain")
 
 MANIFEST = "umtrain_manifest.json"
 LATEST = "latest"
+LOCK = ".lock"
 CONFIG_FILE = "config.yaml"
 _NAME = re.compile(r"^iter_(\d{7,})$")
 _CHUNK = 1 << 24
@@ -66,6 +71,53 @@ def list_checkpoints(root: Path) -> list[Checkpoint]:
         return []
     found = [Checkpoint(iteration_of(p), p) for p in root.iterdir() if p.is_dir() and iteration_of(p) is not None]
     return sorted(found, key=lambda c: c.iteration)
+
+
+# --------------------------------------------------------------------------------------------- ownership
+
+_claimed: dict[Path, IO[str]] = {}
+
+
+class DirectoryInUse(CheckpointError):
+    """Another live process saves into this directory."""
+
+
+def claim(root: Path) -> None:
+    """Make this process the one that saves into `root` until it exits or calls `release`: two runs saving into one
+    directory remove each other's saves in progress (as stale) and apply retention to each other's checkpoints.
+    An exclusive `flock` on `root/.lock`, which the kernel drops when the process dies (a killed run leaves no stale
+    lock). Claiming a directory this process holds is a no-op. On a filesystem without `flock` (Lustre mounted
+    without `-o flock`) the claim is skipped with a warning."""
+    root = root.resolve()
+    if root in _claimed:
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    handle = open(root / LOCK, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        handle.seek(0)
+        holder = handle.read().strip()
+        handle.close()
+        if err.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+            logger.warning("cannot lock %s (%s): a second run saving into it would not be detected", root / LOCK,
+                           err.strerror)
+            return
+        raise DirectoryInUse(f"{root} is in use by another run ({holder or 'a process that names none'}); "
+                             f"wait for it to end, or save this run elsewhere") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
+    handle.flush()
+    _claimed[root] = handle
+
+
+def release(root: Path) -> None:
+    """Give up a `claim` (the lock file stays: removing it would race with a run claiming it)."""
+    handle = _claimed.pop(root.resolve(), None)
+    if handle is not None:
+        handle.close()
 
 
 # --------------------------------------------------------------------------------------------- manifest

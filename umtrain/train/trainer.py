@@ -73,16 +73,24 @@ class Trainer(ModelRunner):
     def __init__(self, config: Config):
         self.preemption = PreemptionHandler(config.training.exit_signal)   # first: a signal during setup is kept
         self.checkpointer = Checkpointer(config)
+        try:
+            self._build(config)
+        except BaseException:
+            self.preemption.restore()      # a Trainer that could not be built gives the stop signals back
+            self.checkpointer.release()
+            raise
+        self.metrics = MetricsWriter(config, enabled=self.layout.is_logging_rank, start_step=self.iteration)
+        overrun = warmup_overrun(config)
+        if overrun and self.layout.is_logging_rank:
+            logger.warning(overrun)
+
+    def _build(self, config: Config) -> None:
         super().__init__(config)
         self.model = wrap_data_parallel(config, self.tconfig, self.model)
         self.optimizer = build_optimizer(config, self.model)
         self.train_batches = self.batches_of(self.datasets[0])
         self.flops_per_token = self._training_flops_per_token()
         self.checkpointer.resume(self)
-        self.metrics = MetricsWriter(config, enabled=self.layout.is_logging_rank, start_step=self.iteration)
-        overrun = warmup_overrun(config)
-        if overrun and self.layout.is_logging_rank:
-            logger.warning(overrun)
 
     def _training_samples(self) -> int:
         source = self.checkpointer.resume_source()
@@ -158,12 +166,13 @@ class Trainer(ModelRunner):
     # ----------------------------------------------------------------------------------------- loop
     def train(self) -> History:
         """Train to `training.train_iters`; log records go through the progress bar (not into its line). The stop
-        signals' handlers are given back at the end, however it ends."""
+        signals' handlers and the save directory are given back at the end, however it ends."""
         try:
             with logging_redirect_tqdm():
                 return self._train_loop()
         finally:
             self.preemption.restore()
+            self.checkpointer.release()
 
     def _train_loop(self) -> History:
         train_iters = self.config.training.train_iters
