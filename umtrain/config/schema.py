@@ -90,9 +90,12 @@ class MemoryConfig:
     aux_loss_tau: float = 0.15
     """tau, margin on the non-leading singular values (eq. 12)."""
     improved_init: bool = True
-    """Appendix A initialisation (value variance E/(2 m H L), LN weights from the Monte-Carlo E[y])."""
+    """Appendix A initialisation: value variance E/(2 L m H E[s^2]), with E[s^2] the mean square score measured at
+    construction (App. A's E/(2 m H L) assumes E[s^2] = 1; docs/memory_layers.md), LN weights from the Monte-Carlo
+    E[y]."""
     init_score_population: Literal["virtual", "physical", "keys", "grid"] = "virtual"
-    """Which n_draw the Monte-Carlo E[y] uses (the spec's open conflict 3): E*N, N, keys per side, or m_c^2."""
+    """Which n_draw the Monte-Carlo E[y] uses (the spec's open conflict 3): E*N, N, keys per side, or the candidate
+    grid m_c^2 ((2 m_c)^2 with sign_aware_candidates)."""
     query_conv_kernel: int = 5
     """Causal depthwise convolution before the query projection; 0 = off. Kernel size is UNKNOWN in the paper."""
     value_lr_multiplier: float = 10.0
