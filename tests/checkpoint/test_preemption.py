@@ -19,7 +19,7 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 
 from tests.checkpoint.helpers import run_config, saved_losses, train
 from umtrain.checkpoint import REQUEUE_EXIT_CODE, PreemptionHandler, manager
-from umtrain.checkpoint.launch import exit_code_of, workers_save_checkpoints
+from umtrain.checkpoint.launch import exit_code_of, handles_signal, workers_save_checkpoints
 from umtrain.checkpoint.signals import parse_signal
 from umtrain.config import ConfigError
 
@@ -101,6 +101,32 @@ def test_the_launcher_passes_stop_signals_on_to_its_workers(tmp_path, launch_cli
     assert code == REQUEUE_EXIT_CODE, output
     assert INTERVAL <= manager.iteration_of(manager.read_latest(root)) < ITERS   # = when it came during that save
     assert not [w for w in workers if w.is_running() and w.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_handles_signal_reads_whether_a_process_catches_it(restored_stop_signals):
+    signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+    assert not handles_signal(os.getpid(), signal.SIGUSR2)
+    signal.signal(signal.SIGUSR2, lambda signum, frame: None)
+    assert handles_signal(os.getpid(), signal.SIGUSR2)
+    signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+
+
+@pytest.mark.slow
+def test_a_signal_the_launcher_gets_before_its_workers_can_handle_it_is_kept(tmp_path, launch_cli):
+    """SIGUSR1 to the launcher while its workers are still importing (or not yet started, as during a multi-node
+    rendezvous) reached no worker, or killed one without a save: the relay hands it to each worker once it handles
+    it, and the run stops with a checkpoint."""
+    root = tmp_path / "ckpt"
+    proc = launch_cli(run_config(ITERS, save=str(root), save_interval=INTERVAL), 2)
+    deadline = time.monotonic() + 120
+    while not handles_signal(proc.pid, signal.SIGUSR1):          # the launcher's own relay is installed
+        assert proc.poll() is None and time.monotonic() < deadline, "the launcher never installed its relay"
+        time.sleep(0.01)
+    assert not any(handles_signal(w.pid, signal.SIGUSR1) for w in training_workers(proc))
+    proc.send_signal(signal.SIGUSR1)
+    code, output = finish(proc)
+    assert code == REQUEUE_EXIT_CODE, output
+    assert manager.iteration_of(manager.read_latest(root)) < ITERS
 
 
 @pytest.mark.slow

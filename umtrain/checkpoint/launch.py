@@ -8,8 +8,9 @@ Signals. torchrun's agent handles SIGTERM, SIGINT, SIGHUP and SIGQUIT: it passes
 waits TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds, then kills them; the workers checkpoint on SIGTERM, so a SIGTERM
 (scancel, preemption) reports the requeue code. It would die of SIGUSR1/SIGUSR2 and leave the workers running, yet
 SLURM's pre-timeout signal (`--signal=USR1@300`) reaches every process of the step, this one included: the wrapper
-passes SIGUSR1/SIGUSR2 on to its workers and keeps supervising them; they checkpoint at the next step boundary and
-exit with the requeue code, which the wrapper returns. The shutdown timeout defaults to `DEFAULT_SHUTDOWN_TIMEOUT_S`
+passes SIGUSR1/SIGUSR2 on to its workers (`SignalRelay`: to each once it handles the signal, so a worker still
+starting gets it too) and keeps supervising them; they checkpoint at the next step boundary and exit with the
+requeue code, which the wrapper returns. The shutdown timeout defaults to `DEFAULT_SHUTDOWN_TIMEOUT_S`
 instead of torchrun's 30 s, so that the rest of a step and the save can fit.
 """
 
@@ -18,6 +19,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
+import time
 
 import psutil
 
@@ -64,14 +67,67 @@ def workers_save_checkpoints(argv: list[str]) -> bool:
         return False
 
 
-def pass_on_to_workers(signum: int, frame) -> None:
-    """Send the signal to this launcher's training workers (its direct children running `WORKER_MODULE`)."""
+def handles_signal(pid: int, signum: int) -> bool:
+    """Whether process `pid` has a handler for `signum` (Linux: the SigCgt mask in /proc/<pid>/status). A worker that
+    is still importing has none yet, and the signal's default action would kill it without a save."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            mask = next((line.split()[1] for line in status if line.startswith("SigCgt:")), "0")
+    except OSError:     # gone meanwhile
+        return False
+    return bool(int(mask, 16) >> (signum - 1) & 1)
+
+
+def training_workers() -> list[psutil.Process]:
+    """This launcher's training workers: its direct children running `WORKER_MODULE`."""
+    workers = []
     for child in psutil.Process().children():
         try:
             if WORKER_MODULE in " ".join(child.cmdline()):
-                child.send_signal(signum)
+                workers.append(child)
         except psutil.Error:   # gone meanwhile, or not ours to inspect
             continue
+    return workers
+
+
+class SignalRelay:
+    """Passes the signals in PASSED_ON_SIGNALS on to the training workers, to each worker once it handles the
+    signal. A signal that comes before the workers exist (the rendezvous of a multi-node job can take minutes) or
+    while they import would otherwise reach none of them, or kill them without a save. The handler only records the
+    signal; a daemon thread, started at the first one, delivers every `POLL_S` seconds until the launcher exits
+    (workers that torchrun restarts get it too)."""
+
+    POLL_S = 0.1
+
+    def __init__(self):
+        self.received: list[tuple[int, set[int]]] = []
+        """Each signal received, with the pids of the workers it was passed on to."""
+        self.thread: threading.Thread | None = None
+
+    def install(self) -> None:
+        for sig in PASSED_ON_SIGNALS:
+            signal.signal(sig, self.on_signal)
+
+    def on_signal(self, signum: int, frame) -> None:
+        self.received.append((signum, set()))
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._deliver_forever, name="umtrain-signal-relay", daemon=True)
+            self.thread.start()
+
+    def _deliver_forever(self) -> None:
+        while True:
+            self.deliver()
+            time.sleep(self.POLL_S)
+
+    def deliver(self) -> None:
+        for worker in training_workers():
+            for signum, passed_to in list(self.received):
+                if worker.pid not in passed_to and handles_signal(worker.pid, signum):
+                    try:
+                        worker.send_signal(signum)
+                    except psutil.Error:
+                        continue
+                    passed_to.add(worker.pid)
 
 
 def run_local(nproc_per_node: int, command: list[str]) -> int:
@@ -83,8 +139,7 @@ def run_torchrun(argv: list[str]) -> int:
     from torch.distributed.run import main as torchrun
 
     os.environ.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(DEFAULT_SHUTDOWN_TIMEOUT_S))
-    for sig in PASSED_ON_SIGNALS:
-        signal.signal(sig, pass_on_to_workers)
+    SignalRelay().install()
     try:
         torchrun(argv)
     except SystemExit as exit_:
