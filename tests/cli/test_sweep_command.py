@@ -245,34 +245,72 @@ def test_local_sweep_summary_matches_the_checkpoints(base_yaml, tmp_path, capsys
     assert capsys.readouterr().out.count("already done") == 2
 
 
-def _sigterm_self_once_both_handlers_are_set(ready: Path, before, stop: threading.Event) -> None:
-    """SIGTERM this process once the child has its handler (it wrote `ready`) and run_training has its own (a
+def _signal_self_once_both_handlers_are_set(sig: int, ready: Path, before, stop: threading.Event) -> None:
+    """Send `sig` to this process once the child has its handlers (it wrote `ready`) and run_training has its own (a
     signal before either would end the child, or this process, on the default action)."""
     while not stop.wait(0.01):
-        if ready.exists() and signal.getsignal(signal.SIGTERM) != before:
-            os.kill(os.getpid(), signal.SIGTERM)
+        if ready.exists() and signal.getsignal(sig) != before:
+            os.kill(os.getpid(), sig)
             return
+
+
+# stands for a training run: SIGTERM checkpoints and exits with the requeue code, SIGINT aborts (exit 1); it writes
+# its process group to `ready` once both handlers are set
+TRAINING_LIKE_CHILD = ("import os, pathlib, signal, sys, time\n"
+                       "signal.signal(signal.SIGTERM, lambda *_: sys.exit(42))\n"
+                       "signal.signal(signal.SIGINT, lambda *_: sys.exit(1))\n"
+                       "pathlib.Path(sys.argv[1]).write_text(str(os.getpgid(0)))\n"
+                       "time.sleep(60)\n")
+
+
+def run_training_signalled(sig: int, tmp_path: Path) -> tuple[tuple[int, bool], int]:
+    """run_training of TRAINING_LIKE_CHILD while this process gets `sig`: its result and the child's process group."""
+    ready = tmp_path / "child_ready"
+    before = signal.getsignal(sig)
+    stop = threading.Event()
+    sender = threading.Thread(target=_signal_self_once_both_handlers_are_set, args=(sig, ready, before, stop))
+    sender.start()
+    try:
+        with open(tmp_path / "train.log", "w") as log:
+            result = sweep_cli.run_training([sys.executable, "-c", TRAINING_LIKE_CHILD, str(ready)], log)
+    finally:
+        stop.set()
+        sender.join()
+    assert signal.getsignal(sig) == before
+    return result, int(ready.read_text())
 
 
 def test_a_stop_signal_reaches_the_training_process(tmp_path):
     """A SIGTERM to the sweep (scancel, a supervisor) is passed on to the run it trains, which exits (with the
     requeue code, as training does after its checkpoint) instead of training on alone."""
-    child = ("import pathlib, signal, sys, time\n"
-             "signal.signal(signal.SIGTERM, lambda *_: sys.exit(42))\n"
-             "pathlib.Path(sys.argv[1]).touch()\n"
-             "time.sleep(60)\n")
-    ready = tmp_path / "child_ready"
-    before = signal.getsignal(signal.SIGTERM)
-    stop = threading.Event()
-    sender = threading.Thread(target=_sigterm_self_once_both_handlers_are_set, args=(ready, before, stop))
-    sender.start()
-    try:
-        with open(tmp_path / "train.log", "w") as log:
-            assert sweep_cli.run_training([sys.executable, "-c", child, str(ready)], log) == (42, True)
-    finally:
-        stop.set()
-        sender.join()
-    assert signal.getsignal(signal.SIGTERM) == before
+    assert run_training_signalled(signal.SIGTERM, tmp_path)[0] == (42, True)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP], ids=["SIGINT", "SIGHUP"])
+def test_ctrl_c_and_hangup_reach_the_run_as_sigterm_and_only_through_the_sweep(tmp_path, sig):
+    """SIGINT is an abort to training (no checkpoint): the sweep passes it on as SIGTERM, and the run has its own
+    process group, so that a terminal's Ctrl-C (sent to the foreground group) does not reach it directly; nor does
+    the terminal's hang-up, which the sweep passes on as SIGTERM too."""
+    result, child_group = run_training_signalled(sig, tmp_path)
+    assert result == (42, True)
+    assert child_group != os.getpgrp()
+
+
+def test_a_run_killed_by_a_signal_reports_128_plus_its_number(tmp_path):
+    with open(tmp_path / "train.log", "w") as log:
+        result = sweep_cli.run_training([sys.executable, "-c", "import os; os.kill(os.getpid(), 9)"], log)
+    assert result == (128 + 9, False)
+
+
+def test_a_slurm_sweep_needs_the_launch_files_of_a_source_checkout(base_yaml, tmp_path, monkeypatch, capsys):
+    """An installed (non-editable) umtrain has no launch/ directory: a clear error, and nothing written."""
+    missing = tmp_path / "site" / "launch" / "sweep.sbatch"
+    monkeypatch.setattr(sweep_cli, "SBATCH_TEMPLATE", missing)
+    out = tmp_path / "sweep"
+    assert sweep(base_yaml, out, "--launch", "slurm") == 2
+    err = capsys.readouterr().err
+    assert f"--launch slurm needs {missing}" in err and "pip install -e ." in err
+    assert not out.exists()
 
 
 def test_a_local_sweep_checks_the_layout_against_its_process_count(base_yaml, tmp_path, capsys):

@@ -10,6 +10,7 @@ from pathlib import Path
 from umtrain.cli.main import positive_int
 from umtrain.cli.train import world_size_from
 from umtrain.config import ConfigError
+from umtrain.parallel.launch_env import join_srun_step
 from umtrain.train.evaluation import (SPLITS, Evaluation, check_split_has_data, checkpoint_to_evaluate,
                                       evaluation_config)
 
@@ -31,6 +32,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    join_srun_step(args.nproc_per_node)
     checkpoint = checkpoint_to_evaluate(args.checkpoint)
     config = evaluation_config(checkpoint, args.config, args.overrides, world_size_from(args), args.iters)
     check_split_has_data(config, args.split)

@@ -31,6 +31,10 @@ class SweepDirError(RuntimeError):
     """--out holds something this sweep must not overwrite."""
 
 
+class LauncherMissingError(RuntimeError):
+    """A file of the repository's launch/ directory that an installed (non-editable) umtrain does not have."""
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "sweep", help="run a grid of config variants (print, local, or a SLURM array) and summarize them",
@@ -57,7 +61,7 @@ def register(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         return sweep(args)
-    except SweepDirError as err:
+    except (SweepDirError, LauncherMissingError) as err:
         print(f"umtrain sweep: {err}", file=sys.stderr)
         return 2
 
@@ -68,6 +72,8 @@ def sweep(args: argparse.Namespace) -> int:
     if not args.config or not args.out:
         print("umtrain sweep: --config and --out are required (or --summarize OUT)", file=sys.stderr)
         return 2
+    if args.launch == "slurm":
+        check_slurm_launcher()
     out = Path(args.out).resolve()
     grid, zip_groups = [parse_axis(t) for t in args.grid], parse_zip(args.zip)
     world_size = (args.nproc_per_node or 1) if args.launch == "local" else args.nproc_per_node   # checked up front
@@ -157,6 +163,16 @@ def write_sweep(out: Path, files: dict[str, str]) -> None:
                 raise SweepDirError(f"cannot write {path}: {err.strerror}") from None
 
 
+def check_slurm_launcher() -> None:
+    """The SLURM array script is made from launch/ files of a source checkout, which an installed package lacks."""
+    for path in (SBATCH_TEMPLATE, TORCHRUN_SH):
+        if not path.is_file():
+            raise LauncherMissingError(
+                f"--launch slurm needs {path}, which this umtrain installation lacks: the SLURM launcher runs from a "
+                f"source checkout (clone the repository and `pip install -e .` in it); --launch print or local work "
+                f"without it")
+
+
 def sbatch_script(runs: list[SweepRun], out: Path, nproc_per_node: Optional[int]) -> str:
     """launch/sweep.sbatch with this sweep's array range, configs and working directory filled in."""
     from umtrain.checkpoint import REQUEUE_EXIT_CODE
@@ -210,23 +226,41 @@ def launch_local(out: Path, nproc_per_node: Optional[int]) -> int:
     return int(any(exit_codes.values()))
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1)
+
+
+def signal_for_the_run(signum: int) -> int:
+    """What a stop signal to the sweep becomes for its run: SIGINT (Ctrl-C) is an abort to training, with no
+    checkpoint, and SIGHUP (the terminal closed) would not reach a run in its own process group, so both go on as
+    SIGTERM (checkpoint and exit); SIGTERM and SIGUSR1 go on as they are."""
+    return signal.SIGTERM if signum in (signal.SIGINT, signal.SIGHUP) else signum
+
+
+def exit_code_of(returncode: int) -> int:
+    """A shell's exit code: Popen's -N for a process killed by signal N is 128 + N."""
+    return 128 - returncode if returncode < 0 else returncode
 
 
 def run_training(command: list[str], log) -> tuple[int, bool]:
     """One run's training process, with the stop signals this process gets passed on to it (it checkpoints and
-    exits; without this a killed sweep would leave it training, and a re-run would train the same run twice).
+    exits; without this a killed sweep would leave it training, and a re-run would train the same run twice). It
+    runs in its own process group, so that a terminal's Ctrl-C reaches it only through the sweep, as a SIGTERM.
     Returns its exit code and whether a stop signal came."""
-    child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=this_umtrain_env())
     received: list[int] = []
+    child: Optional[subprocess.Popen] = None
 
     def pass_on(signum, frame) -> None:
         received.append(signum)
-        child.send_signal(signum)
+        if child is not None:
+            child.send_signal(signal_for_the_run(signum))
 
     previous = {sig: signal.signal(sig, pass_on) for sig in STOP_SIGNALS}
     try:
-        return child.wait(), bool(received)
+        child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=this_umtrain_env(),
+                                 process_group=0)
+        if received:   # it came while the child was being started
+            child.send_signal(signal_for_the_run(received[-1]))
+        return exit_code_of(child.wait()), bool(received)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)

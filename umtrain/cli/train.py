@@ -1,4 +1,4 @@
-"""`umtrain train`: validate the config, launch the processes (or join torchrun's), train."""
+"""`umtrain train`: validate the config, launch the processes (or join torchrun's or an srun step's), train."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 
 from umtrain.cli.main import positive_int
 from umtrain.config import dump_config, load_config
+from umtrain.parallel.launch_env import join_srun_step
 
 
 def register(subparsers) -> None:
@@ -22,12 +23,15 @@ def register(subparsers) -> None:
 
 
 def world_size_from(args) -> int:
+    """The processes of the job this one joins (torchrun's or an srun step's, see `join_srun_step`), or the ones
+    --nproc-per-node will start."""
     if "WORLD_SIZE" in os.environ:
         return int(os.environ["WORLD_SIZE"])
     return args.nproc_per_node or 1
 
 
 def run(args) -> int:
+    join_srun_step(args.nproc_per_node)
     if args.resume:
         args.overrides = [*args.overrides, f"checkpoint.load={json.dumps(args.resume)}"]   # a quoted YAML string
     config = load_config(args.config, args.overrides, world_size=world_size_from(args))

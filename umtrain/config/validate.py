@@ -124,7 +124,7 @@ def _validate_world(config: Config, world_size: int) -> None:
     if world_size % (tp * pp):
         raise ConfigError("parallel", f"world size {world_size} is not divisible by TP x PP = {tp} x {pp} (start "
                                       f"a multiple of {tp * pp} processes: `umtrain train --nproc-per-node N`, "
-                                      f"torchrun or SLURM)")
+                                      f"torchrun, or `srun -n N umtrain train`)")
     dp = data_parallel_size(config, world_size)
     ep = p.expert_model_parallel_size
     if p.memory_parallel_group == "tensor_data":

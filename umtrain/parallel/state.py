@@ -46,7 +46,8 @@ def backend_for(config: Config) -> str:
 
 
 def initialize_distributed(config: Config) -> Layout:
-    """Init torch.distributed (env:// from torchrun, or a 1-process group) and Megatron's parallel state."""
+    """Init torch.distributed (env:// from torchrun or an srun step, see `launch_env`; or a 1-process group) and
+    Megatron's parallel state."""
     cpu_compat.apply()
     if not torch.distributed.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
