@@ -209,6 +209,8 @@ class Checkpointer:
         load_optimizer = not fresh_optimizer and "optimizer" in contents
         if load_optimizer:
             check_optimizer_format(common, trainer.config, path)
+            if is_rank0():
+                warn_if_optimizer_state_may_be_shifted(common, path)
         load_rng = "rng" in contents and same_layout(common["layout"], trainer)
         if is_rank0():
             if not fresh_optimizer and not load_optimizer:
@@ -246,6 +248,23 @@ def check_optimizer_format(common: dict, config: Config, path: Path) -> None:
                           f"{str(current).lower()}; the two store the optimizer state in different formats. Set "
                           f"it back, or start a new run (new checkpoint.save) from its weights with a fresh "
                           f"optimizer: --resume {path} checkpoint.no_load_optim=true")
+
+
+def warn_if_optimizer_state_may_be_shifted(common: dict, path: Path) -> None:
+    """Before format 3, a distributed optimizer whose gradient buffers had several buckets (the shared embedding of
+    a pipeline-parallel run with tied embeddings; `overlap_grad_reduce` buckets of a large model) saved the state
+    of the parameters after a padded bucket shifted (`state.bucket_padding_kept`)."""
+    saved = common["config"]
+    parallel, model = saved.get("parallel") or {}, saved.get("model") or {}
+    several_buckets = ((parallel.get("pipeline_model_parallel_size", 1) > 1
+                        and not model.get("untie_embeddings_and_output_weights", False))
+                       or parallel.get("overlap_grad_reduce", False))
+    if common.get("format_version", 1) < 3 and parallel.get("use_distributed_optimizer", True) and several_buckets:
+        logger.warning("%s was saved by an older umtrain whose distributed-optimizer state may be shifted for some "
+                       "parameters (pipeline parallelism with tied embeddings, or overlap_grad_reduce: the state "
+                       "after a padded gradient bucket was saved misaligned); if the loss jumps after this resume, "
+                       "start a new run (new checkpoint.save) from its weights with a fresh optimizer: --resume %s "
+                       "checkpoint.no_load_optim=true", path, path)
 
 
 def warn_if_data_order_changed(trainer, source: ResumeSource) -> None:

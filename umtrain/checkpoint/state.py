@@ -26,8 +26,10 @@ from umtrain.config import Config
 from umtrain.config.base import to_dict
 from umtrain.data.datasets import is_number, next_samples_fingerprint
 
-FORMAT_VERSION = 2
-"""2: MoE experts are expert-parallel parameters at every expert-parallel size (their own chained optimizer)."""
+FORMAT_VERSION = 3
+"""2: MoE experts are expert-parallel parameters at every expert-parallel size (their own chained optimizer).
+3: the distributed optimizer's state is saved unshifted where a gradient buffer has several buckets
+(`bucket_padding_kept`)."""
 FULL_CONTENTS = ("model", "model_extra_state", "optimizer", "rng")
 """What a training checkpoint holds; a converted one holds only the model's tensors ("model")."""
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
@@ -105,9 +107,48 @@ def load_optimizer_state(optimizer, loaded: Any) -> None:
 
 
 def optimizer_sharded_state_dict(trainer, model_state: dict[str, Any], is_loading: bool) -> Any:
-    with parameterless_optimizers_stated(trainer.optimizer):
+    with parameterless_optimizers_stated(trainer.optimizer), bucket_padding_kept(trainer.optimizer):
         return trainer.optimizer.sharded_state_dict(model_state, is_loading=is_loading,
                                                     metadata=dict(OPTIMIZER_METADATA))
+
+
+@contextlib.contextmanager
+def bucket_padding_kept(optimizer) -> Iterator[None]:
+    """Megatron-Core 0.16.1 saves the `fully_reshardable` format from `get_parameter_state_dp_zero`, which packs a
+    buffer's buckets back to back without the padding at each bucket's end, and then slices it at
+    `param_index_map` positions, which count that padding (its issue #504). Every parameter after a padded bucket
+    was saved shifted (the shared embedding under the interleaved pipeline has a bucket of its own; so do the
+    buckets of `overlap_grad_reduce`), with zeros at the end, and a resume trained on from a corrupted optimizer
+    state. While the state dict is built, the gathered tensors are laid out as the buffer is."""
+    inners = distributed_optimizers(optimizer)
+    for inner in inners:
+        inner.get_parameter_state_dp_zero = functools.partial(_parameter_state_in_buffer_layout, inner)
+    try:
+        yield
+    finally:
+        for inner in inners:
+            del inner.get_parameter_state_dp_zero
+
+
+def _parameter_state_in_buffer_layout(inner: DistributedOptimizer, **kwargs) -> Optional[dict]:
+    state = type(inner).get_parameter_state_dp_zero(inner, **kwargs)
+    if state is None:
+        return None
+    for gbuf_idx, buffer in enumerate(inner.buffers):
+        for world_tensors in state[gbuf_idx].values():
+            for key in ("param", "exp_avg", "exp_avg_sq"):
+                world_tensors[key] = _with_bucket_padding(world_tensors[key], buffer)
+    return state
+
+
+def _with_bucket_padding(packed: torch.Tensor, buffer) -> torch.Tensor:
+    """Each bucket's unpadded elements moved from their packed position to the bucket's offset in the buffer."""
+    laid_out = packed.new_zeros(buffer.numel)
+    start = 0
+    for bucket in buffer.buckets:
+        laid_out[bucket.offset:bucket.offset + bucket.numel_unpadded] = packed[start:start + bucket.numel_unpadded]
+        start += bucket.numel_unpadded
+    return laid_out
 
 
 @contextlib.contextmanager
