@@ -51,6 +51,22 @@ def test_a_bad_key_or_value_is_named_before_anything_is_written(base_yaml, tmp_p
     assert not out.exists()
 
 
+@pytest.mark.parametrize("args, words", [
+    (["--grid", "optimizer.lr=[1e-3,3e-4]", "optimizer={lr: 1e-2}"],
+     "optimizer.lr: is both swept and fixed by an override (optimizer.lr and optimizer (whose value sets "
+     "optimizer.lr) overlap)"),
+    (["--grid", "optimizer=[{lr: 1e-3},{lr: 3e-4}]", "--grid", "optimizer.lr=[1e-2,1e-1]"],
+     "optimizer.lr: is swept twice"),
+    (["--grid", "optimizer.lr=[1e-3,3e-4]", "checkpoint={save: /tmp/x}"],
+     "checkpoint: sets checkpoint.save, which is set per run by the sweep"),
+])
+def test_a_section_mapping_overlapping_a_swept_key_is_refused(base_yaml, tmp_path, capsys, args, words):
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--config", str(base_yaml), *args, "--out", str(out)]) == 2
+    assert words in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_files_and_idempotent_rerun(base_yaml, tmp_path, capsys):
     out = tmp_path / "sweep"
     assert sweep(base_yaml, out, "training.eval_iters=2") == 0

@@ -93,3 +93,40 @@ def test_number_like_strings_survive_a_dump_and_reload():
     assert config_from_dict(parse_yaml(text), check_files=False) == config
     assert yaml.safe_load(text)["run_name"] == "1e3"                   # plain PyYAML (YAML 1.1) reads it the same
     assert yaml.safe_load(text)["logging"]["wandb_project"] == "1:30"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("run_name=1.10", "run_name"),
+    ("checkpoint.save=2.50", "checkpoint.save"),                     # Optional[str]
+    ("logging.wandb_project=1e3", "logging.wandb_project"),
+    ("data.tokenizer_model=[0.5]", "data.tokenizer_model"),
+    ("model.normalization=1.5", "model.normalization"),             # Literal of strings
+])
+def test_an_unquoted_float_for_a_string_is_refused_not_rewritten(override, key):
+    """str(1.1) is '1.1', not the '1.10' written: `run_name=1.10` and `run_name=1.1` would share a checkpoint dir."""
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["data.mock=true", override], check_files=False)
+    assert err.value.key == key
+
+
+def test_an_unquoted_float_in_a_yaml_file_names_the_key_and_says_to_quote_it(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("run_name: 1e3\ndata: {mock: true}\n")
+    with pytest.raises(ConfigError, match=r"run_name: must be a string, got the number 1000\.0: .*quote it"):
+        load_config(path, check_files=False)
+    path.write_text("run_name: '1e3'\ndata: {mock: true}\n")
+    assert load_config(path, check_files=False).run_name == "1e3"
+
+
+def test_blend_weights_may_be_yaml_numbers():
+    """A blend's weight is a number whatever its spelling (Megatron parses it): `[0.3, a, 0.7, b]` as written in YAML."""
+    config = load_config(None, ["data.data_path=[0.3, a, 7, b]", "data.valid_data_path=[1e-1, c]",
+                                "data.tokenizer_model=t.model"], check_files=False)
+    assert config.data.data_path == ["0.3", "a", "7", "b"] and config.data.valid_data_path == ["0.1", "c"]
+
+
+def test_integers_for_strings_are_kept_and_booleans_refused():
+    config = load_config(None, ["data.mock=true", "run_name=10", "training.exit_signal=10"], check_files=False)
+    assert (config.run_name, config.training.exit_signal) == ("10", "10")
+    with pytest.raises(ConfigError, match="run_name: must be a string, got True"):
+        load_config(None, ["data.mock=true", "run_name=true"], check_files=False)

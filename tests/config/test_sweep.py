@@ -144,6 +144,36 @@ def test_axis_conflicts_are_refused():
         check_axes([], [])
 
 
+@pytest.mark.parametrize("axes, fixed, key, words", [
+    (["model.memory=[{topk: 16},{topk: 32}]", "model.memory.topk=[4,8]"], [], "model.memory.topk",
+     "is swept twice (model.memory.topk and model.memory (whose value sets model.memory.topk) overlap)"),
+    (["model.memory.topk=[4,8]", "model=[{memory: {topk: 16}}]"], [], "model",
+     "is swept twice (model (whose value sets model.memory.topk) and model.memory.topk overlap)"),
+    (["model.memory=[null, {topk: 16}]", "model.memory.value_dim=[32,64]"], [], "model.memory.value_dim",
+     "is swept twice (model.memory.value_dim and model.memory overlap)"),
+    (["optimizer.lr=[1e-3,3e-4]"], ["optimizer={lr: 1e-2}"], "optimizer.lr",
+     "is both swept and fixed by an override (optimizer.lr and optimizer (whose value sets optimizer.lr) overlap)"),
+    (["optimizer=[{lr: 1e-3},{lr: 3e-4}]"], ["optimizer.lr=1e-2"], "optimizer", "is both swept and fixed"),
+    (["optimizer.lr=[1e-3,3e-4]"], ["checkpoint={save: /tmp/x}"], "checkpoint",
+     "sets checkpoint.save, which is set per run by the sweep (under --out); it cannot be overridden"),
+    (["checkpoint=[{save: a},{save: b}]"], [], "checkpoint",
+     "sets checkpoint.save, which is set per run by the sweep (under --out); it cannot be swept"),
+    (["logging=[{tensorboard_dir: a},{wandb_project: p}]"], [], "logging", "sets logging.tensorboard_dir"),
+])
+def test_a_mapping_value_conflicts_with_the_sub_keys_it_sets(axes, fixed, key, words):
+    """The dotted forms are refused; a section mapping setting the same leaf is the same conflict (it used to pass,
+    and a run named `memory-topk-16_topk4` trained topk 4, or a fixed value was dropped)."""
+    with pytest.raises(ConfigError) as err:
+        check_axes([parse_axis(text) for text in axes[:1]], parse_zip(axes[1:]), fixed)
+    assert err.value.key == key and words in str(err.value)
+
+
+def test_a_mapping_value_leaves_the_sections_other_keys_free():
+    check_axes([parse_axis("model.memory=[{topk: 16},{topk: 32}]"), parse_axis("model.memory.value_dim=[32,64]")],
+               [], ["optimizer={min_lr: 1e-5}", "checkpoint={save_interval: 5}", "model.memory={num_heads: 2}"])
+    check_axes([parse_axis("optimizer.lr=[1e-3,3e-4]")], [], ["optimizer={}", "optimizer.min_lr=0"])
+
+
 def test_each_run_is_the_base_config_with_its_overrides(base_yaml, tmp_path):
     out = tmp_path / "sweep"
     zipped = parse_zip(["model.memory.value_dim=[32,64]", "model.memory.softmax=[false,true]"])

@@ -133,15 +133,33 @@ def _coerce_float(value: Any, key: str) -> float:
 
 
 def _coerce_str(value: Any, key: str) -> str:
-    """Strings, and numbers written where a string is meant (a signal number, a split)."""
+    """Strings, and integers written where a string is meant (a signal number `10`, a run name `7`). A float is
+    refused: YAML has already rewritten it (`1.10` -> 1.1, `1e3` -> 1000.0), so its text would not be the one
+    written, and distinct names could collide."""
+    if isinstance(value, float):
+        raise ConfigError(key, f"must be a string, got the number {value!r}: YAML reads an unquoted number as one "
+                               f"(1.10 as 1.1, 1e3 as 1000.0); quote it to keep it as written, e.g. '1.10' (in a "
+                               f"shell override: \"'1.10'\")")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
     if not isinstance(value, str):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
         raise ConfigError(key, f"must be a string, got {value!r}")
     return value
 
 
-_SCALARS = {bool: _coerce_bool, int: _coerce_int, float: _coerce_float, str: _coerce_str}
+class BlendEntry(str):
+    """The type of a Megatron blend's items (`data.data_path`): a weight or a path prefix. A weight may be written as
+    a YAML number (`[0.3, corpus/a, 0.7, corpus/b]`): its exact text does not matter, its value does."""
+
+
+def _coerce_blend_entry(value: Any, key: str) -> str:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return _coerce_str(value, key)
+
+
+_SCALARS = {bool: _coerce_bool, int: _coerce_int, float: _coerce_float, str: _coerce_str,
+            BlendEntry: _coerce_blend_entry}
 
 
 def build(cls, data: dict | None, prefix: str = ""):

@@ -12,7 +12,7 @@ import signal
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, List, Literal, Optional
 
-from umtrain.config.base import ConfigError
+from umtrain.config.base import BlendEntry, ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -401,11 +401,12 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    data_path: List[str] = field(default_factory=list)
-    """Megatron blend: ['0.7', 'prefix_a', '0.3', 'prefix_b'] or a single prefix (without .bin/.idx)."""
+    data_path: List[BlendEntry] = field(default_factory=list)
+    """Megatron blend: [0.7, prefix_a, 0.3, prefix_b] (weights as numbers or strings) or a single prefix (without
+    .bin/.idx)."""
     split: str = "969,30,1"
     """Train/validation/test weights of each dataset, as Megatron's '969,30,1'."""
-    valid_data_path: Optional[List[str]] = None
+    valid_data_path: Optional[List[BlendEntry]] = None
     """A separate validation blend (e.g. C4 validation); overrides the split's validation part."""
     seq_length: int = 128
     """Tokens per sample."""

@@ -100,22 +100,79 @@ def parse_zip(texts: Iterable[str]) -> list[ZipGroup]:
     return [ZipGroup(label, tuple(axes)) for label, axes in groups.items()]
 
 
+@dataclass(frozen=True)
+class Setting:
+    """One dotted leaf key that a swept key or a fixed override sets: the key itself, or a key inside its mapping
+    value (a mapping merges into the section, so `model.memory={topk: 16}` sets `model.memory.topk` only)."""
+
+    key: str
+    leaf: str
+
+    def describe(self) -> str:
+        return self.key if self.leaf == self.key else f"{self.key} (whose value sets {self.leaf})"
+
+    def overlaps(self, other: Setting) -> bool:
+        """One leaf is the other or a section holding it (`model.memory` set to null and `model.memory.topk`)."""
+        short, long = sorted((self.leaf, other.leaf), key=len)
+        return long == short or long.startswith(short + ".")
+
+
+def leaf_keys(key: str, value: Any) -> list[str]:
+    """The dotted keys setting `key` to `value` changes: a mapping's leaves (recursively), else `key` itself."""
+    if not isinstance(value, dict):
+        return [key]
+    return [leaf for name, item in value.items() for leaf in leaf_keys(f"{key}.{name}", item)]
+
+
+def axis_settings(axis: Axis) -> list[Setting]:
+    leaves = dict.fromkeys(leaf for value in axis.values for leaf in leaf_keys(axis.key, value))
+    return [Setting(axis.key, leaf) for leaf in leaves]
+
+
+def override_settings(text: str) -> list[Setting]:
+    """The leaves of a fixed `key=value` override; one that does not parse is named later by `apply_overrides`."""
+    key, _, raw = (part.strip() for part in text.partition("="))
+    try:
+        value = parse_yaml(raw)
+    except yaml.YAMLError:
+        value = None
+    return [Setting(key, leaf) for leaf in leaf_keys(key, value)]
+
+
+OWNED_SETTINGS = [Setting(key, key) for key in SWEEP_OWNED_KEYS]
+
+
+def first_overlap(settings: list[Setting], others: list[Setting]) -> Optional[tuple[Setting, Setting]]:
+    return next(((a, b) for a in settings for b in others if a.overlaps(b)), None)
+
+
+def conflict(message: str, a: Setting, b: Setting) -> str:
+    """`message`, with the two settings named unless they are the same plain key."""
+    return message if a == b and a.leaf == a.key else f"{message} ({a.describe()} and {b.describe()} overlap)"
+
+
+def owned_conflict(setting: Setting, owned: Setting, verb: str) -> ConfigError:
+    subject = "is" if setting == owned else f"sets {owned.key}, which is"
+    return ConfigError(setting.key, f"{subject} set per run by the sweep (under --out); it cannot be {verb}")
+
+
 def check_axes(grid: list[Axis], zip_groups: list[ZipGroup], fixed_overrides: Iterable[str] = ()) -> None:
     """Each key swept once, not also fixed, not a key the sweep sets itself; the axes of a zip group of equal
-    length."""
-    fixed = {text.split("=", 1)[0].strip() for text in fixed_overrides}
-    seen: set[str] = set()
+    length. Keys are compared by the leaves they set, so that a swept or fixed section mapping
+    (`model.memory=[{topk: 16}]`, `optimizer={lr: 1e-2}`) conflicts with the sub-keys it sets."""
+    fixed = [setting for text in fixed_overrides for setting in override_settings(text)]
+    swept: list[Setting] = []
     for axis in [*grid, *(axis for group in zip_groups for axis in group.axes)]:
-        if axis.key in seen:
-            raise ConfigError(axis.key, "is swept twice")
-        if axis.key in fixed:
-            raise ConfigError(axis.key, "is both swept and fixed by an override")
-        if axis.key in SWEEP_OWNED_KEYS:
-            raise ConfigError(axis.key, "is set per run by the sweep (under --out); it cannot be swept")
-        seen.add(axis.key)
-    owned = sorted(fixed & set(SWEEP_OWNED_KEYS))
-    if owned:
-        raise ConfigError(owned[0], "is set per run by the sweep (under --out); it cannot be overridden")
+        settings = axis_settings(axis)
+        if overlap := first_overlap(settings, swept):
+            raise ConfigError(axis.key, conflict("is swept twice", *overlap))
+        if overlap := first_overlap(settings, fixed):
+            raise ConfigError(axis.key, conflict("is both swept and fixed by an override", *overlap))
+        if overlap := first_overlap(settings, OWNED_SETTINGS):
+            raise owned_conflict(*overlap, "swept")
+        swept += settings
+    if overlap := first_overlap(fixed, OWNED_SETTINGS):
+        raise owned_conflict(*overlap, "overridden")
     for group in zip_groups:
         if len({len(axis.values) for axis in group.axes}) > 1:
             described = ", ".join(f"{axis.key} has {len(axis.values)}" for axis in group.axes)
