@@ -236,3 +236,22 @@ def test_a_moved_portable_keeps_its_tokenizer_through_megatron_and_hf(demo_datas
     hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert hf_config["eos_token_id"] == hf_config["bos_token_id"] == eod
     assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == original
+
+
+def test_training_from_a_portable_or_hf_checkpoint_names_the_conversion(tmp_path, monkeypatch, capsys):
+    """`--resume` of a converted checkpoint said only "no valid checkpoint"."""
+    from tests.distributed import tiny_config
+    from umtrain.parallel.comm import free_port
+
+    portable, _ = portable_checkpoint(tmp_path / "portable")
+    assert main(["convert", str(portable), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_config(training={"train_iters": 1})))
+    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "RANK": "0",
+                       "WORLD_SIZE": "1"}.items():
+        monkeypatch.setenv(key, value)
+    for source, name in ((portable, "a portable"), (tmp_path / "hf", "a Hugging Face")):
+        capsys.readouterr()
+        assert main(["train", "--config", str(path), "--resume", str(source)]) == 2
+        assert (f"checkpoint.load: no valid checkpoint in {source} ({source} is {name} checkpoint: `umtrain convert "
+                f"{source} OUT --to megatron`") in capsys.readouterr().err

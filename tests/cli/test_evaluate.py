@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -210,3 +211,24 @@ def test_explicit_config_is_used_and_nothing_is_saved_or_logged(trained, tmp_pat
     c = resolved.checkpoint
     assert (c.load, c.no_load_optim, c.save, c.save_interval, c.async_save) == (str(checkpoint), True, None, 0, False)
     assert resolved.logging.tensorboard_dir is None and resolved.logging.wandb_project is None
+
+
+def test_a_corrupted_checkpoint_is_named_before_any_of_it_is_read(trained, tmp_path, one_process, capsys):
+    """The evaluator read the checkpoint's common state (its sample budget) before verifying it: a flipped byte in
+    common.pt came out of torch's unpickler as a traceback."""
+    corrupted = tmp_path / "iter_0000003"
+    shutil.copytree(trained / "iter_0000003", corrupted)
+    common = bytearray((corrupted / "common.pt").read_bytes())
+    common[100] ^= 0xFF
+    (corrupted / "common.pt").write_bytes(bytes(common))
+    assert main(["evaluate", "--checkpoint", str(corrupted)]) == 2
+    err = capsys.readouterr().err
+    assert "configuration error: --checkpoint: " in err and "common.pt fails its CRC-32 check" in err
+
+
+def test_a_portable_checkpoint_is_named_with_the_conversion_to_run(trained, tmp_path, capsys):
+    from umtrain.checkpoint.convert import megatron_to_portable_dir
+
+    portable = megatron_to_portable_dir(trained, tmp_path / "portable")
+    assert main(["evaluate", "--checkpoint", str(portable)]) == 2
+    assert f"is a portable checkpoint: `umtrain convert {portable} OUT --to megatron`" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQu
 
 from umtrain.checkpoint import manager
 from umtrain.checkpoint.compat import check_model_shape
+from umtrain.checkpoint.convert import conversion_hint
 from umtrain.checkpoint.state import (
     FULL_CONTENTS,
     load_state_dict_template,
@@ -60,6 +61,7 @@ class Checkpointer:
         self.written: set[int] = set()
         self.async_queue = AsyncCallsQueue() if c.async_save and self.enabled else None
         self._resume_source: Optional[ResumeSource] | object = _UNRESOLVED
+        self._weights_source: Optional[ResumeSource] = None
 
     # ----------------------------------------------------------------------------------------- save
     def should_save(self, iteration: int) -> bool:
@@ -158,13 +160,19 @@ class Checkpointer:
         warn_if_data_order_changed(trainer, source)
         return True
 
+    def weights_source(self) -> ResumeSource:
+        """`checkpoint.load`, resolved and verified (checksums) once, as for a resume (collective)."""
+        if self._weights_source is None:
+            start = self._start_checkpoint()
+            if start is None:
+                raise ConfigError("checkpoint.load", "is unset: there are no weights to load")
+            self._weights_source = ResumeSource.of(start.path, own=False)
+        return self._weights_source
+
     def load_weights(self, runner) -> None:
         """`checkpoint.load`'s weights, iteration and history into `runner`, a `ModelRunner` without an optimizer
-        (evaluation). The checkpoint is verified as for a resume."""
-        start = self._start_checkpoint()
-        if start is None:
-            raise ConfigError("checkpoint.load", "is unset: there are no weights to load")
-        self._load(runner, ResumeSource.of(start.path, own=False), fresh_optimizer=True)
+        (evaluation)."""
+        self._load(runner, self.weights_source(), fresh_optimizer=True)
 
     def _start_checkpoint(self) -> Optional[manager.Checkpoint]:
         """`checkpoint.load`, where a run without checkpoints of its own starts (pretrained weights, another run)."""
@@ -175,7 +183,7 @@ class Checkpointer:
             raise ConfigError("checkpoint.load", f"{load} does not exist")
         checkpoint, _ = self._resolve(load, "checkpoint.load")
         if checkpoint is None:
-            raise ConfigError("checkpoint.load", f"no valid checkpoint in {load}")
+            raise ConfigError("checkpoint.load", f"no valid checkpoint in {load}{conversion_hint(load)}")
         return checkpoint
 
     def _own_checkpoint(self) -> Optional[manager.Checkpoint]:

@@ -47,6 +47,16 @@ def form_of(path: Path) -> str:
     return "portable" if is_portable(path) else "hf" if is_hf(path) else "megatron"
 
 
+def conversion_hint(path: Path) -> str:
+    """For an error about a directory that holds no Megatron checkpoint: how to train or evaluate from it when it is
+    a portable or Hugging Face one ("" otherwise)."""
+    form = form_of(path)
+    if form == "megatron":
+        return ""
+    name = "a portable" if form == "portable" else "a Hugging Face"
+    return f" ({path} is {name} checkpoint: `umtrain convert {path} OUT --to megatron` makes one to load)"
+
+
 def resolve_megatron(path: Path) -> Path:
     """A checkpoint directory as is; a checkpoint root -> the checkpoint `resume` would choose."""
     checkpoint, warnings = manager.resolve_resume(path)

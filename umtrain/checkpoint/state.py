@@ -155,21 +155,45 @@ def _with_bucket_padding(packed: torch.Tensor, buffer) -> torch.Tensor:
 def parameterless_optimizers_stated(optimizer) -> Iterator[None]:
     """A pipeline stage without memory layers holds a memory-table optimizer without parameters, and without TE or
     apex Megatron's `DistributedOptimizer.state_dict` asserts on it (it takes `step` from the parameters' states,
-    and there are none). While a checkpoint is saved or loaded, such an optimizer states its param groups at step 0."""
+    and there are none). While a checkpoint is saved or loaded, such an optimizer states its param groups at the
+    step of the chain's other optimizers: only global rank 0 writes the optimizers' common state, and when its stage
+    is the one without memory layers, that step is what the stages with them load (Megatron requires every
+    optimizer of a chain to be at the same step)."""
     empty = [inner for inner in distributed_optimizers(optimizer)
              if not any(group["params"] for group in inner.optimizer.param_groups)]
+    step = chain_step(optimizer)
     for inner in empty:
-        inner.state_dict = functools.partial(_state_dict_without_parameters, inner)
+        inner.state_dict = functools.partial(_state_dict_without_parameters, inner, step)
+        inner.sharded_state_dict = functools.partial(_sharded_state_dict_without_parameters, inner)
     try:
         yield
     finally:
         for inner in empty:
-            del inner.state_dict
+            del inner.state_dict, inner.sharded_state_dict
 
 
-def _state_dict_without_parameters(inner: DistributedOptimizer) -> dict[str, Any]:
+def _sharded_state_dict_without_parameters(inner: DistributedOptimizer, *args, **kwargs) -> dict[str, Any]:
+    """Without its empty `param_state`, which the stages with parameters do not have in their common state either
+    (all of theirs is sharded), so that Megatron's check that every rank's common state equals rank 0's holds."""
+    state = type(inner).sharded_state_dict(inner, *args, **kwargs)
+    if not state.get("param_state"):
+        state.pop("param_state", None)
+    return state
+
+
+def chain_step(optimizer) -> float:
+    """The optimizer steps taken, from the Adam state of any parameter of the chain (0 before the first step)."""
+    for inner in optimizer.chained_optimizers:
+        for state in inner.optimizer.state.values():
+            if "step" in state:
+                return float(state["step"])
+    return 0.0
+
+
+def _state_dict_without_parameters(inner: DistributedOptimizer, step: float) -> dict[str, Any]:
     torch_state = inner.optimizer.state_dict()
-    groups = [{**{k: v for k, v in group.items() if k != "params"}, "step": 0} for group in torch_state["param_groups"]]
+    groups = [{**{k: v for k, v in group.items() if k != "params"}, "step": step}
+              for group in torch_state["param_groups"]]
     return {"optimizer": {"param_groups": groups}}
 
 

@@ -48,6 +48,10 @@ def run(args) -> int:
         result = evaluate_checkpoint(config, args.split)
         if is_rank0():
             report(result, args.json)
+    except ConfigError as err:
+        if err.key != "checkpoint.load":
+            raise
+        raise ConfigError("--checkpoint", str(err).removeprefix(f"{err.key}: ")) from None   # the user's name for it
     finally:
         destroy()
     return 0

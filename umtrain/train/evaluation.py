@@ -40,6 +40,7 @@ def checkpoint_to_evaluate(path: str) -> Path:
     there is no `latest`). Checked by file sizes here (no data is read); the load verifies the checksums. A `latest`
     that fails is an error, not a fall back to an older checkpoint: an evaluation reports on the one asked for."""
     from umtrain.checkpoint import manager   # imports Megatron: kept out of the CLI's start-up
+    from umtrain.checkpoint.convert import conversion_hint
 
     given = Path(path)
     if not given.exists():
@@ -50,7 +51,7 @@ def checkpoint_to_evaluate(path: str) -> Path:
         checkpoint = manager.read_latest(given) or (published[-1].path if published else None)
         if checkpoint is None:
             raise ConfigError("--checkpoint", f"{given} holds no checkpoint (neither {manager.LATEST} nor an iter_N "
-                                              f"directory)")
+                                              f"directory){conversion_hint(given)}")
     error = manager.verification_error(checkpoint, checksums=False)
     if error is not None:
         raise ConfigError("--checkpoint", f"{error}; to evaluate another checkpoint, name its iter_N directory")
@@ -113,13 +114,12 @@ def evaluate_checkpoint(config: Config, split: str) -> Evaluation:
     """Build the model under this process group's layout (no gradient buffers, no optimizer), load
     `checkpoint.load`'s weights into it, evaluate `training.eval_iters` global batches of `split` in eval mode (no
     dropout). Collective; every rank returns the same result. The caller tears the process group down."""
-    from umtrain.checkpoint import Checkpointer
     from umtrain.checkpoint.state import layout_of
     from umtrain.parallel.memory_tables import check_table_overflow
     from umtrain.train.runner import CheckpointRunner
 
     runner = CheckpointRunner(config)
-    Checkpointer(config).load_weights(runner)
+    runner.load_weights()
     batches = runner.valid_batches if split == "valid" else runner.batches_of(runner.datasets[2])
     loss = runner.evaluate(batches)
     check_table_overflow(runner.memory_layers)   # a fixed-capacity lookup that overflowed gave wrong outputs

@@ -8,10 +8,11 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-from megatron.core import dist_checkpointing, parallel_state
+from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
+from umtrain.checkpoint import Checkpointer
 from umtrain.config import Config
 from umtrain.model.build import build_model_chunks, unwrap
 from umtrain.model.gpt import padded_vocab_size, transformer_config
@@ -154,8 +155,16 @@ class ModelRunner:
 
 class CheckpointRunner(ModelRunner):
     """The runner of `checkpoint.load`'s weights (evaluation): its training split is built for the sample budget
-    the checkpoint's run built it for, whose index is in the cache (another size would build, and write, another)."""
+    the checkpoint's run built it for, whose index is in the cache (another size would build, and write, another).
+    `load_weights()` loads them; the checkpoint is verified before anything of it is read."""
+
+    def __init__(self, config: Config):
+        self.checkpointer = Checkpointer(config)
+        super().__init__(config)
 
     def _training_samples(self) -> int:
-        common = dist_checkpointing.load_common_state_dict(self.config.checkpoint.load)
+        common = self.checkpointer.weights_source().common
         return common.get("train_samples") or super()._training_samples()
+
+    def load_weights(self) -> None:
+        self.checkpointer.load_weights(self)
