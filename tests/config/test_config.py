@@ -314,6 +314,17 @@ def test_dry_run_prints_resolved_config(capsys, tmp_path):
     assert printed["parallel"]["tensor_model_parallel_size"] == 1
 
 
+def test_dry_run_checks_the_layout_only_for_a_given_world_size(capsys, tmp_path):
+    """configs/demo.yaml (TP 2) failed `--dry-run` alone on world size 1, which nobody asked for."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"data": {"mock": True}, "parallel": {"tensor_model_parallel_size": 2}}))
+    assert main(["train", "--config", str(path), "--dry-run"]) == 0
+    assert "not checked against a world size" in capsys.readouterr().err
+    assert main(["train", "--config", str(path), "--dry-run", "--nproc-per-node", "2"]) == 0
+    assert main(["train", "--config", str(path), "--dry-run", "--nproc-per-node", "3"]) == 2
+    assert "world size 3 is not divisible" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("key, value", [("model.memory.aux_loss_coeff", -0.001), ("model.memory.aux_loss_tau", -0.1)])
 def test_negative_aux_loss_settings_name_their_own_key(key, value):
     raises_key(key, ULTRAMEM + [f"{key}={value}"], match=str(value))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from umtrain.cli.main import positive_int
 from umtrain.config import dump_config, load_config
@@ -18,7 +19,9 @@ def register(subparsers) -> None:
                    help="spawn this many local processes (torchrun --standalone); omit under torchrun/SLURM")
     p.add_argument("--resume", metavar="PATH", help="start from this checkpoint or checkpoint directory (sets "
                    "checkpoint.load; once checkpoint.save holds a checkpoint, the run continues from its latest)")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config and exit (the layout is checked for --nproc-per-node N processes, "
+                        "or for the launched job's; without either, not)")
     p.set_defaults(func=run)
 
 
@@ -34,9 +37,14 @@ def run(args) -> int:
     join_srun_step(args.nproc_per_node)
     if args.resume:
         args.overrides = [*args.overrides, f"checkpoint.load={json.dumps(args.resume)}"]   # a quoted YAML string
-    config = load_config(args.config, args.overrides, world_size=world_size_from(args))
+    world_size_given = bool(args.nproc_per_node) or "WORLD_SIZE" in os.environ
+    world_size = world_size_from(args) if world_size_given or not args.dry_run else None
+    config = load_config(args.config, args.overrides, world_size=world_size)
     if args.dry_run:
         print(dump_config(config), end="")
+        if world_size is None:
+            print("umtrain: the layout was not checked against a world size: pass --nproc-per-node N to check it "
+                  "for N processes", file=sys.stderr)
         return 0
     if args.nproc_per_node and args.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
         return launch_local(args)
