@@ -168,6 +168,7 @@ def fake_real_data(tmp_path: Path) -> list[str]:
     ("no_valid_part", "data.split: "),
     ("no_test_split", "data.valid_data_path: "),
     ("no_config", "--config: "),
+    ("json_dir", "--json: "),
 ])
 def test_bad_input_is_refused_before_launch(trained, tmp_path, monkeypatch, capsys, case, error):
     import umtrain.checkpoint.launch as launch
@@ -192,6 +193,8 @@ def test_bad_input_is_refused_before_launch(trained, tmp_path, monkeypatch, caps
         bare.mkdir()
         (bare / "umtrain_manifest.json").write_text(json.dumps({"iteration": 3, "files": {}}))
         checkpoint = str(bare)
+    elif case == "json_dir":
+        extra = ["--json", str(tmp_path)]
     assert main(["evaluate", "--checkpoint", checkpoint, "--nproc-per-node", "2", *extra]) == 2
     assert f"configuration error: {error}" in capsys.readouterr().err
 

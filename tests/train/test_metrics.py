@@ -22,6 +22,24 @@ def test_memory_health_line_groups_by_layer():
     assert text == "memory L2: hit 50% top1 1.250 std 0.100"
 
 
+def test_memory_health_layers_in_numeric_order():
+    values = {f"memory/layer{n}/value_hit_fraction": 0.5 for n in (2, 10, 4, 12)}
+    assert [part.split(":")[0].split()[-1] for part in format_memory_health(values).split("|")] == \
+        ["L2", "L4", "L10", "L12"]
+
+
+def test_mfu_peaks_of_pcie_and_nvl_cards_are_their_own(monkeypatch):
+    import torch
+
+    from umtrain.train.metrics import peak_flops_per_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for name, peak in (("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12),
+                       ("NVIDIA H800 PCIe", 756e12), ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA T4", None)):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda name=name: name)
+        assert peak_flops_per_device() == peak, name
+
+
 def test_training_flops_are_three_forwards():
     c = load_config(None, ["data.mock=true", "model.num_layers=2", "model.hidden_size=8", "data.seq_length=4"])
     assert training_flops_per_token(c, 100.0, vocab_size=10) == 3 * (100 + 2 * 8 * 10 + 2 * 2 * 4 * 8)
@@ -63,6 +81,17 @@ def test_a_resumed_run_continues_its_tensorboard_and_wandb_records(tmp_path, mon
     runs = sorted(p.name for p in Path(tmp_path, "wandb").rglob("offline-run-*"))
     run_id = wandb_resume(c)["id"]
     assert len(runs) == 2 and all(run_id in run for run in runs)           # two attempts of one run
+
+
+def test_a_run_restarted_before_its_first_checkpoint_logs_each_step_once(tmp_path):
+    """A crash before the first checkpoint: the restart starts at step 0 and logs steps 1.. again."""
+    c = load_config(None, ["data.mock=true", f"logging.tensorboard_dir={tmp_path}/tb"])
+    for attempt in range(2):
+        writer = MetricsWriter(c, enabled=True, start_step=0)
+        for step in range(1, 4 + 2 * attempt):
+            writer.scalars({"loss": float(step)}, step=step)
+        writer.close()
+    assert scalar_steps(tmp_path / "tb", "loss") == [1, 2, 3, 4, 5]
 
 
 def test_wandb_mode_from_the_environment_wins(tmp_path, monkeypatch):

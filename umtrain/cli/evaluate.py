@@ -38,6 +38,8 @@ def run(args) -> int:
     check_split_has_data(config, args.split)
     if args.json is not None and not Path(args.json).parent.is_dir():
         raise ConfigError("--json", f"the directory of {args.json} does not exist")
+    if args.json is not None and Path(args.json).is_dir():
+        raise ConfigError("--json", f"{args.json} is a directory; name the JSON file to write")
     if args.nproc_per_node and args.nproc_per_node > 1 and "LOCAL_RANK" not in os.environ:
         return launch_local(args, checkpoint)
     from umtrain.parallel.collectives import is_rank0

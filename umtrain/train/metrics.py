@@ -15,7 +15,10 @@ from umtrain.config.base import to_dict
 
 logger = logging.getLogger("umtrain")
 
-PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12}
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H800 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "H200": 989e12,
+                   "H800": 989e12, "A100": 312e12, "A800": 312e12, "L40S": 362e12}
+"""Dense bf16 peaks (NVIDIA's data sheets), the first key found in the device name counts: the PCIe and NVL
+cards, whose names also contain "H100", come before the SXM ones."""
 
 
 def peak_flops_per_device() -> Optional[float]:
@@ -43,9 +46,9 @@ def training_flops_per_token(config: Config, activated_flops_per_token: float, v
 class MetricsWriter:
     """Console (via the progress bar), tensorboard and wandb, on the logging rank only.
 
-    A resumed run (`start_step` > 0) continues the same records: tensorboard drops the events after `start_step`
-    that an earlier attempt wrote past its last checkpoint (a crash, a rollback), and wandb resumes the run of the
-    same `checkpoint.save`."""
+    A restarted run continues the same records: tensorboard drops the events after `start_step` that an earlier
+    attempt wrote past its last checkpoint (a crash, a rollback; from step 1 when it had none), and wandb resumes the
+    run of the same `checkpoint.save`."""
 
     def __init__(self, config: Config, enabled: bool, start_step: int = 0):
         self.enabled = enabled
@@ -57,7 +60,9 @@ class MetricsWriter:
         if log.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tensorboard = SummaryWriter(log_dir=log.tensorboard_dir, purge_step=start_step + 1 if start_step else None)
+            # Events past start_step are an earlier attempt's after its last checkpoint (or all of them, after a
+            # crash before the first): the run writes those steps again.
+            self.tensorboard = SummaryWriter(log_dir=log.tensorboard_dir, purge_step=start_step + 1)
             self.tensorboard.add_text("config", "```\n" + dump_config(config) + "\n```", global_step=start_step)
         mode = os.environ.get("WANDB_MODE", log.wandb_mode)
         if log.wandb_project and mode != "disabled":
@@ -111,5 +116,6 @@ def format_memory_health(values: dict[str, float]) -> str:
             _, layer, name = key.split("/", 2)
             layers.setdefault(layer, {})[name] = value
     parts = [f"L{layer[len('layer'):]}: hit {m.get('value_hit_fraction', 0):.0%} top1 {m.get('top1_score', 0):.3f} "
-             f"std {m.get('output_std', 0):.3f}" for layer, m in sorted(layers.items())]
+             f"std {m.get('output_std', 0):.3f}"
+             for layer, m in sorted(layers.items(), key=lambda item: int(item[0][len("layer"):]))]
     return ("memory " + " | ".join(parts)) if parts else ""
