@@ -161,3 +161,23 @@ def test_train_refuses_a_save_directory_in_use_and_touches_nothing(tmp_path, oth
     assert "checkpoint.save" in err and "is in use by another run (pid" in err
     assert (in_progress / "__0_0.distcp").read_bytes() == b"being written"
     assert sorted(p.name for p in save.iterdir()) == [".lock", "iter_0000005.tmp"]
+
+
+def test_a_lock_file_this_user_cannot_write_is_still_locked(tmp_path, monkeypatch):
+    """Another user's lock file left in a shared directory: opened read-only, which `flock` is content with."""
+    manager.claim(tmp_path / "run")
+    manager.release(tmp_path / "run")
+    real_open = manager.os.open
+
+    def no_write_access(path, flags, *args):
+        if flags & manager.os.O_RDWR:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(manager.os, "open", no_write_access)
+    manager.claim(tmp_path / "run")
+    monkeypatch.undo()
+    holder = subprocess.run([sys.executable, "-c", HOLD_LOCK, str(tmp_path / "run")], cwd=REPO, timeout=120,
+                            capture_output=True, text=True)
+    assert "DirectoryInUse" in holder.stderr
+    manager.release(tmp_path / "run")

@@ -31,3 +31,18 @@ def test_save_with_overlapped_param_gather_runs_the_deferred_tdqkr_refresh():
     assert not layer.tdqkr_refresh_pending
     assert torch.equal(layer.tdqkr_row_factor, expected.tdqkr_row_factor)
     assert torch.equal(layer.tdqkr_col_factor, expected.tdqkr_col_factor)
+
+
+def test_the_chain_step_is_read_where_adam_keeps_it():
+    """torch's AdamW keeps `step` per parameter, TE/apex FusedAdam in the param group: an empty memory-table
+    optimizer states the step of the others, read from either."""
+    from umtrain.checkpoint.state import chain_step
+
+    param = torch.nn.Parameter(torch.zeros(2))
+    empty = SimpleNamespace(optimizer=SimpleNamespace(param_groups=[{"params": []}], state={}))
+    per_param = SimpleNamespace(optimizer=SimpleNamespace(param_groups=[{"params": [param]}],
+                                                          state={param: {"step": torch.tensor(7.0)}}))
+    fused = SimpleNamespace(optimizer=SimpleNamespace(param_groups=[{"params": [param], "step": 5}], state={}))
+    assert chain_step(SimpleNamespace(chained_optimizers=[empty, per_param])) == 7.0
+    assert chain_step(SimpleNamespace(chained_optimizers=[empty, fused])) == 5.0
+    assert chain_step(SimpleNamespace(chained_optimizers=[empty])) == 0.0

@@ -336,3 +336,29 @@ def test_a_local_sweep_checks_the_layout_against_its_process_count(base_yaml, tm
     assert main(args) == 2
     assert "world size 1 is not divisible by TP x PP = 2 x 1" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_a_sweep_started_under_nohup_keeps_ignoring_hangups(tmp_path):
+    """`nohup umtrain sweep ...` must survive the logout: an ignored SIGHUP stays ignored while a run trains."""
+    ready = tmp_path / "child_ready"
+    seen: list = []
+    stop = threading.Event()
+
+    def look_then_stop() -> None:
+        while not stop.wait(0.01):
+            if ready.exists() and signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+                seen.append(signal.getsignal(signal.SIGHUP))
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    sender = threading.Thread(target=look_then_stop)
+    sender.start()
+    try:
+        with open(tmp_path / "train.log", "w") as log:
+            result = sweep_cli.run_training([sys.executable, "-c", TRAINING_LIKE_CHILD, str(ready)], log)
+    finally:
+        stop.set()
+        sender.join()
+        signal.signal(signal.SIGHUP, previous)
+    assert seen == [signal.SIG_IGN] and result == (42, True)

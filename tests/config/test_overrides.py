@@ -100,7 +100,7 @@ def test_number_like_strings_survive_a_dump_and_reload():
     ("checkpoint.save=2.50", "checkpoint.save"),                     # Optional[str]
     ("logging.wandb_project=1e3", "logging.wandb_project"),
     ("data.tokenizer_model=[0.5]", "data.tokenizer_model"),
-    ("model.normalization=1.5", "model.normalization"),             # Literal of strings
+    ("model.memory.placements=[1.5]", "model.memory.placements[0]"),   # List[str]
 ])
 def test_an_unquoted_float_for_a_string_is_refused_not_rewritten(override, key):
     """str(1.1) is '1.1', not the '1.10' written: `run_name=1.10` and `run_name=1.1` would share a checkpoint dir."""

@@ -178,3 +178,16 @@ def test_two_srun_tasks_form_one_tp2_world(tp2_yaml, tmp_path):
     assert common["iteration"] == 2
     assert (common["layout"]["world_size"], common["layout"]["tp"], common["layout"]["dp"]) == (2, 2, 1)
 
+
+
+def test_a_task_bound_to_its_own_gpu_uses_the_one_it_sees(monkeypatch):
+    """`srun --gpus-per-task 1`: task 3 of a node sees one device, its device 0 (set_device(3) failed)."""
+    import torch
+
+    from umtrain.parallel.state import local_device_index
+
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert local_device_index() == 0
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert local_device_index() == 3

@@ -93,7 +93,8 @@ def training_workers() -> list[psutil.Process]:
 class SignalRelay:
     """Passes the signals in PASSED_ON_SIGNALS on to the training workers, to each worker once it handles the
     signal. A signal that comes before the workers exist (the rendezvous of a multi-node job can take minutes) or
-    while they import would otherwise reach none of them, or kill them without a save. The handler only records the
+    while they import would otherwise reach none of them, or kill them without a save. A worker that never handles
+    it (SIGUSR2 while `training.exit_signal` is SIGUSR1; `umtrain evaluate`) never gets it. The handler only records the
     signal; a daemon thread, started at the first one, delivers every `POLL_S` seconds until the launcher exits
     (workers that torchrun restarts get it too)."""
 
@@ -115,7 +116,12 @@ class SignalRelay:
             self.thread.start()
 
     def _deliver_forever(self) -> None:
+        announced = 0
         while True:
+            for signum, _ in self.received[announced:]:
+                print(f"umtrain: received {signal.Signals(signum).name}: passing it on to the training workers, "
+                      f"each once it handles it", file=sys.stderr, flush=True)
+                announced += 1
             self.deliver()
             time.sleep(self.POLL_S)
 

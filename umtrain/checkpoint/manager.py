@@ -86,31 +86,55 @@ def claim(root: Path) -> None:
     """Make this process the one that saves into `root` until it exits or calls `release`: two runs saving into one
     directory remove each other's saves in progress (as stale) and apply retention to each other's checkpoints.
     An exclusive `flock` on `root/.lock`, which the kernel drops when the process dies (a killed run leaves no stale
-    lock). Claiming a directory this process holds is a no-op. On a filesystem without `flock` (Lustre mounted
-    without `-o flock`) the claim is skipped with a warning."""
+    lock). Claiming a directory this process holds is a no-op. Where no lock can be taken (a filesystem without
+    `flock`, e.g. Lustre mounted without `-o flock`; a lock file that cannot even be read) the claim is skipped with
+    a warning."""
     root = root.resolve()
     if root in _claimed:
         return
     root.mkdir(parents=True, exist_ok=True)
-    handle = open(root / LOCK, "a+")
+    try:
+        handle = _open_lock_file(root / LOCK)
+    except OSError as err:
+        _warn_unlocked(root, err)
+        return
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as err:
-        handle.seek(0)
-        holder = handle.read().strip()
         handle.close()
-        if err.errno not in (errno.EWOULDBLOCK, errno.EACCES):
-            logger.warning("cannot lock %s (%s): a second run saving into it would not be detected", root / LOCK,
-                           err.strerror)
+        if err.errno != errno.EWOULDBLOCK:
+            _warn_unlocked(root, err)
             return
-        raise DirectoryInUse(f"{root} is in use by another run ({holder or 'a process that names none'}); "
-                             f"wait for it to end, or save this run elsewhere") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
-                 f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
-    handle.flush()
+        holder = _holder_named_in(root / LOCK) or "a process that names none"
+        raise DirectoryInUse(f"{root} is in use by another run ({holder}); wait for it to end, or save this run "
+                             f"elsewhere") from None
+    if handle.writable():
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
+        handle.flush()
     _claimed[root] = handle
+
+
+def _open_lock_file(path: Path) -> IO[str]:
+    """For writing the holder's name; read-only where it cannot be written (another user's lock file left in a
+    shared directory, a read-only mount): `flock` needs only a descriptor."""
+    try:
+        return os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o666), "r+")
+    except PermissionError:
+        return open(path)
+
+
+def _warn_unlocked(root: Path, err: OSError) -> None:
+    logger.warning("cannot lock %s (%s): a second run saving into it would not be detected", root / LOCK,
+                   err.strerror)
+
+
+def _holder_named_in(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
 
 
 def release(root: Path) -> None:

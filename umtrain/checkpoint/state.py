@@ -182,8 +182,12 @@ def _sharded_state_dict_without_parameters(inner: DistributedOptimizer, *args, *
 
 
 def chain_step(optimizer) -> float:
-    """The optimizer steps taken, from the Adam state of any parameter of the chain (0 before the first step)."""
+    """The optimizer steps taken by the chain's optimizers that hold parameters (0 before the first step): where
+    Adam keeps it, in a param group (TE/apex FusedAdam) or in each parameter's state (torch's AdamW)."""
     for inner in optimizer.chained_optimizers:
+        for group in inner.optimizer.param_groups:
+            if group["params"] and "step" in group:
+                return float(group["step"])
         for state in inner.optimizer.state.values():
             if "step" in state:
                 return float(state["step"])

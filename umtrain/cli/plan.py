@@ -17,11 +17,12 @@ import torch.distributed as dist
 from umtrain.cli.main import positive_int
 from umtrain.config import load_config
 from umtrain.config.base import ConfigError
-from umtrain.parallel.comm import Communicator, run_local_group
 from umtrain.ops.lookup_reduce import get_lookup_reduce
 from umtrain.parallel.calibration import calibrate, calibrate_compute
+from umtrain.parallel.comm import Communicator, run_local_group
 from umtrain.parallel.cost_model import (DEFAULT_CALIBRATION, VARIANTS, Calibration, LayerPlan, crossover_value_dim,
                                          dims_from_config, plan_config, table_gradient_tp_sum_bytes)
+from umtrain.parallel.state import local_device_index
 
 
 TARGET_HAS_CUDA = True
@@ -213,7 +214,7 @@ def _calibrate_worker(rank: int, world_size: int, iters: int, lookup_impl: str |
         dist.init_process_group(backend)
     device = "cpu"
     if dist.get_backend() == "nccl":
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+        device = f"cuda:{local_device_index()}"
         torch.cuda.set_device(device)
     comm = Communicator(dist.group.WORLD)
     calibration = calibrate(comm, iters=iters, device=device)

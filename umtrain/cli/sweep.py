@@ -254,7 +254,8 @@ def run_training(command: list[str], log) -> tuple[int, bool]:
         if child is not None:
             child.send_signal(signal_for_the_run(signum))
 
-    previous = {sig: signal.signal(sig, pass_on) for sig in STOP_SIGNALS}
+    previous = {sig: signal.signal(sig, pass_on) for sig in STOP_SIGNALS
+                if signal.getsignal(sig) is not signal.SIG_IGN}       # `nohup umtrain sweep` stays deaf to SIGHUP
     try:
         child = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=this_umtrain_env(),
                                  process_group=0)

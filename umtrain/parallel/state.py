@@ -45,6 +45,12 @@ def backend_for(config: Config) -> str:
     return backend
 
 
+def local_device_index() -> int:
+    """This process's GPU: LOCAL_RANK among the visible devices (torchrun's workers see all of the node's; an srun
+    task bound to its own GPU, `--gpus-per-task 1`, sees one, as device 0)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count()
+
+
 def initialize_distributed(config: Config) -> Layout:
     """Init torch.distributed (env:// from torchrun or an srun step, see `launch_env`; or a 1-process group) and
     Megatron's parallel state."""
@@ -55,7 +61,7 @@ def initialize_distributed(config: Config) -> Layout:
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
         if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(local_device_index())
         torch.distributed.init_process_group(backend=backend_for(config), timeout=PROCESS_GROUP_TIMEOUT)
     p = config.parallel
     if not parallel_state.model_parallel_is_initialized():
