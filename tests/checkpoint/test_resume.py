@@ -49,19 +49,22 @@ def test_stop_and_resume_is_bit_exact(tmp_path, model, tp, world, parallel):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("placement", ["1:2", "3:4"], ids=["memory-on-stage-0", "memory-on-stage-1"])
-def test_a_pipeline_stage_without_memory_layers_saves_and_resumes(tmp_path, placement):
+@pytest.mark.parametrize("placement,distributed", [("1:2", True), ("3:4", True), ("3:4", False)],
+                         ids=["memory-on-stage-0", "memory-on-stage-1", "memory-on-stage-1-plain-optimizer"])
+def test_a_pipeline_stage_without_memory_layers_saves_and_resumes(tmp_path, placement, distributed):
     """PP=2 with the only memory layer on one stage: the other stage's memory-table optimizer has no parameters
     (Megatron asserted on it at the first save). Only global rank 0 writes the optimizers' common state (their
     param groups' `step`), so the memory layer on stage 1 is the case where rank 0's optimizer is the empty one.
     Stopped at N and resumed: bit-exact; then on one process (PP=1): the same losses."""
     model = {**ULTRAMEM, "memory": {**ULTRAMEM["memory"], "placements": [placement]}}
-    pipelined = run_config(2 * N, pp=2, model=model, save=str(tmp_path / "ckpt"))
-    reference = train(run_config(2 * N, pp=2, model=model), 2)["loss"]
+    parallel = {"use_distributed_optimizer": distributed}
+    pipelined = run_config(2 * N, pp=2, model=model, parallel=parallel, save=str(tmp_path / "ckpt"))
+    reference = train(run_config(2 * N, pp=2, model=model, parallel=parallel), 2)["loss"]
     first = train(pipelined, 2, preempt_at=N)
     assert first["preempted"] == "saved" and first["loss"] == reference[:N]
     assert train(pipelined, 2)["loss"] == reference
-    single = run_config(2 * N, model=model, load=str(tmp_path / "ckpt" / manager.checkpoint_name(N)))
+    single = run_config(2 * N, model=model, parallel=parallel,
+                        load=str(tmp_path / "ckpt" / manager.checkpoint_name(N)))
     assert train(single, 1)["loss"][N:] == pytest.approx(reference[N:], rel=1e-5)
 
 

@@ -153,23 +153,40 @@ def _with_bucket_padding(packed: torch.Tensor, buffer) -> torch.Tensor:
 
 @contextlib.contextmanager
 def parameterless_optimizers_stated(optimizer) -> Iterator[None]:
-    """A pipeline stage without memory layers holds a memory-table optimizer without parameters, and without TE or
-    apex Megatron's `DistributedOptimizer.state_dict` asserts on it (it takes `step` from the parameters' states,
-    and there are none). While a checkpoint is saved or loaded, such an optimizer states its param groups at the
-    step of the chain's other optimizers: only global rank 0 writes the optimizers' common state, and when its stage
-    is the one without memory layers, that step is what the stages with them load (Megatron requires every
-    optimizer of a chain to be at the same step)."""
-    empty = [inner for inner in distributed_optimizers(optimizer)
+    """A pipeline stage without memory layers holds a memory-table optimizer without parameters. Only global rank 0
+    writes the optimizers' common state, which holds their step, and when its stage is the one without memory
+    layers, that step is what the stages with them load. While a checkpoint is saved or loaded, such an optimizer
+    states the step of the chain's other optimizers: the distributed one in its param groups (without TE or apex
+    Megatron's `DistributedOptimizer.state_dict` asserts on it, taking `step` from parameters it does not have;
+    a chain's optimizers must be at one step), the plain one as its `common_step` (without it, Megatron gave the
+    memory parameters' Adam states no `step`, on which torch's Adam fails)."""
+    empty = [inner for inner in optimizer.chained_optimizers
              if not any(group["params"] for group in inner.optimizer.param_groups)]
     step = chain_step(optimizer)
-    for inner in empty:
-        inner.state_dict = functools.partial(_state_dict_without_parameters, inner, step)
-        inner.sharded_state_dict = functools.partial(_sharded_state_dict_without_parameters, inner)
+    stand_ins = [(inner, name, method) for inner in empty for name, method in _stand_ins(inner, step).items()]
+    for inner, name, method in stand_ins:
+        setattr(inner, name, method)
     try:
         yield
     finally:
-        for inner in empty:
-            del inner.state_dict, inner.sharded_state_dict
+        for inner, name, _ in stand_ins:
+            delattr(inner, name)
+
+
+def _stand_ins(inner, step: float) -> dict[str, Any]:
+    """The methods a parameterless optimizer states its `step` through, by kind of optimizer."""
+    if isinstance(inner, DistributedOptimizer):
+        return {"state_dict": functools.partial(_state_dict_without_parameters, inner, step),
+                "sharded_state_dict": functools.partial(_sharded_state_dict_without_parameters, inner)}
+    return {"sharded_state_dict": functools.partial(_plain_sharded_state_dict_without_parameters, inner, step)}
+
+
+def _plain_sharded_state_dict_without_parameters(inner, step: float, *args, **kwargs) -> dict[str, Any]:
+    state = type(inner).sharded_state_dict(inner, *args, **kwargs)
+    torch_state = state.get("optimizer", state)    # the mixed-precision optimizer nests torch's state under "optimizer"
+    if step:
+        torch_state["state"]["common_step"] = torch.tensor(step)
+    return state
 
 
 def _sharded_state_dict_without_parameters(inner: DistributedOptimizer, *args, **kwargs) -> dict[str, Any]:
