@@ -125,6 +125,9 @@ def saved_losses(checkpoint_dir: Path) -> list[float]:
 
 
 def tree_digest(root: Path) -> dict[str, str]:
-    """Relative path -> SHA-256 of every file under root (to prove nothing was touched)."""
+    """Relative path -> SHA-256 of every file under root (to prove nothing was touched), but for the save
+    directory's lock file, which every run that saves there rewrites with its pid."""
+    from umtrain.checkpoint.manager import LOCK
+
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != LOCK}
