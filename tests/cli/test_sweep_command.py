@@ -261,11 +261,14 @@ def test_local_sweep_summary_matches_the_checkpoints(base_yaml, tmp_path, capsys
     assert capsys.readouterr().out.count("already done") == 2
 
 
-def _signal_self_once_both_handlers_are_set(sig: int, ready: Path, before, stop: threading.Event) -> None:
+def _signal_self_once_both_handlers_are_set(sig: int, ready: Path, before, stop: threading.Event,
+                                            dispositions: dict) -> None:
     """Send `sig` to this process once the child has its handlers (it wrote `ready`) and run_training has its own (a
-    signal before either would end the child, or this process, on the default action)."""
+    signal before either would end the child, or this process, on the default action); `dispositions`: this
+    process's handlers of SIGHUP and the stop signals at that moment."""
     while not stop.wait(0.01):
         if ready.exists() and signal.getsignal(sig) != before:
+            dispositions.update({s: signal.getsignal(s) for s in (signal.SIGHUP, *sweep_cli.STOP_SIGNALS)})
             os.kill(os.getpid(), sig)
             return
 
@@ -279,12 +282,15 @@ TRAINING_LIKE_CHILD = ("import os, pathlib, signal, sys, time\n"
                        "time.sleep(60)\n")
 
 
-def run_training_signalled(sig: int, tmp_path: Path) -> tuple[tuple[int, bool], int]:
-    """run_training of TRAINING_LIKE_CHILD while this process gets `sig`: its result and the child's process group."""
+def run_training_signalled(sig: int, tmp_path: Path) -> tuple[tuple[int, bool], int, dict]:
+    """run_training of TRAINING_LIKE_CHILD while this process gets `sig`: its result, the child's process group and
+    this process's signal handlers while the run trained."""
     ready = tmp_path / "child_ready"
     before = signal.getsignal(sig)
     stop = threading.Event()
-    sender = threading.Thread(target=_signal_self_once_both_handlers_are_set, args=(sig, ready, before, stop))
+    dispositions: dict = {}
+    sender = threading.Thread(target=_signal_self_once_both_handlers_are_set,
+                              args=(sig, ready, before, stop, dispositions))
     sender.start()
     try:
         with open(tmp_path / "train.log", "w") as log:
@@ -293,7 +299,7 @@ def run_training_signalled(sig: int, tmp_path: Path) -> tuple[tuple[int, bool], 
         stop.set()
         sender.join()
     assert signal.getsignal(sig) == before
-    return result, int(ready.read_text())
+    return result, int(ready.read_text()), dispositions
 
 
 def test_a_stop_signal_reaches_the_training_process(tmp_path):
@@ -307,7 +313,7 @@ def test_ctrl_c_and_hangup_reach_the_run_as_sigterm_and_only_through_the_sweep(t
     """SIGINT is an abort to training (no checkpoint): the sweep passes it on as SIGTERM, and the run has its own
     process group, so that a terminal's Ctrl-C (sent to the foreground group) does not reach it directly; nor does
     the terminal's hang-up, which the sweep passes on as SIGTERM too."""
-    result, child_group = run_training_signalled(sig, tmp_path)
+    result, child_group, _ = run_training_signalled(sig, tmp_path)
     assert result == (42, True)
     assert child_group != os.getpgrp()
 
@@ -340,25 +346,9 @@ def test_a_local_sweep_checks_the_layout_against_its_process_count(base_yaml, tm
 
 def test_a_sweep_started_under_nohup_keeps_ignoring_hangups(tmp_path):
     """`nohup umtrain sweep ...` must survive the logout: an ignored SIGHUP stays ignored while a run trains."""
-    ready = tmp_path / "child_ready"
-    seen: list = []
-    stop = threading.Event()
-
-    def look_then_stop() -> None:
-        while not stop.wait(0.01):
-            if ready.exists() and signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
-                seen.append(signal.getsignal(signal.SIGHUP))
-                os.kill(os.getpid(), signal.SIGTERM)
-                return
-
     previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
-    sender = threading.Thread(target=look_then_stop)
-    sender.start()
     try:
-        with open(tmp_path / "train.log", "w") as log:
-            result = sweep_cli.run_training([sys.executable, "-c", TRAINING_LIKE_CHILD, str(ready)], log)
+        result, _, dispositions = run_training_signalled(signal.SIGTERM, tmp_path)
     finally:
-        stop.set()
-        sender.join()
         signal.signal(signal.SIGHUP, previous)
-    assert seen == [signal.SIG_IGN] and result == (42, True)
+    assert dispositions[signal.SIGHUP] is signal.SIG_IGN and result == (42, True)
