@@ -63,8 +63,12 @@ def resolve_inputs(patterns: list[str], text_key: str = "text") -> list[Path]:
 
 
 def _check_input_file(path: Path, text_key: str) -> None:
+    if path.is_dir():
+        raise ConfigError(str(path), f"is a directory; give the files in it, e.g. '{path}/*.jsonl'")
     if not path.is_file():
         raise ConfigError(str(path), "input file not found")
+    if "::" in str(path):
+        raise ConfigError(str(path), "'::' in a file name reads as fsspec's URL chaining; rename the file")
     fmt = input_format(path)
     if path.stat().st_size == 0:
         raise ConfigError(str(path), "the file is empty")
@@ -81,6 +85,7 @@ def stream_rows(path: Path, text_key: str) -> Iterator[list[tuple[int, Any]]]:
     """Batches of (1-based line or row number, raw row): the line's text for JSON Lines, the value for Parquet."""
     import datasets   # preprocessing only: training and its config checks run without it
 
+    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False   # else a request to the Hub's S3 per file (3 s behind a firewall)
     fmt = input_format(path)
     literal = glob.escape(str(path))   # `datasets` expands data_files as patterns
     if fmt == "jsonl":
