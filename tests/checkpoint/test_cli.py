@@ -153,6 +153,44 @@ def test_a_tied_hugging_face_model_converts_tied_and_keeps_its_logits(tmp_path, 
     assert "model.untie_embeddings_and_output_weights" in capsys.readouterr().err and not out.exists()
 
 
+def test_hugging_face_attention_without_bias_rope_defaults_and_scaling(tmp_path, capsys):
+    """GPTNeoX with `attention_bias: false` wrote a checkpoint nothing could load; a config without a rotary
+    fraction means transformers' 0.25, not 1; scaled RoPE has no umtrain counterpart (it converted, silently
+    another model)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    hf_config = GPTNeoXConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                              intermediate_size=64, hidden_act="gelu", use_parallel_residual=False,
+                              attention_bias=False, max_position_embeddings=16)
+    torch.manual_seed(0)
+    hf_model = GPTNeoXForCausalLM(hf_config).eval()
+    hf_model.save_pretrained(tmp_path / "hf")
+    config_json = tmp_path / "hf" / "config.json"
+    written = json.loads(config_json.read_text())
+    rope = written.pop("rope_parameters", None) or {}
+    written.pop("rotary_pct", None)
+    written["rope_parameters"] = {k: v for k, v in rope.items() if k != "partial_rotary_factor"}
+    config_json.write_text(json.dumps(written))
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "portable"), "--to", "portable"]) == 0
+    model, config = load_portable(tmp_path / "portable")
+    assert config.model.rotary_percent == 0.25
+    tokens = torch.randint(0, 96, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), hf_model(tokens).logits, rtol=1e-5, atol=1e-5)
+    written["rope_parameters"] = {**written["rope_parameters"], "rope_type": "linear", "factor": 4.0}
+    config_json.write_text(json.dumps(written))
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "scaled"), "--to", "portable"]) == 2
+    assert "rope scaling 'linear' has no umtrain counterpart" in capsys.readouterr().err
+    assert not (tmp_path / "scaled").exists()
+
+
+def test_generate_refuses_a_tokenizer_larger_than_the_vocabulary(tmp_path, demo_dataset, capsys):
+    portable, _ = portable_checkpoint(tmp_path / "portable")          # 64 tokens; the demo tokenizer has 1024
+    assert main(["generate", str(portable), "--prompt", "hello", "--tokenizer",
+                 str(demo_dataset / "tokenizer.model")]) == 2
+    assert "--tokenizer: " in capsys.readouterr().err
+
+
 def test_convert_names_what_it_cannot_read(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["convert", str(tmp_path / "empty"), str(tmp_path / "out"), "--to", "megatron"]) == 2

@@ -11,10 +11,11 @@ from typing import Any, Optional
 import torch
 
 from umtrain.checkpoint import manager
-from umtrain.checkpoint.convert import (config_of, copy_tokenizer, portable_tokenizer, read_portable, tokenizer_type_of,
-                                        write_portable)
+from umtrain.checkpoint.convert import (config_of, copy_tokenizer, portable_tokenizer, read_portable, reference_model,
+                                        tokenizer_type_of, write_portable)
 from umtrain.config import Config, config_from_dict, load_config
 from umtrain.config.base import ConfigError, to_dict
+from umtrain.model.reference import ModelArgs, ReferenceGPT
 from umtrain.model.state_dict_adapter import Tensors, hf_to_portable, portable_to_hf
 
 
@@ -72,6 +73,19 @@ def with_explicit_biases_and_head(tensors: Tensors, config: Config) -> Tensors:
         if key.endswith(".weight") and is_linear_bias(bias):
             out.setdefault(bias, torch.zeros(tensor.shape[0], dtype=tensor.dtype))
     return out
+
+
+def with_zero_biases_it_lacks(tensors: Tensors, config: Config) -> Tensors:
+    """GPTNeoX with `attention_bias: false` has MLP biases but no attention ones, which umtrain's linear biases
+    (all or none) need: a zero bias is the same layer."""
+    args = ModelArgs.from_config(config, vocab_size=tensors["tok_embeddings.weight"].shape[0],
+                                 final_norm="norm.weight" in tensors)
+    with torch.device("meta"):
+        expected = ReferenceGPT(args).state_dict()
+    dtype = tensors["tok_embeddings.weight"].dtype
+    missing = {k: torch.zeros(v.shape, dtype=dtype) for k, v in expected.items()
+               if k not in tensors and is_linear_bias(k)}
+    return {**tensors, **missing}
 
 
 def is_linear_bias(key: str) -> bool:
@@ -142,12 +156,21 @@ def umtrain_config_for(hf_config: dict[str, Any], config_path: Optional[str], hf
     return config
 
 
+GPTNEOX_ROTARY_FRACTION = 0.25
+"""transformers' GPTNeoX rotates this fraction of each head when the config names none."""
+
+
 def hf_rotary(hf_config: dict[str, Any]) -> tuple[float, float]:
     """(rope theta, fraction of each head rotated) of a GPTNeoX config: `rope_parameters` (transformers >= 5), or
-    the older top-level `rotary_emb_base` / `rope_theta` and `rotary_pct`."""
+    the older top-level `rotary_emb_base` / `rope_theta` and `rotary_pct`. Scaled RoPE (linear, dynamic, YaRN, ...)
+    has no umtrain counterpart and is refused by name."""
     rope = hf_config.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default" or hf_config.get("rope_scaling"):
+        scaling = rope.get("rope_type") if rope.get("rope_type", "default") != "default" else hf_config["rope_scaling"]
+        raise ValueError(f"config.json: rope scaling {scaling!r} has no umtrain counterpart (RoPE without scaling "
+                         f"only)")
     theta = rope.get("rope_theta", hf_config.get("rope_theta", hf_config.get("rotary_emb_base", 10000)))
-    fraction = rope.get("partial_rotary_factor", hf_config.get("rotary_pct", 1.0))
+    fraction = rope.get("partial_rotary_factor", hf_config.get("rotary_pct", GPTNEOX_ROTARY_FRACTION))
     return float(theta), float(fraction)
 
 
@@ -175,6 +198,8 @@ def hf_to_portable_dir(source: Path, out: Path, config_path: Optional[str] = Non
             raise ConfigError("model.add_bias_linear", f"{source} has nonzero linear biases ({dropped[0]}, ...); "
                                                        "a config without them would drop them: set it to true")
         tensors = {k: v for k, v in tensors.items() if not is_linear_bias(k)}
+    tensors = with_zero_biases_it_lacks(tensors, config)
+    reference_model(tensors, config)     # every tensor the model needs, no other: an error now, not at load
     meta = {"iteration": 0, "consumed_samples": 0, "padded_vocab_size": tensors["tok_embeddings.weight"].shape[0],
             "source": str(source)}
     tokenizer = hf_tokenizer(source)

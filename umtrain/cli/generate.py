@@ -134,6 +134,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"umtrain generate: {problem}", file=sys.stderr)
         return 2
     tokenizer = load_tokenizer(tokenizer_type_of(path, config.data.tokenizer_type), str(path))
+    rows = model.tok_embeddings.num_embeddings
+    if tokenizer.vocab_size > rows:
+        print(f"umtrain generate: --tokenizer: {path} has {tokenizer.vocab_size} tokens, the model's vocabulary "
+              f"{rows}: it was trained with another tokenizer", file=sys.stderr)
+        return 2
     prompt = tokenizer.tokenize(args.prompt)
     temperature = 1.0 if args.temperature is None else args.temperature
     ids = generate(model.to(args.device), prompt, args.max_new_tokens, config.data.seq_length, args.top_k,
