@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import yaml
 
 from tests.checkpoint.helpers import REPO, run_config, train, tree_digest
+from tests.data.indexed_files import one_token_documents
 from umtrain.cli.main import main
 from umtrain.parallel.comm import free_port
 
@@ -153,9 +154,10 @@ def test_evaluate_under_tensor_parallel_matches(trained, tmp_path):
 
 
 def fake_real_data(tmp_path: Path) -> list[str]:
-    """Overrides that point the run at non-mock data files (which exist, so that only the split is wrong)."""
-    for name in ("corpus.bin", "corpus.idx", "tokenizer.model"):
-        (tmp_path / name).write_bytes(b"")
+    """Overrides that point the run at non-mock data files (an index of 1000 one-token documents, an empty
+    tokenizer file), so that only the split is wrong."""
+    one_token_documents(tmp_path / "corpus")
+    (tmp_path / "tokenizer.model").write_bytes(b"")
     return ["data.mock=false", f"data.data_path=[{tmp_path / 'corpus'}]",
             f"data.tokenizer_model={tmp_path / 'tokenizer.model'}"]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
+from tests.data.indexed_files import one_token_documents
 from umtrain.cli import train as train_cli
 from umtrain.cli.main import main
 from umtrain.config import ConfigError, load_config
@@ -123,21 +124,12 @@ def test_missing_data_path_and_tokenizer(tmp_path):
     raises_key("data.data_path", ["data.data_path=[]"])
     raises_key("data.data_path", [f"data.data_path=['{tmp_path}/nothing']", f"data.tokenizer_model={tmp_path}/t.model"],
                match="nothing.bin")
-    prefix = tmp_path / "corpus"
-    (tmp_path / "corpus.bin").write_bytes(b"")
-    (tmp_path / "corpus.idx").write_bytes(b"")
+    prefix = one_token_documents(tmp_path / "corpus")
     raises_key("data.tokenizer_model", [f"data.data_path=['{prefix}']", f"data.tokenizer_model={tmp_path}/t.model"])
 
 
-def empty_prefix(tmp_path):
-    """A prefix whose .bin and .idx exist: enough for the checks at load."""
-    (tmp_path / "corpus.bin").write_bytes(b"")
-    (tmp_path / "corpus.idx").write_bytes(b"")
-    return tmp_path / "corpus"
-
-
 def test_huggingface_tokenizer_folder_is_accepted_as_load_tokenizer_accepts_it(tmp_path):
-    prefix = empty_prefix(tmp_path)
+    prefix = one_token_documents(tmp_path / "corpus")
     folder = tmp_path / "hf"
     folder.mkdir()
     overrides = [f"data.data_path=['{prefix}']", "data.tokenizer_type=huggingface", f"data.tokenizer_model={folder}"]
@@ -151,14 +143,14 @@ def test_huggingface_tokenizer_folder_is_accepted_as_load_tokenizer_accepts_it(t
 @pytest.mark.parametrize("weight", ["nan", "inf", "-inf", "1e400", "0", "-1"])
 @pytest.mark.parametrize("key", ["data.data_path", "data.valid_data_path"])
 def test_blend_weights_must_be_finite_and_positive_at_load(tmp_path, key, weight):
-    prefix = empty_prefix(tmp_path)
+    prefix = one_token_documents(tmp_path / "corpus")
     blend = f"['1', '{prefix}', '{weight}', '{prefix}']"
     overrides = [f"data.data_path=['{prefix}']", f"{key}={blend}", f"data.tokenizer_model={tmp_path}/corpus.bin"]
     raises_key(key, overrides, match=f"got '{weight}' for {prefix}")
 
 
 def test_blend_weights_whose_sum_overflows_are_refused(tmp_path):
-    prefix = empty_prefix(tmp_path)
+    prefix = one_token_documents(tmp_path / "corpus")
     raises_key("data.data_path", [f"data.data_path=['1e308', '{prefix}', '1e308', '{prefix}']",
                                   f"data.tokenizer_model={tmp_path}/corpus.bin"], match="overflow")
 
@@ -461,3 +453,25 @@ def test_candidates_past_the_keys_per_side_name_the_key_the_config_set():
     small = ULTRAMEM + ["model.memory.num_values=256", "model.memory.ive_expansion=1"]   # 16 keys per side
     raises_key("model.memory.topk", small + ["model.memory.topk=20"], match="num_candidates, unset, is top-m")
     raises_key("model.memory.num_candidates", small + ["model.memory.topk=8", "model.memory.num_candidates=20"])
+
+
+def test_a_split_part_without_documents_is_refused_at_load_and_by_dry_run(capsys, tmp_path):
+    """0.001 of 300 documents rounds to none: refused before any model is built (Megatron-Core would loop forever)."""
+    one_token_documents(tmp_path / "docs", count=300)
+    data = [f"data.data_path=['{tmp_path}/docs']", f"data.tokenizer_model={tmp_path}/docs.bin"]
+    raises_key("data.split", data + ["data.split='969,30,1'"],
+               match="'969,30,1' leaves the test part of " f"{tmp_path}/docs (300 documents) without a document")
+    assert load(data + ["data.split='969,30,0'"]).data.split == "969,30,0"
+    assert load(data + ["data.split='969,30,1'", f"data.valid_data_path=['{tmp_path}/docs']"])
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"data": {"data_path": [f"{tmp_path}/docs"], "split": "969,30,1",
+                                            "tokenizer_model": f"{tmp_path}/docs.bin"}}))
+    assert main(["train", "--config", str(path), "--dry-run"]) == 2
+    assert "data.split" in capsys.readouterr().err
+
+
+def test_an_index_that_is_not_megatrons_is_named_at_load(tmp_path):
+    (tmp_path / "docs.bin").write_bytes(b"")
+    (tmp_path / "docs.idx").write_bytes(b"not an index")
+    raises_key("data.data_path", [f"data.data_path=['{tmp_path}/docs']", f"data.tokenizer_model={tmp_path}/docs.bin"],
+               match=f"{tmp_path}/docs.idx is not a Megatron index")

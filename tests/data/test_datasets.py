@@ -1,6 +1,8 @@
 """Blends, splits and flags of `build_gpt_datasets`, on hand-made indexed datasets whose tokens say where they came
 from: each source (or each document) owns its own range of token ids."""
 
+import shutil
+
 import numpy as np
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
@@ -208,3 +210,28 @@ def test_the_next_samples_fingerprint_sees_a_source_reordered_by_a_larger_budget
     for at in (index, 32):
         assert next_samples_fingerprint(same, at) == next_samples_fingerprint(saved, at) is not None
         assert next_samples_fingerprint(larger, at) != next_samples_fingerprint(saved, at)
+
+
+@pytest.mark.parametrize("rewrite", ["fewer documents", "more documents", "longer documents"])
+@pytest.mark.parametrize("own_cache", [False, True])
+def test_sample_indices_cached_for_other_data_are_refused(sp_tokenizer, tmp_path, rewrite, own_cache):
+    """Megatron's index cache is keyed on the prefix's path, not its data. Re-writing the prefix: fewer documents
+    (Megatron would raise an IndexError reading a sample), twice as many with the old index two epochs long (the
+    same length: the new documents would never be read), as many but one token longer each."""
+    def write(count, extra):
+        return write_indexed(tmp_path / "docs", [[100 + i] * (3 + i % 7 + extra) for i in range(count)],
+                             sp_tokenizer.eod)
+
+    cache = tmp_path / "own_cache" if own_cache else tmp_path / "docs" / "cache"
+    config = make_config([write(40, 0)], seq_length=8, cache_path=str(cache) if own_cache else None)
+    old_epoch = sum(4 + i % 7 for i in range(40)) // 8
+    build_gpt_datasets(config, sp_tokenizer, old_epoch + 1, 0, 0)
+    assert cache.is_dir()
+    count, extra = {"fewer documents": (20, 0), "more documents": (80, 0), "longer documents": (40, 1)}[rewrite]
+    write(count, extra)
+    with pytest.raises(ConfigError, match=rf"data.cache_path: the cached train sample index of .*docs was built for "
+                                          rf"other data .* delete {cache} to rebuild it"):
+        build_gpt_datasets(config, sp_tokenizer, old_epoch + 1, 0, 0)
+    shutil.rmtree(cache)
+    train, _, _ = build_gpt_datasets(config, sp_tokenizer, old_epoch + 1, 0, 0)
+    assert tokens_of(train, sp_tokenizer.eod) == set(range(100, 100 + count))

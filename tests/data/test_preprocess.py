@@ -87,6 +87,25 @@ def test_existing_output_is_kept_unless_overwrite(small_inputs, sentencepiece_mo
     assert (tmp_path / "out.bin").read_bytes() != before
 
 
+def test_overwrite_removes_the_sample_indices_megatron_cached_for_the_old_data(small_inputs, sentencepiece_model,
+                                                                              tmp_path, caplog):
+    """Megatron caches the indices in PREFIX/cache/ (a folder named after the prefix), keyed on the path alone."""
+    prefix = tmp_path / "out"
+    preprocess([str(small_inputs[1])], str(prefix), "sentencepiece", sentencepiece_model, progress=False)
+    index = prefix / "cache" / "GPTDataset_indices" / "abc-GPTDataset-train-document_index.npy"
+    index.parent.mkdir(parents=True)
+    index.write_bytes(b"old")
+    with pytest.raises(ConfigError, match="output exists"):
+        preprocess([str(small_inputs[0])], str(prefix), "sentencepiece", sentencepiece_model, progress=False)
+    assert index.is_file()
+    with caplog.at_level("INFO", logger="umtrain"):
+        preprocess([str(small_inputs[0])], str(prefix), "sentencepiece", sentencepiece_model, overwrite=True,
+                   progress=False)
+    assert not prefix.exists()
+    assert [r.getMessage() for r in caplog.records] == [f"removing {prefix / 'cache'}: Megatron's sample indices of "
+                                                        f"the data being overwritten"]
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("lines, message", [
     (['{"text": "fine"}', '{"text": "fine"}', '{"text": oops}'], r"bad\.jsonl, line 3: not valid JSON"),

@@ -5,6 +5,7 @@ import pytest
 import sentencepiece
 import tokenizers
 
+from tests.data.indexed_files import one_token_documents
 from umtrain.config.base import ConfigError
 from umtrain.data.tokenizer import MockTokenizer, load_tokenizer, pieces_of_at_most, train_tokenizer
 
@@ -148,8 +149,7 @@ def test_a_tokenizer_folder_passes_the_config_check_and_loads(bpe_json, tmp_path
     folder = tmp_path / "hf"
     folder.mkdir()
     shutil.copy(bpe_json, folder / "tokenizer.json")
-    for suffix in (".bin", ".idx"):
-        (tmp_path / f"corpus{suffix}").write_bytes(b"")
+    one_token_documents(tmp_path / "corpus")
     config = load_config(None, [f"data.data_path=['{tmp_path / 'corpus'}']", "data.tokenizer_type=huggingface",
                                 f"data.tokenizer_model={folder}"])
     assert load_tokenizer("huggingface", config.data.tokenizer_model).vocab == load_tokenizer("huggingface",

@@ -419,13 +419,15 @@ class DataConfig:
     reset_attention_mask: bool = False
     """Keep attention within documents (a block-diagonal mask per sample)."""
     eod_mask_loss: bool = False
-    """Leave the end-of-document tokens out of the loss."""
+    """Leave out of the loss the positions whose input is an end-of-document token (the prediction of the next
+    document's first token); predicting the end-of-document token itself stays in the loss."""
     mock: bool = False
     """Random tokens (no files needed); for smoke tests and benchmarks."""
     mock_vocab_size: int = 256
     """Vocabulary of data.mock's random tokens (the last id is the end-of-document token)."""
     cache_path: Optional[str] = None
-    """Where Megatron's dataset builders cache their sample indices (default: cache/ under each data prefix)."""
+    """Where Megatron's dataset builders cache their sample indices (default: PREFIX/cache/GPTDataset_indices, a
+    folder named after each data prefix, which `umtrain preprocess --overwrite` clears)."""
 
     def validate(self, prefix: str) -> None:
         _require(self.seq_length >= 2, _join(prefix, "seq_length"), "must be >= 2")

@@ -152,7 +152,7 @@ def _validate_world(config: Config, world_size: int) -> None:
 
 
 def _validate_files(config: Config) -> None:
-    from umtrain.data.datasets import parse_blend
+    from umtrain.data.datasets import check_every_split_has_documents, parse_blend
 
     if config.parallel.comm_calibration is not None:
         _check_calibration(config.parallel.comm_calibration)
@@ -164,6 +164,7 @@ def _validate_files(config: Config) -> None:
         parse_blend(d.valid_data_path, "data.valid_data_path")
     if d.tokenizer_model:
         _check_tokenizer_model(d.tokenizer_type, Path(d.tokenizer_model))
+    check_every_split_has_documents(d)
 
 
 def tokenizer_json(path: Path) -> Path:

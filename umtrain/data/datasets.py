@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
+import struct
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -18,16 +19,21 @@ import numpy as np
 
 from megatron.core.datasets.blended_dataset import BlendedDataset
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.blended_megatron_dataset_config import (convert_split_vector_to_split_matrix,
+                                                                    parse_and_normalize_split)
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron.core.datasets.utils import Split
 
 from umtrain.config.base import ConfigError
-from umtrain.config.schema import Config
+from umtrain.config.schema import Config, DataConfig
 from umtrain.data.tokenizer import MockTokenizer
 
 Blend = tuple[list[str], Optional[list[float]]]
 TOKENS_CHECKED_AT_LOAD = 1 << 24
+INDEX_MAGIC = b"MMIDIDX\x00\x00"
+INDEX_HEADER_BYTES = len(INDEX_MAGIC) + 8 + 1 + 8 + 8
+"""A Megatron .idx starts with its magic, version (u64), dtype code (u8), sequence and document counts (u64)."""
 
 
 def parse_blend(paths: list[str], key: str) -> Blend:
@@ -133,7 +139,7 @@ def build_gpt_datasets(
     `is_built_on_rank()` is False (default: always True) get None datasets.
     """
     dataset_config = gpt_dataset_config(config, tokenizer, create_attention_mask)
-    _check_every_split_has_documents(dataset_config)
+    check_every_split_has_documents(config.data)
     if not config.data.mock:
         _check_token_ids_fit(dataset_config, tokenizer.vocab_size)
     dataset_class = MockGPTDataset if config.data.mock else GPTDataset
@@ -141,24 +147,79 @@ def build_gpt_datasets(
         dataset_class, [train_samples, valid_samples, test_samples], is_built_on_rank or (lambda: True),
         dataset_config)
     train, valid, test = builder.build()
+    if not config.data.mock:
+        for dataset in (train, valid, test):
+            for part in gpt_datasets_of(dataset):
+                _check_cached_indices_fit(part, config.data.cache_path)
     for name, dataset, wanted in (("train", train, train_samples), ("valid", valid, valid_samples)):
         if dataset is not None and len(dataset) < wanted:
             raise RuntimeError(f"the {name} dataset holds {len(dataset)} samples, {wanted} were asked for")
     return train, valid, test
 
 
-def _check_every_split_has_documents(dataset_config: GPTDatasetConfig) -> None:
+def check_every_split_has_documents(data: DataConfig) -> None:
     """Megatron-Core 0.16 loops forever on a split part that rounds to zero documents of a source (its epoch has no
-    tokens), even when no sample of that part is requested; refuse such a split up front."""
-    if dataset_config.blend is None:
+    tokens), even when no sample of that part is requested; refuse such a split up front (at config validation, and
+    again when the datasets are built)."""
+    if data.mock or data.valid_data_path:
         return
-    for prefix in dataset_config.blend[0]:
-        documents = len(indexed_dataset(prefix))
-        for part, bookends in zip(Split, dataset_config.split_matrix):
+    split_matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(data.split))
+    prefixes, _ = parse_blend(data.data_path, "data.data_path")
+    for prefix in prefixes:
+        documents = sequence_count(prefix)
+        for part, bookends in zip(Split, split_matrix):
             if bookends is not None and round(bookends[1] * documents) == round(bookends[0] * documents):
-                raise ConfigError("data.split", f"{dataset_config.split!r} leaves the {part.name} part of {prefix} "
+                raise ConfigError("data.split", f"{data.split!r} leaves the {part.name} part of {prefix} "
                                                 f"({documents} documents) without a document; give that part a "
                                                 f"larger share, or 0")
+
+
+def sequence_count(prefix: str) -> int:
+    """The number of sequences (GPTDataset's documents) in the header of `prefix.idx`, read without mapping the
+    files; a file that is not a Megatron index is named."""
+    path = prefix + ".idx"
+    with open(path, "rb") as stream:
+        header = stream.read(INDEX_HEADER_BYTES)
+    if len(header) < INDEX_HEADER_BYTES or not header.startswith(INDEX_MAGIC):
+        raise ConfigError("data.data_path", f"{path} is not a Megatron index (re-run `umtrain preprocess`)")
+    return struct.unpack_from("<Q", header, len(INDEX_MAGIC) + 9)[0]
+
+
+def gpt_datasets_of(dataset) -> list[GPTDataset]:
+    """The GPTDatasets of a split: itself, the sources of a blend, or none."""
+    if dataset is None:
+        return []
+    return list(dataset.datasets) if isinstance(dataset, BlendedDataset) else [dataset]
+
+
+def _check_cached_indices_fit(dataset: GPTDataset, cache_path: Optional[str]) -> None:
+    """Megatron keys its cached sample indices on the prefix, seed, lengths and split, not on the data: after a
+    prefix is re-preprocessed they would be loaded as they are (new documents never read, or an IndexError deep in
+    Megatron for fewer ones). A fresh index holds every document of the split once per epoch, and its sample k
+    starts k x seq_length tokens into the documents it lists (checked for the last sample); refuse one that does not.
+    One pass over the document index."""
+    documents, split = np.asarray(dataset.document_index), dataset.indices
+    problem = None
+    if len(documents) % len(split) or documents.min() != split[0] or documents.max() != split[-1]:
+        problem = (f"it holds {len(documents)} entries of documents {documents.min()}..{documents.max()}, not "
+                   f"epochs of the split's documents {split[0]}..{split[-1]}")
+    else:
+        last = max(len(dataset.sample_index) - 2, 0)
+        row, offset = (int(v) for v in dataset.sample_index[last])
+        tokens_before = _tokens_of(dataset.dataset.sequence_lengths, documents[:row]) + offset
+        if tokens_before != last * dataset.config.sequence_length:
+            problem = "its samples do not fit the documents' lengths"
+    if problem:
+        folder = cache_path or os.path.join(dataset.dataset.path_prefix, "cache")
+        raise ConfigError("data.cache_path", f"the cached {dataset.index_split.name} sample index of "
+                                             f"{dataset.dataset.path_prefix} was built for other data ({problem}; "
+                                             f"was the prefix preprocessed again?): delete {folder} to rebuild it")
+
+
+def _tokens_of(lengths: np.ndarray, documents: np.ndarray, chunk: int = 1 << 24) -> int:
+    """The tokens of `documents` (with repeats), gathered a chunk at a time: a pretraining corpus's document index
+    has billions of entries."""
+    return sum(int(lengths[documents[i:i + chunk]].sum(dtype=np.int64)) for i in range(0, len(documents), chunk))
 
 
 def _check_token_ids_fit(dataset_config: GPTDatasetConfig, vocab_size: int) -> None:

@@ -8,12 +8,14 @@ temporary name and renamed once complete.
 from __future__ import annotations
 
 import collections
+import logging
 import multiprocessing
 import multiprocessing.pool
 import os
+import shutil
 import signal
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -25,6 +27,8 @@ from tqdm import tqdm
 from umtrain.config.base import ConfigError
 from umtrain.data.readers import DataInputError, Format, input_format, parse_row, resolve_inputs, stream_rows
 from umtrain.data.tokenizer import Tokenizer, TokenizerType, load_tokenizer
+
+logger = logging.getLogger("umtrain")
 
 IN_FLIGHT_PER_WORKER = 4
 """Batches queued per worker: enough to keep workers busy, bounded so a huge file never sits in memory."""
@@ -97,6 +101,8 @@ def preprocess(
         raise ConfigError("workers", f"must be >= 1, got {workers}")
     files = resolve_inputs(inputs, text_key)
     bin_path, idx_path = _check_output(output_prefix, overwrite)
+    if overwrite:
+        _remove_index_cache(output_prefix)
     tokenizer = load_tokenizer(tokenizer_type, tokenizer_model)
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
     tmp_bin, tmp_idx = (path.with_name(f"{path.name}.tmp-{os.getpid()}") for path in (bin_path, idx_path))
@@ -164,6 +170,17 @@ def _check_output(output_prefix: str, overwrite: bool) -> tuple[Path, Path]:
         raise ConfigError(output_prefix, f"output exists ({', '.join(existing)}); pass overwrite=True (--overwrite)")
     bin_path.parent.mkdir(parents=True, exist_ok=True)
     return bin_path, idx_path
+
+
+def _remove_index_cache(output_prefix: str) -> None:
+    """Megatron caches a prefix's sample indices in `PREFIX/cache/` (without `data.cache_path`) and keys them on the
+    path, not on the data: indices of the old data would be loaded for the new."""
+    cache = Path(output_prefix) / "cache"
+    if cache.is_dir():
+        logger.info("removing %s: Megatron's sample indices of the data being overwritten", cache)
+        shutil.rmtree(cache)
+        with suppress(OSError):
+            cache.parent.rmdir()
 
 
 def _batches(path: Path, text_key: str) -> Iterator[_RowBatch]:
