@@ -127,16 +127,22 @@ def test_a_portable_checkpoint_carries_its_tokenizer(demo_dataset, tmp_path, mon
     assert (portable / "tokenizer" / "tokenizer.model").read_bytes() == (demo_dataset / "tokenizer.model").read_bytes()
 
 
-def test_a_tied_hugging_face_model_converts_tied_and_keeps_its_logits(tmp_path, capsys):
-    """A GPTNeoX with tie_word_embeddings (no lm_head in its weights) and no exported umtrain config."""
+def saved_gpt_neox(path, **config):
+    """A small random GPTNeoX without an exported umtrain config, saved to `path`; the model, in eval mode."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
     hf_config = GPTNeoXConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                               intermediate_size=64, hidden_act="gelu", use_parallel_residual=False,
-                              tie_word_embeddings=True, max_position_embeddings=16)
+                              max_position_embeddings=16, **config)
     torch.manual_seed(0)
     hf_model = GPTNeoXForCausalLM(hf_config).eval()
-    hf_model.save_pretrained(tmp_path / "tied")
+    hf_model.save_pretrained(path)
+    return hf_model
+
+
+def test_a_tied_hugging_face_model_converts_tied_and_keeps_its_logits(tmp_path, capsys):
+    """A GPTNeoX with tie_word_embeddings (no lm_head in its weights) and no exported umtrain config."""
+    hf_model = saved_gpt_neox(tmp_path / "tied", tie_word_embeddings=True)
     assert main(["convert", str(tmp_path / "tied"), str(tmp_path / "portable"), "--to", "portable"]) == 0
     model, config = load_portable(tmp_path / "portable")
     assert not config.model.untie_embeddings_and_output_weights
@@ -157,14 +163,7 @@ def test_hugging_face_attention_without_bias_rope_defaults_and_scaling(tmp_path,
     """GPTNeoX with `attention_bias: false` wrote a checkpoint nothing could load; a config without a rotary
     fraction means transformers' 0.25, not 1; scaled RoPE has no umtrain counterpart (it converted, silently
     another model)."""
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-
-    hf_config = GPTNeoXConfig(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                              intermediate_size=64, hidden_act="gelu", use_parallel_residual=False,
-                              attention_bias=False, max_position_embeddings=16)
-    torch.manual_seed(0)
-    hf_model = GPTNeoXForCausalLM(hf_config).eval()
-    hf_model.save_pretrained(tmp_path / "hf")
+    hf_model = saved_gpt_neox(tmp_path / "hf", attention_bias=False)
     config_json = tmp_path / "hf" / "config.json"
     written = json.loads(config_json.read_text())
     rope = written.pop("rope_parameters", None) or {}
