@@ -67,8 +67,8 @@ class ModelRunner:
         self.tokenizer = self._load_tokenizer()
         self.vocab_size = padded_vocab_size(config, self.tokenizer.vocab_size)
         self.tconfig = transformer_config(config)
+        self.train_samples = self._training_samples()   # first: a checkpoint that cannot be used fails before the model
         self.model = self._build_model()   # before the data: a model that cannot run here fails before any index build
-        self.train_samples = self._training_samples()
         self.datasets = self._build_datasets(self.train_samples)
         self.valid_batches = self.batches_of(self.datasets[1])
         self.iteration = 0
