@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 
+import psutil
 import pytest
 import torch
 
@@ -91,8 +92,12 @@ def test_a_stop_signal_without_a_save_directory_says_nothing_was_saved(four_step
 
 
 def _kill_during_manifest(directory, iteration):
+    """The machine dies once the data files are written, before they are verified and renamed: this process and
+    every process it started (dist_checkpointing's writer workers would otherwise outlive the test, orphaned)."""
     if iteration == 4:
-        os.kill(os.getpid(), signal.SIGKILL)    # data files written, not yet verified nor renamed
+        for child in psutil.Process().children(recursive=True):
+            child.kill()
+        os.kill(os.getpid(), signal.SIGKILL)
     return _original_write_manifest(directory, iteration)
 
 
