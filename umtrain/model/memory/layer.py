@@ -351,7 +351,7 @@ class MemoryLayer(nn.Module):
         top1 = selection.summed[..., 0].detach().float().mean()
         output_std = out.detach().float().std()
         self.last_stats = {"rows": rows.detach(), "top1_score": top1, "output_std": output_std}
-        self.value_hits[rows.flatten()] = True
+        self.value_hits.index_fill_(0, rows.flatten(), True)   # not `[rows] = True`: index_put_ syncs on CUDA
         if self.stat_sums is None or self.stat_sums.device != out.device:
             self.stat_sums = torch.zeros(3, dtype=torch.float64, device=out.device)
         self.stat_sums += torch.stack([top1.double(), output_std.double(), top1.new_ones((), dtype=torch.float64)])
