@@ -13,7 +13,7 @@ import dataclasses
 import functools
 import os
 import random
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -86,20 +86,29 @@ def _set_states_except_step(inner: DistributedOptimizer, model_param, tensors: d
                 target.copy_(tensors[key])
 
 
+@contextlib.contextmanager
+def methods_replaced(replacements: list[tuple[Any, str, Callable]]) -> Iterator[None]:
+    """Each (object, name, function): the object's method `name` is `function` while the block runs (an instance
+    attribute over Megatron's method, deleted afterwards)."""
+    for obj, name, function in replacements:
+        setattr(obj, name, function)
+    try:
+        yield
+    finally:
+        for obj, name, _ in replacements:
+            delattr(obj, name)
+
+
 def load_optimizer_state(optimizer, loaded: Any) -> None:
     """`ChainedOptimizer.load_state_dict`, with the three fixes a TE/apex-less Megatron-Core 0.16.1 needs
     (shared/MEGATRON_CPU_NOTES.md): states copied under no_grad, `step` skipped there, and afterwards every
     parameter given its OWN `step` tensor (Megatron hands all of them one shared tensor, which torch's AdamW then
     increments once per parameter per step, silently breaking bias correction)."""
-    inners = distributed_optimizers(optimizer)
-    for inner in inners:
-        inner._set_main_param_and_optimizer_states = functools.partial(_set_states_except_step, inner)
-    try:
-        with parameterless_optimizers_stated(optimizer):
-            optimizer.load_state_dict(loaded)
-    finally:
-        for inner in inners:
-            del inner._set_main_param_and_optimizer_states
+    copies_without_step = [(inner, "_set_main_param_and_optimizer_states",
+                            functools.partial(_set_states_except_step, inner))
+                           for inner in distributed_optimizers(optimizer)]
+    with methods_replaced(copies_without_step), parameterless_optimizers_stated(optimizer):
+        optimizer.load_state_dict(loaded)
     for inner in optimizer.chained_optimizers:
         for state in inner.optimizer.state.values():
             if "step" in state:
@@ -120,14 +129,10 @@ def bucket_padding_kept(optimizer) -> Iterator[None]:
     was saved shifted (the shared embedding under the interleaved pipeline has a bucket of its own; so do the
     buckets of `overlap_grad_reduce`), with zeros at the end, and a resume trained on from a corrupted optimizer
     state. While the state dict is built, the gathered tensors are laid out as the buffer is."""
-    inners = distributed_optimizers(optimizer)
-    for inner in inners:
-        inner.get_parameter_state_dp_zero = functools.partial(_parameter_state_in_buffer_layout, inner)
-    try:
+    with methods_replaced([(inner, "get_parameter_state_dp_zero",
+                            functools.partial(_parameter_state_in_buffer_layout, inner))
+                           for inner in distributed_optimizers(optimizer)]):
         yield
-    finally:
-        for inner in inners:
-            del inner.get_parameter_state_dp_zero
 
 
 def _parameter_state_in_buffer_layout(inner: DistributedOptimizer, **kwargs) -> Optional[dict]:
@@ -163,14 +168,9 @@ def parameterless_optimizers_stated(optimizer) -> Iterator[None]:
     empty = [inner for inner in optimizer.chained_optimizers
              if not any(group["params"] for group in inner.optimizer.param_groups)]
     step = chain_step(optimizer)
-    stand_ins = [(inner, name, method) for inner in empty for name, method in _stand_ins(inner, step).items()]
-    for inner, name, method in stand_ins:
-        setattr(inner, name, method)
-    try:
+    with methods_replaced([(inner, name, method)
+                           for inner in empty for name, method in _stand_ins(inner, step).items()]):
         yield
-    finally:
-        for inner, name, _ in stand_ins:
-            delattr(inner, name)
 
 
 def _stand_ins(inner, step: float) -> dict[str, Any]:
