@@ -147,10 +147,11 @@ def test_stream_runner_accumulates_memory_gradients_on_its_stream():
     runner = StreamRunner()
     runner.adopt_parameters(layer.parameters())
     held_like_ddp = [p.expand_as(p).grad_fn.next_functions[0][0] for p in layer.parameters()]
-    x = torch.randn(16, 2, HIDDEN, device="cuda", requires_grad=True)
+    inputs = torch.randn(16, 2, HIDDEN, device="cuda", requires_grad=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(2):
+            x = torch.tanh(inputs)  # not a leaf, as block a's output is: a leaf read on both streams would warn itself
             main, pending = runner.start(layer, x, x)
             (runner.finish(pending) + main).sum().backward()
         torch.cuda.synchronize()
