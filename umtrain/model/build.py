@@ -3,21 +3,16 @@ layout-independently."""
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.transformer import TransformerConfig
 
 from umtrain.config import Config
 from umtrain.model.gpt import build_model_chunk
 from umtrain.model.init import initialize_model
 from umtrain.model.memory_block import memory_modules
-from umtrain.parallel.overlap import memory_runner
-from umtrain.parallel.sequence import MemorySequenceSplit, memory_sequence_split
-
-MemoryLookupFactory = Callable[[int], tuple[Callable, Optional[tuple[int, int]]]]
-"""placement index -> (lookup-reduce callable, local table shape or None for the full table)."""
+from umtrain.parallel.parallelize import MemoryLayerParallelism
 
 
 def placement_index_of_reader(config: Config) -> dict[int, int]:
@@ -25,8 +20,7 @@ def placement_index_of_reader(config: Config) -> dict[int, int]:
     return {a: index for index, (a, _) in enumerate(config.model.memory.parsed_placements("model.memory"))}
 
 
-def make_memory_factory(config: Config, lookup_factory: Optional[MemoryLookupFactory],
-                        split: MemorySequenceSplit = MemorySequenceSplit()):
+def make_memory_factory(config: Config, parallelism: MemoryLayerParallelism):
     from umtrain.model.memory import MemoryLayer
     from umtrain.ops import get_lookup_reduce
 
@@ -34,28 +28,25 @@ def make_memory_factory(config: Config, lookup_factory: Optional[MemoryLookupFac
 
     def factory(reader_layer: int) -> torch.nn.Module:
         index = index_of[reader_layer]
-        lookup, table_shape = (lookup_factory(index) if lookup_factory is not None
+        lookup, table_shape = (parallelism.lookup_factory(index) if parallelism.lookup_factory is not None
                                else (get_lookup_reduce(config.model.memory.lookup_impl), None))
         return MemoryLayer(config.model.memory, hidden_size=config.model.hidden_size,
                            num_layers=config.model.num_layers, seed=config.training.seed, layer_index=index,
-                           lookup=lookup, table_shape=table_shape, sequence_history=split.history)
+                           lookup=lookup, table_shape=table_shape, sequence_history=parallelism.split.history)
 
     return factory
 
 
 def build_model_chunks(config: Config, tconfig: TransformerConfig, vocab_size: int,
-                       lookup_factory: Optional[MemoryLookupFactory] = None) -> list[torch.nn.Module]:
+                       memory: MemoryLayerParallelism = MemoryLayerParallelism()) -> list[torch.nn.Module]:
     """One chunk per virtual pipeline stage of this rank, on the training device, initialised from the seed."""
-    has_memory = config.model.has_memory
-    split = memory_sequence_split(has_memory and config.parallel.sequence_parallel)
-    factory = make_memory_factory(config, lookup_factory, split) if has_memory else None
-    runner = memory_runner(has_memory and config.model.memory.overlap, config.parallel.overlap_grad_reduce,
-                           config.parallel.overlap_param_gather)
+    factory = make_memory_factory(config, memory) if config.model.has_memory else None
     vpp = config.parallel.virtual_pipeline_model_parallel_size
     stages = range(vpp) if vpp else [None]
     chunks = []
     for vp_stage in stages:
-        chunk = build_model_chunk(config, tconfig, vocab_size, vp_stage, factory, split.aux_loss_scale, runner)
+        chunk = build_model_chunk(config, tconfig, vocab_size, vp_stage, factory, memory.split.aux_loss_scale,
+                                  memory.runner)
         if torch.cuda.is_available():
             chunk.cuda(torch.cuda.current_device())
         initialize_model(chunk, config.training.seed, config.model.init_method_std, config.model.num_layers,
@@ -80,7 +71,3 @@ def unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
     while hasattr(chunk, "module"):
         chunk = chunk.module
     return chunk
-
-
-def is_pipeline_last_stage() -> bool:
-    return parallel_state.is_pipeline_last_stage(ignore_virtual=True)

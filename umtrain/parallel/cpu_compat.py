@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import sys
 import types
 
@@ -119,19 +120,19 @@ def _with_cuda_typed_tensors(fn):
     return wrapper
 
 
+MEGATRON_MODULES = (
+    "megatron.core.distributed", "megatron.core.models.gpt", "megatron.core.optimizer",
+    "megatron.core.pipeline_parallel", "megatron.core.transformer.moe.moe_layer",
+    "megatron.core.transformer.moe.token_dispatcher", "megatron.core.dist_checkpointing",
+    "megatron.core.dist_checkpointing.strategies.torch", "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.datasets.blended_megatron_dataset_builder", "megatron.core.datasets.gpt_dataset",
+)
+
+
 def _import_megatron_modules() -> None:
     """Import every Megatron-Core module umtrain uses, so the rebinding below reaches all of them."""
-    import megatron.core.distributed  # noqa: F401
-    import megatron.core.models.gpt  # noqa: F401
-    import megatron.core.optimizer  # noqa: F401
-    import megatron.core.pipeline_parallel  # noqa: F401
-    import megatron.core.transformer.moe.moe_layer  # noqa: F401
-    import megatron.core.transformer.moe.token_dispatcher  # noqa: F401
-    import megatron.core.dist_checkpointing  # noqa: F401
-    import megatron.core.dist_checkpointing.strategies.torch  # noqa: F401
-    import megatron.core.dist_checkpointing.strategies.filesystem_async  # noqa: F401
-    import megatron.core.datasets.blended_megatron_dataset_builder  # noqa: F401
-    import megatron.core.datasets.gpt_dataset  # noqa: F401
+    for name in MEGATRON_MODULES:
+        importlib.import_module(name)
 
 
 def _patch_megatron_namespaces(proxy: _CpuTorch) -> None:

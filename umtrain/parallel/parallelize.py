@@ -1,14 +1,41 @@
-"""Apply data parallelism from outside the model: Megatron-Core DDP around every model chunk."""
+"""Apply parallelism from outside the model: what the memory layers are handed (their lookups over the
+memory-parallel group, the sequence split, the overlap runner), and Megatron-Core DDP around every model chunk."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.transformer import TransformerConfig
 
 from umtrain.config import Config
-from umtrain.parallel.memory_tables import finalize_model_grads_with_tables
-from umtrain.parallel.overlap import StreamRunner
+from umtrain.parallel.memory_tables import finalize_model_grads_with_tables, memory_lookup_factory
+from umtrain.parallel.overlap import StreamRunner, SyncRunner, memory_runner
+from umtrain.parallel.sequence import MemorySequenceSplit, memory_sequence_split
+
+
+@dataclass(frozen=True)
+class MemoryLayerParallelism:
+    """What the layout hands the model's memory layers. The defaults are one process: every table whole, the lookup
+    of `model.memory.lookup_impl`, no sequence split, no overlap."""
+
+    lookup_factory: Optional[Callable[[int], tuple[Callable, Optional[tuple[int, int]]]]] = None
+    """placement index -> (lookup-reduce over this rank's memory-parallel group, local table shape)."""
+    split: MemorySequenceSplit = MemorySequenceSplit()
+    runner: Any = field(default_factory=SyncRunner)
+
+
+def memory_layer_parallelism(config: Config) -> MemoryLayerParallelism:
+    """Call on every rank once the process groups exist (the sequence split uses the memory layers' TP group)."""
+    if not config.model.has_memory:
+        return MemoryLayerParallelism()
+    p = config.parallel
+    return MemoryLayerParallelism(
+        lookup_factory=memory_lookup_factory(config),
+        split=memory_sequence_split(p.sequence_parallel),
+        runner=memory_runner(config.model.memory.overlap, p.overlap_grad_reduce, p.overlap_param_gather))
 
 
 def mark_expert_parameters(chunk: torch.nn.Module) -> None:

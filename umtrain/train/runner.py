@@ -18,8 +18,8 @@ from umtrain.model.build import build_model_chunks, unwrap
 from umtrain.model.gpt import padded_vocab_size, transformer_config
 from umtrain.model.memory_block import memory_modules
 from umtrain.parallel.collectives import loss_on_every_rank
-from umtrain.parallel.memory_tables import mark_memory_parameters, memory_lookup_factory
-from umtrain.parallel.parallelize import mark_expert_parameters
+from umtrain.parallel.memory_tables import mark_memory_parameters
+from umtrain.parallel.parallelize import mark_expert_parameters, memory_layer_parallelism
 from umtrain.parallel.state import Layout, initialize_distributed, seed_everything
 from umtrain.train.batches import MicroBatches
 
@@ -97,8 +97,7 @@ class ModelRunner:
 
     def _build_model(self) -> list[torch.nn.Module]:
         config = self.config
-        chunks = build_model_chunks(config, self.tconfig, self.vocab_size,
-                                    memory_lookup_factory(config) if config.model.has_memory else None)
+        chunks = build_model_chunks(config, self.tconfig, self.vocab_size, memory_layer_parallelism(config))
         for chunk in chunks:
             mark_memory_parameters(memory_modules(chunk), config)
             mark_expert_parameters(chunk)
