@@ -12,17 +12,16 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from umtrain.cli.main import positive_int
 from umtrain.config import load_config
 from umtrain.config.base import ConfigError
 from umtrain.ops.lookup_reduce import get_lookup_reduce
-from umtrain.parallel.calibration import calibrate, calibrate_compute
-from umtrain.parallel.comm import Communicator, run_local_group
+from umtrain.parallel.calibration import calibrate_world
+from umtrain.parallel.comm import run_local_group
 from umtrain.parallel.cost_model import (DEFAULT_CALIBRATION, VARIANTS, Calibration, LayerPlan, crossover_value_dim,
                                          dims_from_config, plan_config, table_gradient_tp_sum_bytes)
-from umtrain.parallel.state import local_device_index
+from umtrain.parallel.state import resolve_backend
 
 
 TARGET_HAS_CUDA = True
@@ -163,7 +162,7 @@ def _ms(seconds) -> str:
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
-    backend = args.backend if args.backend != "auto" else ("nccl" if torch.cuda.is_available() else "gloo")
+    backend = resolve_backend(args.backend)
     options = (args.iters, args.lookup_impl if args.compute else None)
     try:
         check_calibrate_options(args)
@@ -171,14 +170,14 @@ def run_calibrate(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        calibration = _calibrate_worker(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), *options, backend)
+        calibration = calibrate_world(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), *options, backend)
         if int(os.environ["RANK"]) != 0:
             return 0
     else:
         if args.nproc < 2:
             print("error: --nproc: calibration needs at least 2 processes", file=sys.stderr)
             return 2
-        calibration = run_local_group(_calibrate_worker, args.nproc, *options, None, backend=backend)[0]
+        calibration = run_local_group(calibrate_world, args.nproc, *options, None, backend=backend)[0]
     calibration.save(args.output)
     print(f"alpha {calibration.alpha_s * 1e6:.1f} us, beta {calibration.beta_s_per_byte * 1e9:.4f} ns/byte "
           f"({1 / calibration.beta_s_per_byte / 1e9:.2f} GB/s), {backend}, {calibration.world_size} ranks "
@@ -204,27 +203,6 @@ def check_calibrate_options(args: argparse.Namespace) -> None:
             get_lookup_reduce(args.lookup_impl)
         except ConfigError as err:
             raise ConfigError("--lookup-impl", str(err).removeprefix(f"{err.key}: ")) from None
-
-
-def _calibrate_worker(rank: int, world_size: int, iters: int, lookup_impl: str | None,
-                      backend: str | None) -> Calibration:
-    """Under torchrun, `backend` names the group to create; spawned by run_local_group, the group exists.
-    `lookup_impl` None: communication only."""
-    if backend is not None:
-        dist.init_process_group(backend)
-    device = "cpu"
-    if dist.get_backend() == "nccl":
-        device = f"cuda:{local_device_index()}"
-        torch.cuda.set_device(device)
-    comm = Communicator(dist.group.WORLD)
-    calibration = calibrate(comm, iters=iters, device=device)
-    if lookup_impl is not None:
-        dtype = torch.bfloat16 if device != "cpu" else torch.float32
-        calibration = calibrate_compute(comm, calibration, get_lookup_reduce(lookup_impl), dtype=dtype, iters=iters,
-                                        device=device)
-    if backend is not None:
-        dist.destroy_process_group()
-    return calibration
 
 
 def _describe_compute(calibration: Calibration) -> str:

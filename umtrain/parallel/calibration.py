@@ -15,11 +15,12 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from umtrain.ops.lookup_reduce import LookupReduce, lookup_reduce_reference
+from umtrain.ops.lookup_reduce import LookupReduce, get_lookup_reduce, lookup_reduce_reference
 from umtrain.parallel.comm import Communicator
 from umtrain.parallel.cost_model import (VARIANTS, Calibration, ComputeObservation, LookupDims, Variant,
                                          fit_compute, variant_traffic)
 from umtrain.parallel.memory_sharding import make_sharded_lookup, row_offsets
+from umtrain.parallel.state import local_device_index
 
 
 def calibrate(comm: Communicator, sizes: Sequence[int] = (1 << 10, 1 << 14, 1 << 17, 1 << 20, 1 << 22),
@@ -92,6 +93,28 @@ def calibrate_compute(comm: Communicator, calibration: Calibration, local_impl: 
                    source=f"{calibration.source}; compute: fit to {len(points)} sizes x {len(VARIANTS)} variants "
                           f"of the sharded lookups ({getattr(local_impl, '__name__', 'lookup')}, {dtype}, median "
                           f"group step of {rounds} x {iters})")
+
+
+def calibrate_world(rank: int, world_size: int, iters: int, lookup_impl: str | None,
+                    backend: str | None) -> Calibration:
+    """`umtrain calibrate-comm` on one rank of the world: communication, and with `lookup_impl` the local compute of
+    each sharded lookup. Under torchrun `backend` names the group to create (and destroy after); spawned by
+    `run_local_group`, the group exists (`backend` None)."""
+    if backend is not None:
+        dist.init_process_group(backend)
+    device = "cpu"
+    if dist.get_backend() == "nccl":
+        device = f"cuda:{local_device_index()}"
+        torch.cuda.set_device(device)
+    comm = Communicator(dist.group.WORLD)
+    calibration = calibrate(comm, iters=iters, device=device)
+    if lookup_impl is not None:
+        dtype = torch.bfloat16 if device != "cpu" else torch.float32
+        calibration = calibrate_compute(comm, calibration, get_lookup_reduce(lookup_impl), dtype=dtype, iters=iters,
+                                        device=device)
+    if backend is not None:
+        dist.destroy_process_group()
+    return calibration
 
 
 def step_seconds(samples: Sequence[float]) -> float:

@@ -38,11 +38,15 @@ class Layout:
                 and parallel_state.get_data_parallel_rank() == 0)
 
 
-def backend_for(config: Config) -> str:
-    backend = config.parallel.distributed_backend
-    if backend == "auto":
+def resolve_backend(name: str) -> str:
+    """`auto`: NCCL where there is a GPU, gloo otherwise."""
+    if name == "auto":
         return "nccl" if torch.cuda.is_available() else "gloo"
-    return backend
+    return name
+
+
+def backend_for(config: Config) -> str:
+    return resolve_backend(config.parallel.distributed_backend)
 
 
 def local_device_index() -> int:
