@@ -71,7 +71,7 @@ def test_apply_lr_sets_groups_by_kind():
                            "optimizer.weight_decay=0.1", "schedule.lr_warmup_iters=0", "training.train_iters=10",
                            "schedule.lr_decay_style=constant"])
     groups = [{"wd_mult": 0.0}, {"umtrain_value_lr": True, "wd_mult": 1.0}, {"lr_mult": 0.5, "wd_mult": 1.0}]
-    apply_lr(c, groups, step=0)
+    assert apply_lr(c, groups, step=0) == pytest.approx((1.0, 10.0))
     assert [g["lr"] for g in groups] == pytest.approx([1.0, 10.0, 0.5])
     assert [g["weight_decay"] for g in groups] == pytest.approx([0.0, 0.1, 0.1])
 

@@ -88,6 +88,20 @@ def merged_from_all_ranks(local: dict) -> dict:
     return {key: value for part in gathered for key, value in part.items()}
 
 
+def memory_health_over_ranks(layers: list[torch.nn.Module]) -> dict[str, float]:
+    """`memory/layer{N}/{metric}` for every memory layer of the model (each transformer layer in `layers` carries one
+    as `.memory`), over the tokens of every TP and DP rank, gathered from all stages; resets the counters.
+    Collective over the world."""
+    merge_memory_health([layer.memory for layer in layers])
+    reports = parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
+    local = {}
+    for layer in layers:
+        metrics = layer.memory.health_metrics(reset=True)
+        if reports:
+            local.update({f"memory/layer{layer.layer_number}/{key}": value for key, value in metrics.items()})
+    return merged_from_all_ranks(local)
+
+
 def merge_memory_health(memories: list[torch.nn.Module]) -> None:
     """Combine the memory layers' health counters (values hit, summed top-1 scores and output stds) over the ranks
     that run the same layers on other tokens (TP x DP of this pipeline stage: under sequence parallelism TP ranks see

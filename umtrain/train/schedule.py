@@ -65,11 +65,11 @@ def value_lr_multiplier(config: Config, step: int) -> float:
     return 1.0 + (memory.value_lr_multiplier - 1.0) * max(0.0, 1.0 - step / decay_iters(config))
 
 
-def apply_lr(config: Config, param_groups, step: int) -> float:
-    """Set every group's LR and weight decay for `step`; returns the base LR."""
+def apply_lr(config: Config, param_groups, step: int) -> tuple[float, float]:
+    """Set every group's LR and weight decay for `step`; returns the base LR and the value tables' LR."""
     lr = base_lr(config, step)
     value_lr = lr * value_lr_multiplier(config, step)
     for group in param_groups:
         group["lr"] = (value_lr if group.get("umtrain_value_lr") else lr) * group.get("lr_mult", 1.0)
         group["weight_decay"] = config.optimizer.weight_decay * group.get("wd_mult", 1.0)
-    return lr
+    return lr, value_lr

@@ -10,7 +10,6 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from megatron.core import parallel_state
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler, clear_aux_losses_tracker
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -19,7 +18,7 @@ from umtrain.checkpoint import Checkpointer, PreemptionHandler, Preempted
 from umtrain.config import Config
 from umtrain.model.build import unwrap
 from umtrain.model.memory_block import MEMORY_AUX_LOSS
-from umtrain.parallel.collectives import aux_losses_over_pipeline, merge_memory_health, merged_from_all_ranks
+from umtrain.parallel.collectives import aux_losses_over_pipeline, memory_health_over_ranks
 from umtrain.parallel.memory_tables import check_table_overflow
 from umtrain.parallel.parallelize import wrap_data_parallel
 from umtrain.train.metrics import (
@@ -32,7 +31,7 @@ from umtrain.train.metrics import (
 )
 from umtrain.train.optimizer import build_optimizer, guarded_step
 from umtrain.train.runner import History, ModelRunner
-from umtrain.train.schedule import apply_lr, value_lr_multiplier, warmup_overrun
+from umtrain.train.schedule import apply_lr, warmup_overrun
 
 logger = logging.getLogger("umtrain")
 
@@ -114,7 +113,7 @@ class Trainer(ModelRunner):
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
-        lr = apply_lr(self.config, self.optimizer.param_groups, self.iteration)
+        lr, value_lr = apply_lr(self.config, self.optimizer.param_groups, self.iteration)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         # Assigned, not `set_loss_scale`'s in-place copy: a backward through an aux loss before any scale was set
         # (another model in this process) leaves a 0-d tensor there, into which no [1]-shaped scale can be copied.
@@ -123,7 +122,7 @@ class Trainer(ModelRunner):
         loss_dicts = self._run_schedule(self.train_batches, self.consumed_samples, forward_only=False)
         loss = self._mean_loss(loss_dicts)
         self.history.lr.append(lr)
-        self.history.value_lr.append(lr * value_lr_multiplier(self.config, self.iteration))
+        self.history.value_lr.append(value_lr)
         if not math.isfinite(loss):
             return TrainStep(loss, math.nan, False, lr)
         result = guarded_step(self.optimizer, self.config.optimizer.clip_grad)
@@ -143,17 +142,9 @@ class Trainer(ModelRunner):
         return {AUX_LOSS_LOG_NAMES.get(name, name): total / micro_batches for name, total in totals.items()}
 
     def _memory_health(self) -> dict[str, float]:
-        """Per memory layer: fraction of values hit, mean top-1 score, output std (over all TP and DP ranks, gathered
-        from all stages)."""
-        layers = [layer for chunk in self.model for layer in unwrap(chunk).modules()
-                  if hasattr(getattr(layer, "memory", None), "health_metrics")]
-        merge_memory_health([layer.memory for layer in layers])
-        local = {}
-        for layer in layers:
-            metrics = layer.memory.health_metrics(reset=True)
-            if parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0:
-                local.update({f"memory/layer{layer.layer_number}/{key}": value for key, value in metrics.items()})
-        return merged_from_all_ranks(local)
+        """Per memory layer: fraction of values hit, mean top-1 score, output std. Collective over the world."""
+        return memory_health_over_ranks([layer for chunk in self.model for layer in unwrap(chunk).modules()
+                                         if hasattr(getattr(layer, "memory", None), "health_metrics")])
 
     def _log(self, values: dict[str, float], bar: tqdm) -> None:
         self.metrics.scalars(values, self.iteration)
