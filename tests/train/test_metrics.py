@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from umtrain.config import load_config
-from umtrain.train.metrics import (MetricsWriter, format_line, format_memory_health, training_flops_per_token,
-                                   wandb_resume)
+from umtrain.train.metrics import (MetricsWriter, format_line, format_memory_health, perplexity_of,
+                                   training_flops_per_token, wandb_resume)
+
+
+def test_perplexity_is_inf_past_the_largest_float_not_a_clamped_number():
+    assert abs(perplexity_of(math.log(20.0)) - 20.0) < 1e-9
+    assert perplexity_of(60.0) == math.exp(60.0)
+    assert perplexity_of(1000.0) == math.inf
 
 
 def test_format_line_shows_every_known_value():

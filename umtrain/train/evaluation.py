@@ -9,13 +9,13 @@ the validation split repeats the training run's own validation exactly. Nothing 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from umtrain.config import Config, ConfigError, config_from_dict, load_config
 from umtrain.config.base import set_dotted, to_dict
+from umtrain.train.metrics import perplexity_of
 
 SPLITS = ("valid", "test")
 """The evaluable parts of `data.split` (the second and third numbers)."""
@@ -101,13 +101,6 @@ def check_split_has_data(config: Config, split: str) -> None:
     if weight == 0:
         raise ConfigError("data.split", f"{d.split!r} gives the {split} part no data: nothing to evaluate with "
                                         f"--split {split}")
-
-
-def perplexity_of(loss: float) -> float:
-    try:
-        return math.exp(loss)
-    except OverflowError:
-        return math.inf
 
 
 def evaluate_checkpoint(config: Config, split: str) -> Evaluation:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import resource
 from typing import Optional
@@ -106,6 +107,14 @@ def format_line(step: int, total: int, values: dict[str, float]) -> str:
         if key in values:
             parts.append(fmt.format(values[key]))
     return " | ".join(parts)
+
+
+def perplexity_of(loss: float) -> float:
+    """exp(loss); inf past the largest float (an early validation of a diverged run)."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
 
 
 def format_memory_health(values: dict[str, float]) -> str:

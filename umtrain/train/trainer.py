@@ -26,6 +26,7 @@ from umtrain.train.metrics import (
     format_line,
     format_memory_health,
     memory_in_use_gib,
+    perplexity_of,
     peak_flops_per_device,
     training_flops_per_token,
 )
@@ -244,7 +245,7 @@ class Trainer(ModelRunner):
         self.history.valid_loss[self.iteration] = valid
         self.metrics.scalars({"valid_loss": valid}, self.iteration)
         if self.layout.is_logging_rank:
-            bar.write(f"validation at step {self.iteration}: loss {valid:.4f} | ppl {math.exp(min(valid, 50)):.2f}")
+            bar.write(f"validation at step {self.iteration}: loss {valid:.4f} | ppl {perplexity_of(valid):.2f}")
 
     def _finish(self) -> History:
         """Save the last step unless already saved, wait for an asynchronous save, close the metrics."""
