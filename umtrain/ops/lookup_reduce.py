@@ -43,12 +43,7 @@ def check_lookup_reduce_inputs(rows: torch.Tensor, blocks: torch.Tensor, scores:
     on a GPU that check would cost a device-to-host synchronisation per memory layer."""
     if rows.dtype != torch.int64 or blocks.dtype != torch.int64:
         raise ValueError(f"rows and blocks must be int64, got rows {rows.dtype}, blocks {blocks.dtype}")
-    if rows.dim() != 2 or blocks.shape != rows.shape:
-        raise ValueError(f"rows and blocks must both be [T, K], got rows {tuple(rows.shape)}, "
-                         f"blocks {tuple(blocks.shape)}")
-    if scores.dim() != 3 or scores.shape[1:] != rows.shape:
-        raise ValueError(f"scores must be [h, T, K] = [h, {rows.shape[0]}, {rows.shape[1]}], "
-                         f"got {tuple(scores.shape)}")
+    check_lookup_shapes(rows, blocks, scores)
     if table.dim() != 2:
         raise ValueError(f"table must be [N, d_v], got {tuple(table.shape)}")
     if scores.shape[0] < 1 or table.shape[1] % scores.shape[0]:
@@ -60,6 +55,15 @@ def check_lookup_reduce_inputs(rows: torch.Tensor, blocks: torch.Tensor, scores:
         _check_range("blocks", blocks, num_blocks)
 
 
+def check_lookup_shapes(rows: torch.Tensor, blocks: torch.Tensor, scores: torch.Tensor) -> None:
+    if rows.dim() != 2 or blocks.shape != rows.shape:
+        raise ValueError(f"rows and blocks must both be [T, K], got rows {tuple(rows.shape)}, "
+                         f"blocks {tuple(blocks.shape)}")
+    if scores.dim() != 3 or scores.shape[1:] != rows.shape:
+        raise ValueError(f"scores must be [h, T, K] = [h, {rows.shape[0]}, {rows.shape[1]}], "
+                         f"got {tuple(scores.shape)}")
+
+
 def _check_range(name: str, index: torch.Tensor, size: int) -> None:
     low, high = torch.aminmax(index)
     if low < 0 or high >= size:
@@ -69,10 +73,14 @@ def _check_range(name: str, index: torch.Tensor, size: int) -> None:
 LOOKUP_REDUCE_IMPLS: Dict[str, LookupReduce] = {"reference": lookup_reduce_reference}
 
 
+def triton_runs_on(device_type: str) -> bool:
+    """Triton kernels run on a GPU, or on CPU tensors under its interpreter (how CI tests them)."""
+    return device_type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def check_triton_can_run() -> None:
-    """Triton kernels run on a GPU, or on CPU tensors under its interpreter (how CI tests them): refuse `triton` on
-    a machine with neither when the model is built, not at its first forward."""
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    """Refuse `triton` on a machine that cannot run it when the model is built, not at its first forward."""
+    if not triton_runs_on("cuda" if torch.cuda.is_available() else "cpu"):
         raise ConfigError("model.memory.lookup_impl", "'triton' runs on GPU, and this machine has none (use 'fused' "
                                                       "on CPU, or set TRITON_INTERPRET=1 to interpret the kernels)")
 

@@ -10,14 +10,13 @@ Imported only when asked for (`get_lookup_reduce("triton")`), so CPU paths never
 
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from umtrain.ops.lookup_reduce import LOOKUP_REDUCE_IMPLS, check_lookup_reduce_inputs
+from umtrain.ops.lookup_reduce import LOOKUP_REDUCE_IMPLS, check_lookup_reduce_inputs, triton_runs_on
 
 MAX_BLOCK_D = 64
 """Columns per program; with BLOCK_K = next_pow2(K) <= 128 the [BLOCK_K, BLOCK_D] fp32 tile stays in registers."""
@@ -129,7 +128,7 @@ def triton_lookup_reduce(rows: torch.Tensor, blocks: torch.Tensor, scores: torch
                          num_blocks: int) -> torch.Tensor:
     """Same signature and semantics as `lookup_reduce_reference`; pooled is in the table's dtype."""
     check_lookup_reduce_inputs(rows, blocks, scores, table, num_blocks)
-    if table.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if not triton_runs_on(table.device.type):
         raise ValueError(f"model.memory.lookup_impl: 'triton' runs on GPU, but the table is on {table.device} "
                          f"(use 'fused' on CPU, or set TRITON_INTERPRET=1 to interpret the kernels)")
     return TritonLookupReduce.apply(rows, blocks, scores, table, num_blocks)

@@ -33,7 +33,7 @@ from typing import Literal, Optional
 import torch
 import torch.distributed as dist
 
-from umtrain.ops.lookup_reduce import LookupReduce
+from umtrain.ops.lookup_reduce import LookupReduce, check_lookup_shapes
 from umtrain.parallel.comm import Communicator, all_to_all
 from umtrain.parallel.cost_model import LayerPlan, dimension_wise_problem
 
@@ -70,10 +70,7 @@ def _to_index(values: torch.Tensor, bound: int, what: str) -> torch.Tensor:
 
 def _check_inputs(rows: torch.Tensor, blocks: torch.Tensor, scores: torch.Tensor, table_shard: torch.Tensor,
                   expected_shape: tuple[int, int]) -> None:
-    if rows.shape != blocks.shape or rows.dim() != 2:
-        raise ValueError(f"rows {tuple(rows.shape)} and blocks {tuple(blocks.shape)} must both be [T, K]")
-    if scores.dim() != 3 or tuple(scores.shape[1:]) != tuple(rows.shape):
-        raise ValueError(f"scores {tuple(scores.shape)} must be [h, T, K] with [T, K] = {tuple(rows.shape)}")
+    check_lookup_shapes(rows, blocks, scores)
     if tuple(table_shard.shape) != expected_shape:
         raise ValueError(f"table shard is {tuple(table_shard.shape)}, this rank's shard is {expected_shape}")
 
