@@ -24,7 +24,7 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from umtrain.config import Config
 from umtrain.config.base import to_dict
-from umtrain.data.datasets import is_number, next_samples_fingerprint
+from umtrain.data.datasets import next_samples_fingerprint, split_blend
 
 FORMAT_VERSION = 3
 """2: MoE experts are expert-parallel parameters at every expert-parallel size (their own chained optimizer).
@@ -262,14 +262,17 @@ def with_absolute_data_paths(config: Config) -> Config:
     def absolute(path: str | None) -> str | None:
         return os.path.abspath(path) if path else path
 
-    def blend(paths: list[str] | None) -> list[str] | None:
+    def blend(paths: list[str] | None, key: str) -> list[str] | None:
         if not paths:
             return paths
-        weighted = any(is_number(p) for p in paths)
-        return [p if weighted and i % 2 == 0 else absolute(p) for i, p in enumerate(paths)]
+        prefixes, weights = split_blend(paths, key)
+        if weights is None:
+            return [absolute(prefix) for prefix in prefixes]
+        return [item for weight, prefix in zip(paths[0::2], prefixes) for item in (weight, absolute(prefix))]
 
-    data = dataclasses.replace(d, data_path=blend(d.data_path), valid_data_path=blend(d.valid_data_path),
-                   tokenizer_model=absolute(d.tokenizer_model), cache_path=absolute(d.cache_path))
+    data = dataclasses.replace(d, data_path=blend(d.data_path, "data.data_path"),
+                               valid_data_path=blend(d.valid_data_path, "data.valid_data_path"),
+                               tokenizer_model=absolute(d.tokenizer_model), cache_path=absolute(d.cache_path))
     return dataclasses.replace(config, data=data)
 
 

@@ -41,26 +41,31 @@ def parse_blend(paths: list[str], key: str) -> Blend:
 
     Every prefix must have its `.bin` and `.idx`; errors name `key` (e.g. 'data.data_path').
     """
-    if not paths:
-        raise ConfigError(key, "is empty")
-    weighted = any(is_number(p) for p in paths)
-    prefixes = list(paths[1::2]) if weighted else list(paths)
-    weights = None
-    if weighted:
-        if len(paths) % 2 or not all(is_number(w) for w in paths[0::2]) or any(is_number(p) for p in prefixes):
-            raise ConfigError(key, f"a blend must alternate weight and prefix: [w, prefix, w, prefix, ...], "
-                                   f"got {paths}")
-        weights = [float(w) for w in paths[0::2]]
-        for text, weight, prefix in zip(paths[0::2], weights, prefixes):
-            if not (np.isfinite(weight) and weight > 0):
-                raise ConfigError(key, f"blend weights must be > 0 and finite, got {text!r} for {prefix}")
-        if not np.isfinite(sum(weights)):
-            raise ConfigError(key, f"blend weights {paths[0::2]} overflow when summed (Megatron normalises them); "
-                                   f"scale them down")
+    prefixes, weights = split_blend(paths, key)
     for prefix in prefixes:
         for suffix in (".bin", ".idx"):
             if not Path(prefix + suffix).is_file():
                 raise ConfigError(key, f"{prefix}{suffix} not found (run `umtrain preprocess` first)")
+    return prefixes, weights
+
+
+def split_blend(paths: list[str], key: str) -> Blend:
+    """The prefixes and weights of a blend list, checked for form only (no file is read)."""
+    if not paths:
+        raise ConfigError(key, "is empty")
+    if not any(is_number(p) for p in paths):
+        return list(paths), None
+    prefixes = list(paths[1::2])
+    if len(paths) % 2 or not all(is_number(w) for w in paths[0::2]) or any(is_number(p) for p in prefixes):
+        raise ConfigError(key, f"a blend must alternate weight and prefix: [w, prefix, w, prefix, ...], "
+                               f"got {paths}")
+    weights = [float(w) for w in paths[0::2]]
+    for text, weight, prefix in zip(paths[0::2], weights, prefixes):
+        if not (np.isfinite(weight) and weight > 0):
+            raise ConfigError(key, f"blend weights must be > 0 and finite, got {text!r} for {prefix}")
+    if not np.isfinite(sum(weights)):
+        raise ConfigError(key, f"blend weights {paths[0::2]} overflow when summed (Megatron normalises them); "
+                               f"scale them down")
     return prefixes, weights
 
 
