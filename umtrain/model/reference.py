@@ -23,20 +23,23 @@ from umtrain.config.schema import MemoryConfig
 
 @dataclass
 class ModelArgs:
+    """The model fields the reference implementation reads, all from the typed config (`from_config`)."""
+
     vocab_size: int
     num_layers: int
     hidden_size: int
     ffn_hidden_size: int
     num_heads: int
-    normalization: str = "LayerNorm"
-    norm_eps: float = 1e-5
-    bias: bool = True
-    rotary_base: float = 10000.0
-    rotary_percent: float = 1.0
-    tied_embeddings: bool = True
-    final_norm: bool = True
-    memory: Optional[MemoryConfig] = None
-    seed: int = 1234
+    head_dim: int
+    normalization: str
+    norm_eps: float
+    bias: bool
+    rotary_base: int
+    rotary_dim: int
+    tied_embeddings: bool
+    final_norm: bool
+    memory: Optional[MemoryConfig]
+    seed: int
 
     @classmethod
     def from_config(cls, config: Config, vocab_size: int, final_norm: bool = True) -> "ModelArgs":
@@ -44,15 +47,11 @@ class ModelArgs:
         if m.family == "moe":
             raise ValueError("model.family 'moe' has no reference implementation (dense, pkm and ultramem do)")
         return cls(vocab_size=vocab_size, num_layers=m.num_layers, hidden_size=m.hidden_size,
-                   ffn_hidden_size=m.ffn_size, num_heads=m.num_attention_heads, normalization=m.normalization,
-                   norm_eps=m.layernorm_epsilon, bias=m.linear_bias, rotary_base=m.rotary_base,
-                   rotary_percent=m.rotary_percent, tied_embeddings=not m.untie_embeddings_and_output_weights,
-                   final_norm=final_norm, memory=m.memory if m.has_memory else None,
-                   seed=config.training.seed)
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+                   ffn_hidden_size=m.ffn_size, num_heads=m.num_attention_heads, head_dim=m.head_dim,
+                   normalization=m.normalization, norm_eps=m.layernorm_epsilon, bias=m.linear_bias,
+                   rotary_base=m.rotary_base, rotary_dim=m.rotary_dim,
+                   tied_embeddings=not m.untie_embeddings_and_output_weights, final_norm=final_norm,
+                   memory=m.memory if m.has_memory else None, seed=config.training.seed)
 
     def placements(self) -> list[tuple[int, int]]:
         """Sorted (reader, writer) 1-based layer pairs."""
@@ -67,7 +66,7 @@ def make_norm(args: ModelArgs) -> nn.Module:
 
 def rotary_tables(args: ModelArgs, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [seq, rot_dim] for positions 0..seq-1 (Megatron's RotaryEmbedding: cat(freqs, freqs))."""
-    rot_dim = int(args.head_dim * args.rotary_percent)
+    rot_dim = args.rotary_dim
     inv_freq = 1.0 / (args.rotary_base ** (torch.arange(0, rot_dim, 2, dtype=torch.float32, device=device) / rot_dim))
     freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
     emb = torch.cat((freqs, freqs), dim=-1)
