@@ -9,11 +9,13 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -33,6 +35,31 @@ def lookup_reduce_benchmark_inputs(*, tokens: int, k: int, cores: int, d_v: int,
     table = torch.randn(rows, d_v, generator=gen, dtype=dtype, device=device).requires_grad_()
     grad = torch.randn(tokens, blocks, d_v, generator=gen, dtype=dtype, device=device)
     return index_rows, index_blocks, scores, table, grad
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work (a no-op on CPU), so that a timer reads the work, not its launch."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+@contextmanager
+def torch_threads(count: Optional[int]) -> Iterator[None]:
+    """torch's intra-op thread count set to `count` (unchanged when None or 0) inside, restored after."""
+    previous = torch.get_num_threads()
+    if count:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=4)
+    return q[0], q[2]
 
 
 def cpu_model_name() -> str:

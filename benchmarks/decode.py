@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from common import machine, write_result
+from common import machine, synchronize, torch_threads, write_result
 
 from umtrain.config import load_config
 from umtrain.model.accounting import count
@@ -86,11 +86,6 @@ def build_model(config, dtype: torch.dtype, device: torch.device) -> ReferenceGP
     vocab = config.model.vocab_size or config.data.mock_vocab_size
     model = ReferenceGPT(ModelArgs.from_config(config, vocab_size=vocab))
     return model.to(device=device, dtype=dtype).eval()
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 @torch.no_grad()
@@ -156,13 +151,8 @@ def print_table(result: dict) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    previous_threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         result = run(args)
-    finally:
-        torch.set_num_threads(previous_threads)
     print_table(result)
     return write_result(args.out, result, __file__, argv)
 

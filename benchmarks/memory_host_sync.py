@@ -49,8 +49,8 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from memory_layer_profile import SYNC_CALLS
-from common import write_result
-from memory_overlap import forward_backward, quartiles, timed_step
+from common import quartiles, write_result
+from memory_overlap import forward_backward, timed_step
 from umtrain.config import Config, ConfigError, load_config
 from umtrain.parallel.cost_model import fixed_capacity
 from umtrain.parallel.memory_sharding import LocalLookup, ShardedLookup, make_sharded_lookup

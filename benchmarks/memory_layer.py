@@ -47,7 +47,7 @@ if "--small-pages" not in sys.argv:
 import torch                                                          # noqa: E402
 import torch.nn as nn                                                 # noqa: E402
 
-from common import machine, write_result                              # noqa: E402
+from common import machine, torch_threads, write_result                # noqa: E402
 from umtrain.config.base import ConfigError                           # noqa: E402
 from umtrain.config.schema import MemoryConfig                        # noqa: E402
 from umtrain.model.accounting import memory_layer_components          # noqa: E402
@@ -404,12 +404,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Dict]:
     if args.measure_peaks:
         measure_peaks_here(args)
         return None
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         summary = run(args)
-    finally:
-        torch.set_num_threads(previous_threads)
     print_table(summary)
     return write_result(args.out, summary, __file__, argv)
 

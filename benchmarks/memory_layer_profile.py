@@ -25,7 +25,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from common import write_result
+from common import synchronize, write_result
 from umtrain.config.schema import MemoryConfig
 from umtrain.model.memory import MemoryLayer
 from umtrain.ops.host_sync import record_host_syncs
@@ -41,11 +41,6 @@ def build_layer(args: argparse.Namespace, device: str, dtype: torch.dtype) -> Me
                           num_heads=args.heads, topk=args.top_m, ive_expansion=4, tucker_rank=2, num_cores=2,
                           query_conv_kernel=5, lookup_impl=args.lookup_impl)
     return MemoryLayer(config, args.hidden, num_layers=12, seed=0, layer_index=0).to(device=device, dtype=dtype)
-
-
-def synchronize(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def step(layer: MemoryLayer, x: torch.Tensor, grad: torch.Tensor, backward: bool) -> None:

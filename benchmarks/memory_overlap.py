@@ -40,7 +40,7 @@ from typing import Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from common import write_result
+from common import quartiles, synchronize, write_result
 from umtrain.config import config_from_dict
 from umtrain.parallel.comm import GRAD_SUFFIX, Communicator, run_local_group
 
@@ -149,19 +149,14 @@ def forward_backward(model, batch: dict[str, torch.Tensor]) -> float:
     return float(loss.detach())
 
 
-def _wait_for_device() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def timed_step(model, batch: dict[str, torch.Tensor]) -> tuple[float, float, float]:
     """(wall seconds of the slower rank, CPU seconds of this process in all its threads, loss)."""
-    _wait_for_device()
+    synchronize("cuda" if torch.cuda.is_available() else "cpu")
     dist.barrier()
     start, cpu_start = time.perf_counter(), time.process_time()
     loss = forward_backward(model, batch)
     cpu = time.process_time() - cpu_start
-    _wait_for_device()
+    synchronize("cuda" if torch.cuda.is_available() else "cpu")
     dist.barrier()
     return time.perf_counter() - start, cpu, loss
 
@@ -207,13 +202,6 @@ def _worker(rank: int, world: int, setting: Setting) -> dict:
         return result
     finally:
         parallel_state.destroy_model_parallel()
-
-
-def quartiles(values: list[float]) -> tuple[float, float]:
-    if len(values) < 2:
-        return values[0], values[0]
-    q = statistics.quantiles(values, n=4)
-    return q[0], q[2]
 
 
 def _fraction(part: float, whole: float) -> float:
