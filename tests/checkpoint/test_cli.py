@@ -62,6 +62,8 @@ def test_generate_is_greedy_and_stops_at_eod(tmp_path):
             expected.append(int(model(torch.tensor([expected]))[0, -1].argmax()))
     assert ids == expected
     assert generate(loaded, prompt, 5, 16, top_k=1, generator=torch.Generator().manual_seed(0)) == expected
+    assert generate(loaded, prompt, 5, 16, top_k=50, temperature=1e-45,        # underflows to greedy, no nan
+                    generator=torch.Generator().manual_seed(0)) == expected
     assert generate(loaded, prompt, 5, 16, eod=expected[3]) == expected[:4]
     window = list(prompt)                     # past a context of 4 tokens: each from the last 4, recomputed
     with torch.no_grad():
@@ -72,7 +74,9 @@ def test_generate_is_greedy_and_stops_at_eod(tmp_path):
 
 @pytest.mark.parametrize("extra,message", [(["--max-new-tokens", "0"], "--max-new-tokens"),
                                            (["--top-k", "-3"], "--top-k"),
-                                           (["--top-k", "20", "--temperature", "0"], "--temperature must be > 0"),
+                                           (["--top-k", "20", "--temperature", "0"], "--temperature must be"),
+                                           (["--top-k", "20", "--temperature", "nan"], "--temperature must be"),
+                                           (["--top-k", "20", "--temperature", "inf"], "--temperature must be"),
                                            (["--temperature", "0.7"], "--temperature applies to sampling only"),
                                            (["--prompt", ""], "--prompt is empty")])
 def test_generate_refuses_bad_arguments_before_loading(tmp_path, capsys, extra, message):

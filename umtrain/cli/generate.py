@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Optional
@@ -44,8 +45,11 @@ def generate(model: torch.nn.Module, tokens: list[int], max_new_tokens: int, con
     for _ in range(max_new_tokens):
         logits = model(torch.tensor([pending], device=device), cache)[0, -1, :vocab_size].float().cpu()
         if top_k:
-            values, indices = torch.topk(logits / temperature, min(top_k, logits.numel()))
-            choice = int(indices[torch.multinomial(values.softmax(-1), 1, generator=generator)])
+            values, indices = torch.topk(logits, min(top_k, logits.numel()))
+            # Shifted before the division: with a tiny temperature the largest stays 0 and the rest go to -inf
+            # (greedy), where logits / temperature would overflow to inf - inf = nan.
+            probabilities = ((values - values[0]) / temperature).softmax(-1)
+            choice = int(indices[torch.multinomial(probabilities, 1, generator=generator)])
         else:
             choice = int(logits.argmax())
         out.append(choice)
@@ -66,8 +70,9 @@ def argument_problem(args: argparse.Namespace) -> Optional[str]:
         return f"--top-k must be >= 0 (0: greedy), got {args.top_k}"
     if args.temperature is not None and not args.top_k:
         return "--temperature applies to sampling only: pass --top-k K too (--top-k 0, the default, is greedy)"
-    if args.temperature is not None and args.temperature <= 0:
-        return f"--temperature must be > 0 when sampling (--top-k {args.top_k}), got {args.temperature}"
+    if args.temperature is not None and not (math.isfinite(args.temperature) and args.temperature > 0):
+        return (f"--temperature must be a finite number > 0 when sampling (--top-k {args.top_k}), "
+                f"got {args.temperature}")
     if not args.prompt:
         return "--prompt is empty: give at least one character to continue"
     return device_problem(args.device)
