@@ -78,7 +78,10 @@ def test_apply_lr_sets_groups_by_kind():
 
 @pytest.mark.parametrize("overrides, key", [
     (["training.train_iters=10", "schedule.lr_warmup_iters=10"], "schedule.lr_warmup_iters"),
+    (["training.train_iters=5", "schedule.lr_warmup_iters=20"], "schedule.lr_warmup_iters"),
     (["training.train_iters=100", "schedule.lr_decay_iters=20", "schedule.lr_warmup_iters=30"],
+     "schedule.lr_warmup_iters"),
+    (["training.train_iters=100", "schedule.lr_decay_iters=20", "schedule.lr_warmup_iters=20"],
      "schedule.lr_warmup_iters"),
     (["training.train_iters=10", "schedule.lr_warmup_fraction=1.0"], "schedule.lr_warmup_fraction"),
     (["training.train_iters=1", "schedule.lr_warmup_fraction=0.5"], "schedule.lr_warmup_fraction"),  # rounds to 1
@@ -86,9 +89,16 @@ def test_apply_lr_sets_groups_by_kind():
     (["training.train_iters=3", "schedule.lr_warmup_fraction=0.1"], None),                          # rounds to 0
     (["training.train_iters=10", "schedule.lr_warmup_iters=30", "schedule.lr_decay_style=constant"], None),
 ])
-def test_a_warmup_that_does_not_end_before_the_decay_is_reported(overrides, key):
-    message = warmup_overrun(load_config(None, ["data.mock=true", "optimizer.lr=1.0", *overrides]))
+def test_a_warmup_that_does_not_end_before_the_decay_is_reported_as_the_lr_goes(overrides, key):
+    """The message tells the schedule the run gets: its peak, and whether the LR then stays or falls to min_lr."""
+    config = load_config(None, ["data.mock=true", "optimizer.lr=1.0", "optimizer.min_lr=0.1", *overrides])
+    message = warmup_overrun(config)
     if key is None:
         assert message is None
+        return
+    lrs = [base_lr(config, step) for step in range(config.training.train_iters)]
+    assert message.startswith(key) and f"peaks at {max(lrs):.3g} " in message
+    if lrs[-1] < max(lrs):
+        assert lrs[-1] == 0.1 and "then drops at once to optimizer.min_lr 0.1" in message
     else:
-        assert message.startswith(key) and "never decays" in message
+        assert "never decays" in message

@@ -24,17 +24,22 @@ def warmup_iters(config: Config) -> int:
 
 def warmup_overrun(config: Config) -> Optional[str]:
     """A warning when the warmup does not end before the decay horizon (Megatron-LM refuses it): the LR then never
-    decays, nor reaches `optimizer.lr` when the warmup is longer. Not an error: a short smoke test of a real config
-    (`training.train_iters=5` with its 2000-step warmup) is a reason to run it so. A constant schedule has no decay."""
+    decays, nor reaches `optimizer.lr` when training ends inside the warmup; past a horizon set shorter than the warmup
+    (`schedule.lr_decay_iters`) it drops at once from its peak to `optimizer.min_lr`. Not an error: a short smoke
+    test of a real config (`training.train_iters=5` with its 2000-step warmup) is a reason to run it so. A constant
+    schedule has no decay."""
     s = config.schedule
-    warmup, horizon = warmup_iters(config), decay_iters(config)
+    warmup, horizon, steps = warmup_iters(config), decay_iters(config), config.training.train_iters
     if s.lr_decay_style == "constant" or warmup < horizon:
         return None
     source = "lr_warmup_iters" if s.lr_warmup_iters is not None else "lr_warmup_fraction"
     horizon_source = "schedule.lr_decay_iters" if s.lr_decay_iters else "training.train_iters"
+    peak = base_lr(config, min(warmup, steps) - 1)
+    then = (f"then drops at once to optimizer.min_lr {config.optimizer.min_lr:.3g} at step {warmup + 1} of {steps}"
+            if steps > warmup else "never decays")
     return (f"schedule.{source}: the warmup of {warmup} steps does not end before the {s.lr_decay_style} decay "
-            f"horizon of {horizon} steps ({horizon_source}): the LR peaks at {base_lr(config, horizon - 1):.3g} "
-            f"(optimizer.lr {config.optimizer.lr:.3g}) and never decays")
+            f"horizon of {horizon} steps ({horizon_source}): the LR peaks at {peak:.3g} "
+            f"(optimizer.lr {config.optimizer.lr:.3g}) and {then}")
 
 
 def base_lr(config: Config, step: int) -> float:
