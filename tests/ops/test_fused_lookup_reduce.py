@@ -1,13 +1,16 @@
 """The fused CPU lookup-reduce against the reference gather-then-sum: forward, both gradients, edge shapes."""
 
+import fnmatch
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
 
 import pytest
 import torch
 
 from tests.ops.lookup_inputs import forward_backward, make_inputs
-from umtrain.ops.fused_lookup_reduce import fused_lookup_reduce
+from umtrain.ops.fused_lookup_reduce import SOURCE, fused_lookup_reduce
 from umtrain.ops.lookup_reduce import get_lookup_reduce, lookup_reduce_reference
 
 # (tokens T, top-m K, d_v, blocks E, rows N, cores h); N < K forces rows repeated within and across tokens.
@@ -125,3 +128,15 @@ def test_auto_dispatches_on_the_table_device(monkeypatch):
     torch.testing.assert_close(lookup(rows, blocks, scores, table, 2),
                                lookup_reduce_reference(rows, blocks, scores, table, 2), rtol=1e-5, atol=1e-5)
     assert "umtrain.ops.triton_lookup_reduce" not in sys.modules
+
+
+def test_every_file_the_package_reads_besides_python_ships_as_package_data():
+    """An installed (non-editable) umtrain compiles the fused kernel from its packaged C++ source: every non-Python
+    file under umtrain/ must match a `[tool.setuptools.package-data]` pattern, or a wheel leaves it out."""
+    root = Path(__file__).resolve().parents[2]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["umtrain"]
+    package = root / "umtrain"
+    data_files = [path.relative_to(package).as_posix() for path in package.rglob("*")
+                  if path.is_file() and path.suffix not in (".py", ".pyc")]
+    assert SOURCE.relative_to(package).as_posix() in data_files
+    assert [name for name in data_files if not any(fnmatch.fnmatch(name, p) for p in patterns)] == []
