@@ -68,3 +68,17 @@ def test_a_top1_moe_model_trains_two_steps_in_one_process(tmp_path, monkeypatch,
     steps = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
     assert [line.split("|")[0].split()[1] for line in steps] == ["1/2", "2/2"]
     assert all(math.isfinite(float(line.split("|")[1].split()[1])) for line in steps)
+
+
+def test_a_resume_path_that_does_not_exist_is_refused_before_any_process_starts(tmp_path, capsys):
+    """Refused in the launching process (no torchrun, no save directory made), unless the save directory holds
+    checkpoints already: a requeued run continues from those and never reads `--resume` (`--dry-run` stops it
+    there)."""
+    save, missing = tmp_path / "run", tmp_path / "gone"
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"data": {"mock": True}, "checkpoint": {"save": str(save)}}))
+    assert main(["train", "--config", str(config), "--nproc-per-node", "2", "--resume", str(missing)]) == 2
+    assert capsys.readouterr().err == f"umtrain: configuration error: checkpoint.load: {missing} does not exist\n"
+    assert not save.exists()
+    (save / "iter_0000004").mkdir(parents=True)
+    assert main(["train", "--config", str(config), "--resume", str(missing), "--dry-run"]) == 0

@@ -54,7 +54,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return int(args.func(args) or 0)
     except ConfigError as err:
-        print(f"umtrain: configuration error: {err}", file=sys.stderr)
+        sys.stderr.write(f"umtrain: configuration error: {err}\n")   # one write: ranks' lines do not run together
         return 2
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 from umtrain.cli.main import positive_int
-from umtrain.config import dump_config, load_config
+from umtrain.config import ConfigError, dump_config, load_config
 from umtrain.parallel.launch_env import join_srun_step
 
 
@@ -40,6 +41,7 @@ def run(args) -> int:
     world_size_given = bool(args.nproc_per_node) or "WORLD_SIZE" in os.environ
     world_size = world_size_from(args) if world_size_given or not args.dry_run else None
     config = load_config(args.config, args.overrides, world_size=world_size)
+    check_start_checkpoint_exists(config)
     if args.dry_run:
         print(dump_config(config), end="")
         if world_size is None:
@@ -51,6 +53,17 @@ def run(args) -> int:
     from umtrain.train.entry import train
 
     return train(config)
+
+
+def check_start_checkpoint_exists(config) -> None:
+    """A `checkpoint.load` (`--resume`) that does not exist, refused before any process starts; unless
+    `checkpoint.save` holds checkpoints already: the run then continues from those and never reads `load` (a requeued
+    job whose `--resume` source was cleaned up since must still start)."""
+    from umtrain.checkpoint.manager import list_checkpoints
+
+    c = config.checkpoint
+    if c.load and not Path(c.load).exists() and not (c.save and list_checkpoints(Path(c.save))):
+        raise ConfigError("checkpoint.load", f"{c.load} does not exist")
 
 
 def launch_local(args) -> int:
