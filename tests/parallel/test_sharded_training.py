@@ -19,6 +19,7 @@ def sharded_config(tp: int, ep: int, pp: int = 1, group: str = "data", sp: bool 
                                    "sequence_parallel": sp},
                          training={"global_batch_size": 8, "micro_batch_size": 2})
     config["model"].update(family="ultramem", memory={**MEMORY, **memory})
+    config["logging"]["memory_stats"] = True          # looked_up_tokens reads them
     return config
 
 

@@ -81,25 +81,25 @@ def aux_losses_over_pipeline(num_layers: int) -> dict[str, float]:
     return {name: float(tracker[name]["values"].sum()) for name in names}
 
 
-def merged_from_all_ranks(local: dict) -> dict:
-    """Every rank's dict merged (small logging payloads)."""
-    gathered: list = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, local)
-    return {key: value for part in gathered for key, value in part.items()}
-
-
-def memory_health_over_ranks(layers: list[torch.nn.Module]) -> dict[str, float]:
+def memory_health_over_ranks(layers: list[torch.nn.Module], num_placements: int) -> dict[str, float]:
     """`memory/layer{N}/{metric}` for every memory layer of the model (each transformer layer in `layers` carries one
-    as `.memory`), over the tokens of every TP and DP rank, gathered from all stages; resets the counters.
-    Collective over the world."""
+    as `.memory`), over the tokens of every TP and DP rank, from all stages; resets the counters. Collective over the
+    world: one all-reduce of a [placements, 1 + metrics] table that the first TP and DP rank of each stage fills for
+    its layers, and one host read."""
+    from umtrain.model.memory.layer import HEALTH_METRICS
+
     merge_memory_health([layer.memory for layer in layers])
     reports = parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
-    local = {}
+    table = torch.zeros(num_placements, 1 + len(HEALTH_METRICS), dtype=torch.float64,
+                        device="cuda" if torch.cuda.is_available() else "cpu")
     for layer in layers:
-        metrics = layer.memory.health_metrics(reset=True)
+        health = layer.memory.health_tensor(reset=True)
         if reports:
-            local.update({f"memory/layer{layer.layer_number}/{key}": value for key, value in metrics.items()})
-    return merged_from_all_ranks(local)
+            table[layer.memory.layer_index, 0] = layer.layer_number
+            table[layer.memory.layer_index, 1:] = health
+    torch.distributed.all_reduce(table)
+    return {f"memory/layer{int(number)}/{name}": value
+            for number, *values in table.tolist() if number for name, value in zip(HEALTH_METRICS, values)}
 
 
 def merge_memory_health(memories: list[torch.nn.Module]) -> None:

@@ -145,7 +145,8 @@ class Trainer(ModelRunner):
     def _memory_health(self) -> dict[str, float]:
         """Per memory layer: fraction of values hit, mean top-1 score, output std. Collective over the world."""
         return memory_health_over_ranks([layer for chunk in self.model for layer in unwrap(chunk).modules()
-                                         if hasattr(getattr(layer, "memory", None), "health_metrics")])
+                                         if hasattr(getattr(layer, "memory", None), "health_tensor")],
+                                        len(self.config.model.memory.placements))
 
     def _log(self, values: dict[str, float], bar: tqdm) -> None:
         self.metrics.scalars(values, self.iteration)

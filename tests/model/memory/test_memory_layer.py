@@ -313,6 +313,10 @@ def test_health_metrics_follow_the_selected_rows() -> None:
     assert metrics["output_std"] == pytest.approx(sum(stds) / 3, rel=1e-6)
     assert metrics["top1_score"] == pytest.approx(sum(top1) / 3, rel=1e-6)
     assert layer.health_metrics()["value_hit_fraction"] == 0.0
+    layer.train()
+    layer.record_stats = False                 # logging.memory_stats: false
+    layer(torch.randn(4, 2, hidden))
+    assert layer.health_metrics() == {"value_hit_fraction": 0.0, "top1_score": 0.0, "output_std": 0.0}
 
 
 @pytest.mark.parametrize("overrides, hidden, key", [

@@ -29,6 +29,9 @@ _MEAN_SQUARE_WEIGHT_CACHE: dict[tuple[str, int], float] = {}
 _LAYERNORM_EPS = 1e-5
 
 
+HEALTH_METRICS = ("value_hit_fraction", "top1_score", "output_std")
+
+
 class MemoryLayer(nn.Module):
     """One memory layer. Parameters (full shapes; `values` may be a shard of shape `table_shape`):
 
@@ -43,11 +46,14 @@ class MemoryLayer(nn.Module):
 
     def __init__(self, config: MemoryConfig, hidden_size: int, num_layers: int, seed: int, layer_index: int,
                  lookup: Optional[LookupReduce] = None, table_shape: Optional[tuple[int, int]] = None,
-                 sequence_history: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None):
+                 sequence_history: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None,
+                 record_stats: bool = True):
         """`sequence_history(x, n)`: the n tokens before x's first one, when x is one rank's slice of a longer
-        sequence (sequence parallelism); None when x holds whole sequences."""
+        sequence (sequence parallelism); None when x holds whole sequences. `record_stats`: keep the health
+        statistics of training forwards (`logging.memory_stats`; about ten small kernels per forward)."""
         super().__init__()
         self.config = config
+        self.record_stats = record_stats
         self.hidden_size = hidden_size
         self.num_layers = num_layers
         self.seed = seed
@@ -287,7 +293,7 @@ class MemoryLayer(nn.Module):
         pooled = self.lookup(rows, blocks, weights.reshape(cores, tokens, -1), self.values, self.config.ive_expansion)
         out = self.out_proj(pooled.flatten(1)) if self.out_proj is not None else pooled[:, 0]
         self.aux_loss = self._aux_loss(x)
-        if self.training:   # health metrics describe training steps, not validation
+        if self.training and self.record_stats:   # health metrics describe training steps, not validation
             self._record_stats(selection, rows, out)
         return out.view(seq, batch, hidden)
 
@@ -356,21 +362,26 @@ class MemoryLayer(nn.Module):
             self.stat_sums = torch.zeros(3, dtype=torch.float64, device=out.device)
         self.stat_sums += torch.stack([top1.double(), output_std.double(), top1.new_ones((), dtype=torch.float64)])
 
-    def health_metrics(self, reset: bool = True) -> dict[str, float]:
-        """Since the last reset: fraction of physical values hit at least once, mean top-1 score, and the mean over
-        forwards of the output's std (over that forward's tokens).
+    def health_tensor(self, reset: bool = True) -> torch.Tensor:
+        """`HEALTH_METRICS` since the last reset, as one float64 tensor on the layer's device (no host read): the
+        fraction of physical values hit at least once, the mean top-1 score, and the mean over forwards of the
+        output's std (over that forward's tokens).
 
         Per process: across data-parallel (and sequence-parallel) ranks reduce `value_hits` (logical or) and
         `stat_sums` (sum) first; the output std is then a mean of the ranks' stds over their own tokens.
         """
-        top1_sum, std_sum, count = self.stat_sums.tolist() if self.stat_sums is not None else (0.0, 0.0, 0.0)
-        count = max(count, 1.0)
-        metrics = {"value_hit_fraction": float(self.value_hits.float().mean()),
-                   "top1_score": top1_sum / count, "output_std": std_sum / count}
+        sums = self.stat_sums if self.stat_sums is not None else torch.zeros(
+            3, dtype=torch.float64, device=self.value_hits.device)
+        count = sums[2].clamp(min=1.0)
+        health = torch.stack([self.value_hits.double().mean(), sums[0] / count, sums[1] / count])
         if reset:
             self.value_hits.zero_()
             self.stat_sums = None
-        return metrics
+        return health
+
+    def health_metrics(self, reset: bool = True) -> dict[str, float]:
+        """`health_tensor` read on the host, by name."""
+        return dict(zip(HEALTH_METRICS, self.health_tensor(reset).tolist()))
 
 
 def _recompute_right_basis_after_load(layer: MemoryLayer, incompatible_keys) -> None:
