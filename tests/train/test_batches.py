@@ -37,9 +37,11 @@ def test_rank_interleaving_matches_megatron_sampler():
     assert [mb["tokens"].view(-1).tolist() for mb in rank1] == [[2, 3], [6, 7]]
 
 
-def test_one_iterator_per_virtual_chunk():
-    iterators = MicroBatches(Numbers(), 4, 2, 0, 1).iterators(0, num_chunks=2)
-    assert [next(it)["tokens"].view(-1).tolist() for it in iterators] == [[0, 1], [0, 1]]
+def test_one_iterator_per_virtual_chunk_over_micro_batches_moved_once():
+    moved = []
+    iterators = MicroBatches(Numbers(), 8, 2, 0, 1).iterators(0, num_chunks=3, move=lambda b: moved.append(b) or b)
+    assert [[mb["tokens"].view(-1).tolist() for mb in it] for it in iterators] == [[[0, 1], [2, 3], [4, 5], [6, 7]]] * 3
+    assert len(moved) == 4
 
 
 def test_token_ids_past_the_vocabulary_are_named_with_their_samples():

@@ -7,7 +7,7 @@ same micro-batches, and resuming at `consumed_samples` continues the exact sampl
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -63,7 +63,9 @@ class MicroBatches:
             check_token_ids(batch, self.vocab_size, samples)
         return batch
 
-    def iterators(self, consumed_samples: int, num_chunks: int) -> list[Iterator]:
-        """One iterator per virtual-pipeline chunk over the same micro-batches."""
-        batch = self.global_batch(consumed_samples)
+    def iterators(self, consumed_samples: int, num_chunks: int,
+                  move: Callable[[dict], dict] = lambda batch: batch) -> list[Iterator]:
+        """One iterator per virtual-pipeline chunk over the same micro-batches, each micro-batch moved (to the
+        device) by `move` once for all chunks."""
+        batch = [move(micro_batch) for micro_batch in self.global_batch(consumed_samples)]
         return [iter(batch) for _ in range(num_chunks)]

@@ -50,9 +50,10 @@ def forward_step(data_iterator, model):
 
 
 def to_device(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Through pinned host memory: a copy from pageable memory may wait for the stream, i.e. for the step before."""
     if not torch.cuda.is_available():
         return batch
-    return {k: v.cuda(non_blocking=True) for k, v in batch.items()}
+    return {k: v.pin_memory().cuda(non_blocking=True) for k, v in batch.items()}
 
 
 class ModelRunner:
@@ -121,7 +122,7 @@ class ModelRunner:
 
     def _run_schedule(self, batches: MicroBatches, consumed: int, forward_only: bool) -> list[dict]:
         t = self.config.training
-        iterators = [map(to_device, it) for it in batches.iterators(consumed, self.num_chunks)]
+        iterators = batches.iterators(consumed, self.num_chunks, to_device)
         return get_forward_backward_func()(
             forward_step_func=forward_step,
             data_iterator=iterators if self.num_chunks > 1 else iterators[0],
