@@ -39,15 +39,15 @@ def make_memory_factory(config: Config, parallelism: MemoryLayerParallelism):
 
 
 def build_model_chunks(config: Config, tconfig: TransformerConfig, vocab_size: int,
-                       memory: MemoryLayerParallelism = MemoryLayerParallelism()) -> list[torch.nn.Module]:
+                       parallelism: MemoryLayerParallelism = MemoryLayerParallelism()) -> list[torch.nn.Module]:
     """One chunk per virtual pipeline stage of this rank, on the training device, initialised from the seed."""
-    factory = make_memory_factory(config, memory) if config.model.has_memory else None
+    factory = make_memory_factory(config, parallelism) if config.model.has_memory else None
     vpp = config.parallel.virtual_pipeline_model_parallel_size
     stages = range(vpp) if vpp else [None]
     chunks = []
     for vp_stage in stages:
-        chunk = build_model_chunk(config, tconfig, vocab_size, vp_stage, factory, memory.split.aux_loss_scale,
-                                  memory.runner)
+        chunk = build_model_chunk(config, tconfig, vocab_size, vp_stage, factory, parallelism.split.aux_loss_scale,
+                                  parallelism.runner)
         if torch.cuda.is_available():
             chunk.cuda(torch.cuda.current_device())
         initialize_model(chunk, config.training.seed, config.model.init_method_std, config.model.num_layers,
