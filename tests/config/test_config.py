@@ -171,6 +171,7 @@ def test_pipeline_layers_must_split_evenly():
     ("model.memory.ive_expansion=2", "model.memory.ive_expansion"),
     ("model.memory.value_dim=33", "model.memory.value_dim"),
     ("model.memory.num_candidates=2", "model.memory.topk"),
+    ("model.memory.key_dim=2", "model.memory.key_dim"),                       # LayerNorm over 2: two keys
 ])
 def test_bad_memory_values(override, key):
     raises_key(key, ULTRAMEM + ["model.memory.num_candidates=8", override])
@@ -210,6 +211,14 @@ def test_calibration_and_capacity_are_checked_before_launch(tmp_path):
     raises_key("parallel.comm_calibration", ULTRAMEM + [f"parallel.comm_calibration={tmp_path / 'zero.json'}"],
                match="beta_s_per_byte > 0")
     raises_key("model.memory.sharding_capacity_factor", ULTRAMEM + ["model.memory.sharding_capacity_factor=.inf"])
+
+
+@pytest.mark.parametrize("override, key", [("model.memory.value_lr_multiplier=.inf", "model.memory.value_lr_multiplier"),
+                                           ("model.memory.aux_loss_coeff=.nan", "model.memory.aux_loss_coeff"),
+                                           ("optimizer.lr='inf'", "optimizer.lr"),
+                                           ("optimizer.clip_grad=-.inf", "optimizer.clip_grad")])
+def test_a_float_key_refuses_inf_and_nan_naming_the_key(override, key):
+    raises_key(key, ULTRAMEM + [override], match="must be a finite number")
 
 
 def test_moe_linears_default_to_no_bias_and_dense_to_bias():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
@@ -121,15 +122,22 @@ def _coerce_int(value: Any, key: str) -> int:
 
 
 def _coerce_float(value: Any, key: str) -> float:
-    """Numbers, and strings that parse as one ('3e-4': YAML 1.1 reads exponents without a dot as strings)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
+    """Finite numbers, and strings that parse as one ('3e-4': YAML 1.1 reads exponents without a dot as strings).
+    No float key means anything by inf or nan (`.inf` in YAML): refused here, naming the key, rather than surfacing
+    as a non-finite loss steps later."""
+    number = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+    if number is None:
         raise ConfigError(key, f"must be a number, got {value!r}")
-    return float(value)
+    if not math.isfinite(number):
+        raise ConfigError(key, f"must be a finite number, got {value!r}")
+    return number
 
 
 def _coerce_str(value: Any, key: str) -> str:

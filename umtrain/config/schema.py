@@ -177,8 +177,9 @@ class MemoryConfig:
         _require(not (self.sharding_dedup and self.sharding_mode == "dimension"), key("sharding_dedup"),
                  "de-duplicates number-wise requests; sharding_mode is dimension")
         side_width = self.key_dim // self.tucker_rank if self.key_layout == "B" else self.key_dim
-        _require(not self.query_key_layernorm or side_width >= 2, key("key_dim"),
-                 f"query/key LayerNorm over a key width of {side_width} makes every key constant")
+        _require(not self.query_key_layernorm or side_width >= 3, key("key_dim"),
+                 f"query/key LayerNorm over a key width of {side_width} leaves at most two distinct keys (it maps "
+                 f"every vector of width 2 to +-[1, -1] times the gain, of width 1 to 0)")
         _require(not (self.softmax and self.num_cores > 1), key("softmax"),
                  "softmax with MCS (num_cores > 1) is ambiguous; the paper removes softmax before MCS")
         _require(not (self.sign_aware_candidates and self.tucker_rank == 1), key("sign_aware_candidates"),
