@@ -262,6 +262,8 @@ def test_placements_out_of_range_or_overlapping():
     raises_key("model.memory.placements", ULTRAMEM + ["model.memory.placements=['3:5']"], match="out of range")
     raises_key("model.memory.placements", ULTRAMEM + ["model.memory.placements=['1:3','3:4']"], match="overlap")
     raises_key("model.memory.placements[0]", ULTRAMEM + ["model.memory.placements=['3-4']"])
+    raises_key("model.memory.placements", ULTRAMEM + ["model.memory.placements=['3:4','1:2']"],
+               match="list them in layer order, ['1:2', '3:4']")
 
 
 def test_placement_across_pipeline_stage_is_rejected():

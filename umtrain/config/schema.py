@@ -329,6 +329,9 @@ class ModelConfig:
     def _validate_memory(self, prefix: str) -> None:
         memory = self.memory
         spans = sorted(memory.parsed_placements(prefix))
+        _require(spans == memory.parsed_placements(prefix), f"{prefix}.placements",
+                 f"list them in layer order, {[f'{a}:{b}' for a, b in spans]}: a placement's position seeds its IVE "
+                 f"permutation and initialisation, and the portable model numbers them in layer order")
         for i, (a, b) in enumerate(spans):
             _require(b <= self.num_layers, f"{prefix}.placements",
                      f"placement '{a}:{b}' is out of range for num_layers={self.num_layers}")
