@@ -18,8 +18,8 @@ step() {  # step NAME TIMEOUT_S COMMAND...   (runs when NAME, or its prefix befo
     local name=$1 limit=$2; shift 2
     [[ $steps == *" $name "* || $steps == *" ${name%%_*} "* ]] || return 0
     echo "=== $name ($(date -u +%H:%M:%S))"
-    timeout --kill-after=10 "$limit" "$@" > >(tee "$OUT/$name.log") 2>&1   # the whole process group
-    local rc=$?
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"   # a pipeline: its log is whole when it ends
+    local rc=${PIPESTATUS[0]}
     echo "=== $name: exit $rc"
     [ "$rc" -eq 0 ] || failed=$((failed + 1))
 }
