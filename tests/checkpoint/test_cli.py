@@ -62,8 +62,9 @@ def test_generate_is_greedy_and_stops_at_eod(tmp_path):
             expected.append(int(model(torch.tensor([expected]))[0, -1].argmax()))
     assert ids == expected
     assert generate(loaded, prompt, 5, 16, top_k=1, generator=torch.Generator().manual_seed(0)) == expected
-    assert generate(loaded, prompt, 5, 16, top_k=50, temperature=1e-45,        # underflows to greedy, no nan
-                    generator=torch.Generator().manual_seed(0)) == expected
+    for tiny in (1e-45, 1e-300):                                 # underflows to greedy, no nan
+        assert generate(loaded, prompt, 5, 16, top_k=50, temperature=tiny,
+                        generator=torch.Generator().manual_seed(0)) == expected
     assert generate(loaded, prompt, 5, 16, eod=expected[3]) == expected[:4]
     window = list(prompt)                     # past a context of 4 tokens: each from the last 4, recomputed
     with torch.no_grad():
@@ -228,6 +229,8 @@ def test_a_checkpoints_saved_config_names_its_data_files_absolutely(tmp_path, mo
     data = with_absolute_data_paths(unweighted).data
     assert data.data_path == [str(tmp_path / "a"), "/b"] and data.valid_data_path == [str(tmp_path / "v")]
     assert config.data.tokenizer_model == "demo/tokenizer.model"        # the run's own config is left alone
+    mock = config_from_dict({"data": {"mock": True, "data_path": ["0", "stale", "1", "b"]}}, check_files=False)
+    assert with_absolute_data_paths(mock).data.data_path == ["0", "stale", "1", "b"]   # not read, not refused
 
 
 def test_converting_from_another_directory_ships_the_tokenizer(demo_dataset, tmp_path, monkeypatch, caplog):

@@ -263,7 +263,7 @@ def with_absolute_data_paths(config: Config) -> Config:
         return os.path.abspath(path) if path else path
 
     def blend(paths: list[str] | None, key: str) -> list[str] | None:
-        if not paths:
+        if not paths or d.mock:      # a mock run's data paths are not read, nor checked at load
             return paths
         prefixes, weights = split_blend(paths, key)
         if weights is None:

@@ -46,9 +46,10 @@ def generate(model: torch.nn.Module, tokens: list[int], max_new_tokens: int, con
         logits = model(torch.tensor([pending], device=device), cache)[0, -1, :vocab_size].float().cpu()
         if top_k:
             values, indices = torch.topk(logits, min(top_k, logits.numel()))
-            # Shifted before the division: with a tiny temperature the largest stays 0 and the rest go to -inf
-            # (greedy), where logits / temperature would overflow to inf - inf = nan.
-            probabilities = ((values - values[0]) / temperature).softmax(-1)
+            # Shifted before the division, in float64 (a float32 temperature below 1e-45 is 0): with a tiny
+            # temperature the largest stays 0 and the rest go to -inf (greedy), where logits / temperature would
+            # overflow to inf - inf = nan.
+            probabilities = ((values.double() - values[0].double()) / temperature).softmax(-1)
             choice = int(indices[torch.multinomial(probabilities, 1, generator=generator)])
         else:
             choice = int(logits.argmax())
