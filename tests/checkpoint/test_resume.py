@@ -56,17 +56,21 @@ def test_a_pipeline_stage_without_memory_layers_saves_and_resumes(tmp_path, plac
     """PP=2 with the only memory layer on one stage: the other stage's memory-table optimizer has no parameters
     (Megatron asserted on it at the first save). Only global rank 0 writes the optimizers' common state (their
     param groups' `step`), so the memory layer on stage 1 is the case where rank 0's optimizer is the empty one.
-    Stopped at N and resumed: bit-exact; then on one process (PP=1): the same losses."""
+    Stopped at N, resumed and stopped again at 2 N (a checkpoint saved after a resume: the step it states must be
+    the chain's current one, not the one resumed at), resumed to 3 N: bit-exact; then the checkpoint at 2 N on one
+    process (PP=1): the same losses."""
     model = {**ULTRAMEM, "memory": {**ULTRAMEM["memory"], "placements": [placement]}}
     parallel = {"use_distributed_optimizer": distributed}
-    pipelined = run_config(2 * N, pp=2, model=model, parallel=parallel, save=str(tmp_path / "ckpt"))
-    reference = train(run_config(2 * N, pp=2, model=model, parallel=parallel), 2)["loss"]
+    pipelined = run_config(3 * N, pp=2, model=model, parallel=parallel, save=str(tmp_path / "ckpt"))
+    reference = train(run_config(3 * N, pp=2, model=model, parallel=parallel), 2)["loss"]
     first = train(pipelined, 2, preempt_at=N)
     assert first["preempted"] == "saved" and first["loss"] == reference[:N]
+    second = train(pipelined, 2, preempt_at=2 * N)
+    assert second["preempted"] == "saved" and second["loss"] == reference[:2 * N]
     assert train(pipelined, 2)["loss"] == reference
-    single = run_config(2 * N, model=model, parallel=parallel,
-                        load=str(tmp_path / "ckpt" / manager.checkpoint_name(N)))
-    assert train(single, 1)["loss"][N:] == pytest.approx(reference[N:], rel=1e-5)
+    single = run_config(3 * N, model=model, parallel=parallel,
+                        load=str(tmp_path / "ckpt" / manager.checkpoint_name(2 * N)))
+    assert train(single, 1)["loss"][2 * N:] == pytest.approx(reference[2 * N:], rel=1e-5)
 
 
 MOE = {"family": "moe", "moe": {"num_experts": 4}}

@@ -43,6 +43,9 @@ def test_the_chain_step_is_read_where_adam_keeps_it():
     per_param = SimpleNamespace(optimizer=SimpleNamespace(param_groups=[{"params": [param]}],
                                                           state={param: {"step": torch.tensor(7.0)}}))
     fused = SimpleNamespace(optimizer=SimpleNamespace(param_groups=[{"params": [param], "step": 5}], state={}))
+    resumed = SimpleNamespace(optimizer=SimpleNamespace(param_groups=[{"params": [param], "step": 4}],   # as loaded
+                                                        state={param: {"step": torch.tensor(7.0)}}))
     assert chain_step(SimpleNamespace(chained_optimizers=[empty, per_param])) == 7.0
+    assert chain_step(SimpleNamespace(chained_optimizers=[empty, resumed])) == 7.0
     assert chain_step(SimpleNamespace(chained_optimizers=[empty, fused])) == 5.0
     assert chain_step(SimpleNamespace(chained_optimizers=[empty])) == 0.0

@@ -199,15 +199,20 @@ def _sharded_state_dict_without_parameters(inner: DistributedOptimizer, *args, *
 
 
 def chain_step(optimizer) -> float:
-    """The optimizer steps taken by the chain's optimizers that hold parameters (0 before the first step): where
-    Adam keeps it, in a param group (TE/apex FusedAdam) or in each parameter's state (torch's AdamW)."""
-    for inner in optimizer.chained_optimizers:
-        for group in inner.optimizer.param_groups:
-            if group["params"] and "step" in group:
-                return float(group["step"])
-        for state in inner.optimizer.state.values():
+    """The optimizer steps taken by the chain's optimizers that hold parameters (0 before the first step), read where
+    Adam keeps it: torch's AdamW in each parameter's state, TE/apex FusedAdam in each param group. The per-parameter
+    count is read first: after a resume torch's param groups also hold a `step` (Megatron's load passes the saved
+    groups through), which AdamW never advances."""
+    holders = [inner.optimizer for inner in optimizer.chained_optimizers
+               if any(group["params"] for group in inner.optimizer.param_groups)]
+    for adam in holders:
+        for state in adam.state.values():
             if "step" in state:
                 return float(state["step"])
+    for adam in holders:
+        for group in adam.param_groups:
+            if group["params"] and "step" in group:
+                return float(group["step"])
     return 0.0
 
 
