@@ -84,29 +84,30 @@ def aux_losses_over_pipeline(num_layers: int) -> dict[str, float]:
 def memory_health_over_ranks(layers: list[torch.nn.Module], num_placements: int) -> dict[str, float]:
     """`memory/layer{N}/{metric}` for every memory layer of the model (each transformer layer in `layers` carries one
     as `.memory`), over the tokens of every TP and DP rank, from all stages; resets the counters. Collective over the
-    world: one all-reduce of a [placements, 1 + metrics] table that the first TP and DP rank of each stage fills for
-    its layers, and one host read."""
-    from umtrain.model.memory.layer import HEALTH_METRICS
+    world: the values hit merged over each stage's TP x DP ranks (logical or), then one all-reduce of a
+    [placements, layer number + `health_sums`] table, to which every rank adds its statistic sums and the first TP
+    and DP rank of each stage the layer number and merged hit fraction, and one host read."""
+    from umtrain.model.memory.layer import health_means
 
-    merge_memory_health([layer.memory for layer in layers])
+    merge_value_hits([layer.memory for layer in layers])
     reports = parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0
-    table = torch.zeros(num_placements, 1 + len(HEALTH_METRICS), dtype=torch.float64,
-                        device="cuda" if torch.cuda.is_available() else "cpu")
+    table = torch.zeros(num_placements, 5, dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
     for layer in layers:
-        health = layer.memory.health_tensor(reset=True)
+        row = table[layer.memory.layer_index]
+        sums = layer.memory.health_sums(reset=True)
+        row[2:] = sums[1:]
         if reports:
-            table[layer.memory.layer_index, 0] = layer.layer_number
-            table[layer.memory.layer_index, 1:] = health
+            row[0], row[1] = layer.layer_number, sums[0]
     torch.distributed.all_reduce(table)
-    return {f"memory/layer{int(number)}/{name}": value
-            for number, *values in table.tolist() if number for name, value in zip(HEALTH_METRICS, values)}
+    return {f"memory/layer{int(number)}/{name}": value for number, *sums in table.tolist() if number
+            for name, value in health_means(*sums).items()}
 
 
-def merge_memory_health(memories: list[torch.nn.Module]) -> None:
-    """Combine the memory layers' health counters (values hit, summed top-1 scores and output stds) over the ranks
-    that run the same layers on other tokens (TP x DP of this pipeline stage: under sequence parallelism TP ranks see
-    different tokens too), so that the one rank that logs them reports the whole batch. Every rank of the stage
-    calls it, with its layers in the same order."""
+def merge_value_hits(memories: list[torch.nn.Module]) -> None:
+    """Merge the memory layers' values-hit masks (logical or) over the ranks that run the same layers on other tokens
+    (TP x DP of this pipeline stage: under sequence parallelism TP ranks see different tokens too), so that the one
+    rank that reports them reports the whole batch. Every rank of the stage calls it, with its layers in the same
+    order."""
     group = parallel_state.get_tensor_and_data_parallel_group()
     if torch.distributed.get_world_size(group) == 1:
         return
@@ -114,7 +115,3 @@ def merge_memory_health(memories: list[torch.nn.Module]) -> None:
         hits = memory.value_hits.to(torch.uint8)
         torch.distributed.all_reduce(hits, op=torch.distributed.ReduceOp.MAX, group=group)
         memory.value_hits.copy_(hits.bool())
-        sums = memory.stat_sums if memory.stat_sums is not None else torch.zeros(
-            3, dtype=torch.float64, device=memory.value_hits.device)
-        torch.distributed.all_reduce(sums, group=group)
-        memory.stat_sums = sums

@@ -145,7 +145,7 @@ class Trainer(ModelRunner):
     def _memory_health(self) -> dict[str, float]:
         """Per memory layer: fraction of values hit, mean top-1 score, output std. Collective over the world."""
         return memory_health_over_ranks([layer for chunk in self.model for layer in unwrap(chunk).modules()
-                                         if hasattr(getattr(layer, "memory", None), "health_tensor")],
+                                         if hasattr(getattr(layer, "memory", None), "health_sums")],
                                         len(self.config.model.memory.placements))
 
     def _log(self, values: dict[str, float], bar: tqdm) -> None:

@@ -362,26 +362,28 @@ class MemoryLayer(nn.Module):
             self.stat_sums = torch.zeros(3, dtype=torch.float64, device=out.device)
         self.stat_sums += torch.stack([top1.double(), output_std.double(), top1.new_ones((), dtype=torch.float64)])
 
-    def health_tensor(self, reset: bool = True) -> torch.Tensor:
-        """`HEALTH_METRICS` since the last reset, as one float64 tensor on the layer's device (no host read): the
-        fraction of physical values hit at least once, the mean top-1 score, and the mean over forwards of the
-        output's std (over that forward's tokens).
-
-        Per process: across data-parallel (and sequence-parallel) ranks reduce `value_hits` (logical or) and
-        `stat_sums` (sum) first; the output std is then a mean of the ranks' stds over their own tokens.
-        """
+    def health_sums(self, reset: bool = True) -> torch.Tensor:
+        """Since the last reset, as one float64 tensor on the layer's device (no host read): the fraction of physical
+        values hit at least once, then the sums over training forwards of the top-1 score and of the output's std
+        (over that forward's tokens), and the number of forwards. Sums add across the ranks that ran the layer on
+        other tokens; `value_hits` merges by logical or first (`parallel.collectives.memory_health_over_ranks`)."""
         sums = self.stat_sums if self.stat_sums is not None else torch.zeros(
             3, dtype=torch.float64, device=self.value_hits.device)
-        count = sums[2].clamp(min=1.0)
-        health = torch.stack([self.value_hits.double().mean(), sums[0] / count, sums[1] / count])
+        health = torch.cat([self.value_hits.double().mean().reshape(1), sums])
         if reset:
             self.value_hits.zero_()
             self.stat_sums = None
         return health
 
     def health_metrics(self, reset: bool = True) -> dict[str, float]:
-        """`health_tensor` read on the host, by name."""
-        return dict(zip(HEALTH_METRICS, self.health_tensor(reset).tolist()))
+        """`HEALTH_METRICS` of this process, read on the host: the means of `health_sums`."""
+        return health_means(*self.health_sums(reset).tolist())
+
+
+def health_means(hit_fraction: float, top1_sum: float, std_sum: float, forwards: float) -> dict[str, float]:
+    """`HEALTH_METRICS` from the values-hit fraction and the summed statistics of `forwards` forwards."""
+    count = max(forwards, 1.0)
+    return dict(zip(HEALTH_METRICS, (hit_fraction, top1_sum / count, std_sum / count)))
 
 
 def _recompute_right_basis_after_load(layer: MemoryLayer, incompatible_keys) -> None:
