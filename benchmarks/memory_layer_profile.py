@@ -73,11 +73,24 @@ def own_time_us(event, device: str) -> float:
     return event.self_device_time_total if device == "cuda" else event.self_cpu_time_total
 
 
-def profile_steps(layer, x, grad, device: str, steps: int) -> tuple[list[dict], list[dict], float]:
-    """(kernels or operators with their calls and own time per forward+backward step, ranked; host-blocking
-    runtime calls per step; wall milliseconds per profiled step, profiler overhead included)."""
+def operators_by_shape(prof, device: str, steps: int) -> list[dict]:
+    """The operators that did the work, with their input shapes, ranked by the time of what each launched itself
+    (its kernels on CUDA, its own CPU time on CPU): which line of the layer a kernel of the first ranking is."""
+    rows = []
+    for e in prof.key_averages(group_by_input_shape=True):
+        own_us = own_time_us(e, device)
+        if e.device_type == DeviceType.CPU and own_us > 0:
+            rows.append({"name": e.key, "input_shapes": str(e.input_shapes), "calls_per_step": e.count / steps,
+                         "self_ms_per_step": own_us / 1000 / steps})
+    return sorted(rows, key=lambda r: r["self_ms_per_step"], reverse=True)
+
+
+def profile_steps(layer, x, grad, device: str, steps: int) -> tuple[list[dict], list[dict], list[dict], float]:
+    """(kernels or operators with their calls and own time per forward+backward step, ranked; the same time by
+    operator and input shapes; host-blocking runtime calls per step; wall milliseconds per profiled step, profiler
+    overhead included)."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=True) as prof:
         start = time.perf_counter()
         for _ in range(steps):
             step(layer, x, grad, backward=True)
@@ -87,7 +100,8 @@ def profile_steps(layer, x, grad, device: str, steps: int) -> tuple[list[dict], 
     ops = [{"name": e.key, "calls_per_step": e.count / steps, "self_ms_per_step": own_time_us(e, device) / 1000 / steps}
            for e in events if timed_event(e, device) and not e.key.startswith(SYNC_CALLS)]
     syncs = [{"name": e.key, "calls_per_step": e.count / steps} for e in events if e.key.startswith(SYNC_CALLS)]
-    return sorted(ops, key=lambda r: r["self_ms_per_step"], reverse=True), syncs, wall_ms
+    ranked = sorted(ops, key=lambda r: r["self_ms_per_step"], reverse=True)
+    return ranked, operators_by_shape(prof, device, steps), syncs, wall_ms
 
 
 def print_report(result: dict, rows: int) -> None:
@@ -105,6 +119,10 @@ def print_report(result: dict, rows: int) -> None:
     for op in result["ops"][:rows]:
         print(f"{op['name'][:60]:<60} {op['calls_per_step']:>7g} {op['self_ms_per_step']:>9.3f} "
               f"{op['self_ms_per_step'] / total:>6.1%}")
+    print(f"\n{'operator (input shapes)':<100} {'calls':>7} {'ms/step':>9}")
+    for op in result["ops_by_shape"][:rows]:
+        print(f"{(op['name'] + ' ' + op['input_shapes'])[:100]:<100} {op['calls_per_step']:>7g} "
+              f"{op['self_ms_per_step']:>9.3f}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -141,7 +159,7 @@ def main(argv=None) -> dict:
         step(layer, x, grad, backward=True)
     forward = median_ms(layer, x, grad, False, device, args.repeats)
     forward_backward = median_ms(layer, x, grad, True, device, args.repeats)
-    ops, syncs, profiled_wall_ms = profile_steps(layer, x, grad, device, args.profile_steps)
+    ops, ops_by_shape, syncs, profiled_wall_ms = profile_steps(layer, x, grad, device, args.profile_steps)
     with record_host_syncs() as sync_operators:
         step(layer, x, grad, backward=True)
     result = {
@@ -152,7 +170,8 @@ def main(argv=None) -> dict:
         "forward_ms": forward, "forward_backward_ms": forward_backward,
         "profiled_ms_per_step": sum(op["self_ms_per_step"] for op in ops),
         "profiled_wall_ms_per_step": profiled_wall_ms,
-        "ranked": "GPU kernel" if device == "cuda" else "operator", "ops": ops, "host_syncs": syncs,
+        "ranked": "GPU kernel" if device == "cuda" else "operator", "ops": ops, "ops_by_shape": ops_by_shape,
+        "host_syncs": syncs,
         "host_sync_operators": sync_operators,
     }
     print_report(result, args.rows)

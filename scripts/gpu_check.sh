@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What only a GPU can check, in one pass (a few minutes on one H100/H200): the CUDA tests (Triton lookup-reduce,
-# side-stream overlap, single-GPU training vs CPU), then the GPU benchmarks (lookup-reduce, memory-layer profile,
-# overlap, number-wise host sync, decode speed, training MFU).
+# side-stream overlap, single-GPU training vs CPU, decoding and `umtrain generate` on the GPU), then the GPU
+# benchmarks (lookup-reduce, memory-layer profile, overlap, number-wise host sync, decode speed, training MFU).
 # Each step runs even if an earlier one failed; logs and JSON go to $OUT (default runs/gpu_check). Exit status:
 # the number of failed steps.
 #   bash scripts/gpu_check.sh [tests] [lookup_reduce] [profile] [overlap] [host_sync] [decode] [train] (default: all)
@@ -27,7 +27,8 @@ step() {  # step NAME TIMEOUT_S COMMAND...   (runs when NAME, or its prefix befo
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
 step tests 240 python -m pytest -q -p no:cacheprovider tests/ops tests/parallel/test_overlap.py \
-    tests/train/test_cuda_training.py tests/model/memory/test_memory_layer.py
+    tests/train/test_cuda_training.py tests/model/memory/test_memory_layer.py tests/model/test_reference_decode.py \
+    tests/cli/test_generate_command.py
 step lookup_reduce 80 python benchmarks/lookup_reduce_cuda.py --out "$OUT/lookup_reduce_cuda.json"
 step profile 90 python benchmarks/memory_layer_profile.py --out "$OUT/memory_layer_profile.json"
 step overlap 110 python benchmarks/memory_overlap.py --preset gpu --out "$OUT/memory_overlap_gpu.json"
@@ -36,7 +37,7 @@ step overlap_mbs16 110 python benchmarks/memory_overlap.py --preset gpu --micro-
 step host_sync 120 python benchmarks/memory_host_sync.py --warmup 5 --rounds 20 --out "$OUT/memory_host_sync.json"
 step decode 180 python benchmarks/decode.py --batch-sizes 1,16,64,256 --out "$OUT/decode.json"
 for model in dense-680m dense-151m ultramem-151m-x12; do
-    step "train_$model" 70 python -m umtrain.cli.main train --config "configs/paper/$model.yaml" \
+    step "train_$model" 150 python -m umtrain.cli.main train --config "configs/paper/$model.yaml" \
         training.train_iters=20 training.micro_batch_size=4 training.global_batch_size=8 logging.log_interval=5 \
         logging.progress_bar=false
 done

@@ -32,6 +32,12 @@ def test_profile_report(bench, tmp_path, capsys):
     assert result["forward_ms"] > 0 and result["forward_backward_ms"] > 0     # not compared: timings, on shared cores
     assert result["host_syncs"] == [] and result["host_sync_operators"] == []
     assert result["lookup"] == "lookup_reduce_reference"
+    # The same work by operator and input shapes: the sub-key scores' GEMM, [2 heads, 64 tokens, d_k 8] queries
+    # against 2 ranks x 64 keys per side (sqrt(E x N) = sqrt(4 x 1024)).
+    shapes = {(op["name"], op["input_shapes"]) for op in result["ops_by_shape"]}
+    assert ("aten::bmm", "[[2, 64, 8], [2, 8, 128]]") in shapes
+    assert sum(op["self_ms_per_step"] for op in result["ops_by_shape"]) == pytest.approx(
+        result["profiled_ms_per_step"], rel=0.05)
     printed = capsys.readouterr().out
     assert "host-blocking runtime calls per step: none" in printed
     assert "synchronise on CUDA, per step: none" in printed

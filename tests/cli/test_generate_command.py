@@ -83,6 +83,20 @@ def test_a_triton_trained_memory_model_generates_on_cpu(tmp_path, monkeypatch, c
     assert capsys.readouterr().out.strip() == expected
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_an_ultramem_model_generates_on_the_gpu_what_it_generates_on_the_cpu(tmp_path, capsys):
+    ultramem = {"family": "ultramem", "memory": {"num_values": 64, "value_dim": 16, "key_dim": 8, "num_heads": 2,
+                                                 "topk": 4, "placements": ["1:2"]}}
+    tokenizer = word_tokenizer(tmp_path / "tok" / "tokenizer.json")
+    path, _ = portable(tmp_path / "ultramem", ultramem, hf_data(tokenizer))
+    texts = []
+    for device in ("cpu", "cuda"):
+        assert main(["generate", str(path), "--prompt", "once upon a", "--max-new-tokens", "6",
+                     "--device", device]) == 0
+        texts.append(capsys.readouterr().out.strip())
+    assert texts[0] and texts[1] == texts[0]
+
+
 def test_device_option_is_checked_before_loading(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for device, message in (("cuda", "has no CUDA device"), ("gpu0", "is not a torch device")):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import pytest
@@ -43,6 +44,21 @@ def test_cached_decoding_gives_the_full_forwards_logits(family, chunks):
             start += size
     assert cache.length == tokens.shape[1]
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_cached_decoding_on_the_gpu_gives_the_cpu_full_forwards_logits(family):
+    """`umtrain generate --device cuda`: the memory layers' lookup runs its CUDA path, the cache lives on the GPU."""
+    model = reference_model(family)
+    tokens = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        full = model(tokens)
+        gpu_model = copy.deepcopy(model).cuda()
+        cache = DecodeCache()
+        pieces = [gpu_model(tokens[:, :5].cuda(), cache)]
+        pieces += [gpu_model(tokens[:, i:i + 1].cuda(), cache) for i in range(5, 9)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1).cpu(), full, rtol=1e-4, atol=1e-4)
 
 
 def test_causal_mask_of_a_continuation():

@@ -73,6 +73,22 @@ def test_forward_and_gradients_match_naive_reference(case: str, seq: int, batch:
                                    msg=lambda m: f"grad of {name}: {m}")
 
 
+@pytest.mark.parametrize("case", ["ultramem", "ultramem-layout-b-r3-h3-signaware"])
+@pytest.mark.parametrize("tokens", [3, 20])     # at most / more than the key width (8; 4 in layout B): both paths
+def test_factor_scores_are_the_factor_weighted_sum_of_the_sub_key_scores(case: str, tokens: int) -> None:
+    """eq. 7's u^T S (for many tokens one GEMM against factor-weighted keys) against a per-rank sum over S."""
+    overrides, hidden = CASES[case]
+    layer = make_layer(overrides, hidden).double()
+    generator = torch.Generator().manual_seed(4)
+    perturbed_params(layer, generator)
+    query = torch.randn(tokens, layer.config.num_heads, layer.config.key_dim, generator=generator,
+                        dtype=torch.float64)
+    keys, factor = layer.row_keys.detach(), layer.tdqkr_row_factor
+    sub_scores = layer._sub_scores(query, keys)
+    expected = sum(factor[None, :, r, None] * sub_scores[:, :, r] for r in range(layer.config.tucker_rank))
+    torch.testing.assert_close(layer._factor_scores(query, keys, sub_scores, factor), expected)
+
+
 @pytest.mark.parametrize("case", ["pkm", "ultramem"])
 def test_output_at_t_ignores_later_tokens(case: str) -> None:
     overrides, hidden = CASES[case]

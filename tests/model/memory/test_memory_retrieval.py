@@ -42,6 +42,12 @@ def factors_of(cores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return factors.row, factors.col
 
 
+def factor_scores_of(cores: torch.Tensor, s_row: torch.Tensor, s_col: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """u^T S_row, t^T S_col (eq. 7) with the leading singular vectors of the cores' sum."""
+    u, t = factors_of(cores.detach())
+    return torch.einsum("tjrn,jr->tjn", s_row.detach(), u), torch.einsum("tjrn,jr->tjn", s_col.detach(), t)
+
+
 @pytest.mark.parametrize("tokens,heads,n,top_m", [(6, 2, 16, 4), (3, 3, 32, 8), (5, 1, 7, 7)])
 def test_pkm_two_stage_top_m_is_the_exact_top_m_over_all_values(tokens, heads, n, top_m) -> None:
     generator = torch.Generator().manual_seed(n)
@@ -78,7 +84,8 @@ def test_tdqkr_rank_one_core_with_nonnegative_factor_scores_has_exact_recall(ran
     tokens, heads, n, top_m = 32, 2, 24, 6
     cores = rank_one_cores(heads, rank, generator).expand(-1, num_cores, -1, -1) / num_cores
     s_row, s_col = (torch.rand(tokens, heads, rank, n, generator=generator) for _ in range(2))
-    selection = select_top_m(s_row, s_col, cores, *factors_of(cores), top_m, top_m, sign_aware=False)
+    selection = select_top_m(s_row, s_col, cores, *factor_scores_of(cores, s_row, s_col), top_m, top_m,
+                             sign_aware=False)
     assert recall(selection, exact_top_m(s_row, s_col, cores, top_m), n) == 1.0
 
 
@@ -90,7 +97,8 @@ def test_tdqkr_recall_with_signed_scores_and_the_sign_aware_fix() -> None:
     s_row, s_col = (torch.randn(tokens, heads, rank, n, generator=generator) for _ in range(2))
 
     def recall_with(cores_: torch.Tensor, sign_aware: bool) -> float:
-        selection = select_top_m(s_row, s_col, cores_, *factors_of(cores_), top_m, top_m, sign_aware)
+        selection = select_top_m(s_row, s_col, cores_, *factor_scores_of(cores_, s_row, s_col), top_m, top_m,
+                                     sign_aware)
         return recall(selection, exact_top_m(s_row, s_col, cores_, top_m), n)
 
     full_rank = torch.rand(heads, 2, rank, rank, generator=generator)
@@ -110,7 +118,7 @@ def test_tdqkr_selection_gradients_match_brute_force_per_core_scores() -> None:
     tokens, heads, n, top_m, rank, num_cores = 5, 2, 10, 4, 2, 3
     cores = torch.rand(heads, num_cores, rank, rank, generator=generator, requires_grad=True)
     s_row, s_col = (torch.randn(tokens, heads, rank, n, generator=generator, requires_grad=True) for _ in range(2))
-    selection = select_top_m(s_row, s_col, cores, *factors_of(cores.detach()), top_m, 5, sign_aware=False)
+    selection = select_top_m(s_row, s_col, cores, *factor_scores_of(cores, s_row, s_col), top_m, 5, sign_aware=False)
     address = selection.row * n + selection.col
     per_core = torch.stack([torch.stack([torch.stack([
         (s_row[t, j].T @ cores[j, i] @ s_col[t, j]).flatten()[address[t, j]]

@@ -321,8 +321,10 @@ class MemoryLayer(nn.Module):
         s_row = self._sub_scores(query[:, :, 0], row_keys)
         s_col = self._sub_scores(query[:, :, 1], col_keys)
         sign_aware = c.sign_aware_candidates and c.tucker_rank > 1
-        return select_top_m(s_row, s_col, params.get("cores"), row_factor, col_factor, c.topk, c.candidates,
-                            sign_aware)
+        row_factor_scores = self._factor_scores(query[:, :, 0], row_keys, s_row, row_factor)
+        col_factor_scores = self._factor_scores(query[:, :, 1], col_keys, s_col, col_factor)
+        return select_top_m(s_row, s_col, params.get("cores"), row_factor_scores, col_factor_scores, c.topk,
+                            c.candidates, sign_aware)
 
     def _sub_scores(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """query [T, H, d_k], keys [H, r, n, w] -> [T, H, r, n]. Layout B splits the query into r chunks of d_k/r."""
@@ -330,6 +332,25 @@ class MemoryLayer(nn.Module):
             return torch.einsum("tjd,jrnd->tjrn", query, keys)
         chunks = query.unflatten(-1, (self.config.tucker_rank, self.key_width))
         return torch.einsum("tjrd,jrnd->tjrn", chunks, keys)
+
+    @torch.no_grad()
+    def _factor_scores(self, query: torch.Tensor, keys: torch.Tensor, sub_scores: torch.Tensor,
+                       factor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """TDQKR's rank-1 factor scores factor^T S [T, H, n] (eq. 7) for candidate selection; None without a factor.
+
+        For more tokens than the key width, one GEMM against the factor-weighted keys (S is linear in the keys; in
+        layout B each rank's keys meet their own d_k/r chunk of the query): summing S [T, H, r, n] over r reads all of
+        S, which on an H200 at 32,768 tokens took 1.7 ms of the layer's 22 as elementwise kernels, and 6.3 ms of 26 as
+        einsum's copy and batched GEMV (`docs/benchmarks/memory_layer_profile.md`). For a few tokens (decoding)
+        weighting the keys would cost more than S itself."""
+        if factor is None:
+            return None
+        if query.shape[0] <= self.key_width:
+            return (sub_scores * factor[:, :, None]).sum(2)
+        weighted = factor[:, :, None, None].to(keys.dtype) * keys                    # [H, r, n, w]
+        if self.key_width == self.config.key_dim:
+            return torch.einsum("tjd,jnd->tjn", query, weighted.sum(1))
+        return torch.einsum("tjd,jnd->tjn", query, weighted.transpose(1, 2).flatten(2))
 
     def _weights(self, selection: Selection) -> torch.Tensor:
         """[h, T, H, m]: raw scores, or PKM's softmax over each head's m selected scores (eq. 3)."""

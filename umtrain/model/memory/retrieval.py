@@ -50,17 +50,16 @@ def grid_scores(f_row: torch.Tensor, f_col: torch.Tensor, cores: Optional[torch.
 
 
 def pair_scores(f_row: torch.Tensor, f_col: torch.Tensor, cores: Optional[torch.Tensor]) -> torch.Tensor:
-    """Per-core scores of aligned pairs: f_row, f_col [T, H, r, m] -> [h, T, H, m] (eq. 17's G^(i)_k)."""
+    """Per-core scores of aligned pairs: f_row, f_col [T, H, r, m] -> [h, T, H, m] (eq. 17's G^(i)_k).
+
+    Broadcast products summed over the r x r core entries, not `einsum("tjxm,jixy,tjym->itjm")`: the einsum's
+    backward computes the cores' gradient as a GEMM of inner dimension T x m with r x r columns, which ran at about
+    7 GFLOP/s (2.6 ms, 12% of an UltraMem layer's GPU time at 32,768 tokens, `docs/benchmarks/memory_layer_profile.md`);
+    here it is a reduction over an [h, T, H, r, r, m] product."""
     if cores is None:
         return (f_row[:, :, 0] + f_col[:, :, 0]).unsqueeze(0)
-    return torch.einsum("tjxm,jixy,tjym->itjm", f_row, cores, f_col)
-
-
-def rank_one_factor_scores(scores: torch.Tensor, factor: Optional[torch.Tensor]) -> torch.Tensor:
-    """a_bar = factor^T S (eq. 7): [T, H, r, n], factor [H, r] -> [T, H, n]. No factor: the rank-1 scores themselves."""
-    if factor is None:
-        return scores[:, :, 0]
-    return torch.einsum("tjrn,jr->tjn", scores, factor)
+    outer = f_row.unsqueeze(3) * f_col.unsqueeze(2)                                  # [T, H, x, y, m]
+    return (cores.transpose(0, 1)[:, None, :, :, :, None] * outer).sum((3, 4))      # [h, T, H, m]
 
 
 def select_candidates(factor_scores: torch.Tensor, count: int, sign_aware: bool) -> torch.Tensor:
@@ -102,17 +101,20 @@ def gather_sub_scores(scores: torch.Tensor, index: torch.Tensor) -> torch.Tensor
 
 
 def select_top_m(s_row: torch.Tensor, s_col: torch.Tensor, cores: Optional[torch.Tensor],
-                 row_factor: Optional[torch.Tensor], col_factor: Optional[torch.Tensor],
+                 row_factor_scores: Optional[torch.Tensor], col_factor_scores: Optional[torch.Tensor],
                  top_m: int, num_candidates: int, sign_aware: bool) -> Selection:
     """Two-stage top-m (PKM, eqs. 1-3) or TDQKR's approximate top-m (eqs. 6-11).
 
-    1. Candidates per side from the rank-1 factor scores u^T S_row, t^T S_col (for PKM the sub-scores themselves).
+    1. Candidates per side from the rank-1 factor scores u^T S_row, t^T S_col [T, H, n] (eq. 7; None: the rank-1
+       sub-scores themselves, PKM).
     2. Exact summed grid over the c x c candidates, top-m of it.
     3. Per-core scores of the chosen cells recomputed with gradient.
     """
     with torch.no_grad():
-        row_cand = select_candidates(rank_one_factor_scores(s_row.detach(), row_factor), num_candidates, sign_aware)
-        col_cand = select_candidates(rank_one_factor_scores(s_col.detach(), col_factor), num_candidates, sign_aware)
+        if row_factor_scores is None:
+            row_factor_scores, col_factor_scores = s_row[:, :, 0], s_col[:, :, 0]
+        row_cand = select_candidates(row_factor_scores.detach(), num_candidates, sign_aware)
+        col_cand = select_candidates(col_factor_scores.detach(), num_candidates, sign_aware)
         grid = grid_scores(gather_sub_scores(s_row.detach(), row_cand), gather_sub_scores(s_col.detach(), col_cand),
                            cores)
         num_col = col_cand.shape[-1]
