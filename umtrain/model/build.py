@@ -33,7 +33,7 @@ def make_memory_factory(config: Config, parallelism: MemoryLayerParallelism):
         return MemoryLayer(config.model.memory, hidden_size=config.model.hidden_size,
                            num_layers=config.model.num_layers, seed=config.training.seed, layer_index=index,
                            lookup=lookup, table_shape=table_shape, sequence_history=parallelism.split.history,
-                           record_stats=config.logging.memory_stats)
+                           record_stats=config.logging.memory_stats, initialize=False)   # `initialize_model` does
 
     return factory
 

@@ -10,12 +10,14 @@ import pytest
 import torch
 
 from memory_reference import naive_memory_forward
-from umtrain.config import load_config
+from umtrain.config import config_from_dict, load_config
 from umtrain.config.base import ConfigError
 from umtrain.config.schema import MemoryConfig
+from umtrain.model.build import make_memory_factory
 from umtrain.model.memory import MemoryLayer
 from umtrain.ops.host_sync import record_host_syncs
 from umtrain.ops.lookup_reduce import lookup_reduce_reference
+from umtrain.parallel.parallelize import MemoryLayerParallelism
 
 PKM = dict(num_values=64, value_dim=12, key_dim=6, num_heads=2, topk=4, softmax=True, output_projection=False,
            share_query=False, query_key_layernorm=False, ive_expansion=1, tucker_rank=1, num_cores=1,
@@ -244,6 +246,17 @@ def test_aux_loss_is_exact_for_bf16_cores_with_a_large_leading_singular_value() 
     layer.bfloat16()
     layer(torch.randn(2, 1, 16, dtype=torch.bfloat16))
     assert layer.aux_loss.item() == pytest.approx(eq12_aux_loss(layer), rel=1e-4)
+
+
+def test_the_trainer_builds_memory_layers_without_drawing_them(monkeypatch) -> None:
+    """`build_model_chunks` then overwrites every parameter with its layout-independent value (`initialize_model`,
+    which fails on any it misses): a draw at construction would be thrown away (seconds per paper-sized table)."""
+    monkeypatch.setattr(MemoryLayer, "reset_parameters", lambda self, generator=None: pytest.fail("drawn at build"))
+    config = config_from_dict({"model": {"family": "ultramem", "num_layers": 2, "hidden_size": 16,
+                                         "num_attention_heads": 2, "memory": {**ULTRAMEM, "placements": ["1:2"]}},
+                               "data": {"mock": True, "seq_length": 8}}, check_files=False)
+    layer = make_memory_factory(config, MemoryLayerParallelism())(1)
+    assert layer.values.shape == (ULTRAMEM["num_values"], ULTRAMEM["value_dim"])
 
 
 def test_refresh_cannot_both_restart_and_wait() -> None:

@@ -47,10 +47,12 @@ class MemoryLayer(nn.Module):
     def __init__(self, config: MemoryConfig, hidden_size: int, num_layers: int, seed: int, layer_index: int,
                  lookup: Optional[LookupReduce] = None, table_shape: Optional[tuple[int, int]] = None,
                  sequence_history: Optional[Callable[[torch.Tensor, int], torch.Tensor]] = None,
-                 record_stats: bool = True):
+                 record_stats: bool = True, initialize: bool = True):
         """`sequence_history(x, n)`: the n tokens before x's first one, when x is one rank's slice of a longer
         sequence (sequence parallelism); None when x holds whole sequences. `record_stats`: keep the health
-        statistics of training forwards (`logging.memory_stats`; about ten small kernels per forward)."""
+        statistics of training forwards (`logging.memory_stats`; about ten small kernels per forward).
+        `initialize` False leaves the parameters unset, for a caller that overwrites them all, as the trainer's
+        layout-independent initialisation does (a table of 1.2 M x 512 values takes seconds to draw)."""
         super().__init__()
         self.config = config
         self.record_stats = record_stats
@@ -84,7 +86,8 @@ class MemoryLayer(nn.Module):
         self._register_buffers()
         self.query_norm_gain, self.key_norm_gain = self._layernorm_gains()
         self.value_std = self._value_init_std()
-        self.reset_parameters()
+        if initialize:
+            self.reset_parameters()
         self.aux_loss = torch.zeros(())
         self.last_stats: dict[str, torch.Tensor] = {}
 
