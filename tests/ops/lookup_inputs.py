@@ -26,7 +26,26 @@ def forward_backward(fn: Callable, rows: torch.Tensor, blocks: torch.Tensor, sco
     scores = scores.detach().clone().requires_grad_()
     table = table.detach().clone().requires_grad_()
     pooled = fn(rows, blocks, scores, table, num_blocks)
-    # Positive, so bf16 sums of positive inputs do not cancel; bf16-representable, so every dtype sees the same one.
-    grad = torch.rand(pooled.shape, generator=torch.Generator().manual_seed(1)).bfloat16().to(pooled)
-    pooled.backward(grad)
+    pooled.backward(upstream_gradient(pooled))
     return pooled.detach(), scores.grad, table.grad
+
+
+def upstream_gradient(pooled: torch.Tensor) -> torch.Tensor:
+    """Positive, so bf16 sums of positive inputs do not cancel; bf16-representable, so every dtype sees the same one."""
+    return torch.rand(pooled.shape, generator=torch.Generator().manual_seed(1)).bfloat16().to(pooled)
+
+
+def main_grad_accumulation(fn: Callable, rows: torch.Tensor, blocks: torch.Tensor, scores: torch.Tensor,
+                           table: torch.Tensor, num_blocks: int,
+                           backwards: int = 2) -> tuple[torch.Tensor, bool, torch.Tensor]:
+    """`backwards` forward+backwards of `fn` (the upstream gradient of `forward_backward`) with the table a parameter
+    as Megatron's DDP leaves it (an fp32 `main_grad`, here already holding 0.5, and `grad_added_to_main_grad`
+    False): what main_grad gained, the flag after them, and the scores' summed gradient."""
+    param = torch.nn.Parameter(table.detach().clone())
+    param.main_grad = torch.full(param.shape, 0.5, dtype=torch.float32, device=table.device)
+    param.grad_added_to_main_grad = False
+    scores = scores.detach().clone().requires_grad_()
+    for _ in range(backwards):
+        pooled = fn(rows, blocks, scores, param, num_blocks)
+        pooled.backward(upstream_gradient(pooled))
+    return param.main_grad - 0.5, param.grad_added_to_main_grad, scores.grad

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from tests.ops.lookup_inputs import forward_backward, make_inputs
+from tests.ops.lookup_inputs import forward_backward, main_grad_accumulation, make_inputs
 from umtrain.ops.lookup_reduce import lookup_reduce_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -32,7 +32,7 @@ def test_cases_under_interpreter():
     result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
                             env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert "5 passed, 2 skipped" in result.stdout, result.stdout[-2000:]
+    assert "7 passed, 2 skipped" in result.stdout, result.stdout[-2000:]
 
 
 @pytest.mark.skipif(RUNNABLE_HERE, reason="a machine without a GPU or the interpreter only")
@@ -70,6 +70,21 @@ def test_bf16_table_accumulates_in_fp32(lookup_reduce):
         # Within one bf16 ulp (2**-7 relative; the interpreter truncates where a GPU rounds) of the exact sum,
         # which summing 32 terms in bf16 would miss.
         torch.testing.assert_close(got.double(), want, rtol=2 ** -7, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_table_gradient_is_added_into_megatrons_main_grad(lookup_reduce, dtype):
+    """Under Megatron's DDP the table's gradient goes straight into its fp32 main_grad, over micro-batches, and the
+    parameter is marked so that DDP's hook does not add it again; the scores' gradient is unchanged."""
+    inputs = make_inputs(3, 5, 8, 4, 3, 2, dtype=dtype, device=DEVICE)
+    exact = (x.double() if x.is_floating_point() else x for x in inputs)
+    _, want_scores, want_table = forward_backward(lookup_reduce_reference, *exact, 4)
+    added, flagged, scores_grad = main_grad_accumulation(lookup_reduce, *inputs, 4)
+    assert flagged
+    tolerance = 1e-5 if dtype == torch.float32 else 2 ** -7
+    torch.testing.assert_close(added.double(), 2 * want_table, rtol=tolerance, atol=1e-5)
+    torch.testing.assert_close(scores_grad.double(), 2 * want_scores, rtol=tolerance, atol=1e-5)
 
 
 @needs_kernels

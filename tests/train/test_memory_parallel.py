@@ -165,3 +165,21 @@ def test_distributed_optimizer_with_overlapped_param_gather_matches_single_proce
         assert result["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-5)
         for layer, factor in reference["factors"].items():
             torch.testing.assert_close(result["factors"][layer], factor, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks,overlap_grad_reduce", [(1, False), (2, True)])
+def test_fused_lookup_adding_into_main_grad_trains_like_the_reference_lookup(reference, ranks, overlap_grad_reduce):
+    """The fused lookup adds each table's gradient straight into Megatron's main_grad (4 micro-batches per step) and
+    marks it, so that DDP's hook does not add it again; the reference lookup's gradient takes DDP's usual path. With
+    DP = 2 and overlapped gradient reduction the hook must still find a gradient and mark the table ready (the
+    gradients are then compared through their norm: the distributed optimizer's reduce-scatter leaves each rank the
+    sum of its own shard of the buffer only)."""
+    config = ultramem_config()
+    config["model"]["memory"]["lookup_impl"] = "fused"
+    config["parallel"].update(use_distributed_optimizer=True, overlap_grad_reduce=overlap_grad_reduce)
+    for result in train_on_ranks(config, ranks, collect=memory_grads):
+        assert result["loss"] == pytest.approx(reference["loss"], rel=1e-5)
+        assert result["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-5)
+        for key, grad in reference["grads"].items() if ranks == 1 else ():
+            torch.testing.assert_close(result["grads"][key], grad, rtol=1e-4, atol=1e-6, msg=f"gradient of {key}")

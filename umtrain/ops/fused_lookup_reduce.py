@@ -27,7 +27,8 @@ from typing import Iterator, Optional, Tuple
 
 import torch
 
-from umtrain.ops.lookup_reduce import LOOKUP_REDUCE_IMPLS, check_lookup_reduce_inputs
+from umtrain.ops.lookup_reduce import (LOOKUP_REDUCE_IMPLS, check_lookup_reduce_inputs, main_grad_to_accumulate,
+                                       table_grad_in_main_grad)
 
 SOURCE = Path(__file__).parent / "csrc" / "lookup_reduce.cpp"
 CFLAGS = ["-O3", "-march=native", "-fopenmp"]
@@ -93,8 +94,8 @@ class FusedLookupReduce(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_pooled: torch.Tensor
                  ) -> Tuple[None, None, Optional[torch.Tensor], Optional[torch.Tensor], None]:
-        rows, blocks, scores, table = ctx.saved_tensors
-        scores, table = scores.detach(), table.detach().contiguous()
+        rows, blocks, scores, table_param = ctx.saved_tensors
+        scores, table = scores.detach(), table_param.detach().contiguous()
         grad_pooled = grad_pooled.to(table.dtype).contiguous()
         num_rows = table.shape[0]
         grad_scores = grad_table = None
@@ -102,6 +103,10 @@ class FusedLookupReduce(torch.autograd.Function):
             grad_scores = extension().score_grad(rows, blocks, table, grad_pooled, scores.shape[0]).to(scores.dtype)
         if ctx.needs_input_grad[3]:
             grad_table = table_grad(rows, blocks, scores, grad_pooled, num_rows)
+            main_grad = main_grad_to_accumulate(table_param)
+            if main_grad is not None:          # as the Triton kernel does, so that CPU runs test the same path
+                main_grad.add_(grad_table)
+                grad_table = table_grad_in_main_grad(table_param)
         return None, None, grad_scores, grad_table, None
 
 

@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from umtrain.ops.lookup_reduce import LOOKUP_REDUCE_IMPLS, check_lookup_reduce_inputs, triton_runs_on
+from umtrain.ops.lookup_reduce import (LOOKUP_REDUCE_IMPLS, check_lookup_reduce_inputs, main_grad_to_accumulate,
+                                       table_grad_in_main_grad, triton_runs_on)
 
 MAX_BLOCK_D = 64
 """Columns per program; with BLOCK_K = next_pow2(K) <= 128 the [BLOCK_K, BLOCK_D] fp32 tile stays in registers."""
@@ -110,9 +111,14 @@ class TritonLookupReduce(torch.autograd.Function):
         rows, blocks, scores, table = ctx.saved_tensors
         want_scores, want_table = ctx.needs_input_grad[2], ctx.needs_input_grad[3]
         num_cores, (tokens, k), d_v = scores.shape[0], rows.shape, table.shape[1]
-        # fp32 accumulators; a gradient not asked for gets a placeholder the kernel never touches.
+        main_grad = main_grad_to_accumulate(table) if want_table else None
+        # fp32 accumulators (the table's: Megatron's main gradient when it has one); a gradient not asked for gets
+        # a placeholder the kernel never touches.
         grad_scores = scores.new_zeros(scores.shape, dtype=torch.float32) if want_scores else scores
-        grad_table = table.new_zeros(table.shape, dtype=torch.float32) if want_table else table
+        if main_grad is not None:
+            grad_table = main_grad
+        else:
+            grad_table = table.new_zeros(table.shape, dtype=torch.float32) if want_table else table
         if tokens and (want_scores or want_table):
             slice_width = d_v // num_cores
             block_k, block_d = _tile_sizes(k, slice_width)
@@ -120,6 +126,8 @@ class TritonLookupReduce(torch.autograd.Function):
                 rows, blocks, scores, table, grad_pooled.contiguous(), grad_scores, grad_table, tokens, k, d_v,
                 slice_width, NUM_BLOCKS=ctx.num_blocks, BLOCK_K=block_k, BLOCK_D=block_d,
                 SCORE_GRAD=want_scores, TABLE_GRAD=want_table)
+        if main_grad is not None:
+            grad_table = table_grad_in_main_grad(table)
         return (None, None, grad_scores.to(scores.dtype) if want_scores else None,
                 grad_table.to(table.dtype) if want_table else None, None)
 
