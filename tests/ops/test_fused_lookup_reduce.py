@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.ops.lookup_inputs import forward_backward, main_grad_accumulation, make_inputs
+from tests.ops.lookup_inputs import forward_backward, main_grad_accumulation, make_inputs, upstream_gradient
 from umtrain.ops.fused_lookup_reduce import SOURCE, fused_lookup_reduce
 from umtrain.ops.lookup_reduce import get_lookup_reduce, lookup_reduce_reference
 
@@ -79,6 +79,19 @@ def test_table_gradient_is_added_into_megatrons_main_grad(dtype):
     tolerance = 1e-5 if dtype == torch.float32 else 2 ** -7
     torch.testing.assert_close(added.double(), 2 * want_table, rtol=tolerance, atol=1e-5)
     torch.testing.assert_close(scores_grad.double(), 2 * want_scores, rtol=tolerance, atol=1e-5)
+
+
+def test_a_table_with_a_gradient_hook_keeps_the_usual_path():
+    """The hook (`parallel.memory_tables`' 1/TP) must see the real gradient: no adding into main_grad then."""
+    inputs = make_inputs(3, 5, 8, 4, 3, 2)
+    _, _, want_table = forward_backward(lookup_reduce_reference, *inputs, 4)
+    rows, blocks, scores, table = inputs
+    param = torch.nn.Parameter(table.clone())
+    param.main_grad, param.grad_added_to_main_grad = torch.zeros_like(param), False
+    param.register_hook(lambda grad: grad / 2)
+    fused_lookup_reduce(rows, blocks, scores, param, 4).backward(upstream_gradient(torch.empty(3, 4, 8)))
+    assert not param.grad_added_to_main_grad and torch.equal(param.main_grad, torch.zeros_like(param))
+    torch.testing.assert_close(param.grad, want_table / 2)
 
 
 def test_gradcheck_float64():

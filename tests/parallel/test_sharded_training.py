@@ -49,8 +49,9 @@ def unsharded():
 @pytest.mark.parametrize("memory", [{"sharding_mode": "number"},
                                     {"sharding_mode": "number", "sharding_capacity_factor": 2.0},
                                     {"sharding_mode": "number", "sharding_dedup": True},
-                                    {"sharding_mode": "dimension", "overlap": True}],
-                         ids=["number", "number-capacity", "number-dedup", "dimension-overlap"])
+                                    {"sharding_mode": "dimension", "overlap": True},
+                                    {"sharding_mode": "dimension", "lookup_impl": "fused"}],
+                         ids=["number", "number-capacity", "number-dedup", "dimension-overlap", "dimension-fused"])
 def test_sharded_tables_train_like_unsharded(unsharded, memory):
     results = train_on_ranks(sharded_config(tp=2, ep=2, **memory), 4, collect=table_footprint)
     full_elements = 2 * MEMORY["num_values"] * MEMORY["value_dim"]
@@ -79,7 +80,8 @@ def test_overlapped_memory_under_the_pipeline_schedule_trains_like_unsharded(uns
 @pytest.mark.slow
 @pytest.mark.parametrize("ep,sp,memory", [(2, False, {"sharding_mode": "number"}),
                                           (2, True, {"sharding_mode": "dimension", "overlap": True}),
-                                          (4, False, {"sharding_mode": "number", "sharding_capacity_factor": 2.0})])
+                                          (4, False, {"sharding_mode": "number", "sharding_capacity_factor": 2.0}),
+                                          (2, False, {"sharding_mode": "dimension", "lookup_impl": "fused"})])
 def test_memory_group_over_tensor_parallel_ranks_trains_like_unsharded(unsharded, ep, sp, memory):
     """memory_parallel_group: tensor_data with TP=2 x DP=2 (and sequence parallel): P=2 is the TP group, P=4 the
     TP x DP product. TP ranks hold different shards (1/P of the table each, no TP replica) and look up the same

@@ -76,21 +76,23 @@ LOOKUP_REDUCE_IMPLS: Dict[str, LookupReduce] = {"reference": lookup_reduce_refer
 def main_grad_to_accumulate(table: torch.Tensor) -> Optional[torch.Tensor]:
     """The fp32 main gradient Megatron's DDP keeps for the table parameter, when a backward may add the table's
     gradient into it and return `table_grad_in_main_grad(table)`, as Megatron's own layers do with gradient
-    accumulation fusion: no table-sized gradient is then made, cast, and added again by DDP's hook (about 1.2 GB
-    in bf16 for one 1.2 M x 512 table, per micro-batch). None for any other table.
+    accumulation fusion: no fp32 gradient buffer is then zeroed, cast to the table's dtype and added again by DDP's
+    hook (2.5 GB of fp32 for one 1.2 M x 512 table, per micro-batch). None for any other table, and for one with a
+    gradient hook (the 1/TP of `parallel.memory_tables` would see only the placeholder).
 
     DDP then drops every gradient of the table until its next `zero_grad_buffer`, so within a step all of them
     must come this way: a run's lookup is fixed, and an empty lookup's gradient is zero."""
     main_grad = getattr(table, "main_grad", None)
     if (main_grad is None or not hasattr(table, "grad_added_to_main_grad") or getattr(table, "zero_out_wgrad", False)
-            or main_grad.dtype != torch.float32 or main_grad.shape != table.shape or not main_grad.is_contiguous()):
+            or table._backward_hooks or main_grad.dtype != torch.float32 or main_grad.shape != table.shape
+            or not main_grad.is_contiguous()):
         return None
     return main_grad
 
 
 def table_grad_in_main_grad(table: torch.Tensor) -> torch.Tensor:
-    """What a backward returns for the table once it has added the gradient into `main_grad`: a placeholder, never
-    written, that Megatron's DDP hook drops on seeing `grad_added_to_main_grad`."""
+    """What a backward returns for the table once it has added the gradient into `main_grad`: a placeholder in the
+    table's dtype, allocated but never written, that Megatron's DDP hook drops on seeing `grad_added_to_main_grad`."""
     table.grad_added_to_main_grad = True
     return torch.empty_like(table)
 
