@@ -50,16 +50,10 @@ def grid_scores(f_row: torch.Tensor, f_col: torch.Tensor, cores: Optional[torch.
 
 
 def pair_scores(f_row: torch.Tensor, f_col: torch.Tensor, cores: Optional[torch.Tensor]) -> torch.Tensor:
-    """Per-core scores of aligned pairs: f_row, f_col [T, H, r, m] -> [h, T, H, m] (eq. 17's G^(i)_k).
-
-    Broadcast products summed over the r x r core entries, not `einsum("tjxm,jixy,tjym->itjm")`: the einsum's
-    backward computes the cores' gradient as a GEMM of inner dimension T x m with r x r columns, which ran at about
-    7 GFLOP/s (2.6 ms, 12% of an UltraMem layer's GPU time at 32,768 tokens, `docs/benchmarks/memory_layer_profile.md`);
-    here it is a reduction over an [h, T, H, r, r, m] product."""
+    """Per-core scores of aligned pairs: f_row, f_col [T, H, r, m] -> [h, T, H, m] (eq. 17's G^(i)_k)."""
     if cores is None:
         return (f_row[:, :, 0] + f_col[:, :, 0]).unsqueeze(0)
-    outer = f_row.unsqueeze(3) * f_col.unsqueeze(2)                                  # [T, H, x, y, m]
-    return (cores.transpose(0, 1)[:, None, :, :, :, None] * outer).sum((3, 4))      # [h, T, H, m]
+    return torch.einsum("tjxm,jixy,tjym->itjm", f_row, cores, f_col)
 
 
 def select_candidates(factor_scores: torch.Tensor, count: int, sign_aware: bool) -> torch.Tensor:
