@@ -35,17 +35,24 @@ def upstream_gradient(pooled: torch.Tensor) -> torch.Tensor:
     return torch.rand(pooled.shape, generator=torch.Generator().manual_seed(1)).bfloat16().to(pooled)
 
 
-def main_grad_accumulation(fn: Callable, rows: torch.Tensor, blocks: torch.Tensor, scores: torch.Tensor,
-                           table: torch.Tensor, num_blocks: int,
-                           backwards: int = 2) -> tuple[torch.Tensor, bool, torch.Tensor]:
-    """`backwards` forward+backwards of `fn` (the upstream gradient of `forward_backward`) with the table a parameter
-    as Megatron's DDP leaves it (an fp32 `main_grad`, here already holding 0.5, and `grad_added_to_main_grad`
-    False): what main_grad gained, the flag after them, and the scores' summed gradient."""
-    param = torch.nn.Parameter(table.detach().clone())
-    param.main_grad = torch.full(param.shape, 0.5, dtype=torch.float32, device=table.device)
+
+def check_main_grad_accumulation(fn: Callable, dtype: torch.dtype, device: str) -> None:
+    """Under Megatron's DDP the table's gradient goes straight into its fp32 main_grad (here already holding 0.5),
+    over two micro-batches, and the parameter is marked so that DDP's hook does not add it again; the scores'
+    gradient is unchanged. Against the reference lookup in float64."""
+    from umtrain.ops.lookup_reduce import lookup_reduce_reference
+
+    rows, blocks, scores, table = make_inputs(3, 5, 8, 4, 3, 2, dtype=dtype, device=device)
+    exact = (x.double() for x in (scores, table))
+    _, want_scores, want_table = forward_backward(lookup_reduce_reference, rows, blocks, *exact, 4)
+    param = torch.nn.Parameter(table.clone())
+    param.main_grad = torch.full(param.shape, 0.5, dtype=torch.float32, device=device)
     param.grad_added_to_main_grad = False
-    scores = scores.detach().clone().requires_grad_()
-    for _ in range(backwards):
-        pooled = fn(rows, blocks, scores, param, num_blocks)
+    scores = scores.clone().requires_grad_()
+    for _ in range(2):
+        pooled = fn(rows, blocks, scores, param, 4)
         pooled.backward(upstream_gradient(pooled))
-    return param.main_grad - 0.5, param.grad_added_to_main_grad, scores.grad
+    assert param.grad_added_to_main_grad
+    tolerance = 1e-5 if dtype == torch.float32 else 2 ** -7
+    torch.testing.assert_close((param.main_grad - 0.5).double(), 2 * want_table, rtol=tolerance, atol=1e-5)
+    torch.testing.assert_close(scores.grad.double(), 2 * want_scores, rtol=tolerance, atol=1e-5)

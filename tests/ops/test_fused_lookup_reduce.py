@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.ops.lookup_inputs import forward_backward, main_grad_accumulation, make_inputs, upstream_gradient
+from tests.ops.lookup_inputs import check_main_grad_accumulation, forward_backward, make_inputs, upstream_gradient
 from umtrain.ops.fused_lookup_reduce import SOURCE, fused_lookup_reduce
 from umtrain.ops.lookup_reduce import get_lookup_reduce, lookup_reduce_reference
 
@@ -69,16 +69,7 @@ def test_only_requested_gradients():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_table_gradient_is_added_into_megatrons_main_grad(dtype):
-    """Under Megatron's DDP the table's gradient goes straight into its fp32 main_grad, over micro-batches, and the
-    parameter is marked so that DDP's hook does not add it again; the scores' gradient is unchanged."""
-    inputs = make_inputs(3, 5, 8, 4, 3, 2, dtype=dtype, device="cpu")
-    exact = (x.double() if x.is_floating_point() else x for x in inputs)
-    _, want_scores, want_table = forward_backward(lookup_reduce_reference, *exact, 4)
-    added, flagged, scores_grad = main_grad_accumulation(fused_lookup_reduce, *inputs, 4)
-    assert flagged
-    tolerance = 1e-5 if dtype == torch.float32 else 2 ** -7
-    torch.testing.assert_close(added.double(), 2 * want_table, rtol=tolerance, atol=1e-5)
-    torch.testing.assert_close(scores_grad.double(), 2 * want_scores, rtol=tolerance, atol=1e-5)
+    check_main_grad_accumulation(fused_lookup_reduce, dtype, "cpu")
 
 
 def test_a_table_with_a_gradient_hook_keeps_the_usual_path():

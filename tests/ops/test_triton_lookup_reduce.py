@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from tests.ops.lookup_inputs import forward_backward, main_grad_accumulation, make_inputs
+from tests.ops.lookup_inputs import check_main_grad_accumulation, forward_backward, make_inputs
 from umtrain.ops.lookup_reduce import lookup_reduce_reference
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -75,16 +75,7 @@ def test_bf16_table_accumulates_in_fp32(lookup_reduce):
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_table_gradient_is_added_into_megatrons_main_grad(lookup_reduce, dtype):
-    """Under Megatron's DDP the table's gradient goes straight into its fp32 main_grad, over micro-batches, and the
-    parameter is marked so that DDP's hook does not add it again; the scores' gradient is unchanged."""
-    inputs = make_inputs(3, 5, 8, 4, 3, 2, dtype=dtype, device=DEVICE)
-    exact = (x.double() if x.is_floating_point() else x for x in inputs)
-    _, want_scores, want_table = forward_backward(lookup_reduce_reference, *exact, 4)
-    added, flagged, scores_grad = main_grad_accumulation(lookup_reduce, *inputs, 4)
-    assert flagged
-    tolerance = 1e-5 if dtype == torch.float32 else 2 ** -7
-    torch.testing.assert_close(added.double(), 2 * want_table, rtol=tolerance, atol=1e-5)
-    torch.testing.assert_close(scores_grad.double(), 2 * want_scores, rtol=tolerance, atol=1e-5)
+    check_main_grad_accumulation(lookup_reduce, dtype, DEVICE)
 
 
 @needs_kernels
