@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # What only a GPU can check, in one pass (a few minutes on one H100/H200): the CUDA tests (Triton lookup-reduce,
 # side-stream overlap, single-GPU training vs CPU, decoding and `umtrain generate` on the GPU), then the GPU
-# benchmarks (lookup-reduce, memory-layer profile, overlap, number-wise host sync, decode speed, training MFU).
+# benchmarks (lookup-reduce, selection kernels, memory-layer profile, overlap, number-wise host sync, decode speed,
+# training MFU).
 # Each step runs even if an earlier one failed; logs and JSON go to $OUT (default runs/gpu_check). Exit status:
 # the number of failed steps.
-#   bash scripts/gpu_check.sh [tests] [lookup_reduce] [profile] [overlap] [host_sync] [decode] [train] (default: all)
-# with umtrain installed, or PYTHONPATH pointing at it and megatron-core.
+#   bash scripts/gpu_check.sh [tests] [lookup_reduce] [selection] [profile] [overlap] [host_sync] [decode] [train]
+# (default: all) with umtrain installed, or PYTHONPATH pointing at it and megatron-core.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu_check}
 mkdir -p "$OUT"
 export PYTHONPATH=".:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 failed=0
-steps=" ${*:-tests lookup_reduce profile overlap host_sync decode train} "
+steps=" ${*:-tests lookup_reduce selection profile overlap host_sync decode train} "
 
 step() {  # step NAME TIMEOUT_S COMMAND...   (runs when NAME, or its prefix before '_', was asked for)
     local name=$1 limit=$2; shift 2
@@ -30,6 +31,7 @@ step tests 240 python -m pytest -q -p no:cacheprovider tests/ops tests/parallel/
     tests/train/test_cuda_training.py tests/model/memory/test_memory_layer.py tests/model/test_reference_decode.py \
     tests/cli/test_generate_command.py
 step lookup_reduce 80 python benchmarks/lookup_reduce_cuda.py --out "$OUT/lookup_reduce_cuda.json"
+step selection 90 python benchmarks/selection_cuda.py --out "$OUT/selection_cuda.json"
 step profile 90 python benchmarks/memory_layer_profile.py --out "$OUT/memory_layer_profile.json"
 step overlap 110 python benchmarks/memory_overlap.py --preset gpu --out "$OUT/memory_overlap_gpu.json"
 step overlap_mbs16 110 python benchmarks/memory_overlap.py --preset gpu --micro-batch-size 16 --steps 20 \

@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from umtrain.ops.topk import topk_indices
 
 @dataclass
 class Selection:
@@ -53,7 +54,42 @@ def pair_scores(f_row: torch.Tensor, f_col: torch.Tensor, cores: Optional[torch.
     """Per-core scores of aligned pairs: f_row, f_col [T, H, r, m] -> [h, T, H, m] (eq. 17's G^(i)_k)."""
     if cores is None:
         return (f_row[:, :, 0] + f_col[:, :, 0]).unsqueeze(0)
-    return torch.einsum("tjxm,jixy,tjym->itjm", f_row, cores, f_col)
+    return _PairScores.apply(f_row, cores, f_col)
+
+
+class _PairScores(torch.autograd.Function):
+    """`einsum("tjxm,jixy,tjym->itjm")` with the cores' gradient computed token by token, then summed in float64.
+
+    Autograd's einsum backward makes the cores' gradient one GEMM of inner dimension T x m with h x r x r outputs
+    per head, which cuBLAS ran at about 7 GFLOP/s on an H200 (2.6 ms, 12% of an UltraMem layer at 32,768 tokens;
+    `docs/benchmarks/memory_layer_profile.md`). Here it is an elementwise product reduced over m, then over tokens:
+    memory-bound kernels over 8 M elements. The float64 sum over tokens makes the float32 result independent of how
+    many threads (or ranks) the tokens were split over."""
+
+    @staticmethod
+    def forward(ctx, f_row: torch.Tensor, cores: torch.Tensor, f_col: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(f_row, cores, f_col)
+        return torch.einsum("tjxm,jixy,tjym->itjm", f_row, cores, f_col)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        f_row, cores, f_col = ctx.saved_tensors
+        grad_row = grad_cores = grad_col = None
+        if ctx.needs_input_grad[0]:
+            grad_row = torch.einsum("itjm,jixy,tjym->tjxm", grad, cores, f_col)
+        if ctx.needs_input_grad[1]:
+            grad_cores = cores_gradient(grad, f_row, f_col).to(cores.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_col = torch.einsum("itjm,jixy,tjxm->tjym", grad, cores, f_row)
+        return grad_row, grad_cores, grad_col
+
+
+def cores_gradient(grad: torch.Tensor, f_row: torch.Tensor, f_col: torch.Tensor) -> torch.Tensor:
+    """d/dC[j,i,x,y] of sum grad[i,t,j,m] f_row[t,j,x,m] C[j,i,x,y] f_col[t,j,y,m]: [H, h, r, r] in float64."""
+    dtype = _at_least_float32(grad.dtype)
+    outer = f_row.to(dtype)[:, :, :, None, :] * f_col.to(dtype)[:, :, None, :, :]   # [T, H, x, y, m]
+    per_token = (grad.to(dtype).permute(1, 2, 0, 3)[:, :, :, None, None, :] * outer[:, :, None]).sum(-1)
+    return per_token.double().sum(0)                                                # [H, h, x, y]
 
 
 def select_candidates(factor_scores: torch.Tensor, count: int, sign_aware: bool) -> torch.Tensor:
@@ -65,11 +101,11 @@ def select_candidates(factor_scores: torch.Tensor, count: int, sign_aware: bool)
     """
     n = factor_scores.shape[-1]
     if not sign_aware:
-        return factor_scores.topk(count, dim=-1).indices
+        return topk_indices(factor_scores, count)
     if 2 * count >= n:
         return torch.arange(n, device=factor_scores.device).expand(*factor_scores.shape[:-1], n)
-    top = factor_scores.topk(count, dim=-1).indices
-    bottom = factor_scores.topk(count, dim=-1, largest=False).indices
+    top = topk_indices(factor_scores, count)
+    bottom = topk_indices(factor_scores, count, largest=False)
     return torch.cat([top, bottom], dim=-1)
 
 
@@ -112,7 +148,7 @@ def select_top_m(s_row: torch.Tensor, s_col: torch.Tensor, cores: Optional[torch
         grid = grid_scores(gather_sub_scores(s_row.detach(), row_cand), gather_sub_scores(s_col.detach(), col_cand),
                            cores)
         num_col = col_cand.shape[-1]
-        flat = grid.flatten(2).topk(top_m, dim=-1).indices
+        flat = topk_indices(grid.flatten(2), top_m)
         row = row_cand.gather(-1, flat // num_col)
         col = col_cand.gather(-1, flat % num_col)
     scores = pair_scores(gather_sub_scores(s_row, row), gather_sub_scores(s_col, col), cores)
