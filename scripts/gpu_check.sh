@@ -27,9 +27,9 @@ step() {  # step NAME TIMEOUT_S COMMAND...   (runs when NAME, or its prefix befo
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-step tests 240 python -m pytest -q -p no:cacheprovider tests/ops tests/parallel/test_overlap.py \
-    tests/train/test_cuda_training.py tests/model/memory/test_memory_layer.py tests/model/test_reference_decode.py \
-    tests/cli/test_generate_command.py
+step tests 300 python -m pytest -q -p no:cacheprovider tests/ops tests/parallel/test_overlap.py \
+    tests/train/test_cuda_training.py tests/train/test_optimizer.py tests/model/memory/test_memory_layer.py \
+    tests/model/test_reference_decode.py tests/cli/test_generate_command.py
 step lookup_reduce 80 python benchmarks/lookup_reduce_cuda.py --out "$OUT/lookup_reduce_cuda.json"
 step selection 90 python benchmarks/selection_cuda.py --out "$OUT/selection_cuda.json"
 step profile 90 python benchmarks/memory_layer_profile.py --out "$OUT/memory_layer_profile.json"

@@ -600,9 +600,18 @@ class LoggingConfig:
     """A progress bar on an interactive terminal."""
     memory_stats: bool = True
     """Memory-layer health (fraction of values hit, mean top-1 score, output std) per interval."""
+    profile_dir: Optional[str] = None
+    """Directory for `torch.profiler` traces and summaries of the steps below, one per rank (null: off)."""
+    profile_start: int = 10
+    """First profiled step (1-based, as in the log lines); later than step 1 so that compilation and allocator
+    warm-up stay out of the profile."""
+    profile_steps: int = 2
+    """Steps profiled."""
 
     def validate(self, prefix: str) -> None:
         _require(self.log_interval >= 1, _join(prefix, "log_interval"), "must be >= 1")
+        _require(self.profile_start >= 1, _join(prefix, "profile_start"), "must be >= 1 (steps count from 1)")
+        _require(self.profile_steps >= 1, _join(prefix, "profile_steps"), "must be >= 1")
 
 
 @dataclass

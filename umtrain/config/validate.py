@@ -27,6 +27,7 @@ def pipeline_chunk_of_layer(config: Config, layer: int) -> int:
 def validate_config(config: Config, world_size: Optional[int] = None, check_files: bool = True) -> None:
     _validate_model_parallel(config)
     _validate_memory_placements(config)
+    _validate_profile_window(config)
     if world_size is not None:
         _validate_world(config, world_size)
     if check_files:
@@ -71,6 +72,13 @@ def _validate_model_parallel(config: Config) -> None:
         _validate_memory_sequence_split(config)
     elif p.memory_parallel_group != "data":
         raise ConfigError("parallel.memory_parallel_group", f"is for memory families (pkm, ultramem), not {m.family}")
+
+
+def _validate_profile_window(config: Config) -> None:
+    log = config.logging
+    if log.profile_dir is not None and log.profile_start > config.training.train_iters:
+        raise ConfigError("logging.profile_start", f"step {log.profile_start} is after the last step, "
+                                                   f"training.train_iters={config.training.train_iters}")
 
 
 def _validate_memory_sharding(config: Config) -> None:

@@ -31,6 +31,7 @@ from umtrain.train.metrics import (
     training_flops_per_token,
 )
 from umtrain.train.optimizer import build_optimizer, guarded_step
+from umtrain.train.profiling import StepProfiler
 from umtrain.train.runner import History, ModelRunner
 from umtrain.train.schedule import apply_lr, warmup_overrun
 
@@ -80,6 +81,7 @@ class Trainer(ModelRunner):
             self.checkpointer.release()
             raise
         self.metrics = MetricsWriter(config, enabled=self.layout.is_logging_rank, start_step=self.iteration)
+        self.profiler = StepProfiler(config.logging, self.layout.rank, log_summary=self.layout.is_logging_rank)
         overrun = warmup_overrun(config)
         if overrun and self.layout.is_logging_rank:
             logger.warning(overrun)
@@ -164,6 +166,7 @@ class Trainer(ModelRunner):
             with logging_redirect_tqdm():
                 return self._train_loop()
         finally:
+            self.profiler.stop()      # a window that the end of training (or a signal) cut short is written too
             self.preemption.restore()
             self.checkpointer.release()
 
@@ -199,6 +202,7 @@ class Trainer(ModelRunner):
 
     def _timed_step(self, window: StepWindow) -> TrainStep:
         """One training step, counted in `window` and recorded in the history; a skipped one follows nan_policy."""
+        self.profiler.before_step(self.iteration + 1)
         start = time.perf_counter()
         step = self.train_step()
         window.seconds += time.perf_counter() - start   # throughput counts training steps only
@@ -210,6 +214,7 @@ class Trainer(ModelRunner):
         window.steps += 1
         self.history.loss.append(step.loss)
         self.history.grad_norm.append(step.grad_norm)
+        self.profiler.after_step(self.iteration)
         return step
 
     def _log_window(self, step: TrainStep, window: StepWindow, bar: tqdm) -> None:
