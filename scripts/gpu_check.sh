@@ -32,6 +32,7 @@ step tests 300 python -m pytest -q -p no:cacheprovider tests/ops tests/parallel/
     tests/model/test_reference_decode.py tests/cli/test_generate_command.py
 step lookup_reduce 80 python benchmarks/lookup_reduce_cuda.py --out "$OUT/lookup_reduce_cuda.json"
 step selection 90 python benchmarks/selection_cuda.py --out "$OUT/selection_cuda.json"
+step selection_2200 90 python benchmarks/selection_cuda.py --keys 2200 --out "$OUT/selection_cuda_2200.json"
 step profile 90 python benchmarks/memory_layer_profile.py --out "$OUT/memory_layer_profile.json"
 step overlap 110 python benchmarks/memory_overlap.py --preset gpu --out "$OUT/memory_overlap_gpu.json"
 step overlap_mbs16 110 python benchmarks/memory_overlap.py --preset gpu --micro-batch-size 16 --steps 20 \

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from umtrain.ops.topk import topk_indices, triton_topk_applies
+from umtrain.ops.topk import MAX_KERNEL_COLUMNS, topk_indices, triton_topk_applies
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RUNNABLE_HERE = DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
@@ -69,6 +69,8 @@ def test_strided_rows_are_read_in_place():
     base = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(1)).bfloat16().to(DEVICE)
     scores = base.transpose(0, 1)
     torch.testing.assert_close(triton_topk_indices(scores, 8), reference(scores, 8, True))
+    # 3 rows' worth of keys per program: programs take 2 (a power of two)
+    torch.testing.assert_close(triton_topk_indices(scores, 8, row_elements=3 * 64), reference(scores, 8, True))
 
 
 @needs_kernels
@@ -85,4 +87,5 @@ def test_empty_input_and_bad_arguments():
 def test_the_dispatch_takes_the_kernel_for_16_bit_gpu_scores():
     scores = torch.randn(4, 2, 64, generator=torch.Generator().manual_seed(2)).bfloat16().to(DEVICE)
     assert triton_topk_applies(scores, 8) == (DEVICE == "cuda")
+    assert not triton_topk_applies(torch.zeros(2, MAX_KERNEL_COLUMNS + 1, dtype=torch.bfloat16, device=DEVICE), 8)
     torch.testing.assert_close(scores.gather(-1, topk_indices(scores, 8)), scores.topk(8).values)

@@ -42,7 +42,7 @@ def _topk_kernel(scores_ptr, out_ptr, rows, inner, n, k, stride_outer, stride_in
 def triton_topk_indices(scores: torch.Tensor, k: int, largest: bool = True, *,
                         row_elements: int = ROW_ELEMENTS_PER_PROGRAM, num_warps: int = NUM_WARPS) -> torch.Tensor:
     """scores [..., n] (bf16 or fp16) -> int64 [..., k], like `torch.topk(...).indices`. `row_elements`: scores
-    sorted per program (whole rows, at least one)."""
+    sorted per program (whole rows, a power of two of them, at least one)."""
     n = scores.shape[-1]
     if scores.dtype not in PACKED_DTYPES:
         raise ValueError(f"the Triton top-k takes bfloat16 or float16 scores, got {scores.dtype}")
@@ -53,7 +53,8 @@ def triton_topk_indices(scores: torch.Tensor, k: int, largest: bool = True, *,
     out = torch.empty(num_rows, k, dtype=torch.int64, device=scores.device)
     if num_rows:
         n_pow2, k_pow2 = triton.next_power_of_2(n), triton.next_power_of_2(k)
-        block_r = max(1, min(triton.next_power_of_2(num_rows), row_elements // n_pow2))
+        rows_per_program = max(1, row_elements // n_pow2)
+        block_r = min(triton.next_power_of_2(num_rows), 1 << (rows_per_program.bit_length() - 1))
         _topk_kernel[(triton.cdiv(num_rows, block_r),)](
             rows3.view(torch.int16), out, num_rows, rows3.shape[1], n, k, rows3.stride(0), rows3.stride(1),
             N_POW2=n_pow2, K_POW2=k_pow2, BLOCK_R=block_r, LARGEST=largest, num_warps=num_warps)

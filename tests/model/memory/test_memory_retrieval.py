@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from umtrain.model.memory.retrieval import (bilinear_grid, grid_scores, select_top_m, tdqkr_aux_loss,
+from umtrain.model.memory.retrieval import (bilinear_grid, grid_scores, pair_scores, select_top_m, tdqkr_aux_loss,
                                             tdqkr_core_factors)
 
 
@@ -130,6 +130,25 @@ def test_tdqkr_selection_gradients_match_brute_force_per_core_scores() -> None:
     want = torch.autograd.grad((per_core * upstream).sum(), [s_row, s_col, cores])
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_pair_scores_custom_backward_matches_einsum_autograd(dtype) -> None:
+    """The per-core scores' own backward (the cores' gradient reduced token by token) against autograd through the
+    einsum, computed in float64: each gradient in its input's dtype, equal to rounding."""
+    generator = torch.Generator().manual_seed(6)
+    f_row, f_col = (torch.randn(300, 2, 2, 16, generator=generator) for _ in range(2))
+    cores = torch.rand(2, 3, 2, 2, generator=generator)
+    upstream = torch.randn(3, 300, 2, 16, generator=generator)
+    inputs = [x.to(dtype).requires_grad_() for x in (f_row, f_col, cores)]
+    got = torch.autograd.grad(pair_scores(*inputs), inputs, upstream.to(dtype))
+    exact = [x.detach().double().requires_grad_() for x in inputs]
+    want = torch.autograd.grad(torch.einsum("tjxm,jixy,tjym->itjm", exact[0], exact[2], exact[1]), exact,
+                               upstream.to(dtype).double())
+    tolerance = 1e-12 if dtype == torch.float64 else 2e-2
+    for g, w, x in zip(got, want, inputs):
+        assert g.dtype == x.dtype
+        torch.testing.assert_close(g.double(), w, rtol=tolerance, atol=tolerance * w.abs().max().item())
 
 
 def test_core_factors_keep_the_previous_sign_and_are_deterministic_at_step_0() -> None:

@@ -64,7 +64,7 @@ class _PairScores(torch.autograd.Function):
     per head, which cuBLAS ran at about 7 GFLOP/s on an H200 (2.6 ms, 12% of an UltraMem layer at 32,768 tokens;
     `docs/benchmarks/memory_layer_profile.md`). Here it is an elementwise product reduced over m, then over tokens:
     memory-bound kernels over 8 M elements. The float64 sum over tokens makes the float32 result independent of how
-    many threads (or ranks) the tokens were split over."""
+    many threads the tokens were split over (across ranks each partial is rounded once before their reduction)."""
 
     @staticmethod
     def forward(ctx, f_row: torch.Tensor, cores: torch.Tensor, f_col: torch.Tensor) -> torch.Tensor:
