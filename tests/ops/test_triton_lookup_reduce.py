@@ -1,22 +1,13 @@
-"""The Triton lookup-reduce against the reference; on CPU through Triton's interpreter (tiny shapes: it is slow).
-
-TRITON_INTERPRET is read when triton is first imported, and other imports (megatron.core) import triton early.
-So without a GPU the cases run in a fresh `pytest` process started with TRITON_INTERPRET=1, and are skipped here.
-"""
-
-import os
-import subprocess
-import sys
+"""The Triton lookup-reduce against the reference; on CPU through Triton's interpreter (tiny shapes: it is slow), in
+a fresh process (`tests/ops/triton_cases.py`)."""
 
 import pytest
 import torch
 
 from tests.ops.lookup_inputs import check_main_grad_accumulation, forward_backward, make_inputs
+from tests.ops.triton_cases import (DEVICE, needs_kernels, only_in_the_parent, only_without_kernels,
+                                    run_cases_under_interpreter)
 from umtrain.ops.lookup_reduce import lookup_reduce_reference
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-RUNNABLE_HERE = DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-needs_kernels = pytest.mark.skipif(not RUNNABLE_HERE, reason="runs in test_cases_under_interpreter's subprocess")
 
 # (tokens T, top-m K, d_v, blocks E, rows N, cores h); K not a power of two exercises the masks, N < K repeats rows.
 SHAPES = [
@@ -26,16 +17,12 @@ SHAPES = [
 ]
 
 
-@pytest.mark.skipif(RUNNABLE_HERE, reason="the cases run in this process")
+@only_in_the_parent
 def test_cases_under_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                            env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert "7 passed, 2 skipped" in result.stdout, result.stdout[-2000:]
+    run_cases_under_interpreter(__file__, "7 passed, 2 skipped")
 
 
-@pytest.mark.skipif(RUNNABLE_HERE, reason="a machine without a GPU or the interpreter only")
+@only_without_kernels
 def test_triton_without_a_gpu_or_the_interpreter_is_refused_when_resolved():
     """At model build, not at the first forward: no Triton import, no kernel launch."""
     from umtrain.config import ConfigError

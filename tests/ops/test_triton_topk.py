@@ -1,34 +1,24 @@
 """The Triton top-k against a stable sort (ties: lower index first); on CPU through Triton's interpreter, in a
-fresh process as for the Triton lookup-reduce (`test_triton_lookup_reduce.py`)."""
-
-import os
-import subprocess
-import sys
+fresh process (`tests/ops/triton_cases.py`)."""
 
 import pytest
 import torch
 
+from tests.ops.triton_cases import (DEVICE, needs_kernels, only_in_the_parent, only_without_kernels,
+                                    run_cases_under_interpreter)
 from umtrain.ops.topk import MAX_KERNEL_COLUMNS, topk_indices, triton_topk_applies
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-RUNNABLE_HERE = DEVICE == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-needs_kernels = pytest.mark.skipif(not RUNNABLE_HERE, reason="runs in test_cases_under_interpreter's subprocess")
 
 
 def reference(scores: torch.Tensor, k: int, largest: bool) -> torch.Tensor:
     return torch.sort(scores.float(), dim=-1, descending=largest, stable=True).indices[..., :k]
 
 
-@pytest.mark.skipif(RUNNABLE_HERE, reason="the cases run in this process")
+@only_in_the_parent
 def test_cases_under_interpreter():
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                            env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert "6 passed, 2 skipped" in result.stdout, result.stdout[-2000:]
+    run_cases_under_interpreter(__file__, "6 passed, 2 skipped")
 
 
-@pytest.mark.skipif(RUNNABLE_HERE, reason="a machine without a GPU or the interpreter only")
+@only_without_kernels
 def test_cpu_and_float32_scores_keep_torch_topk():
     scores = torch.randn(3, 40)
     assert not triton_topk_applies(scores.bfloat16(), 4)
