@@ -11,7 +11,7 @@ from tests.distributed import tiny_config
 from umtrain.config import ConfigError, load_config
 from umtrain.config.base import to_dict
 from umtrain.config.sweep import (MAX_NAME, Axis, ZipGroup, check_axes, expand, number_text, parse_axis, parse_zip,
-                                  point_names, resolve_sweep)
+                                  point_names, resolve_sweep, run_directories)
 
 ULTRAMEM = {"family": "ultramem", "memory": {"placements": ["2:3"], "num_values": 64, "value_dim": 32, "key_dim": 16,
                                              "num_heads": 2, "topk": 4, "ive_expansion": 4, "tucker_rank": 2,
@@ -220,3 +220,12 @@ def test_long_values_give_bounded_distinct_names():
     assert point_names([{"data.data_path": blends[0]}]) == point_names([{"data.data_path": blends[0]}])
     many = {f"model.memory.key{i}": "x" * 40 for i in range(12)}
     assert len(point_names([many])[0]) <= MAX_NAME
+
+
+def test_tensorboard_and_profiles_get_a_directory_per_run_when_the_base_has_them(tmp_path):
+    run_dir = tmp_path / "lr1e-3"
+    assert run_directories(run_dir, {"logging": {"profile_dir": "p", "tensorboard_dir": "tb"}}) == {
+        "checkpoint.save": str(run_dir / "checkpoints"), "logging.tensorboard_dir": str(run_dir / "tensorboard"),
+        "logging.profile_dir": str(run_dir / "profile")}
+    only_checkpoints = {"checkpoint.save": str(run_dir / "checkpoints")}
+    assert run_directories(run_dir, {"logging": {"log_interval": 5}}) == only_checkpoints

@@ -68,6 +68,15 @@ def test_a_step_loaded_elsewhere_is_moved_and_keeps_counting(device):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
 
 
+def test_a_state_saved_unfused_loads_fused():
+    """A checkpoint of a run that stepped with foreach AdamW (an older umtrain) holds `fused: None` in its groups,
+    which loading would otherwise restore."""
+    _, unfused_adam, _, fused_adam, _ = adamw_pair(2)
+    use_fused_adamw(chained(fused_adam))
+    fused_adam.load_state_dict(unfused_adam.state_dict())
+    assert [(group["fused"], group["foreach"]) for group in fused_adam.param_groups] == [(True, None)]
+
+
 def fused_flags(trainer) -> list[bool]:
     return [group["fused"] for inner in trainer.optimizer.chained_optimizers
             for group in inner.optimizer.param_groups]

@@ -29,7 +29,7 @@ def test_records_exactly_the_window_and_writes_its_trace_and_summary(tmp_path, c
             profiler.after_step(step)
     trace = tmp_path / "profile" / "trace_rank3_steps2-3.json"
     assert [dims[0] for dims in operator_shapes(trace, "aten::mm")] == [[2, 8], [3, 8]]
-    assert "aten::mm" in (tmp_path / "profile" / "summary_rank3.txt").read_text()
+    assert "aten::mm" in (tmp_path / "profile" / "summary_rank3_steps2-3.txt").read_text()
     assert "profile of steps 2-3 (rank 3" in caplog.text
 
 
@@ -68,4 +68,4 @@ def test_training_writes_one_trace_per_rank_of_the_profiled_steps(tmp_path):
     train_on_ranks(config, 2)
     for rank in (0, 1):
         assert len(operator_shapes(tmp_path / f"trace_rank{rank}_steps2-3.json", "aten::embedding")) == 4
-        assert (tmp_path / f"summary_rank{rank}.txt").stat().st_size > 0
+        assert (tmp_path / f"summary_rank{rank}_steps2-3.txt").stat().st_size > 0

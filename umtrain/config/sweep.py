@@ -26,7 +26,7 @@ from umtrain.config.schema import Config
 
 RUN_CHECKPOINTS = "checkpoints"
 """Each run's checkpoint.save: OUT/<name>/checkpoints."""
-SWEEP_OWNED_KEYS = ("run_name", "checkpoint.save", "logging.tensorboard_dir")
+SWEEP_OWNED_KEYS = ("run_name", "checkpoint.save", "logging.tensorboard_dir", "logging.profile_dir")
 """Keys the sweep sets per run (so each run has its own name and directories): not sweepable or fixable."""
 
 
@@ -277,11 +277,13 @@ def describe(point: dict[str, Any]) -> str:
 
 
 def run_directories(run_dir: Path, base: dict) -> dict[str, str]:
-    """The per-run keys under `OUT/<name>/`: checkpoints always (resume and the summary need them), tensorboard
-    when the base config has it on."""
+    """The per-run keys under `OUT/<name>/`: checkpoints always (resume and the summary need them), tensorboard and
+    profiles when the base config has them on."""
     keys = {"checkpoint.save": str(run_dir / RUN_CHECKPOINTS)}
-    if (base.get("logging") or {}).get("tensorboard_dir") is not None:
-        keys["logging.tensorboard_dir"] = str(run_dir / "tensorboard")
+    logging = base.get("logging") or {}
+    for key, directory in (("tensorboard_dir", "tensorboard"), ("profile_dir", "profile")):
+        if logging.get(key) is not None:
+            keys[f"logging.{key}"] = str(run_dir / directory)
     return keys
 
 

@@ -62,10 +62,17 @@ def use_fused_adamw(optimizer: ChainedOptimizer) -> None:
         adam = getattr(inner, "optimizer", None)
         if type(adam) is not torch.optim.AdamW:
             continue
-        adam.defaults.update(fused=True, foreach=None)
-        for group in adam.param_groups:
-            group.update(fused=True, foreach=None)
+        fuse_param_groups(adam)
+        adam.register_load_state_dict_post_hook(fuse_param_groups)
         adam.register_step_pre_hook(steps_on_parameter_devices)
+
+
+def fuse_param_groups(adam: torch.optim.Optimizer) -> None:
+    """Also after every load: loading takes each group's settings from the saved state, and a checkpoint of a run
+    that stepped unfused (an older umtrain) would otherwise bring back `fused: None` for good."""
+    adam.defaults.update(fused=True, foreach=None)
+    for group in adam.param_groups:
+        group.update(fused=True, foreach=None)
 
 
 def steps_on_parameter_devices(adam: torch.optim.Optimizer, args, kwargs) -> None:

@@ -1,9 +1,9 @@
 """`torch.profiler` over a window of training steps (`logging.profile_dir`, `profile_start`, `profile_steps`).
 
 Every rank records its own trace (`trace_rank{R}_steps{A}-{B}.json`, for chrome://tracing or Perfetto) and its own
-summary (`summary_rank{R}.txt`: operators ranked by their own device time on CUDA, CPU time on CPU); the logging rank
-also logs its summary. Steps are the 1-based numbers of the log lines: `profile_start: 10, profile_steps: 2` records
-steps 10 and 11.
+summary (`summary_rank{R}_steps{A}-{B}.txt`: operators ranked by their own device time on CUDA, CPU time on CPU);
+the logging rank also logs its summary. Steps are the 1-based numbers of the log lines: `profile_start: 10,
+profile_steps: 2` records steps 10 and 11, and what runs between them (a log line, validation, a save).
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ class StepProfiler:
         self.first, self.last = config.profile_start, config.profile_start + config.profile_steps - 1
         self.rank, self.log_summary = rank, log_summary
         self.profiler: Optional[profile] = None
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)     # an unusable directory fails before training
 
     def before_step(self, step: int) -> None:
         if self.directory is not None and step == self.first:
@@ -50,11 +52,11 @@ class StepProfiler:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         profiler.stop()
-        self.directory.mkdir(parents=True, exist_ok=True)
-        profiler.export_chrome_trace(str(self.directory / f"trace_rank{self.rank}_steps{self.first}-{self.last}.json"))
+        window = f"rank{self.rank}_steps{self.first}-{self.last}"
+        profiler.export_chrome_trace(str(self.directory / f"trace_{window}.json"))
         sort_by = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
         summary = profiler.key_averages().table(sort_by=sort_by, row_limit=SUMMARY_ROWS, max_name_column_width=60)
-        (self.directory / f"summary_rank{self.rank}.txt").write_text(summary)
+        (self.directory / f"summary_{window}.txt").write_text(summary)
         if self.log_summary:
             logger.info("profile of steps %d-%d (rank %d; trace and summary in %s):\n%s", self.first, self.last,
                         self.rank, self.directory, summary)

@@ -82,6 +82,10 @@ class Trainer(ModelRunner):
             raise
         self.metrics = MetricsWriter(config, enabled=self.layout.is_logging_rank, start_step=self.iteration)
         self.profiler = StepProfiler(config.logging, self.layout.rank, log_summary=self.layout.is_logging_rank)
+        if self.profiler.directory is not None and self.iteration >= config.logging.profile_start:
+            if self.layout.is_logging_rank:
+                logger.warning("logging.profile_start=%d: the run resumes at step %d, after it; nothing will be "
+                               "profiled", config.logging.profile_start, self.iteration + 1)
         overrun = warmup_overrun(config)
         if overrun and self.layout.is_logging_rank:
             logger.warning(overrun)
@@ -166,9 +170,11 @@ class Trainer(ModelRunner):
             with logging_redirect_tqdm():
                 return self._train_loop()
         finally:
-            self.profiler.stop()      # a window that the end of training (or a signal) cut short is written too
-            self.preemption.restore()
-            self.checkpointer.release()
+            try:
+                self.profiler.stop()      # a window that the end of training (or a signal) cut short is written too
+            finally:
+                self.preemption.restore()
+                self.checkpointer.release()
 
     def _train_loop(self) -> History:
         train_iters = self.config.training.train_iters
