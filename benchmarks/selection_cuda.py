@@ -3,8 +3,9 @@ custom backward against einsum's autograd, side by side in one run.
 
     python benchmarks/selection_cuda.py [--tokens 32768] [--out docs/benchmarks/selection_cuda.json]
 
-Shapes are UltraMem-151M's at 16 x 2048 tokens (`benchmarks/memory_layer_profile.py`): candidates are the top 16
-of 2 heads x 2,048 factor scores per side, read as the [T, H, n] view of an [H, T, n] GEMM output as in the layer;
+Shapes are the profiled layer's at 16 x 2048 tokens (`benchmarks/memory_layer_profile.py`, N = 2^20 values:
+sqrt(E x N) = 2,048 keys per side; UltraMem-151M's config has 2,200, `--keys 2200`): candidates are the top 16
+of 2 heads x `--keys` factor scores per side, read as the [T, H, n] view of an [H, T, n] GEMM output as in the layer;
 the grid's top-m is the top 16 of 16 x 16 candidate pairs; the pair scores take [T, H, r=2, m=16] sub-key scores
 and 2 cores. bfloat16; CUDA-event medians (`triton.testing.do_bench`). The top-k kernel's rows per program and
 warps are swept; the layer uses `umtrain.ops.triton_topk`'s defaults.

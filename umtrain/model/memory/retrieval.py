@@ -18,6 +18,7 @@ import torch
 
 from umtrain.ops.topk import topk_indices
 
+
 @dataclass
 class Selection:
     """The top-m cells of each token and head: grid coordinates, per-core scores and their sum."""
