@@ -1,9 +1,9 @@
 """How much of a memory layer's time the overlap runner hides: forward+backward of one training step, with and
-without `model.memory.overlap`. On CPU: a local gloo group (DP=2, memory-parallel P=2), `ThreadRunner`. On a GPU:
-one process (NCCL, P=1), `StreamRunner` (the lookup on a side CUDA stream), with the `--preset gpu` model.
-Results and their reading: docs/benchmarks/memory_overlap.md.
+without `model.memory.overlap`. On CPU: a local gloo group (DP=2, memory-parallel P=2), `ThreadRunner`. On GPUs:
+one process per GPU (NCCL; P=1 by default, `--world-size N` for N GPUs), `StreamRunner` (the lookup on a side CUDA
+stream), with the `--preset gpu` model. Results and their reading: docs/benchmarks/memory_overlap.md.
 
-    python benchmarks/memory_overlap.py [--preset cpu|gpu|quick] [--placement 1:4] [--steps 60]
+    python benchmarks/memory_overlap.py [--preset cpu|gpu|quick] [--world-size N] [--placement 1:4] [--steps 60]
                                         [--sharding-mode auto|number|dimension] [--added-latency-ms 0]
                                         [--out docs/benchmarks/memory_overlap.json]
 
@@ -312,6 +312,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--placement", help=f"memory placement a:b (default {Setting.placement})")
     parser.add_argument("--steps", type=int, help=f"timed steps per variant (default {Setting.steps})")
     parser.add_argument("--micro-batch-size", type=int, help="sequences per rank and step (default: the preset's)")
+    parser.add_argument("--world-size", type=int,
+                        help="processes = DP = memory-parallel P, one GPU each under CUDA (default: the preset's; "
+                             "2 or more GPUs measure the all-to-alls the side stream is meant to hide)")
     parser.add_argument("--lookup-impl", choices=("reference", "fused", "triton"))
     parser.add_argument("--sharding-mode", choices=("auto", "number", "dimension"))
     parser.add_argument("--added-latency-ms", type=float,
@@ -324,11 +327,13 @@ def setting_from_args(args: argparse.Namespace) -> Setting:
     preset = "quick" if args.quick else args.preset or ("gpu" if torch.cuda.is_available() else "cpu")
     setting = PRESETS[preset]
     overrides = {"placement": args.placement, "steps": args.steps, "micro_batch_size": args.micro_batch_size,
-                 "lookup_impl": args.lookup_impl,
+                 "world_size": args.world_size, "lookup_impl": args.lookup_impl,
                  "sharding_mode": args.sharding_mode, "added_latency_ms": args.added_latency_ms}
     setting = replace(setting, **{k: v for k, v in overrides.items() if v is not None})
     if setting.steps < 1:
         raise SystemExit(f"--steps must be >= 1, got {setting.steps}")
+    if setting.world_size < 1:
+        raise SystemExit(f"--world-size must be >= 1, got {setting.world_size}")
     if setting.micro_batch_size < 1:
         raise SystemExit(f"--micro-batch-size must be >= 1, got {setting.micro_batch_size}")
     if setting.added_latency_ms < 0:
@@ -343,8 +348,8 @@ def backend_for(setting: Setting) -> str:
             raise SystemExit("the triton lookup-reduce (--preset gpu) needs CUDA; use --preset cpu")
         return "gloo"
     if setting.world_size > torch.cuda.device_count():
-        raise SystemExit(f"{setting.world_size} ranks need {setting.world_size} GPUs (NCCL refuses two ranks on one "
-                         f"GPU), this machine has {torch.cuda.device_count()}: use --preset gpu")
+        raise SystemExit(f"--world-size {setting.world_size} needs {setting.world_size} GPUs (NCCL refuses two ranks "
+                         f"on one GPU), this machine has {torch.cuda.device_count()}")
     return "nccl"
 
 

@@ -37,6 +37,11 @@ step profile 90 python benchmarks/memory_layer_profile.py --out "$OUT/memory_lay
 step overlap 110 python benchmarks/memory_overlap.py --preset gpu --out "$OUT/memory_overlap_gpu.json"
 step overlap_mbs16 110 python benchmarks/memory_overlap.py --preset gpu --micro-batch-size 16 --steps 20 \
     --out "$OUT/memory_overlap_gpu_mbs16.json"
+gpus=$(nvidia-smi -L | wc -l)
+if [ "$gpus" -ge 2 ]; then   # P = every GPU: the all-to-alls the side stream is meant to hide (issue 7's target)
+    step overlap_multi 200 python benchmarks/memory_overlap.py --preset gpu --world-size "$gpus" \
+        --micro-batch-size 16 --steps 20 --out "$OUT/memory_overlap_gpu_p$gpus.json"
+fi
 step host_sync 120 python benchmarks/memory_host_sync.py --warmup 5 --rounds 20 --out "$OUT/memory_host_sync.json"
 step decode 180 python benchmarks/decode.py --batch-sizes 1,16,64,256 --out "$OUT/decode.json"
 for model in dense-680m dense-151m ultramem-151m-x12; do

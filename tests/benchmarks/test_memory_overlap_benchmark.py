@@ -80,15 +80,17 @@ def test_bad_settings_fail_before_any_process_starts(bench, tmp_path):
         bench.main(["--quick", "--placement", "1:9", "--out", str(tmp_path / "x.json")])
     with pytest.raises(SystemExit, match="--steps"):
         bench.main(["--quick", "--steps", "0", "--out", str(tmp_path / "x.json")])
+    with pytest.raises(SystemExit, match="--world-size must be >= 1"):
+        bench.main(["--quick", "--world-size", "0", "--out", str(tmp_path / "x.json")])
     assert not (tmp_path / "x.json").exists()
 
 
 def test_presets_that_cannot_run_here_fail_before_any_process_starts(bench, tmp_path):
     out = tmp_path / "x.json"
     if torch.cuda.is_available():
-        if torch.cuda.device_count() < 2:
-            with pytest.raises(SystemExit, match="2 GPUs"):
-                bench.main(["--preset", "cpu", "--out", str(out)])
+        world = torch.cuda.device_count() + 1
+        with pytest.raises(SystemExit, match=f"--world-size {world} needs {world} GPUs"):
+            bench.main(["--preset", "gpu", "--world-size", str(world), "--out", str(out)])
     else:
         with pytest.raises(SystemExit, match="needs CUDA"):
             bench.main(["--preset", "gpu", "--out", str(out)])

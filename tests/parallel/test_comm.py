@@ -17,10 +17,10 @@ import torch.distributed as dist
 from umtrain.parallel.comm import Communicator, run_local_group
 
 
-def _exchange_ranks(rank: int, world: int) -> list[int]:
+def _exchange_ranks(rank: int, world: int) -> tuple[list[int], str]:
     comm = Communicator(dist.group.WORLD)
     received = comm.all_to_all(torch.full((world, 1), rank), [1] * world, [1] * world, "test")
-    return received.flatten().tolist()
+    return received.flatten().tolist(), os.environ["LOCAL_RANK"]
 
 
 def _rank_one_raises(rank: int, world: int) -> None:
@@ -34,8 +34,15 @@ def _rank_one_aborts(rank: int, world: int) -> None:
 
 
 @pytest.mark.slow
-def test_results_come_back_in_rank_order():
-    assert run_local_group(_exchange_ranks, 2) == [[0, 1], [0, 1]]
+def test_results_come_back_in_rank_order_and_each_rank_is_its_local_rank(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "5")     # the caller's own (a torchrun worker's) is not the ranks'
+    assert run_local_group(_exchange_ranks, 2) == [([0, 1], "0"), ([0, 1], "1")]
+
+
+def test_an_nccl_group_larger_than_the_gpu_count_is_refused_before_any_process_starts():
+    world = torch.cuda.device_count() + 1
+    with pytest.raises(RuntimeError, match=f"{world}-process NCCL group needs a GPU per process"):
+        run_local_group(_rank_one_raises, world, backend="nccl")
 
 
 @pytest.mark.slow

@@ -109,8 +109,11 @@ def _local_worker(rank: int, world_size: int, port: int, backend: str, fn: Calla
     """One rank. A native abort (a gloo error raised on one of its threads) leaves every thread's Python stack in
     the rank's report; on success the ranks meet at a barrier before teardown, so that no rank closes its
     connections while a peer is still reading the last collective from them."""
+    os.environ["LOCAL_RANK"] = str(rank)   # every rank is local: `local_device_index()` gives rank r GPU r
     with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as err:
         faulthandler.enable(file=err, all_threads=True)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
         timeout = datetime.timedelta(seconds=120)
         store = dist.TCPStore("127.0.0.1", port, world_size, is_master=False, timeout=timeout)
         dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)
@@ -160,13 +163,17 @@ def _start_and_join(worker_args: tuple, world_size: int) -> None:
 def run_local_group(fn: Callable, world_size: int, *args: Any, backend: str = "gloo") -> list:
     """Run fn(rank, world_size, *args) on world_size spawned processes of one local process group.
 
-    fn must be importable (a module-level function); returns each rank's result, in rank order. When a rank
-    fails, the error names every failed rank with its traceback (not only the first to exit). A process that dies
-    after every rank has saved its result (gloo can abort in teardown) is reported as a warning, not an error.
-    No rank outlives the call, whatever ends it (a test's timeout included).
+    fn must be importable (a module-level function); returns each rank's result, in rank order. Rank r is local
+    rank r (`LOCAL_RANK`), on GPU r under NCCL. When a rank fails, the error names every failed rank with its
+    traceback (not only the first to exit). A process that dies after every rank has saved its result (gloo can
+    abort in teardown) is reported as a warning, not an error. No rank outlives the call, whatever ends it (a
+    test's timeout included).
     """
     from torch.multiprocessing.spawn import ProcessException
 
+    if backend == "nccl" and world_size > torch.cuda.device_count():
+        raise RuntimeError(f"a {world_size}-process NCCL group needs a GPU per process, this machine has "
+                           f"{torch.cuda.device_count()} (NCCL refuses two ranks on one GPU)")
     with tempfile.TemporaryDirectory() as out_dir:
         results = [os.path.join(out_dir, f"rank{r}.pt") for r in range(world_size)]
         # The parent serves the ranks' rendezvous store on a port the OS picks and holds for the whole run: a port
