@@ -17,9 +17,17 @@ SHAPES = [
 ]
 
 
+def assert_matches_reference(lookup_reduce, shape):
+    inputs = make_inputs(*shape, device=DEVICE)
+    expected = forward_backward(lookup_reduce_reference, *inputs, shape[3])
+    actual = forward_backward(lookup_reduce, *inputs, shape[3])
+    for name, want, got in zip(("pooled", "grad scores", "grad table"), expected, actual):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
 @only_in_the_parent
 def test_cases_under_interpreter():
-    run_cases_under_interpreter(__file__, "7 passed, 2 skipped")
+    run_cases_under_interpreter(__file__, "10 passed, 2 skipped")
 
 
 @only_without_kernels
@@ -40,11 +48,7 @@ def lookup_reduce():
 @needs_kernels
 @pytest.mark.parametrize("shape", SHAPES)
 def test_matches_reference(lookup_reduce, shape):
-    inputs = make_inputs(*shape, device=DEVICE)
-    expected = forward_backward(lookup_reduce_reference, *inputs, shape[3])
-    actual = forward_backward(lookup_reduce, *inputs, shape[3])
-    for name, want, got in zip(("pooled", "grad scores", "grad table"), expected, actual):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert_matches_reference(lookup_reduce, shape)
 
 
 @needs_kernels
@@ -73,3 +77,42 @@ def test_zero_tokens_and_frozen_table(lookup_reduce):
     assert pooled.shape == (0, 2, 8)
     pooled.sum().backward()
     assert scores.grad.shape == scores.shape and table.grad is None
+
+
+@pytest.fixture
+def entry_by_entry_calls(monkeypatch) -> list:
+    """Each call of the entry-by-entry path (still run) records its (K, num_blocks)."""
+    import umtrain.ops.triton_lookup_reduce as kernels
+    calls, original = [], kernels._pool_entry_by_entry
+
+    def recorded(rows, blocks, scores, table, num_blocks):
+        calls.append((rows.shape[1], num_blocks))
+        return original(rows, blocks, scores, table, num_blocks)
+    monkeypatch.setattr(kernels, "_pool_entry_by_entry", recorded)
+    return calls
+
+
+@needs_kernels
+def test_more_blocks_than_a_program_takes_pool_entry_by_entry(lookup_reduce, entry_by_entry_calls):
+    """Number-wise owner pooling's call: one 'token' of every request an owner received, a block per (source token,
+    IVE block) of the group. One program per token would unroll its block loop 300 times, and at realistic sizes
+    its [next_pow2(K), d] tile is beyond Triton's 2**20 elements (it crashed there)."""
+    assert_matches_reference(lookup_reduce, (1, 600, 8, 300, 50, 2))
+    assert entry_by_entry_calls == [(600, 300)]
+
+
+@needs_kernels
+def test_rows_longer_than_a_program_takes_pool_entry_by_entry(lookup_reduce, entry_by_entry_calls, monkeypatch):
+    import umtrain.ops.triton_lookup_reduce as kernels
+    monkeypatch.setattr(kernels, "MAX_KERNEL_K", 4)
+    assert_matches_reference(lookup_reduce, (3, 5, 8, 4, 3, 2))
+    assert entry_by_entry_calls == [(5, 4)]
+
+
+@needs_kernels
+def test_entry_by_entry_adds_the_table_gradient_into_megatrons_main_grad(lookup_reduce, entry_by_entry_calls,
+                                                                         monkeypatch):
+    import umtrain.ops.triton_lookup_reduce as kernels
+    monkeypatch.setattr(kernels, "MAX_KERNEL_BLOCKS", 0)
+    check_main_grad_accumulation(lookup_reduce, torch.float32, DEVICE)
+    assert entry_by_entry_calls

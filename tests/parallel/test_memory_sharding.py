@@ -32,7 +32,8 @@ class Case:
     num_blocks: int = 1
     num_cores: int = 1
     scenario: str = "random"
-    """random; skew: every request lands on the last rank; empty: rank 1 has no tokens; static: 3 tokens per rank."""
+    """random; skew: every request lands on the last rank (row 0, on rank 0, is inf); empty: rank 1 has no tokens;
+    static: 3 tokens per rank."""
 
     def tokens(self, world: int) -> list[int]:
         if self.scenario == "static":
@@ -49,6 +50,8 @@ def inputs(case: Case, world: int, seed: int = 0):
     total = sum(case.tokens(world))
     table = torch.randn(NUM_ROWS, VALUE_DIM, generator=g)
     low = row_offsets(NUM_ROWS, world)[-2] if case.scenario == "skew" else 0
+    if case.scenario == "skew":
+        table[0] = float("inf")                  # a row no token requests, on an owner without requests: never read
     rows = torch.randint(low, NUM_ROWS, (total, TOPK), generator=g)
     rows[:, 1] = rows[:, 0]                      # repeated indices (what de-duplication removes)
     blocks = torch.randint(0, case.num_blocks, (total, TOPK), generator=g)

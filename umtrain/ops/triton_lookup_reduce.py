@@ -4,6 +4,8 @@ One program per (token, core slice[, d block]) loads the token's K rows' slice o
 virtual blocks in fp32 registers; the [T, K, d_v] gathered tensor never exists. Tables may be bf16 (CUDA's
 `embedding_bag` has no bf16 backward with per-sample weights): loads are upcast, sums and the table's gradient
 accumulate in fp32 (atomic adds into an fp32 buffer, so the table gradient's summation order is not fixed).
+Calls beyond what one program per token takes (more than MAX_KERNEL_K entries per token or MAX_KERNEL_BLOCKS blocks:
+number-wise sharding's owner-side pooling) pool entry by entry, each weighted row then added into its slot.
 
 Imported only when asked for (`get_lookup_reduce("triton")`), so CPU paths never import Triton.
 """
@@ -21,6 +23,10 @@ from umtrain.ops.lookup_reduce import (LOOKUP_REDUCE_IMPLS, check_lookup_reduce_
 
 MAX_BLOCK_D = 64
 """Columns per program; with BLOCK_K = next_pow2(K) <= 128 the [BLOCK_K, BLOCK_D] fp32 tile stays in registers."""
+MAX_KERNEL_K = 4096
+"""Entries one program pools per token ([BLOCK_K, BLOCK_D] tile: Triton refuses tiles of over 2**20 elements)."""
+MAX_KERNEL_BLOCKS = 64
+"""Virtual blocks one program pools into (a loop unrolled at compile time)."""
 
 
 @triton.jit
@@ -132,6 +138,21 @@ class TritonLookupReduce(torch.autograd.Function):
                 grad_table.to(table.dtype) if want_table else None, None)
 
 
+def _pool_entry_by_entry(rows: torch.Tensor, blocks: torch.Tensor, scores: torch.Tensor, table: torch.Tensor,
+                         num_blocks: int) -> torch.Tensor:
+    """For rows longer or blocks more numerous than one program per token takes (number-wise sharding's owner-side
+    pooling: one 'token' of every request the owner received, a block per (source token, IVE block) of the group):
+    every entry a token of its own, its weighted row then added into its (token, block) slot in fp32."""
+    tokens, k = rows.shape
+    d_v = table.shape[1]
+    weighted = TritonLookupReduce.apply(rows.reshape(-1, 1), torch.zeros_like(rows).view(-1, 1),
+                                        scores.reshape(scores.shape[0], -1, 1), table, 1)      # [T*K, 1, d_v]
+    slots = torch.arange(tokens, device=rows.device).repeat_interleave(k) * num_blocks + blocks.reshape(-1)
+    pooled = torch.zeros(tokens * num_blocks, d_v, dtype=torch.float32, device=table.device)
+    pooled = pooled.index_add(0, slots, weighted.view(-1, d_v).float())
+    return pooled.to(table.dtype).view(tokens, num_blocks, d_v)
+
+
 def triton_lookup_reduce(rows: torch.Tensor, blocks: torch.Tensor, scores: torch.Tensor, table: torch.Tensor,
                          num_blocks: int) -> torch.Tensor:
     """Same signature and semantics as `lookup_reduce_reference`; pooled is in the table's dtype."""
@@ -139,6 +160,8 @@ def triton_lookup_reduce(rows: torch.Tensor, blocks: torch.Tensor, scores: torch
     if not triton_runs_on(table.device.type):
         raise ValueError(f"model.memory.lookup_impl: 'triton' runs on GPU, but the table is on {table.device} "
                          f"(use 'fused' on CPU, or set TRITON_INTERPRET=1 to interpret the kernels)")
+    if rows.shape[1] > MAX_KERNEL_K or num_blocks > MAX_KERNEL_BLOCKS:
+        return _pool_entry_by_entry(rows, blocks, scores, table, num_blocks)
     return TritonLookupReduce.apply(rows, blocks, scores, table, num_blocks)
 
 

@@ -80,7 +80,7 @@ def _pool(local_impl: LookupReduce, rows: torch.Tensor, blocks: torch.Tensor, sc
     """local_impl, except that with nothing to pool the result stays attached to `table` and `scores`: a rank
     without tokens (or an owner without requests) must still take part in the backward's collectives."""
     if rows.numel() == 0:
-        anchor = (table.sum() + scores.sum()) * 0
+        anchor = table[:0].sum() + scores.flatten()[:0].sum()      # 0, not 0 * sum (NaN where the table has an inf)
         return anchor + table.new_zeros(rows.shape[0], num_blocks, table.shape[1])
     return local_impl(rows, blocks, scores, table, num_blocks)
 
