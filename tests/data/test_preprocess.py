@@ -65,9 +65,12 @@ def test_round_trip_equals_tokenised_documents(small_inputs, sp_tokenizer, sente
 
 
 def test_globs_parquet_and_no_eod(small_inputs, bpe_json, tmp_path):
-    """A Parquet shard gives the same documents as the JSON Lines shard it was made from; globs expand sorted."""
+    """A Parquet shard gives the same documents as the JSON Lines shard it was made from; globs expand sorted. Its
+    other column is a map (as Spark writes metadata), which only the text column's reader can leave unread."""
     texts = [record["text"] for record in read_jsonl(small_inputs[0])]
-    pyarrow.parquet.write_table(pyarrow.table({"content": texts}), tmp_path / "a.parquet")
+    metadata = pyarrow.array([[("source", i)] for i in range(len(texts))], pyarrow.map_(pyarrow.string(),
+                                                                                         pyarrow.int32()))
+    pyarrow.parquet.write_table(pyarrow.table({"content": texts, "meta": metadata}), tmp_path / "a.parquet")
     from_parquet = preprocess([str(tmp_path / "*.parquet")], str(tmp_path / "pq"), "huggingface", bpe_json,
                               text_key="content", append_eod=False, progress=False)
     preprocess([str(small_inputs[0])], str(tmp_path / "js"), "huggingface", bpe_json, append_eod=False,

@@ -1,7 +1,9 @@
-"""Reading documents from JSON Lines and Parquet shards, streamed through the `datasets` library.
+"""Reading documents from JSON Lines and Parquet shards, streamed.
 
-JSON Lines files are streamed as raw lines (the `text` builder keeps one row per physical line), and parsed by
-`parse_row`, so every error can name its file and line. Parquet files are streamed by column; errors name the row.
+JSON Lines files are streamed as raw lines through the `datasets` library (its `text` builder keeps one row per
+physical line, and decompresses), and parsed by `parse_row`, so every error can name its file and line. Parquet files
+are streamed by pyarrow, the text column alone (other columns may hold types `datasets` cannot map, such as Spark's
+maps); errors name the row.
 """
 
 from __future__ import annotations
@@ -83,22 +85,21 @@ def _check_input_file(path: Path, text_key: str) -> None:
 
 def stream_rows(path: Path, text_key: str) -> Iterator[list[tuple[int, Any]]]:
     """Batches of (1-based line or row number, raw row): the line's text for JSON Lines, the value for Parquet."""
-    import datasets   # preprocessing only: training and its config checks run without it
-
-    datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False   # else a request to the Hub's S3 per file (3 s behind a firewall)
     fmt = input_format(path)
-    literal = glob.escape(str(path))   # `datasets` expands data_files as patterns
     if fmt == "jsonl":
+        import datasets   # preprocessing only: training and its config checks run without it
+
+        datasets.config.HF_UPDATE_DOWNLOAD_COUNTS = False   # else a request to the Hub per file (3 s behind a firewall)
+        literal = glob.escape(str(path))   # `datasets` expands data_files as patterns
         dataset = datasets.load_dataset("text", data_files=literal, split="train", streaming=True)
-        column = "text"
+        batches = (batch["text"] for batch in dataset.iter(batch_size=STREAM_BATCH_ROWS))
     else:
-        dataset = datasets.load_dataset("parquet", data_files=literal, split="train", streaming=True,
-                                        columns=[text_key])
-        column = text_key
+        parquet = pyarrow.parquet.ParquetFile(path)
+        batches = (batch.column(0).to_pylist()
+                   for batch in parquet.iter_batches(batch_size=STREAM_BATCH_ROWS, columns=[text_key]))
     number = 0
     try:
-        for batch in dataset.iter(batch_size=STREAM_BATCH_ROWS):
-            values = batch[column]
+        for values in batches:
             yield list(enumerate(values, start=number + 1))
             number += len(values)
     except UnicodeDecodeError as err:
