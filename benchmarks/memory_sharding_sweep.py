@@ -331,7 +331,7 @@ def _ms(row: dict, kind: str) -> str:
 
 
 PAPER_MODELS = {"UltraMem-151M": (32, 512), "UltraMem-680M": (70, 768), "UltraMem-1.6B": (84, 1024)}
-"""K = H*m and d_v (ULTRAMEM_SPEC.md section 3); E = 4, h = 2 throughout."""
+"""K = H*m and d_v (the paper's configs, configs/paper/); E = 4, h = 2 throughout."""
 
 
 def run_crossover(args: argparse.Namespace) -> int:

@@ -1,14 +1,17 @@
 import gzip
 import json
 import re
+import threading
+import time
 
+import psutil
 import pyarrow
 import pyarrow.parquet
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from umtrain.config.base import ConfigError
-from umtrain.data.preprocess import preprocess
+from umtrain.data.preprocess import WorkerDied, preprocess
 from umtrain.data.readers import DataInputError
 from umtrain.data.tokenizer import load_tokenizer
 
@@ -235,3 +238,31 @@ def test_compressed_names_with_brackets_and_damaged_or_empty_shards(small_inputs
     with pytest.raises(DataInputError, match=r"none\.parquet, whole file: holds no records"):
         preprocess([str(tmp_path / "none.parquet")], str(tmp_path / "none"), "sentencepiece", sentencepiece_model,
                    progress=False)
+
+
+def _kill_a_worker_once_one_runs(stop: threading.Event) -> None:
+    """SIGKILL one of this process's forkserver's children (a preprocessing worker), as the OOM killer would."""
+    while not stop.is_set():
+        servers = [p for p in psutil.Process().children() if "forkserver" in " ".join(p.cmdline())]
+        workers = [w for server in servers for w in server.children()]
+        if workers:
+            workers[0].kill()
+            return
+        time.sleep(0.01)
+
+
+@pytest.mark.timeout(120, func_only=True)    # a pool that waits for the dead worker's batch never returns
+def test_a_worker_killed_mid_run_fails_the_run_and_leaves_nothing(sentencepiece_model, tmp_path):
+    corpus = write_jsonl(tmp_path / "big.jsonl", [{"text": f"document {i} " + "words of text " * 60}
+                                                  for i in range(20000)])
+    stop = threading.Event()
+    killer = threading.Thread(target=_kill_a_worker_once_one_runs, args=(stop,))
+    killer.start()
+    try:
+        with pytest.raises(WorkerDied, match=r"preprocessing worker \d+ died \(exit code -9\)"):
+            preprocess([str(corpus)], str(tmp_path / "out" / "big"), "sentencepiece", sentencepiece_model,
+                       workers=2, progress=False)
+    finally:
+        stop.set()
+        killer.join()
+    assert list((tmp_path / "out").iterdir()) == []

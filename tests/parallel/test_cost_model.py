@@ -19,7 +19,7 @@ from umtrain.parallel.cost_model import (Calibration, ComputeModel, ComputeObser
                                          number_wise_traffic, owner_pooled_traffic, plan_config, plan_layer,
                                          tokens_per_rank, variant_traffic)
 
-# UltraMem-1.6B's memory layer (ULTRAMEM_SPEC.md section 3): K = 42 x 2, E = 4, h = 2, d_v = 1024, bf16.
+# UltraMem-1.6B's memory layer (configs/paper/ultramem-1.6b-x12.yaml): K = 42 x 2, E = 4, h = 2, d_v = 1024, bf16.
 BIG = dict(value_dim=1024, topk=84, num_blocks=4, num_cores=2, value_bytes=2, score_bytes=2)
 UNIT = Calibration(alpha_s=0.0, beta_s_per_byte=1.0)        # seconds == bytes
 
@@ -288,6 +288,10 @@ def test_plan_command_text_overrides_and_errors(plan_yaml, capsys, tmp_path):
                  "--world", "64"]) == 0
     text = capsys.readouterr().out
     assert "P=4" in text and "dimension-wise sharding needs value_dim=6" in text
+    by_hand = 84 * (4 * (4 + 2 * 2) - 4) / (2 * 2 * (84 - 4))   # K (P (s_i + 2 s_f) - s_i) / (2 s_f (K - E)), bf16
+    assert f"crossover d_v* = {by_hand:.1f} " in text
+    assert _cli(["plan", str(plan_yaml), "parallel.expert_model_parallel_size=1", "--world", "64"]) == 0
+    assert "crossover: none (P=1, every table is local)" in capsys.readouterr().out
     assert _cli(["plan", str(plan_yaml), "--world", "500"]) == 2
     assert "expert_model_parallel_size" in capsys.readouterr().err
     assert _cli(["plan", str(plan_yaml), "--world", "512", "--calibration", str(tmp_path / "none.json")]) == 2

@@ -100,10 +100,10 @@ def methods_replaced(replacements: list[tuple[Any, str, Callable]]) -> Iterator[
 
 
 def load_optimizer_state(optimizer, loaded: Any) -> None:
-    """`ChainedOptimizer.load_state_dict`, with the three fixes a TE/apex-less Megatron-Core 0.16.1 needs
-    (shared/MEGATRON_CPU_NOTES.md): states copied under no_grad, `step` skipped there, and afterwards every
-    parameter given its OWN `step` tensor (Megatron hands all of them one shared tensor, which torch's AdamW then
-    increments once per parameter per step, silently breaking bias correction)."""
+    """`ChainedOptimizer.load_state_dict`, with the three fixes a TE/apex-less Megatron-Core 0.16.1 needs: states
+    copied under no_grad, `step` skipped there, and afterwards every parameter given its OWN `step` tensor (Megatron
+    hands all of them one shared tensor, which torch's AdamW then increments once per parameter per step, silently
+    breaking bias correction)."""
     copies_without_step = [(inner, "_set_main_param_and_optimizer_states",
                             functools.partial(_set_states_except_step, inner))
                            for inner in distributed_optimizers(optimizer)]

@@ -64,11 +64,13 @@ def _register_train_tokenizer(subparsers) -> None:
 
 
 def _reports_data_errors(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """A bad record -> one line on stderr (file, line, what is wrong) and exit status 2, not a traceback.
-    Configuration errors propagate to `umtrain.cli.main`, which reports them the same way."""
+    """A bad record -> one line on stderr (file, line, what is wrong) and exit status 2, a dead worker -> one line
+    and exit status 1, not a traceback. Configuration errors propagate to `umtrain.cli.main`, which reports them
+    the same way."""
 
     @functools.wraps(handler)
     def wrapped(args: argparse.Namespace) -> int:
+        from umtrain.data.preprocess import WorkerDied
         from umtrain.data.readers import DataInputError
 
         try:
@@ -76,6 +78,9 @@ def _reports_data_errors(handler: Callable[[argparse.Namespace], int]) -> Callab
         except DataInputError as err:
             print(f"umtrain: input error: {err}", file=sys.stderr)
             return 2
+        except WorkerDied as err:
+            print(f"umtrain: error: {err}", file=sys.stderr)
+            return 1
 
     return wrapped
 

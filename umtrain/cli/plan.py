@@ -125,7 +125,8 @@ def format_plan(plans: list[LayerPlan], config, world: int, calibration: Calibra
         f"({calibration.source})",
         _describe_compute(calibration) if calibration.compute.calibrated else
         "local compute: not calibrated (taken as 0; `umtrain calibrate-comm` measures it)",
-        f"crossover d_v* = {crossover:.1f} (dimension-wise moves fewer bytes above it)",
+        f"crossover d_v* = {crossover:.1f} (dimension-wise moves fewer bytes above it)" if dims.group_size > 1 else
+        "crossover: none (P=1, every table is local)",
         "bytes: sent per rank per micro-batch, forward + backward; t: predicted communication + local compute "
         "(of which c: compute)",
         "",

@@ -48,7 +48,7 @@ def parse_placement(text: str, key: str) -> tuple[int, int]:
 class MemoryConfig:
     """A memory layer (PKM or UltraMem). Each switch is one row of the paper's Table 2.
 
-    Symbols follow ../shared/ULTRAMEM_SPEC.md: H heads (key sets), m top-m per head, N physical values,
+    Symbols (docs/memory_layers.md): H heads (key sets), m top-m per head, N physical values,
     E the IVE expansion, r the Tucker rank, h the MCS cores, d_k / d_v the key / value widths.
     """
 

@@ -7,15 +7,15 @@ temporary name and renamed once complete.
 
 from __future__ import annotations
 
-import collections
 import logging
 import multiprocessing
-import multiprocessing.pool
 import os
 import shutil
 import signal
 import threading
+import traceback
 from contextlib import contextmanager, suppress
+from multiprocessing.connection import Connection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -32,6 +32,12 @@ logger = logging.getLogger("umtrain")
 
 IN_FLIGHT_PER_WORKER = 4
 """Batches queued per worker: enough to keep workers busy, bounded so a huge file never sits in memory."""
+WORKER_CHECK_S = 1.0
+"""How often a wait for a worker's batch checks that the worker still lives."""
+
+
+class WorkerDied(RuntimeError):
+    """A worker process ended without returning its batch (killed for memory, or crashed in native code)."""
 
 
 @dataclass
@@ -192,14 +198,17 @@ def _batches(path: Path, text_key: str) -> Iterator[_RowBatch]:
 @contextmanager
 def _encoder(workers: int, tokenizer_type: str, tokenizer_model: str, text_key: str, append_eod: bool,
              dtype: type) -> Iterator[Callable[[Iterator[_RowBatch]], Iterator[_EncodedBatch]]]:
-    """A function mapping row batches to encoded batches in order: in-process, or over a pool of `workers`."""
+    """A function mapping row batches to encoded batches in order: in-process, or over `workers` processes."""
     init_args = (tokenizer_type, tokenizer_model, text_key, append_eod, dtype)
     if workers == 1:
         _init_encoder(*init_args)
         yield lambda batches: map(_encode_batch, batches)
         return
-    with _worker_context().Pool(workers, initializer=_init_encoder, initargs=init_args) as pool:
-        yield lambda batches: _bounded_ordered_map(pool, batches, IN_FLIGHT_PER_WORKER * workers)
+    pool = _EncoderProcesses(workers, init_args)
+    try:
+        yield pool.map
+    finally:
+        pool.close()
 
 
 def _worker_context() -> multiprocessing.context.BaseContext:
@@ -211,12 +220,76 @@ def _worker_context() -> multiprocessing.context.BaseContext:
     return context
 
 
-def _bounded_ordered_map(pool: multiprocessing.pool.Pool, batches: Iterator[_RowBatch], max_in_flight: int) -> Iterator[_EncodedBatch]:
-    """`pool.imap` without its unbounded read-ahead: at most `max_in_flight` batches are queued at once."""
-    pending = collections.deque()
-    for batch in batches:
-        pending.append(pool.apply_async(_encode_batch, (batch,)))
-        if len(pending) >= max_in_flight:
-            yield pending.popleft().get()
-    while pending:
-        yield pending.popleft().get()
+class _EncoderProcesses:
+    """Encoding processes, each with its own task queue and result pipe: batches go round-robin and come back in
+    input order, at most IN_FLIGHT_PER_WORKER per worker queued. A worker that dies (killed for memory, a crash in
+    native code) fails the run at once, even in the middle of sending a result. `multiprocessing.Pool` waits forever
+    for a dead worker's batch, and both it and `ProcessPoolExecutor` can hang in shutdown after such a death (their
+    workers share queues and locks)."""
+
+    def __init__(self, workers: int, init_args: tuple):
+        context = _worker_context()
+        self.tasks = [context.Queue() for _ in range(workers)]
+        for tasks in self.tasks:
+            tasks.cancel_join_thread()       # exiting never waits to feed a dead worker
+        pipes = [context.Pipe(duplex=False) for _ in range(workers)]
+        self.results = [reader for reader, _ in pipes]
+        self.processes = [context.Process(target=_encode_loop, args=(init_args, tasks, writer), daemon=True)
+                          for tasks, (_, writer) in zip(self.tasks, pipes)]
+        for process, (_, writer) in zip(self.processes, pipes):
+            process.start()
+            writer.close()                   # the worker's is then the only write end: its death reads as EOF
+
+    def map(self, batches: Iterator[_RowBatch]) -> Iterator[_EncodedBatch]:
+        max_in_flight = IN_FLIGHT_PER_WORKER * len(self.processes)
+        sent = received = 0
+        for batch in batches:
+            self.tasks[sent % len(self.tasks)].put(batch)
+            sent += 1
+            if sent - received >= max_in_flight:
+                yield self._result(received)
+                received += 1
+        for index in range(received, sent):
+            yield self._result(index)
+
+    def _result(self, index: int) -> _EncodedBatch:
+        worker = index % len(self.processes)
+        process, results = self.processes[worker], self.results[worker]
+        try:
+            while not results.poll(WORKER_CHECK_S):
+                if not process.is_alive():
+                    raise EOFError
+            outcome = results.recv()
+        except EOFError:
+            process.join(WORKER_CHECK_S)
+            raise WorkerDied(f"preprocessing worker {process.pid} died (exit code {process.exitcode}); nothing was "
+                             f"written. If the system killed it for memory, use fewer workers") from None
+        if isinstance(outcome, _WorkerFailure):
+            raise outcome.error
+        return outcome
+
+    def close(self) -> None:
+        for process in self.processes:
+            process.kill()
+        for process in self.processes:
+            process.join()
+
+
+@dataclass
+class _WorkerFailure:
+    error: Exception
+
+
+def _encode_loop(init_args: tuple, tasks: multiprocessing.Queue, results: Connection) -> None:
+    """A worker: encode batches until killed; a failure goes back as the batch's result (a bad record's
+    DataInputError as it is, anything else as its traceback, which always pickles)."""
+    _init_encoder(*init_args)
+    while True:
+        batch = tasks.get()
+        try:
+            outcome = _encode_batch(batch)
+        except DataInputError as err:
+            outcome = _WorkerFailure(err)
+        except Exception:
+            outcome = _WorkerFailure(RuntimeError(f"a preprocessing worker failed:\n{traceback.format_exc()}"))
+        results.send(outcome)

@@ -1,7 +1,7 @@
 """Core attention through `torch.nn.functional.scaled_dot_product_attention`.
 
 Drop-in for the local spec's `DotProductAttention` (same inputs [s, b, heads, head_dim], output [s, b, hidden]):
-on an H200 swapping only this module raised a 680M GPT from 16% to 40% MFU (shared/MEGATRON_CPU_NOTES.md).
+on an H200 swapping only this module raised a 680M GPT from 16% to 40% MFU (docs/benchmarks/gpu_training.md).
 Causal by default; a batch's `attention_mask` (Megatron's convention: bool [b, 1, s, s], True = masked, causal
 included), as `data.reset_attention_mask` builds one per document, replaces it. SDPA's flash kernel takes no mask,
 so masked batches run on the memory-efficient kernel. Packed sequences stay with Megatron's module.

@@ -6,7 +6,7 @@ number-wise modes, how many requests each rank sends to each owner. For a config
 balanced over owners (T*K/P per owner, what the shuffle pi of eq. 14 gives in expectation).
 
 Per rank with T tokens, K = H*m values per token, s_i = 4 (int32 ids), s_f the score / value byte size,
-h_loc the MCS cores of one rank's columns, and forward + backward (ULTRAMEM_SPEC.md section 5):
+h_loc the MCS cores of one rank's columns, and forward + backward (the paper's App. C/D):
   number, rows:       s_i*T*K*(P-1)/P  +  2 * s_f*T*K*d_v*(P-1)/P
   number, owner-pooled: (2*s_i + 2*h*s_f)*T*K*(P-1)/P  +  2 * s_f*T*E*d_v*(P-1)
   dimension:          (s_i + 2*h_loc*s_f)*T*K*(P-1)  +  2 * s_f*T*E*d_v*(P-1)/P
@@ -181,7 +181,7 @@ def crossover_value_dim(topk: int, num_blocks: int, group_size: int, index_bytes
     """d_v* where number-wise (rows) and dimension-wise move equal bytes (count exchanges left out); dimension-wise
     is cheaper above it (the paper's Figure 9 curve). With c = 2 passes (forward + backward) or 1 (forward only):
     d_v* = K (P (s_i + c h_loc s_f) - s_i) / (c s_f (K - E)); with s_i = 4, s_f = 2, h_loc = 1 this is
-    K (2P - 1) / (K - E) forward + backward and K (3P - 2) / (K - E) forward only (ULTRAMEM_SPEC.md section 5)."""
+    K (2P - 1) / (K - E) forward + backward and K (3P - 2) / (K - E) forward only (the paper's App. C/D)."""
     if topk <= num_blocks:
         return math.inf
     passes = 2 if backward else 1

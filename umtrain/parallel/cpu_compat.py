@@ -1,6 +1,6 @@
 """Run Megatron-Core 0.16.1 on machines without CUDA (gloo, float32).
 
-Megatron-Core hard-codes CUDA in about a dozen places (see shared/MEGATRON_CPU_NOTES.md). `apply()` redirects
+Megatron-Core hard-codes CUDA in about a dozen places (docs/parallelism.md, "CPU (gloo)"). `apply()` redirects
 them, and only them, and only when `torch.cuda.is_available()` is False; on a GPU it does nothing:
 
 - inside `megatron.core.*` modules the name `torch` is rebound to a proxy whose tensor factories map

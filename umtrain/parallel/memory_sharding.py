@@ -47,7 +47,7 @@ INDEX_DTYPE = torch.int32
 
 def mark_table_shard(param: torch.nn.Parameter) -> torch.nn.Parameter:
     """Flag a value-table shard as an expert-parallel parameter: Megatron's DDP and distributed optimizer then
-    reduce it over the expert-data-parallel group only (MEGATRON_EXTENSION_NOTES.md). Keep it at P = 1 too."""
+    reduce it over the expert-data-parallel group only (docs/parallelism.md). Keep it at P = 1 too."""
     param.allreduce = False
     return param
 
