@@ -223,10 +223,11 @@ def test_compressed_names_with_brackets_and_damaged_or_empty_shards(small_inputs
 
     plain = small_inputs[0].read_bytes()
     (tmp_path / "a.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(plain))
+    (tmp_path / "a.json.zst").write_bytes(zstandard.ZstdCompressor().compress(plain))
     (tmp_path / "shard[1].jsonl").write_bytes(plain)
     expected = preprocess([str(small_inputs[0])], str(tmp_path / "plain"), "sentencepiece", sentencepiece_model,
                           progress=False)["tokens"]
-    for name in ("a.jsonl.zst", "shard[1].jsonl"):
+    for name in ("a.jsonl.zst", "a.json.zst", "shard[1].jsonl"):
         stats = preprocess([str(tmp_path / name)], str(tmp_path / f"out-{name}"), "sentencepiece",
                            sentencepiece_model, progress=False)
         assert stats["tokens"] == expected, name

@@ -154,3 +154,22 @@ def test_a_tokenizer_folder_passes_the_config_check_and_loads(bpe_json, tmp_path
                                 f"data.tokenizer_model={folder}"])
     assert load_tokenizer("huggingface", config.data.tokenizer_model).vocab == load_tokenizer("huggingface",
                                                                                               bpe_json).vocab
+
+
+def test_a_corpus_without_text_and_a_directory_output_are_named(tmp_path):
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text('{"text": "   "}\n{"text": "\\n\\n"}\n')
+    with pytest.raises(ConfigError, match="inputs: no document has a line with text"):
+        train_tokenizer([str(blank)], str(tmp_path / "spm.model"), "sentencepiece", 300)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ConfigError, match="output: .*out is a directory; name the tokenizer file"):
+        train_tokenizer([str(blank)], str(tmp_path / "out"), "bpe", 300, overwrite=True)
+
+
+def test_a_vocabulary_with_gaps_in_its_ids_counts_up_to_its_largest_id(tmp_path):
+    """The model's embedding and the .bin's dtype must take every id, not the number of tokens."""
+    gapped = tokenizers.Tokenizer(tokenizers.models.WordLevel({"[UNK]": 0, "</s>": 1, "far": 70000},
+                                                              unk_token="[UNK]"))
+    gapped.save(str(tmp_path / "tokenizer.json"))
+    tokenizer = load_tokenizer("huggingface", str(tmp_path / "tokenizer.json"))
+    assert tokenizer.vocab_size == 70001

@@ -13,9 +13,12 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from umtrain.data.formats import FORMATS
+
 DEMO_TOKENIZER = "tokenizer.model"
 DEMO_BLEND = "blend.txt"
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
+INPUT_HELP = f"files or globs ({', '.join(FORMATS)})"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,7 +43,7 @@ def _register_preprocess(subparsers) -> None:
     p = subparsers.add_parser(
         "preprocess", help="tokenise JSONL/Parquet shards into Megatron's indexed dataset (.bin/.idx)",
         description="Every record's --text-key becomes one document of OUTPUT_PREFIX.bin/.idx, in input order.")
-    p.add_argument("--input", nargs="+", required=True, help="files or globs (.jsonl, .json, .jsonl.gz, .parquet)")
+    p.add_argument("--input", nargs="+", required=True, help=INPUT_HELP)
     p.add_argument("--output-prefix", required=True, help="writes OUTPUT_PREFIX.bin and OUTPUT_PREFIX.idx")
     p.add_argument("--tokenizer-type", choices=["sentencepiece", "huggingface"], required=True)
     p.add_argument("--tokenizer-model", required=True, help="a SentencePiece .model or a tokenizer.json")
@@ -54,7 +57,7 @@ def _register_preprocess(subparsers) -> None:
 
 def _register_train_tokenizer(subparsers) -> None:
     p = subparsers.add_parser("train-tokenizer", help="train a SentencePiece or byte-level BPE tokenizer on a corpus")
-    p.add_argument("--input", nargs="+", required=True, help="files or globs (.jsonl, .json, .parquet)")
+    p.add_argument("--input", nargs="+", required=True, help=INPUT_HELP)
     p.add_argument("--output", required=True, help="OUTPUT.model (sentencepiece) or a tokenizer.json path (bpe)")
     p.add_argument("--kind", choices=["sentencepiece", "bpe"], default="sentencepiece")
     p.add_argument("--vocab-size", type=int, default=32000)

@@ -12,19 +12,14 @@ import glob
 import json
 import zlib
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import pyarrow.parquet
 import zstandard
 
 from umtrain.config.base import ConfigError
+from umtrain.data.formats import FORMATS, Format
 
-Format = Literal["jsonl", "parquet"]
-
-FORMATS: dict[str, Format] = {
-    ".jsonl": "jsonl", ".json": "jsonl", ".jsonl.gz": "jsonl", ".json.gz": "jsonl", ".jsonl.zst": "jsonl",
-    ".parquet": "parquet",
-}
 STREAM_BATCH_ROWS = 1024
 
 

@@ -92,6 +92,7 @@ class HuggingFaceTokenizer(Tokenizer):
             raise ConfigError(str(path), f"cannot load as a Hugging Face tokenizer.json: {err}") from err
         self._encode_whole_documents_as_text()
         self._eod = _find_eod(self._model, path)
+        self._vocab_size = max(self.vocab.values()) + 1      # not the token count: ids may leave gaps
         super().__init__(path, "huggingface")
 
     def _encode_whole_documents_as_text(self) -> None:
@@ -105,7 +106,8 @@ class HuggingFaceTokenizer(Tokenizer):
 
     @property
     def vocab_size(self) -> int:
-        return self._model.get_vocab_size(with_added_tokens=True)
+        """Ids are below it."""
+        return self._vocab_size
 
     @property
     def eod(self) -> int:
@@ -154,6 +156,8 @@ def train_tokenizer(inputs: list[str], output: str, kind: TrainKind, vocab_size:
     if vocab_size < 300:
         raise ConfigError("vocab_size", f"must be >= 300 (256 byte pieces plus merges), got {vocab_size}")
     for path in _written_files(Path(output), kind):
+        if path.is_dir():
+            raise ConfigError("output", f"{path} is a directory; name the tokenizer file to write")
         if path.exists() and not overwrite:
             raise ConfigError("output", f"{path} exists; pass --overwrite to replace it (data tokenized with it "
                                         "would no longer match)")
@@ -186,6 +190,8 @@ def _train_sentencepiece(documents: Iterator[str], output: Path, vocab_size: int
             raise input_errors[0] from None
         if "Vocabulary size" in str(err):
             raise ConfigError("vocab_size", f"{vocab_size} is too large for this corpus: {err}") from None
+        if "sentences_.empty()" in str(err):
+            raise ConfigError("inputs", "no document has a line with text to train on") from None
         raise
     return str(prefix) + ".model"
 
