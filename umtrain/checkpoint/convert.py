@@ -265,8 +265,8 @@ def convert(source: str | Path, out: str | Path, to: str, config_path: Optional[
     if out.exists():
         raise FileExistsError(f"{out} exists; conversion never overwrites")
     form = form_of(source)
-    if form == "megatron":
-        resolve_megatron(source)        # anything that is neither portable nor HF must be a Megatron checkpoint
+    if form == "megatron":      # anything neither portable nor HF must be a Megatron checkpoint; resolved once, so
+        source = resolve_megatron(source)      # a skipped (corrupt) newer checkpoint is reported once
     if form == to:
         layout_hint = (" (to change its parallel layout, resume from it: a Megatron checkpoint loads under any "
                        "layout)") if to == "megatron" else ""

@@ -263,7 +263,7 @@ def resolve_resume(path: Path) -> tuple[Optional[Checkpoint], list[str]]:
     if iteration_of(path) is not None or is_checkpoint_dir(path):
         error = verification_error(path)
         if error is not None:
-            raise CheckpointError(f"cannot resume from {path}: {error}")
+            raise CheckpointError(f"cannot load {path}: {error}")
         return Checkpoint(_manifest_iteration(path), path), []
     latest = read_latest(path)
     candidates = list_checkpoints(path)

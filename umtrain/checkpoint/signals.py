@@ -50,7 +50,7 @@ class PreemptionHandler:
         """Collective (every rank calls it at the same step): True on all ranks if any rank got a signal."""
         requested = any_rank(self.received is not None)
         if requested and self.received is not None:
-            logger.warning("received %s: saving a checkpoint and exiting for a requeue", self.received.name)
+            logger.warning("received %s: stopping at the end of this step, to be requeued", self.received.name)
         return requested
 
     def restore(self) -> None:

@@ -131,8 +131,8 @@ def _validate_world(config: Config, world_size: int) -> None:
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     if world_size % (tp * pp):
         raise ConfigError("parallel", f"world size {world_size} is not divisible by TP x PP = {tp} x {pp} (start "
-                                      f"a multiple of {tp * pp} processes: `umtrain train --nproc-per-node N`, "
-                                      f"torchrun, or `srun -n N umtrain train`)")
+                                      f"a multiple of {tp * pp} processes: `--nproc-per-node N`, torchrun, or "
+                                      f"`srun -n N`)")
     dp = data_parallel_size(config, world_size)
     ep = p.expert_model_parallel_size
     if p.memory_parallel_group == "tensor_data":
