@@ -37,7 +37,7 @@ step profile 90 python benchmarks/memory_layer_profile.py --out "$OUT/memory_lay
 step overlap 110 python benchmarks/memory_overlap.py --preset gpu --out "$OUT/memory_overlap_gpu.json"
 step overlap_mbs16 110 python benchmarks/memory_overlap.py --preset gpu --micro-batch-size 16 --steps 20 \
     --out "$OUT/memory_overlap_gpu_mbs16.json"
-gpus=$(nvidia-smi -L | wc -l)
+gpus=$(python -c "import torch; print(torch.cuda.device_count())")   # the visible ones
 if [ "$gpus" -ge 2 ]; then   # P = every GPU: the all-to-alls the side stream is meant to hide (issue 7's target)
     step overlap_multi 200 python benchmarks/memory_overlap.py --preset gpu --world-size "$gpus" \
         --micro-batch-size 16 --steps 20 --out "$OUT/memory_overlap_gpu_p$gpus.json"

@@ -1,6 +1,8 @@
 import gzip
 import json
 import re
+import subprocess
+import sys
 import threading
 import time
 
@@ -252,6 +254,7 @@ def _kill_a_worker_once_one_runs(stop: threading.Event) -> None:
         time.sleep(0.01)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120, func_only=True)    # a pool that waits for the dead worker's batch never returns
 def test_a_worker_killed_mid_run_fails_the_run_and_leaves_nothing(sentencepiece_model, tmp_path):
     corpus = write_jsonl(tmp_path / "big.jsonl", [{"text": f"document {i} " + "words of text " * 60}
@@ -267,3 +270,31 @@ def test_a_worker_killed_mid_run_fails_the_run_and_leaves_nothing(sentencepiece_
         stop.set()
         killer.join()
     assert list((tmp_path / "out").iterdir()) == []
+
+
+ORPHANING = """
+import os, signal, sys
+import numpy as np
+from umtrain.data import preprocess as P
+if __name__ == "__main__":
+    pool = P._EncoderProcesses(2, ("sentencepiece", sys.argv[1], "text", True, np.uint16))
+    batches = [P._RowBatch("f.jsonl", "jsonl", [(1, '{"text": "a"}')])] * 4
+    assert [r.records for r in pool.map(iter(batches))] == [1] * 4
+    print(*[p.pid for p in pool.processes], flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)            # as the OOM killer would kill the main process
+"""
+
+
+@pytest.mark.slow
+def test_idle_workers_exit_when_the_main_process_is_killed(sentencepiece_model, tmp_path):
+    script, pids = tmp_path / "orphaning.py", tmp_path / "pids"
+    script.write_text(ORPHANING)
+    with pids.open("w") as out:     # a file, not a pipe, which workers that outlive the process would hold open
+        subprocess.run([sys.executable, str(script), sentencepiece_model], stdout=out, stderr=subprocess.DEVNULL,
+                       stdin=subprocess.DEVNULL, timeout=120)
+    workers = [psutil.Process(int(pid)) for pid in pids.read_text().split() if psutil.pid_exists(int(pid))]
+    assert pids.read_text().split()
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    for orphan in alive:
+        orphan.kill()
+    assert not alive, f"workers {[p.pid for p in alive]} outlived their parent"

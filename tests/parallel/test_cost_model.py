@@ -327,6 +327,10 @@ def test_calibrate_comm_refuses_bad_options_before_measuring(tmp_path, monkeypat
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert _cli(["calibrate-comm", "--output", str(tmp_path / "c.json"), "--lookup-impl", "triton"]) == 2
     assert "--lookup-impl: 'triton' runs on GPU" in capsys.readouterr().err
+    gpus = torch.cuda.device_count()
+    assert _cli(["calibrate-comm", "--output", str(tmp_path / "c.json"), "--backend", "nccl",
+                 "--nproc", str(max(2, gpus + 1))]) == 2
+    assert f"NCCL processes need a GPU each, this machine has {gpus}" in capsys.readouterr().err
     assert not (tmp_path / "c.json").exists()
 
 

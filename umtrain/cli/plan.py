@@ -178,6 +178,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
         if args.nproc < 2:
             print("error: --nproc: calibration needs at least 2 processes", file=sys.stderr)
             return 2
+        if backend == "nccl" and args.nproc > torch.cuda.device_count():
+            print(f"error: --nproc: {args.nproc} NCCL processes need a GPU each, this machine has "
+                  f"{torch.cuda.device_count()}", file=sys.stderr)
+            return 2
         calibration = run_local_group(calibrate_world, args.nproc, *options, None, backend=backend)[0]
     calibration.save(args.output)
     print(f"alpha {calibration.alpha_s * 1e6:.1f} us, beta {calibration.beta_s_per_byte * 1e9:.4f} ns/byte "

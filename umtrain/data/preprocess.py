@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import queue
 import shutil
 import signal
 import threading
@@ -33,7 +34,7 @@ logger = logging.getLogger("umtrain")
 IN_FLIGHT_PER_WORKER = 4
 """Batches queued per worker: enough to keep workers busy, bounded so a huge file never sits in memory."""
 WORKER_CHECK_S = 1.0
-"""How often a wait for a worker's batch checks that the worker still lives."""
+"""How often a wait for a worker's batch checks that the worker still lives, and an idle worker its parent."""
 
 
 class WorkerDied(RuntimeError):
@@ -281,11 +282,18 @@ class _WorkerFailure:
 
 
 def _encode_loop(init_args: tuple, tasks: multiprocessing.Queue, results: Connection) -> None:
-    """A worker: encode batches until killed; a failure goes back as the batch's result (a bad record's
-    DataInputError as it is, anything else as its traceback, which always pickles)."""
+    """A worker: encode batches until killed, or until its parent is gone (killed itself: nothing else would end
+    an idle worker); a failure goes back as the batch's result (a bad record's DataInputError as it is, anything
+    else as its traceback, which always pickles)."""
     _init_encoder(*init_args)
+    parent = multiprocessing.parent_process()
     while True:
-        batch = tasks.get()
+        try:
+            batch = tasks.get(timeout=WORKER_CHECK_S)
+        except queue.Empty:
+            if not parent.is_alive():
+                return
+            continue
         try:
             outcome = _encode_batch(batch)
         except DataInputError as err:
