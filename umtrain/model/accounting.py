@@ -1,4 +1,5 @@
-"""Parameter and FLOP accounting as the UltraMem paper counts it (docs/accounting.md: the convention that reproduces its Table 1).
+"""Parameter and FLOP accounting as the UltraMem paper counts it (docs/accounting.md: the convention that
+reproduces its Table 1).
 
 Convention (the paper's, reproduced from Tables 1 and 2):
 - Embeddings and the LM head are excluded; so are the transformer's biases and LayerNorms.
