@@ -16,8 +16,8 @@ import signal
 import threading
 import traceback
 from contextlib import contextmanager, suppress
-from multiprocessing.connection import Connection
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Callable, Iterator
 
